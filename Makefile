@@ -1,0 +1,43 @@
+# The two commands a new user runs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(wildcard protos/v1/*.proto)
+GENERATED := protos/v1/.generated
+
+.PHONY: all install proto run test lint bench clean
+
+all: test
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+proto: $(GENERATED)
+
+# The proto path is the import path: `from protos.v1 import queen_pb2`.
+$(GENERATED): $(PROTOS) $(INSTALLED)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m grpc_tools.protoc -I . \
+		--python_out=. --grpc_python_out=. --mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTOS)
+	touch $@
+
+run: proto
+	$(VENV)/bin/apiary up
+
+test: proto
+	$(PY) -m pytest
+
+lint: proto
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: proto
+	$(PY) bench/route.py
+
+clean:
+	rm -rf $(VENV) $(GENERATED) protos/v1/*_pb2*.py protos/v1/*_pb2*.pyi .mypy_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Pieces every tier shares: the `apiary` CLI, logging, server plumbing, clocks."""

@@ -1,0 +1,41 @@
+"""Small conversions between Python values and proto messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from protos.v1 import common_pb2
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    if seconds > 0:
+        ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def state_name(state: common_pb2.WorkerState.ValueType) -> str:
+    """'IDLE' for WORKER_STATE_IDLE: what people read and type."""
+    return common_pb2.WorkerState.Name(state).removeprefix("WORKER_STATE_")
+
+
+def parse_state(name: str) -> common_pb2.WorkerState.ValueType:
+    """Inverse of state_name; raises ValueError naming the valid states."""
+    try:
+        return common_pb2.WorkerState.Value("WORKER_STATE_" + name.upper())
+    except ValueError:
+        valid = ", ".join(
+            state_name(v) for v in common_pb2.WorkerState.values() if v
+        )
+        raise ValueError(f"unknown worker state {name!r}; valid states: {valid}") from None
+
+
+def naming(known: Iterable[str], limit: int = 20) -> str:
+    """'a, b, c' (or 'none'), cut to `limit` names, for messages about unknown ids."""
+    names = sorted(known)
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} (+{len(names) - limit} more)"

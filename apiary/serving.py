@@ -1,0 +1,92 @@
+"""Server plumbing every tier shares: health, reflection, signals, ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# Without this, grpc sets SO_REUSEPORT and a second process can silently share
+# a port with a stale one (e.g. a queen restarted while the old one lingers).
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (("grpc.so_reuseport", 0),)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING first, so health checkers stop sending, then drain."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    listen: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    serving: bool = True,
+) -> RunningServer:
+    """Start a grpc.aio server with our services plus health and reflection.
+
+    `listen` may use port 0; the bound port is returned. `serving=False` starts
+    health as NOT_SERVING (a worker still loading its backend).
+    """
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {listen}: {exc} (is the port in use?)") from exc
+    await server.start()
+    running = RunningServer(server, port, health_servicer)
+    await set_serving(running, service_names, serving)
+    return running
+
+
+async def set_serving(running: RunningServer, service_names: Sequence[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        await running.health.set(name, status)
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, so shutdown runs in the loop, not in a handler."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def host_port(address: str, bound_port: int) -> str:
+    """The address others should dial, given what we listened on and the bound port."""
+    host = address.rsplit(":", 1)[0] or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{bound_port}"
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Atomically publish the bound port, so whoever started us on port 0 can find it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, path)

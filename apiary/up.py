@@ -1,0 +1,121 @@
+"""`apiary up` (what `make run` starts): queen + one local hive + echo workers, in the foreground.
+
+The queen and hive run as child processes exactly as they would on a real
+cluster; Ctrl-C (or SIGTERM) stops the hive first, which stops its workers,
+then the queen, and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import grpc
+import structlog
+
+from apiary import logs
+from apiary.serving import stop_event_on_signals
+from protos.v1 import queen_pb2, queen_pb2_grpc
+
+log = structlog.get_logger("up")
+
+CHILD_STOP_SECONDS = 20.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apiary up", description=__doc__.splitlines()[0])
+    p.add_argument("--queen-listen", default="127.0.0.1:7070")
+    p.add_argument("--hive-listen", default="127.0.0.1:7071")
+    p.add_argument("--hive-id", default="local")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--slots", type=int, default=1)
+    p.add_argument(
+        "--token-delay", type=float, default=0.05,
+        help="echo backend: seconds per token, so streaming is visible (echo is for demos/tests)",
+    )  # fmt: skip
+    p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
+    return p
+
+
+async def wait_ready(queen: str, model: str, workers: int, stop: asyncio.Event) -> bool:
+    async with grpc.aio.insecure_channel(queen) as channel:
+        stub = queen_pb2_grpc.QueenStub(channel)
+        while not stop.is_set():
+            try:
+                reply = await stub.ListModels(queen_pb2.ListModelsRequest(), timeout=1.0)
+                for info in reply.models:
+                    if info.name == model and info.idle + info.busy >= workers:
+                        return True
+            except grpc.aio.AioRpcError:
+                pass
+            try:
+                await asyncio.wait_for(stop.wait(), 0.2)
+            except TimeoutError:
+                pass
+    return False
+
+
+async def stop_child(name: str, proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), CHILD_STOP_SECONDS)
+        except TimeoutError:
+            log.warning("child did not stop; killing", child=name)
+            proc.kill()
+            await proc.wait()
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = stop_event_on_signals()
+    fmt = ["--log-format", args.log_format] if args.log_format else []
+    queen = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queen", "--listen", args.queen_listen, *fmt
+    )
+    spawn = (f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
+             f"token_delay={args.token_delay}")  # fmt: skip
+    hive = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hive", "--queen", args.queen_listen, "--listen", args.hive_listen,
+        "--hive-id", args.hive_id, "--spawn", spawn, *fmt,
+    )  # fmt: skip
+    children = {"hive": hive, "queen": queen}
+    exited = asyncio.create_task(
+        asyncio.wait([asyncio.create_task(p.wait()) for p in children.values()],
+                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    )
+    ready = asyncio.create_task(wait_ready(args.queen_listen, args.model, args.workers, stop))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([ready, exited, stopped], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if ready.done() and ready.result():
+        print(
+            f"\nApiary is up: queen {args.queen_listen}, hive {args.hive_id!r} with "
+            f"{args.workers} '{args.model}' worker(s) on the echo backend (for demos and tests).\n"
+            "In a second terminal:\n"
+            f"  .venv/bin/apiary infer {args.model} 'hello bees' --max-tokens 20\n"
+            "  .venv/bin/apiary status\n"
+            "Ctrl-C here stops everything.\n",
+            flush=True,
+        )
+        await asyncio.wait([exited, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if exited.done():
+        dead = [name for name, p in children.items() if p.returncode is not None]
+        log.error("a cluster process exited; stopping the rest", exited=dead)
+        code = 1
+    ready.cancel()
+    # Hive first: it stops its workers and tells the queen it is leaving.
+    await stop_child("hive", hive)
+    await stop_child("queen", queen)
+    exited.cancel()
+    stopped.cancel()
+    log.info("apiary up: stopped")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure("up", args.log_format)
+    return asyncio.run(run(args))

@@ -1,0 +1,43 @@
+"""Checks on names and ids that arrive over the wire; each returns a message a person can act on."""
+
+from __future__ import annotations
+
+import re
+
+from protos.v1 import common_pb2
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
+MAX_NAME_LENGTH = 128
+
+
+def name_problem(kind: str, value: str) -> str | None:
+    """None if `value` is a usable model/hive/worker name, else why not."""
+    if not value:
+        return f"{kind} is required"
+    if len(value) > MAX_NAME_LENGTH:
+        return f"{kind} is {len(value)} characters long; at most {MAX_NAME_LENGTH} are allowed"
+    if not _NAME.fullmatch(value):
+        return (
+            f"{kind} {value[:40]!r} has characters that are not allowed; use letters, digits "
+            "and . _ : / @ + - (starting with a letter or digit)"
+        )
+    return None
+
+
+DEFAULT_MAX_TOKENS_CAP = 4096
+
+
+def infer_request_problem(request: common_pb2.InferRequest, max_tokens_cap: int) -> str | None:
+    """Why an InferRequest is malformed, or None. Checked by the queen and again by the worker."""
+    problem = name_problem("model", request.model)
+    if problem:
+        return problem
+    if not request.prompt:
+        return "prompt is required and must not be empty"
+    if request.max_tokens <= 0:
+        return f"max_tokens must be > 0 (got {request.max_tokens})"
+    if request.max_tokens > max_tokens_cap:
+        return f"max_tokens {request.max_tokens} is above this server's cap of {max_tokens_cap}"
+    if len(request.request_id) > MAX_NAME_LENGTH:
+        return f"request_id is longer than {MAX_NAME_LENGTH} characters"
+    return None

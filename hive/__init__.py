@@ -1,0 +1,1 @@
+"""The hive tier: one per machine; spawns and supervises worker processes, heartbeats the queen."""

@@ -1,0 +1,95 @@
+"""The hive's heartbeat loop: its full worker table to the queen every interval, and at once on change."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+import grpc
+import psutil
+import structlog
+
+from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
+
+log = structlog.get_logger("hive.heartbeat")
+
+
+def machine_resources() -> queen_pb2.HiveResources:
+    memory = psutil.virtual_memory()
+    return queen_pb2.HiveResources(
+        cpu_count=psutil.cpu_count() or 0,
+        memory_total_bytes=memory.total,
+        memory_available_bytes=memory.available,
+        load_1m=os.getloadavg()[0],
+    )
+
+
+class HeartbeatLoop:
+    def __init__(
+        self,
+        queen: str,
+        hive_id: str,
+        hive_address: str,
+        workers: Callable[[], list[common_pb2.WorkerRecord]],
+        interval: float = 1.0,
+    ) -> None:
+        self.queen = queen
+        self.hive_id = hive_id
+        self.hive_address = hive_address
+        self.workers = workers
+        self.interval = interval
+        self.sequence = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._queen_reachable: bool | None = None
+        self._channel = grpc.aio.insecure_channel(queen)
+        self._stub = queen_pb2_grpc.QueenRegistryStub(self._channel)
+
+    def poke(self) -> None:
+        """Send a heartbeat now (a worker changed state): the queen should not wait an interval."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self.send_once()
+            except Exception:
+                # The loop must never die silently: log and keep the beat.
+                log.exception("heartbeat step failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    async def send_once(self, leaving: bool = False) -> bool:
+        self.sequence += 1
+        beat = queen_pb2.HiveHeartbeat(
+            hive_id=self.hive_id,
+            address=self.hive_address,
+            resources=machine_resources(),
+            workers=[] if leaving else self.workers(),
+            leaving=leaving,
+            sequence=self.sequence,
+        )
+        try:
+            reply = await self._stub.Heartbeat(beat, timeout=max(self.interval * 2, 1.0))
+        except grpc.aio.AioRpcError as exc:
+            if self._queen_reachable is not False:
+                log.warning("queen unreachable; will keep trying", queen=self.queen, code=exc.code().name)
+            self._queen_reachable = False
+            return False
+        if self._queen_reachable is not True:
+            log.info("heartbeating to queen", queen=self.queen, interval=reply.interval_seconds)
+        self._queen_reachable = True
+        if reply.interval_seconds > 0:
+            self.interval = reply.interval_seconds
+        return True
+
+    async def leave(self) -> None:
+        """Tell the queen we are going, so it drops our workers now rather than after a timeout."""
+        self._stopping = True
+        self._wake.set()
+        await self.send_once(leaving=True)
+        await self._channel.close()

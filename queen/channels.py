@@ -1,0 +1,45 @@
+"""Long-lived client channels from the queen to workers and hives, one per address."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from protos.v1 import hive_pb2_grpc, worker_pb2_grpc
+
+# Active calls on a channel being closed get this long to finish.
+CLOSE_GRACE_SECONDS = 30.0
+
+
+class Channels:
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return channel
+
+    def worker(self, address: str) -> worker_pb2_grpc.WorkerAsyncStub:
+        return worker_pb2_grpc.WorkerStub(self.channel(address))  # type: ignore[return-value]
+
+    def hive(self, address: str) -> hive_pb2_grpc.HiveAsyncStub:
+        return hive_pb2_grpc.HiveStub(self.channel(address))  # type: ignore[return-value]
+
+    def discard(self, address: str) -> None:
+        """Close the channel in the background, letting calls still on it finish."""
+        channel = self._channels.pop(address, None) if address else None
+        if channel is None:
+            return
+        task = asyncio.get_running_loop().create_task(channel.close(CLOSE_GRACE_SECONDS))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        channels = list(self._channels.values())
+        self._channels.clear()
+        await asyncio.gather(*(c.close(None) for c in channels), *self._closing, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""The worker tier: one OS process serving one model through one inference backend."""

@@ -1,0 +1,146 @@
+"""`python -m worker`: one worker process, spawned by its hive (or by hand for experiments)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import grpc
+import structlog
+
+from apiary import logs
+from apiary.serving import host_port, set_serving, stop_event_on_signals
+from apiary.validation import DEFAULT_MAX_TOKENS_CAP
+from protos.v1 import hive_pb2, hive_pb2_grpc
+from worker.backends import BackendOptionError, backend_names, create_backend
+from worker.server import SERVICE_NAMES, WorkerIdentity, WorkerService, create_server
+
+log = structlog.get_logger("worker")
+
+# How long a worker keeps trying to reach its hive with the ready callback.
+READY_REPORT_SECONDS = 30.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    p.add_argument("--worker-id", required=True)
+    p.add_argument("--hive-id", default="")
+    p.add_argument("--hive", default="", help="hive address for the ready callback (host:port)")
+    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--backend", required=True, help=f"one of: {', '.join(backend_names())} (echo: tests only)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--slots", type=int, default=1, help="concurrent requests (default 1)")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="backend option"
+    )
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP)
+    p.add_argument(
+        "--stop-grace", type=float, default=5.0, help="seconds in-flight streams get on SIGTERM"
+    )
+    p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
+    return p.parse_args(argv)
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BackendOptionError(f"backend option {pair!r} is not KEY=VALUE")
+        options[key] = value
+    return options
+
+
+async def report_ready(hive: str, request: hive_pb2.ReportReadyRequest) -> bool:
+    """Tell the hive we are ready (or failed to load); False if it does not know us."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_REPORT_SECONDS
+    async with grpc.aio.insecure_channel(hive) as channel:
+        stub = hive_pb2_grpc.HiveStub(channel)
+        while True:
+            try:
+                await stub.ReportReady(request, timeout=5.0)
+                return True
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    log.error("hive refused ready report", code=exc.code().name, detail=exc.details())
+                    return False
+                if loop.time() > deadline:
+                    log.error("hive unreachable for ready report", hive=hive, detail=exc.details())
+                    return False
+                await asyncio.sleep(0.2)
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = stop_event_on_signals()
+    try:
+        options = parse_options(args.option)
+        backend = create_backend(args.backend, args.model, options)
+    except (KeyError, BackendOptionError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        log.error("bad backend configuration", error=message)
+        if args.hive:
+            await report_ready(
+                args.hive, hive_pb2.ReportReadyRequest(
+                    worker_id=args.worker_id, pid=os.getpid(), load_error=message
+                )
+            )
+        return 2
+    identity = WorkerIdentity(
+        worker_id=args.worker_id,
+        hive_id=args.hive_id,
+        model=args.model,
+        backend=args.backend,
+        device=args.device,
+        slots=max(args.slots, 1),
+        backend_options=options,
+    )
+    service = WorkerService(identity, backend, max_tokens_cap=args.max_tokens_cap)
+    running = await create_server(args.listen, service)
+    address = host_port(args.listen, running.port)
+    log.info("worker listening, loading backend", address=address, model=args.model)
+    try:
+        await backend.load()
+    except Exception as exc:
+        log.exception("backend failed to load")
+        if args.hive:
+            await report_ready(
+                args.hive, hive_pb2.ReportReadyRequest(
+                    worker_id=args.worker_id, pid=os.getpid(), load_error=f"load failed: {exc}"
+                )
+            )
+        await running.server.stop(0)
+        return 3
+    service.ready = True
+    await set_serving(running, SERVICE_NAMES, True)
+    if args.hive:
+        ok = await report_ready(
+            args.hive,
+            hive_pb2.ReportReadyRequest(worker_id=args.worker_id, address=address, pid=os.getpid()),
+        )
+        if not ok:
+            await running.server.stop(0)
+            return 4
+    log.info("worker ready", address=address)
+    await stop.wait()
+    log.info("worker stopping", in_flight=service.in_flight, grace=args.stop_grace)
+    await running.stop(args.stop_grace)
+    await backend.close()
+    log.info("worker stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.configure("worker", args.log_format)
+    structlog.contextvars.bind_contextvars(worker_id=args.worker_id, hive_id=args.hive_id)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

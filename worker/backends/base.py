@@ -1,0 +1,65 @@
+"""The interface every inference backend implements, so a real engine plugs in beside `echo`."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from typing import ClassVar, Self
+
+
+class BackendOptionError(ValueError):
+    """A backend option was unknown or had a bad value; the message says which and why."""
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    # Option name -> one-line help, for messages and catalogs.
+    OPTIONS: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, str]) -> None:
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            known = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise BackendOptionError(
+                f"backend {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"known options: {known}"
+            )
+
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, model: str, options: Mapping[str, str]) -> Self:
+        """Validate options and build the backend without loading anything yet."""
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Load weights; the worker reports ready only after this returns."""
+
+    @abc.abstractmethod
+    def generate(self, prompt: str, max_tokens: int) -> AsyncIterator[str]:
+        """Yield the completion's text pieces as they are decoded, at most max_tokens."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` by this backend's tokenizer (for prompt token counts)."""
+
+    async def close(self) -> None:
+        """Free what load() took."""
+
+
+def parse_float_option(backend: str, options: Mapping[str, str], key: str, default: float) -> float:
+    """A non-negative float option, or BackendOptionError saying what was wrong."""
+    raw = options.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BackendOptionError(
+            f"backend {backend!r} option {key}={raw!r} is not a number"
+        ) from None
+    if not value >= 0 or value == float("inf"):
+        raise BackendOptionError(
+            f"backend {backend!r} option {key}={raw!r} must be a finite number >= 0"
+        )
+    return value

@@ -1,0 +1,147 @@
+"""The worker's gRPC server: enforces its own slots and streams its backend's tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from apiary.protoutil import timestamp
+from apiary.serving import RunningServer, start_server
+from apiary.validation import DEFAULT_MAX_TOKENS_CAP, infer_request_problem
+from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker.backends import Backend
+
+log = structlog.get_logger("worker.server")
+
+SERVICE_NAMES = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,)
+
+
+@dataclass
+class WorkerIdentity:
+    """Who this worker is, as its hive named it at spawn."""
+
+    worker_id: str
+    hive_id: str
+    model: str
+    backend: str
+    device: str
+    slots: int
+    backend_options: dict[str, str] = field(default_factory=dict)
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(
+        self,
+        identity: WorkerIdentity,
+        backend: Backend,
+        max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+    ) -> None:
+        self.identity = identity
+        self.backend = backend
+        self.max_tokens_cap = max_tokens_cap
+        self.ready = False
+        self.in_flight = 0
+        self.completed = 0
+        self.failed = 0
+        self.started_at = time.time()
+        self.last_activity = 0.0
+
+    async def Infer(
+        self, request: common_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.InferChunk]:
+        with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+            if not self.ready:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
+            problem = infer_request_problem(request, self.max_tokens_cap)
+            if not problem and request.model != self.identity.model:
+                problem = (
+                    f"worker {self.identity.worker_id} serves model {self.identity.model!r}, "
+                    f"not {request.model!r}"
+                )
+            if problem:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            if self.in_flight >= self.identity.slots:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"worker {self.identity.worker_id} has all {self.identity.slots} slot(s) "
+                    "in use; retry or send to another worker",
+                )
+            self.in_flight += 1
+            self.last_activity = time.time()
+            ok = False
+            try:
+                async for chunk in self._stream(request):
+                    yield chunk
+                ok = True
+            finally:
+                self.in_flight -= 1
+                self.last_activity = time.time()
+                if ok:
+                    self.completed += 1
+                else:
+                    self.failed += 1
+                    log.info("stream ended early")
+
+    async def _stream(self, request: common_pb2.InferRequest) -> AsyncIterator[common_pb2.InferChunk]:
+        prompt_tokens = self.backend.count_tokens(request.prompt)
+        produced = 0
+        async for text in self.backend.generate(request.prompt, request.max_tokens):
+            produced += 1
+            chunk = common_pb2.InferChunk(text=text, index=produced - 1, request_id=request.request_id)
+            if produced == request.max_tokens:
+                chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                chunk.prompt_tokens = prompt_tokens
+                chunk.completion_tokens = produced
+                yield chunk
+                return
+            yield chunk
+        # The backend stopped before max_tokens: an empty closing chunk carries the counts.
+        yield common_pb2.InferChunk(
+            index=produced,
+            request_id=request.request_id,
+            finish_reason=common_pb2.FINISH_REASON_STOP,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=produced,
+        )
+
+    async def GetStatus(
+        self, request: worker_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetStatusResponse:
+        return worker_pb2.GetStatusResponse(worker=self.record())
+
+    def record(self) -> common_pb2.WorkerRecord:
+        ident = self.identity
+        if not self.ready:
+            state = common_pb2.WORKER_STATE_LOADING
+        elif self.in_flight:
+            state = common_pb2.WORKER_STATE_BUSY
+        else:
+            state = common_pb2.WORKER_STATE_IDLE
+        return common_pb2.WorkerRecord(
+            id=ident.worker_id,
+            hive_id=ident.hive_id,
+            model=ident.model,
+            backend=ident.backend,
+            device=ident.device,
+            state=state,
+            slots_total=ident.slots,
+            slots_available=max(ident.slots - self.in_flight, 0),
+            started_at=timestamp(self.started_at),
+            last_activity=timestamp(self.last_activity),
+            requests_completed=self.completed,
+            requests_failed=self.failed,
+            backend_options=ident.backend_options,
+        )
+
+
+async def create_server(listen: str, service: WorkerService) -> RunningServer:
+    """Bind (port 0 allowed) and start; health stays NOT_SERVING until the backend is loaded."""
+
+    def register(server: grpc.aio.Server) -> None:
+        worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+
+    return await start_server(listen, register, SERVICE_NAMES, serving=False)
