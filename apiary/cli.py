@@ -59,15 +59,35 @@ def age(ts_seconds: int) -> str:
 def worker_rows(workers: Sequence[common_pb2.WorkerRecord]) -> str:
     rows = [
         (
-            w.id, w.hive_id, w.model, w.backend, state_name(w.state),
-            f"{w.slots_available}/{w.slots_total}", w.pid or "-", w.address or "-",
-            age(w.started_at.seconds), w.requests_completed, w.requests_failed,
+            w.id,
+            w.hive_id,
+            w.model,
+            w.backend,
+            state_name(w.state),
+            f"{w.slots_available}/{w.slots_total}",
+            w.pid or "-",
+            w.address or "-",
+            age(w.started_at.seconds),
+            w.requests_completed,
+            w.requests_failed,
             w.failure_reason or "",
         )
         for w in workers
-    ]  # fmt: skip
-    headers = ("WORKER", "HIVE", "MODEL", "BACKEND", "STATE", "FREE", "PID", "ADDRESS", "AGE",
-               "DONE", "FAILED", "REASON")  # fmt: skip
+    ]
+    headers = (
+        "WORKER",
+        "HIVE",
+        "MODEL",
+        "BACKEND",
+        "STATE",
+        "FREE",
+        "PID",
+        "ADDRESS",
+        "AGE",
+        "DONE",
+        "FAILED",
+        "REASON",
+    )
     return table(headers, rows)
 
 
@@ -78,15 +98,32 @@ def gib(n: int) -> str:
 def hive_rows(hives: Sequence[queen_pb2.HiveInfo]) -> str:
     rows = [
         (
-            h.id, h.address, queen_pb2.HiveHealth.Name(h.health).removeprefix("HIVE_HEALTH_"),
-            f"{h.heartbeat_age_seconds:.1f}s", h.worker_count, f"{h.slots_in_use}/{h.slots_total}",
-            h.resources.cpu_count, f"{gib(h.resources.memory_available_bytes)}/"
-            f"{gib(h.resources.memory_total_bytes)}", h.health_reason,
+            h.id,
+            h.address,
+            queen_pb2.HiveHealth.Name(h.health).removeprefix("HIVE_HEALTH_"),
+            f"{h.heartbeat_age_seconds:.1f}s",
+            h.worker_count,
+            f"{h.slots_in_use}/{h.slots_total}",
+            h.resources.cpu_count,
+            f"{gib(h.resources.memory_available_bytes)}/{gib(h.resources.memory_total_bytes)}",
+            h.health_reason,
         )
         for h in hives
-    ]  # fmt: skip
-    return table(("HIVE", "ADDRESS", "HEALTH", "BEAT", "WORKERS", "SLOTS USED", "CPUS", "MEM FREE",
-                  "REASON"), rows)  # fmt: skip
+    ]
+    return table(
+        (
+            "HIVE",
+            "ADDRESS",
+            "HEALTH",
+            "BEAT",
+            "WORKERS",
+            "SLOTS USED",
+            "CPUS",
+            "MEM FREE",
+            "REASON",
+        ),
+        rows,
+    )
 
 
 # ---- client verbs ---------------------------------------------------------
@@ -101,7 +138,9 @@ def client(args: argparse.Namespace) -> queen_pb2_grpc.QueenStub:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    request = common_pb2.InferRequest(model=args.model, prompt=args.prompt, max_tokens=args.max_tokens)
+    request = common_pb2.InferRequest(
+        model=args.model, prompt=args.prompt, max_tokens=args.max_tokens
+    )
     last: common_pb2.InferChunk | None = None
     for chunk in client(args).Infer(request, timeout=args.timeout):
         if args.json:
@@ -124,14 +163,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     workers = stub.ListWorkers(queen_pb2.ListWorkersRequest(), timeout=args.timeout).workers
     models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
     if args.json:
-        print_json({
-            "hives": [to_json(h) for h in hives],
-            "workers": [to_json(w) for w in workers],
-            "models": [to_json(m) for m in models],
-        })  # fmt: skip
+        print_json(
+            {
+                "hives": [to_json(h) for h in hives],
+                "workers": [to_json(w) for w in workers],
+                "models": [to_json(m) for m in models],
+            }
+        )
         return 0
-    print(f"queen {args.queen}: {len(hives)} hive(s), {len(workers)} worker(s), "
-          f"{len(models)} model(s)\n")  # fmt: skip
+    print(
+        f"queen {args.queen}: {len(hives)} hive(s), {len(workers)} worker(s), "
+        f"{len(models)} model(s)\n"
+    )
     print(hive_rows(hives) if hives else "no hives", end="\n\n")
     print(worker_rows(workers) if workers else "no workers", end="\n\n")
     print(model_rows(models) if models else "no models")
@@ -173,23 +216,29 @@ def print_worker(worker: common_pb2.WorkerRecord, as_json: bool) -> None:
         print_json(to_json(worker))
         return
     fields = [
-        ("id", worker.id), ("hive", worker.hive_id), ("model", worker.model),
-        ("backend", worker.backend), ("device", worker.device), ("state", state_name(worker.state)),
+        ("id", worker.id),
+        ("hive", worker.hive_id),
+        ("model", worker.model),
+        ("backend", worker.backend),
+        ("device", worker.device),
+        ("state", state_name(worker.state)),
         ("slots", f"{worker.slots_available} free of {worker.slots_total}"),
-        ("pid", worker.pid or "-"), ("address", worker.address or "-"),
+        ("pid", worker.pid or "-"),
+        ("address", worker.address or "-"),
         ("started", age(worker.started_at.seconds) + " ago"),
         ("last activity", age(worker.last_activity.seconds) + " ago"),
         ("requests", f"{worker.requests_completed} completed, {worker.requests_failed} failed"),
-        ("options", ", ".join(f"{k}={v}" for k, v in sorted(worker.backend_options.items())) or "-"),
+        ("options", ", ".join(f"{k}={v}" for k, v in sorted(worker.backend_options.items()))),
         ("failure", worker.failure_reason or "-"),
-    ]  # fmt: skip
+    ]
     for key, value in fields:
         print(f"{key + ':':<15}{value}")
 
 
 def cmd_worker_get(args: argparse.Namespace) -> int:
-    reply = admin(args).GetWorker(queen_pb2.GetWorkerRequest(worker_id=args.worker_id),
-                                  timeout=args.timeout)  # fmt: skip
+    reply = admin(args).GetWorker(
+        queen_pb2.GetWorkerRequest(worker_id=args.worker_id), timeout=args.timeout
+    )
     print_worker(reply.worker, args.json)
     return 0
 
@@ -202,9 +251,14 @@ def cmd_worker_spawn(args: argparse.Namespace) -> int:
             raise CliError(f"--option {pair!r} is not KEY=VALUE")
         options[key] = value
     request = queen_pb2.QueenSpawnWorkerRequest(
-        hive_id=args.hive, model=args.model, backend=args.backend, slots=args.slots,
-        device=args.device, backend_options=options, wait_ready=not args.no_wait,
-    )  # fmt: skip
+        hive_id=args.hive,
+        model=args.model,
+        backend=args.backend,
+        slots=args.slots,
+        device=args.device,
+        backend_options=options,
+        wait_ready=not args.no_wait,
+    )
     reply = admin(args).SpawnWorker(request, timeout=args.timeout)
     print_worker(reply.worker, args.json)
     return 0
@@ -228,24 +282,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(
-        parent: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
-        json_flag: bool = True, timeout: float = 10.0,
-    ) -> argparse.ArgumentParser:  # fmt: skip
+        parent: Any,
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help_text: str,
+        json_flag: bool = True,
+        timeout: float = 10.0,
+    ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         p.add_argument(
-            "--queen", default=os.environ.get(QUEEN_ENV, DEFAULT_QUEEN),
+            "--queen",
+            default=os.environ.get(QUEEN_ENV, DEFAULT_QUEEN),
             help=f"queen address (env {QUEEN_ENV}; default {DEFAULT_QUEEN})",
-        )  # fmt: skip
-        p.add_argument("--timeout", type=float, default=timeout, help="seconds (deadline of the call)")
+        )
+        p.add_argument(
+            "--timeout", type=float, default=timeout, help="seconds (deadline of the call)"
+        )
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
     sub.add_parser("queen", help="run the queen (see `apiary queen --help`)", add_help=False)
     sub.add_parser("hive", help="run a hive (see `apiary hive --help`)", add_help=False)
-    sub.add_parser("up", help="run a one-machine cluster: queen + hive + 2 echo workers",
-                   add_help=False)  # fmt: skip
+    sub.add_parser(
+        "up", help="run a one-machine cluster: queen + hive + 2 echo workers", add_help=False
+    )
 
     p = verb(sub, "infer", cmd_infer, "stream a completion through the queen", timeout=60.0)
     p.add_argument("model")
@@ -259,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verb(model, "list", cmd_model_list, "models with idle / busy / loading worker counts")
 
-    worker = sub.add_parser("worker", help="list, inspect, spawn and retire workers").add_subparsers(
-        dest="worker_verb", required=True, metavar="VERB"
-    )
+    worker = sub.add_parser(
+        "worker", help="list, inspect, spawn and retire workers"
+    ).add_subparsers(dest="worker_verb", required=True, metavar="VERB")
     p = verb(worker, "list", cmd_worker_list, "workers, filtered by hive, model or state")
     p.add_argument("--hive", default="")
     p.add_argument("--model", default="")
@@ -276,8 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-wait", action="store_true", help="return while the worker is LOADING")
-    p = verb(worker, "retire", cmd_worker_retire, "stop a worker (gracefully unless --force)",
-             timeout=60.0)  # fmt: skip
+    p = verb(
+        worker,
+        "retire",
+        cmd_worker_retire,
+        "stop a worker (gracefully unless --force)",
+        timeout=60.0,
+    )
     p.add_argument("worker_id")
     p.add_argument("--force", action="store_true", help="SIGKILL at once")
     p.add_argument("--hive", default="", help="accepted for symmetry; the queen knows the hive")
@@ -308,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         name = code.name if code else "ERROR"
         if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (details or "").lower():
-            details = f"cannot reach the queen at {args.queen} (is it running? set --queen or {QUEEN_ENV})"
+            details = f"cannot reach the queen at {args.queen}; is it running? (--queen, {QUEEN_ENV})"
         print(f"error: {name}: {details}", file=sys.stderr)
         return 1
     except CliError as exc:

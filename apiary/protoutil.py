@@ -26,9 +26,7 @@ def parse_state(name: str) -> common_pb2.WorkerState.ValueType:
     try:
         return common_pb2.WorkerState.Value("WORKER_STATE_" + name.upper())
     except ValueError:
-        valid = ", ".join(
-            state_name(v) for v in common_pb2.WorkerState.values() if v
-        )
+        valid = ", ".join(state_name(v) for v in common_pb2.WorkerState.values() if v)
         raise ValueError(f"unknown worker state {name!r}; valid states: {valid}") from None
 
 

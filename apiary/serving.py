@@ -7,13 +7,18 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from grpc_health.v1 import _async as health_aio  # published as grpc_health.v1.health.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 # Without this, grpc sets SO_REUSEPORT and a second process can silently share
 # a port with a stale one (e.g. a queen restarted while the old one lingers).
+# The context every servicer method gets; request/response types are in the method signature.
+Context = grpc.aio.ServicerContext[Any, Any]
+
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (("grpc.so_reuseport", 0),)
 
 
@@ -21,7 +26,7 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (("grpc.so_reuseport", 0),)
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING first, so health checkers stop sending, then drain."""
@@ -42,7 +47,7 @@ async def start_server(
     """
     server = grpc.aio.server(options=list(SERVER_OPTIONS))
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server

@@ -33,9 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--slots", type=int, default=1)
     p.add_argument(
-        "--token-delay", type=float, default=0.05,
+        "--token-delay",
+        type=float,
+        default=0.05,
         help="echo backend: seconds per token, so streaming is visible (echo is for demos/tests)",
-    )  # fmt: skip
+    )
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
     return p
 
@@ -75,17 +77,27 @@ async def run(args: argparse.Namespace) -> int:
     queen = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "queen", "--listen", args.queen_listen, *fmt
     )
-    spawn = (f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
-             f"token_delay={args.token_delay}")  # fmt: skip
-    hive = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hive", "--queen", args.queen_listen, "--listen", args.hive_listen,
-        "--hive-id", args.hive_id, "--spawn", spawn, *fmt,
-    )  # fmt: skip
-    children = {"hive": hive, "queen": queen}
-    exited = asyncio.create_task(
-        asyncio.wait([asyncio.create_task(p.wait()) for p in children.values()],
-                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    spawn = (
+        f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
+        f"token_delay={args.token_delay}"
     )
+    hive = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hive",
+        "--queen",
+        args.queen_listen,
+        "--listen",
+        args.hive_listen,
+        "--hive-id",
+        args.hive_id,
+        "--spawn",
+        spawn,
+        *fmt,
+    )
+    children = {"hive": hive, "queen": queen}
+    waits = [asyncio.create_task(p.wait()) for p in children.values()]
+    exited = asyncio.create_task(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED))
     ready = asyncio.create_task(wait_ready(args.queen_listen, args.model, args.workers, stop))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([ready, exited, stopped], return_when=asyncio.FIRST_COMPLETED)

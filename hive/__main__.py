@@ -59,25 +59,37 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
 
 def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run a hive: spawns and supervises workers.")
-    p.add_argument("--queen", default=DEFAULT_QUEEN, help=f"queen address (default {DEFAULT_QUEEN})")
+    p.add_argument(
+        "--queen", default=DEFAULT_QUEEN, help=f"queen address (default {DEFAULT_QUEEN})"
+    )
     p.add_argument("--listen", default="127.0.0.1:7071", help="host:port for the Hive service")
     p.add_argument(
-        "--advertise", default="", help="address the queen dials to reach this hive (default: listen)"
+        "--advertise",
+        default="",
+        help="address the queen dials to reach this hive (default: listen)",
     )
     p.add_argument("--hive-id", default=socket.gethostname(), help="default: the host name")
     p.add_argument(
-        "--heartbeat-interval", type=float, default=1.0,
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
         help="seconds; replaced by the interval the queen asks for",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--stop-grace", type=float, default=10.0,
+        "--stop-grace",
+        type=float,
+        default=10.0,
         help="seconds a stopping worker gets before SIGKILL",
-    )  # fmt: skip
+    )
     p.add_argument("--worker-host", default="127.0.0.1", help="host workers bind to")
     p.add_argument(
-        "--spawn", action="append", default=[], type=parse_spawn, metavar="SPEC",
+        "--spawn",
+        action="append",
+        default=[],
+        type=parse_spawn,
+        metavar="SPEC",
         help="start workers at boot, e.g. model=demo,backend=echo,count=2,token_delay=0.05",
-    )  # fmt: skip
+    )
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
     return p
@@ -85,7 +97,9 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
-    supervisor = Supervisor(args.hive_id, "", stop_grace=args.stop_grace, worker_listen_host=args.worker_host)
+    supervisor = Supervisor(
+        args.hive_id, "", stop_grace=args.stop_grace, worker_listen_host=args.worker_host
+    )
 
     def register(server: grpc.aio.Server) -> None:
         hive_pb2_grpc.add_HiveServicer_to_server(HiveService(supervisor), server)
@@ -97,7 +111,9 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     address = args.advertise or host_port(args.listen, running.port)
     supervisor.hive_address = host_port(args.listen, running.port)
-    heartbeat = HeartbeatLoop(args.queen, args.hive_id, address, supervisor.records, args.heartbeat_interval)
+    heartbeat = HeartbeatLoop(
+        args.queen, args.hive_id, address, supervisor.records, args.heartbeat_interval
+    )
     supervisor.on_change = heartbeat.poke
     beat_task = asyncio.create_task(heartbeat.run(), name="heartbeat")
     if args.port_file:

@@ -1,4 +1,4 @@
-"""The hive's heartbeat loop: its full worker table to the queen every interval, and at once on change."""
+"""The hive's heartbeat loop: its full worker table to the queen each interval and on change."""
 
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ class HeartbeatLoop:
             reply = await self._stub.Heartbeat(beat, timeout=max(self.interval * 2, 1.0))
         except grpc.aio.AioRpcError as exc:
             if self._queen_reachable is not False:
-                log.warning("queen unreachable; will keep trying", queen=self.queen, code=exc.code().name)
+                log.warning(
+                    "queen unreachable; will keep trying", queen=self.queen, code=exc.code().name
+                )
             self._queen_reachable = False
             return False
         if self._queen_reachable is not True:
@@ -92,4 +94,4 @@ class HeartbeatLoop:
         self._stopping = True
         self._wake.set()
         await self.send_once(leaving=True)
-        await self._channel.close()
+        await self._channel.close(None)

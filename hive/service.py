@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import structlog
 
+from apiary.serving import Context
 from apiary.validation import name_problem
 from hive.supervisor import Supervisor, WorkerConflict, WorkerNotFound, WorkerSpec
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
@@ -22,14 +23,15 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         self.supervisor = supervisor
 
     async def SpawnWorker(
-        self, request: hive_pb2.SpawnWorkerRequest, context: grpc.aio.ServicerContext
+        self, request: hive_pb2.SpawnWorkerRequest, context: Context
     ) -> hive_pb2.SpawnWorkerResponse:
         problem = name_problem("model", request.model) or name_problem("backend", request.backend)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.slots > MAX_SLOTS:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"slots {request.slots} is above the limit of {MAX_SLOTS}"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"slots {request.slots} is above the limit of {MAX_SLOTS}",
             )
         try:
             backend_class(request.backend).check_options(request.backend_options)
@@ -62,12 +64,12 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         return hive_pb2.SpawnWorkerResponse(worker=worker.record(self.supervisor.hive_id))
 
     async def ListWorkers(
-        self, request: hive_pb2.ListHiveWorkersRequest, context: grpc.aio.ServicerContext
+        self, request: hive_pb2.ListHiveWorkersRequest, context: Context
     ) -> hive_pb2.ListHiveWorkersResponse:
         return hive_pb2.ListHiveWorkersResponse(workers=self.supervisor.records())
 
     async def GetWorker(
-        self, request: hive_pb2.GetHiveWorkerRequest, context: grpc.aio.ServicerContext
+        self, request: hive_pb2.GetHiveWorkerRequest, context: Context
     ) -> hive_pb2.GetHiveWorkerResponse:
         try:
             worker = self.supervisor.get(request.worker_id)
@@ -76,7 +78,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         return hive_pb2.GetHiveWorkerResponse(worker=worker.record(self.supervisor.hive_id))
 
     async def StopWorker(
-        self, request: hive_pb2.StopWorkerRequest, context: grpc.aio.ServicerContext
+        self, request: hive_pb2.StopWorkerRequest, context: Context
     ) -> hive_pb2.StopWorkerResponse:
         if request.grace_seconds < 0:
             await context.abort(
@@ -93,7 +95,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         return hive_pb2.StopWorkerResponse(worker=worker.record(self.supervisor.hive_id))
 
     async def ReportReady(
-        self, request: hive_pb2.ReportReadyRequest, context: grpc.aio.ServicerContext
+        self, request: hive_pb2.ReportReadyRequest, context: Context
     ) -> hive_pb2.ReportReadyResponse:
         if not request.load_error and not request.address:
             await context.abort(

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -118,23 +118,35 @@ class Supervisor:
             return self.workers[worker_id]
         except KeyError:
             raise WorkerNotFound(
-                f"hive {self.hive_id} has no worker {worker_id!r}; its workers: {naming(self.workers)}"
+                f"hive {self.hive_id} has no worker {worker_id!r}; "
+                f"its workers: {naming(self.workers)}"
             ) from None
 
     def worker_argv(self, worker: ManagedWorker) -> list[str]:
         spec = worker.spec
         argv = [
-            sys.executable, "-m", "worker",
-            "--worker-id", worker.id,
-            "--hive-id", self.hive_id,
-            "--hive", self.hive_address,
-            "--model", spec.model,
-            "--backend", spec.backend,
-            "--device", spec.device,
-            "--slots", str(spec.slots),
-            "--listen", f"{self.worker_listen_host}:0",
-            "--stop-grace", str(max(self.stop_grace - 1.0, 0.5)),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "worker",
+            "--worker-id",
+            worker.id,
+            "--hive-id",
+            self.hive_id,
+            "--hive",
+            self.hive_address,
+            "--model",
+            spec.model,
+            "--backend",
+            spec.backend,
+            "--device",
+            spec.device,
+            "--slots",
+            str(spec.slots),
+            "--listen",
+            f"{self.worker_listen_host}:0",
+            "--stop-grace",
+            str(max(self.stop_grace - 1.0, 0.5)),
+        ]
         for key, value in sorted(spec.backend_options.items()):
             argv += ["--option", f"{key}={value}"]
         return argv
@@ -147,7 +159,9 @@ class Supervisor:
         worker.started_at = time.time()
         self.workers[worker.id] = worker
         try:
-            worker.process, worker.identity = await self.launcher.start(self.worker_argv(worker), env)
+            worker.process, worker.identity = await self.launcher.start(
+                self.worker_argv(worker), env
+            )
         except OSError as exc:
             worker.state = S.WORKER_STATE_FAILED
             worker.failure_reason = f"could not start process: {exc}"
@@ -180,12 +194,12 @@ class Supervisor:
         worker.exited.set()
         self.on_change()
 
-    def report_ready(self, worker_id: str, address: str, pid: int, load_error: str) -> ManagedWorker:
+    def report_ready(
+        self, worker_id: str, address: str, pid: int, load_error: str
+    ) -> ManagedWorker:
         worker = self.get(worker_id)
         if worker.identity and pid and pid != worker.identity.pid:
-            raise WorkerConflict(
-                f"worker {worker_id} runs as pid {worker.identity.pid}, not {pid}"
-            )
+            raise WorkerConflict(f"worker {worker_id} runs as pid {worker.identity.pid}, not {pid}")
         if worker.state != S.WORKER_STATE_LOADING:
             raise WorkerConflict(
                 f"worker {worker_id} is {common_pb2.WorkerState.Name(worker.state)}, not LOADING"
@@ -204,7 +218,9 @@ class Supervisor:
         self.on_change()
         return worker
 
-    async def stop(self, worker_id: str, force: bool = False, grace: float | None = None) -> ManagedWorker:
+    async def stop(
+        self, worker_id: str, force: bool = False, grace: float | None = None
+    ) -> ManagedWorker:
         """Stop the worker's process group and drop its row; returns when the process is gone."""
         worker = self.get(worker_id)
         grace = self.stop_grace if grace is None or grace <= 0 else grace

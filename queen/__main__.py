@@ -20,10 +20,14 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run the queen: registry and router.")
     p.add_argument("--listen", default="127.0.0.1:7070", help="host:port (default 127.0.0.1:7070)")
     p.add_argument(
-        "--heartbeat-interval", type=float, default=1.0,
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
         help="seconds between hive heartbeats; a hive silent for 3 intervals is unhealthy",
-    )  # fmt: skip
-    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a slot, in all")
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=1024, help="requests waiting for a slot, in all"
+    )
     p.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP)
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
@@ -40,8 +44,12 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     if args.port_file:
         write_port_file(args.port_file, queen.running.port)
-    log.info("queen listening", listen=args.listen, port=queen.running.port,
-             heartbeat_interval=args.heartbeat_interval)  # fmt: skip
+    log.info(
+        "queen listening",
+        listen=args.listen,
+        port=queen.running.port,
+        heartbeat_interval=args.heartbeat_interval,
+    )
     await stop.wait()
     log.info("queen stopping")
     await queen.stop(2.0)

@@ -6,6 +6,7 @@ import grpc
 import structlog
 
 from apiary.protoutil import naming, timestamp
+from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
 from queen.channels import Channels
 from queen.registry import HiveEntry, Registry
@@ -36,36 +37,39 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             slots_in_use=sum(w.in_flight for w in workers),
         )
 
-    async def _hive(self, hive_id: str, context: grpc.aio.ServicerContext) -> HiveEntry:
+    async def _hive(self, hive_id: str, context: Context) -> HiveEntry:
         hive = self.registry.hives.get(hive_id)
         if hive is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown hive {hive_id!r}; hives: {naming(self.registry.hives)}",
             )
-        assert hive is not None
         return hive
 
     async def ListHives(
-        self, request: queen_pb2.ListHivesRequest, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.ListHivesRequest, context: Context
     ) -> queen_pb2.ListHivesResponse:
         hives = sorted(self.registry.hives.values(), key=lambda h: h.id)
         return queen_pb2.ListHivesResponse(hives=[self.hive_info(h) for h in hives])
 
     async def GetHive(
-        self, request: queen_pb2.GetHiveRequest, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.GetHiveRequest, context: Context
     ) -> queen_pb2.GetHiveResponse:
         hive = await self._hive(request.hive_id, context)
-        workers = sorted((w.view() for w in self.registry.workers_of_hive(hive.id)), key=lambda r: r.id)
+        workers = sorted(
+            (w.view() for w in self.registry.workers_of_hive(hive.id)), key=lambda r: r.id
+        )
         return queen_pb2.GetHiveResponse(hive=self.hive_info(hive), workers=workers)
 
     async def ListWorkers(
-        self, request: queen_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.ListWorkersRequest, context: Context
     ) -> queen_pb2.ListWorkersResponse:
         if request.hive_id:
             await self._hive(request.hive_id, context)
         if request.state and request.state not in common_pb2.WorkerState.values():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker state {request.state}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker state {request.state}"
+            )
         records = []
         for entry in self.registry.workers.values():
             record = entry.view()
@@ -80,7 +84,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
         return queen_pb2.ListWorkersResponse(workers=records)
 
     async def GetWorker(
-        self, request: queen_pb2.GetWorkerRequest, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.GetWorkerRequest, context: Context
     ) -> queen_pb2.GetWorkerResponse:
         entry = self.registry.workers.get(request.worker_id)
         if entry is None:
@@ -88,10 +92,9 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown worker {request.worker_id!r}; workers: {naming(self.registry.workers)}",
             )
-        assert entry is not None
         return queen_pb2.GetWorkerResponse(worker=entry.view())
 
-    async def _routable_hive(self, hive_id: str, context: grpc.aio.ServicerContext) -> HiveEntry:
+    async def _routable_hive(self, hive_id: str, context: Context) -> HiveEntry:
         """The named hive (or the only one), refusing an unhealthy one."""
         if not hive_id:
             if len(self.registry.hives) != 1:
@@ -104,11 +107,13 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
         hive = await self._hive(hive_id, context)
         health, reason = self.registry.hive_health(hive)
         if health != queen_pb2.HIVE_HEALTH_HEALTHY:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"hive {hive.id} is unhealthy: {reason}")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"hive {hive.id} is unhealthy: {reason}"
+            )
         return hive
 
     async def SpawnWorker(
-        self, request: queen_pb2.QueenSpawnWorkerRequest, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.QueenSpawnWorkerRequest, context: Context
     ) -> queen_pb2.QueenSpawnWorkerResponse:
         hive = await self._routable_hive(request.hive_id, context)
         forward = hive_pb2.SpawnWorkerRequest(
@@ -129,7 +134,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
         return queen_pb2.QueenSpawnWorkerResponse(worker=reply.worker)
 
     async def RetireWorker(
-        self, request: queen_pb2.RetireWorkerRequest, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.RetireWorkerRequest, context: Context
     ) -> queen_pb2.RetireWorkerResponse:
         entry = self.registry.workers.get(request.worker_id)
         if entry is None:
@@ -137,7 +142,6 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown worker {request.worker_id!r}; workers: {naming(self.registry.workers)}",
             )
-        assert entry is not None
         hive = await self._routable_hive(entry.record.hive_id, context)
         try:
             reply = await self.channels.hive(hive.address).StopWorker(
@@ -146,5 +150,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             )
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), f"hive {hive.id}: {exc.details()}")
-        log.info("worker retired", hive_id=hive.id, worker_id=request.worker_id, force=request.force)
+        log.info(
+            "worker retired", hive_id=hive.id, worker_id=request.worker_id, force=request.force
+        )
         return queen_pb2.RetireWorkerResponse(worker=reply.worker)

@@ -25,10 +25,10 @@ class Channels:
         return channel
 
     def worker(self, address: str) -> worker_pb2_grpc.WorkerAsyncStub:
-        return worker_pb2_grpc.WorkerStub(self.channel(address))  # type: ignore[return-value]
+        return worker_pb2_grpc.WorkerStub(self.channel(address))
 
     def hive(self, address: str) -> hive_pb2_grpc.HiveAsyncStub:
-        return hive_pb2_grpc.HiveStub(self.channel(address))  # type: ignore[return-value]
+        return hive_pb2_grpc.HiveStub(self.channel(address))
 
     def discard(self, address: str) -> None:
         """Close the channel in the background, letting calls still on it finish."""
@@ -42,4 +42,6 @@ class Channels:
     async def close(self) -> None:
         channels = list(self._channels.values())
         self._channels.clear()
-        await asyncio.gather(*(c.close(None) for c in channels), *self._closing, return_exceptions=True)
+        await asyncio.gather(
+            *(c.close(None) for c in channels), *self._closing, return_exceptions=True
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import structlog
 
+from apiary.serving import Context
 from apiary.validation import name_problem
 from protos.v1 import queen_pb2, queen_pb2_grpc
 from queen.channels import Channels
@@ -21,7 +22,7 @@ class QueenRegistryService(queen_pb2_grpc.QueenRegistryServicer):
         self.channels = channels
 
     async def Heartbeat(
-        self, request: queen_pb2.HiveHeartbeat, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.HiveHeartbeat, context: Context
     ) -> queen_pb2.HeartbeatReply:
         problem = name_problem("hive_id", request.hive_id)
         if not problem and not request.leaving and not request.address:
@@ -34,8 +35,12 @@ class QueenRegistryService(queen_pb2_grpc.QueenRegistryServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         outcome = self.registry.apply_heartbeat(request)
         if outcome.new_hive:
-            log.info("hive joined", hive_id=request.hive_id, address=request.address,
-                     workers=len(request.workers))  # fmt: skip
+            log.info(
+                "hive joined",
+                hive_id=request.hive_id,
+                address=request.address,
+                workers=len(request.workers),
+            )
         if request.leaving:
             log.info("hive left", hive_id=request.hive_id)
         for address in outcome.removed_addresses:

@@ -10,6 +10,7 @@ import grpc
 import structlog
 
 from apiary.protoutil import naming
+from apiary.serving import Context
 from apiary.validation import infer_request_problem
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from queen.channels import Channels
@@ -35,7 +36,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         self.max_tokens_cap = max_tokens_cap
 
     async def Infer(
-        self, request: common_pb2.InferRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
         request_id = request.request_id or uuid.uuid4().hex
         with structlog.contextvars.bound_contextvars(request_id=request_id, model=request.model):
@@ -59,7 +60,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         return f"unknown model {model!r}; models served: {naming(self.registry.models())}"
 
     async def _route(
-        self, request: common_pb2.InferRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
         loop = asyncio.get_running_loop()
         remaining = context.time_remaining()
@@ -86,8 +87,12 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                 if sent or code not in RETRYABLE:
                     await self._abort_after_worker_error(context, lease, exc, sent)
                 last_error = f"worker {lease.worker_id}: {code.name}: {exc.details()}"
-                log.warning("worker failed before first chunk; trying another",
-                            worker_id=lease.worker_id, code=code.name, attempt=attempt + 1)  # fmt: skip
+                log.warning(
+                    "worker failed before first chunk; trying another",
+                    worker_id=lease.worker_id,
+                    code=code.name,
+                    attempt=attempt + 1,
+                )
                 tried.add(lease.worker_id)
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self.registry.mark_unreachable(lease.worker_id)
@@ -110,7 +115,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         model: str,
         deadline: float | None,
         exclude: frozenset[str],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> Lease:
         loop = asyncio.get_running_loop()
         timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
@@ -132,7 +137,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
 
     async def _abort_after_worker_error(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         lease: Lease,
         exc: grpc.aio.AioRpcError,
         sent: int,
@@ -148,7 +153,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         await context.abort(code, exc.details() or code.name)
 
     async def ListModels(
-        self, request: queen_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: queen_pb2.ListModelsRequest, context: Context
     ) -> queen_pb2.ListModelsResponse:
         models = []
         for name in self.registry.models():

@@ -57,7 +57,11 @@ class Scheduler:
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
         except BaseException:
-            if waiter.future.done() and not waiter.future.cancelled() and not waiter.future.exception():
+            if (
+                waiter.future.done()
+                and not waiter.future.cancelled()
+                and not waiter.future.exception()
+            ):
                 # A slot was handed to us just as we gave up: pass it on, never leak it.
                 self.release(waiter.future.result(), ok=None)
             waiter.future.cancel()

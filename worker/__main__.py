@@ -68,7 +68,9 @@ async def report_ready(hive: str, request: hive_pb2.ReportReadyRequest) -> bool:
                 return True
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                    log.error("hive refused ready report", code=exc.code().name, detail=exc.details())
+                    log.error(
+                        "hive refused ready report", code=exc.code().name, detail=exc.details()
+                    )
                     return False
                 if loop.time() > deadline:
                     log.error("hive unreachable for ready report", hive=hive, detail=exc.details())
@@ -86,9 +88,10 @@ async def run(args: argparse.Namespace) -> int:
         log.error("bad backend configuration", error=message)
         if args.hive:
             await report_ready(
-                args.hive, hive_pb2.ReportReadyRequest(
+                args.hive,
+                hive_pb2.ReportReadyRequest(
                     worker_id=args.worker_id, pid=os.getpid(), load_error=message
-                )
+                ),
             )
         return 2
     identity = WorkerIdentity(
@@ -110,9 +113,10 @@ async def run(args: argparse.Namespace) -> int:
         log.exception("backend failed to load")
         if args.hive:
             await report_ready(
-                args.hive, hive_pb2.ReportReadyRequest(
+                args.hive,
+                hive_pb2.ReportReadyRequest(
                     worker_id=args.worker_id, pid=os.getpid(), load_error=f"load failed: {exc}"
-                )
+                ),
             )
         await running.server.stop(0)
         return 3

@@ -10,7 +10,7 @@ import grpc
 import structlog
 
 from apiary.protoutil import timestamp
-from apiary.serving import RunningServer, start_server
+from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.backends import Backend
@@ -51,11 +51,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.last_activity = 0.0
 
     async def Infer(
-        self, request: common_pb2.InferRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
             if not self.ready:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "worker is still loading its model"
+                )
             problem = infer_request_problem(request, self.max_tokens_cap)
             if not problem and request.model != self.identity.model:
                 problem = (
@@ -86,12 +88,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     self.failed += 1
                     log.info("stream ended early")
 
-    async def _stream(self, request: common_pb2.InferRequest) -> AsyncIterator[common_pb2.InferChunk]:
+    async def _stream(
+        self, request: common_pb2.InferRequest
+    ) -> AsyncIterator[common_pb2.InferChunk]:
         prompt_tokens = self.backend.count_tokens(request.prompt)
         produced = 0
         async for text in self.backend.generate(request.prompt, request.max_tokens):
             produced += 1
-            chunk = common_pb2.InferChunk(text=text, index=produced - 1, request_id=request.request_id)
+            chunk = common_pb2.InferChunk(
+                text=text, index=produced - 1, request_id=request.request_id
+            )
             if produced == request.max_tokens:
                 chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
                 chunk.prompt_tokens = prompt_tokens
@@ -109,7 +115,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
     async def GetStatus(
-        self, request: worker_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+        self, request: worker_pb2.GetStatusRequest, context: Context
     ) -> worker_pb2.GetStatusResponse:
         return worker_pb2.GetStatusResponse(worker=self.record())
 

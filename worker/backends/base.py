@@ -43,7 +43,7 @@ class Backend(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens in `text` by this backend's tokenizer (for prompt token counts)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook; most backends free nothing
         """Free what load() took."""
 
 
