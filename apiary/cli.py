@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         name = code.name if code else "ERROR"
         if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (details or "").lower():
-            details = f"cannot reach the queen at {args.queen}; is it running? (--queen, {QUEEN_ENV})"
+            details = f"cannot reach the queen at {args.queen}; is it running? ({QUEEN_ENV})"
         print(f"error: {name}: {details}", file=sys.stderr)
         return 1
     except CliError as exc:

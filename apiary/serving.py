@@ -21,6 +21,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (("grpc.so_reuseport", 0),)
 
+# Long-lived client channels (hive->queen, queen->worker/hive). grpc's default
+# reconnect backoff grows to 120 s, which would keep a hive away from a queen
+# that restarted long after it came back; cap it near the heartbeat scale.
+CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
 
 @dataclass
 class RunningServer:

@@ -10,6 +10,7 @@ import grpc
 import psutil
 import structlog
 
+from apiary.serving import CHANNEL_OPTIONS
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 
 log = structlog.get_logger("hive.heartbeat")
@@ -43,7 +44,7 @@ class HeartbeatLoop:
         self._wake = asyncio.Event()
         self._stopping = False
         self._queen_reachable: bool | None = None
-        self._channel = grpc.aio.insecure_channel(queen)
+        self._channel = grpc.aio.insecure_channel(queen, options=list(CHANNEL_OPTIONS))
         self._stub = queen_pb2_grpc.QueenRegistryStub(self._channel)
 
     def poke(self) -> None:

@@ -34,7 +34,9 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 f"slots {request.slots} is above the limit of {MAX_SLOTS}",
             )
         try:
-            backend_class(request.backend).check_options(request.backend_options)
+            # Builds (does not load) the backend: bad option names and values fail here, not later
+            # in a worker process.
+            backend_class(request.backend).from_options(request.model, request.backend_options)
         except KeyError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
         except BackendOptionError as exc:

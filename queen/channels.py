@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 
+from apiary.serving import CHANNEL_OPTIONS
 from protos.v1 import hive_pb2_grpc, worker_pb2_grpc
 
 # Active calls on a channel being closed get this long to finish.
@@ -20,7 +21,7 @@ class Channels:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
             self._channels[address] = channel
         return channel
 

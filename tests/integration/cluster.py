@@ -1,0 +1,196 @@
+"""Real queen, hive and worker processes on 127.0.0.1 for integration tests.
+
+Every process a test starts carries a per-test marker in its environment (and
+workers inherit it), so teardown can find and kill anything left behind even
+when the test failed half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import psutil
+
+from protos.v1 import common_pb2, hive_pb2_grpc, queen_pb2, queen_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+MARKER_ENV = "APIARY_TEST_RUN"
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], timeout: float = 10.0, interval: float = 0.02
+) -> T:
+    """Poll `check` until it returns something truthy; fail with its last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        try:
+            last = await check()
+        except grpc.aio.AioRpcError:
+            last = None
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Cluster:
+    """Starts processes with a shared marker; `close()` leaves none behind."""
+
+    heartbeat_interval: float = 0.2
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="apiary-test-")))
+    procs: list[Proc] = field(default_factory=list)
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env[MARKER_ENV] = self.marker
+        env["APIARY_LOG_FORMAT"] = "json"
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+    def _start(self, name: str, argv: list[str], port: int = 0, timeout: float = 15.0) -> Proc:
+        port_file = self.tmp / f"{name}-{len(self.procs)}.port"
+        log_path = self.tmp / f"{name}-{len(self.procs)}.log"
+        with open(log_path, "ab") as log_file:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", *argv, "--port-file", str(port_file)],
+                cwd=ROOT,
+                env=self.env(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if popen.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with {popen.returncode}:\n{log_path.read_text()}"
+                )
+            if time.monotonic() > deadline:
+                popen.kill()
+                raise RuntimeError(f"{name} did not start within {timeout}s")
+            time.sleep(0.01)
+        proc = Proc(name, popen, int(port_file.read_text()), log_path)
+        port_file.unlink()
+        self.procs.append(proc)
+        return proc
+
+    def start_queen(self, port: int = 0, *extra: str) -> Proc:
+        return self._start(
+            "queen",
+            ["queen", "--listen", f"127.0.0.1:{port}",
+             "--heartbeat-interval", str(self.heartbeat_interval), *extra],
+        )  # fmt: skip
+
+    def start_hive(
+        self, queen: Proc | str, hive_id: str, *spawn: str, extra: tuple[str, ...] = ()
+    ) -> Proc:
+        address = queen if isinstance(queen, str) else queen.address
+        argv = ["hive", "--queen", address, "--listen", "127.0.0.1:0", "--hive-id", hive_id,
+                "--heartbeat-interval", str(self.heartbeat_interval), "--stop-grace", "3", *extra]  # fmt: skip
+        for spec in spawn:
+            argv += ["--spawn", spec]
+        return self._start(f"hive-{hive_id}", argv)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(address)
+        self.channels.append(channel)
+        return channel
+
+    def queen_stub(self, queen: Proc) -> queen_pb2_grpc.QueenAsyncStub:
+        return queen_pb2_grpc.QueenStub(self.channel(queen.address))
+
+    def admin_stub(self, queen: Proc) -> queen_pb2_grpc.QueenAdminAsyncStub:
+        return queen_pb2_grpc.QueenAdminStub(self.channel(queen.address))
+
+    def hive_stub(self, hive: Proc) -> hive_pb2_grpc.HiveAsyncStub:
+        return hive_pb2_grpc.HiveStub(self.channel(hive.address))
+
+    async def wait_workers(
+        self, queen: Proc, model: str, count: int, timeout: float = 15.0
+    ) -> list[common_pb2.WorkerRecord]:
+        """Wait until the queen sees `count` ready (IDLE/BUSY) workers of `model`."""
+        admin = self.admin_stub(queen)
+
+        async def ready() -> list[common_pb2.WorkerRecord] | None:
+            reply = await admin.ListWorkers(queen_pb2.ListWorkersRequest(model=model), timeout=1)
+            ready = [
+                w for w in reply.workers
+                if w.state in (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
+            ]  # fmt: skip
+            return ready if len(ready) >= count else None
+
+        return await eventually(ready, timeout)
+
+    def marked_processes(self) -> list[psutil.Process]:
+        """Live processes that carry this cluster's marker (ours and our workers)."""
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if (
+                    proc.environ().get(MARKER_ENV) == self.marker
+                    and proc.status() != psutil.STATUS_ZOMBIE
+                ):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close(None)
+        # Hives first, so they get the chance to stop their own workers.
+        for proc in sorted(self.procs, key=lambda p: not p.name.startswith("hive")):
+            proc.signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        for leftover in self.marked_processes():
+            try:
+                leftover.kill()
+            except psutil.Error:
+                pass
