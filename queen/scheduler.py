@@ -55,7 +55,10 @@ class Scheduler:
         queue.append(waiter)
         self.queued += 1
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the result, leaving the caller holding a slot it will not use.
+            async with asyncio.timeout(timeout):
+                return await waiter.future
         except BaseException:
             if (
                 waiter.future.done()

@@ -1,0 +1,161 @@
+"""The `apiary` command against a live cluster, as an operator would type it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.cluster import MARKER_ENV, ROOT, Cluster, Proc
+
+APIARY = shutil.which("apiary", path=str(Path(sys.executable).parent))
+
+
+def apiary(*args: str, queen: Proc | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if queen is not None:
+        env["APIARY_QUEEN"] = queen.address
+    return subprocess.run(
+        [APIARY or "apiary", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+async def live(cluster: Cluster) -> Proc:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1", "model=demo,backend=echo,count=2")
+    await cluster.wait_workers(queen, "demo", 2)
+    return queen
+
+
+def test_console_script_is_installed() -> None:
+    assert APIARY, "the project must install an `apiary` console script"
+    out = apiary("--help")
+    assert out.returncode == 0
+    for verb in ("queen", "hive", "up", "infer", "status", "worker", "model"):
+        assert verb in out.stdout
+
+
+async def test_infer_streams_tokens(live: Proc) -> None:
+    out = apiary("infer", "demo", "buzz buzz honey", "--max-tokens", "4", queen=live)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "buzz buzz honey buzz\n"
+    assert "4 tokens, finish=length" in out.stderr
+    as_json = apiary("infer", "demo", "a b", "--max-tokens", "3", "--json", queen=live)
+    chunks = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [c["text"] for c in chunks] == ["a", " b", " a"]
+    assert chunks[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+
+
+async def test_status_and_lists(live: Proc) -> None:
+    status = apiary("status", queen=live)
+    assert status.returncode == 0, status.stderr
+    assert "h1" in status.stdout and "HEALTHY" in status.stdout and "demo" in status.stdout
+    data = json.loads(apiary("status", "--json", queen=live).stdout)
+    assert [h["id"] for h in data["hives"]] == ["h1"]
+    assert len(data["workers"]) == 2
+    assert data["models"][0]["name"] == "demo" and data["models"][0]["idle"] == 2
+
+    models = json.loads(apiary("model", "list", "--json", queen=live).stdout)
+    assert models == [{"name": "demo", "idle": 2}]
+    assert "demo" in apiary("model", "list", queen=live).stdout
+
+    workers = json.loads(apiary("worker", "list", "--json", "--hive", "h1", queen=live).stdout)
+    assert len(workers) == 2 and all(w["state"] == "WORKER_STATE_IDLE" for w in workers)
+    idle = json.loads(apiary("worker", "list", "--state", "idle", "--json", queen=live).stdout)
+    assert len(idle) == 2
+    assert json.loads(apiary("worker", "list", "--state", "failed", "--json", queen=live).stdout) == []
+    bad = apiary("worker", "list", "--state", "sleepy", queen=live)
+    assert bad.returncode == 2 and "valid states: LOADING, IDLE, BUSY, STOPPING, FAILED" in bad.stderr
+
+    got = apiary("worker", "get", workers[0]["id"], queen=live)
+    assert got.returncode == 0 and workers[0]["id"] in got.stdout and "IDLE" in got.stdout
+    one = json.loads(apiary("worker", "get", workers[0]["id"], "--json", queen=live).stdout)
+    assert one["pid"] == workers[0]["pid"]
+
+
+async def test_worker_spawn_and_retire(live: Proc) -> None:
+    spawned = apiary(
+        "worker", "spawn", "--hive", "h1", "--model", "extra", "--option", "token_delay=0",
+        "--slots", "2", "--json", queen=live,
+    )  # fmt: skip
+    assert spawned.returncode == 0, spawned.stderr
+    worker = json.loads(spawned.stdout)
+    assert worker["state"] == "WORKER_STATE_IDLE" and worker["slots_total"] == 2
+    assert psutil.pid_exists(worker["pid"])
+    out = apiary("infer", "extra", "x", "--max-tokens", "2", queen=live)
+    assert out.stdout == "x x\n"
+    retired = apiary("worker", "retire", worker["id"], queen=live)
+    assert retired.returncode == 0, retired.stderr
+    assert f"retired {worker['id']}" in retired.stdout
+    assert not psutil.pid_exists(worker["pid"])
+
+
+async def test_errors_are_one_readable_line(live: Proc) -> None:
+    out = apiary("infer", "nope", "x", queen=live)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: NOT_FOUND: unknown model 'nope'; models served: demo")
+    assert "Traceback" not in out.stderr
+    out = apiary("worker", "get", "w-nope", queen=live)
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+    out = apiary("infer", "demo", "x", "--max-tokens", "0", queen=live)
+    assert out.returncode == 1 and "INVALID_ARGUMENT: max_tokens must be > 0" in out.stderr
+    out = apiary("status", "--queen", "127.0.0.1:1")
+    assert out.returncode == 1 and "cannot reach the queen at 127.0.0.1:1" in out.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(cluster: Cluster, stop: str) -> None:
+    queen_port, hive_port = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_LOG_FORMAT="json")
+    env[MARKER_ENV] = cluster.marker
+    up = subprocess.Popen(
+        [APIARY or "apiary", "up", "--queen-listen", f"127.0.0.1:{queen_port}",
+         "--hive-listen", f"127.0.0.1:{hive_port}", "--token-delay", "0"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,  # its own process group, like a shell's foreground job
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            lines.append(line)
+            if "Ctrl-C here stops everything" in line:
+                break
+        assert any("Apiary is up" in line for line in lines), lines
+        queen = f"127.0.0.1:{queen_port}"
+        out = apiary("infer", "demo", "hello bees", "--max-tokens", "3", "--queen", queen)
+        assert out.stdout == "hello bees hello\n", out.stderr
+        assert len(cluster.marked_processes()) == 5  # up, queen, hive, 2 workers
+
+        if stop == "ctrl-c":
+            # Ctrl-C at a terminal signals the foreground process group (not the workers,
+            # which run in sessions of their own: their hive must stop them).
+            os.killpg(up.pid, signal.SIGINT)
+        else:
+            up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+        leftovers = cluster.marked_processes()
+        assert leftovers == [], [p.cmdline() for p in leftovers]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()

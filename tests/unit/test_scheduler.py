@@ -1,0 +1,124 @@
+"""Waiting for slots: FIFO hand-off, deadlines, queue bounds, models that vanish."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protos.v1 import common_pb2, queen_pb2
+from queen.registry import Registry
+from queen.scheduler import ModelGone, QueueFull, Scheduler
+from tests.fakes import FakeClock
+
+
+def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, Scheduler]:
+    reg = Registry(FakeClock())
+    records = [
+        common_pb2.WorkerRecord(
+            id=f"w{i}", hive_id="h1", model="m", state=common_pb2.WORKER_STATE_IDLE,
+            slots_total=1, address=f"a{i}",
+        )
+        for i in range(workers)
+    ]  # fmt: skip
+    reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h", workers=records))
+    return reg, Scheduler(reg, max_queue)
+
+
+async def test_free_slot_is_granted_at_once() -> None:
+    _, sched = setup()
+    lease = await sched.acquire("m", timeout=0)
+    assert lease.worker_id == "w0"
+
+
+async def test_waiters_are_served_in_arrival_order() -> None:
+    _, sched = setup()
+    held = await sched.acquire("m", None)
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        lease = await sched.acquire("m", 5)
+        order.append(i)
+        sched.release(lease, ok=True)
+
+    tasks = [asyncio.create_task(wait(i)) for i in range(5)]
+    await asyncio.sleep(0)
+    assert sched.queue_depth("m") == 5
+    sched.release(held, ok=True)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+    assert sched.queued == 0
+
+
+async def test_new_request_does_not_overtake_waiters() -> None:
+    reg, sched = setup()
+    held = await sched.acquire("m", None)
+    waiter = asyncio.create_task(sched.acquire("m", 5))
+    await asyncio.sleep(0)
+    # Release hands the slot straight to the waiter, so a newcomer finds none free.
+    sched.release(held, ok=True)
+    newcomer = asyncio.create_task(sched.acquire("m", 0.05))
+    assert (await waiter).worker_id == "w0"
+    with pytest.raises(TimeoutError):
+        await newcomer
+    assert reg.workers["w0"].in_flight == 1
+
+
+async def test_timeout_leaves_no_waiter_and_no_leaked_slot() -> None:
+    reg, sched = setup()
+    held = await sched.acquire("m", None)
+    with pytest.raises(TimeoutError):
+        await sched.acquire("m", 0.01)
+    assert sched.queued == 0 and sched.queue_depth("m") == 0
+    sched.release(held, ok=True)
+    assert reg.workers["w0"].in_flight == 0
+
+
+async def test_cancel_after_handoff_passes_the_slot_on() -> None:
+    reg, sched = setup()
+    held = await sched.acquire("m", None)
+    first = asyncio.create_task(sched.acquire("m", 5))
+    second = asyncio.create_task(sched.acquire("m", 5))
+    await asyncio.sleep(0)
+    sched.release(held, ok=True)  # hands the slot to `first`...
+    first.cancel()  # ...which gives up before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert (await second).worker_id == "w0"
+    assert reg.workers["w0"].in_flight == 1
+
+
+async def test_queue_is_bounded() -> None:
+    _, sched = setup(max_queue=1)
+    await sched.acquire("m", None)
+    waiting = asyncio.create_task(sched.acquire("m", 5))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull):
+        await sched.acquire("m", 5)
+    waiting.cancel()
+
+
+async def test_waiters_fail_when_every_worker_of_the_model_leaves() -> None:
+    reg, sched = setup()
+    await sched.acquire("m", None)
+    waiting = asyncio.create_task(sched.acquire("m", 5))
+    await asyncio.sleep(0)
+    reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h"))
+    sched.dispatch_all()
+    with pytest.raises(ModelGone):
+        await waiting
+
+
+async def test_new_worker_in_heartbeat_serves_waiters() -> None:
+    reg, sched = setup()
+    await sched.acquire("m", None)
+    waiting = asyncio.create_task(sched.acquire("m", 5))
+    await asyncio.sleep(0)
+    workers = [
+        common_pb2.WorkerRecord(id=i, hive_id="h1", model="m", state=common_pb2.WORKER_STATE_IDLE,
+                                slots_total=1, address=i)
+        for i in ("w0", "w1")
+    ]  # fmt: skip
+    reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h", workers=workers))
+    sched.dispatch_all()
+    assert (await waiting).worker_id == "w1"
