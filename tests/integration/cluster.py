@@ -120,16 +120,34 @@ class Cluster:
     def start_queen(self, port: int = 0, *extra: str) -> Proc:
         return self._start(
             "queen",
-            ["queen", "--listen", f"127.0.0.1:{port}",
-             "--heartbeat-interval", str(self.heartbeat_interval), *extra],
-        )  # fmt: skip
+            [
+                "queen",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--heartbeat-interval",
+                str(self.heartbeat_interval),
+                *extra,
+            ],
+        )
 
     def start_hive(
         self, queen: Proc | str, hive_id: str, *spawn: str, extra: tuple[str, ...] = ()
     ) -> Proc:
         address = queen if isinstance(queen, str) else queen.address
-        argv = ["hive", "--queen", address, "--listen", "127.0.0.1:0", "--hive-id", hive_id,
-                "--heartbeat-interval", str(self.heartbeat_interval), "--stop-grace", "3", *extra]  # fmt: skip
+        argv = [
+            "hive",
+            "--queen",
+            address,
+            "--listen",
+            "127.0.0.1:0",
+            "--hive-id",
+            hive_id,
+            "--heartbeat-interval",
+            str(self.heartbeat_interval),
+            "--stop-grace",
+            "3",
+            *extra,
+        ]
         for spec in spawn:
             argv += ["--spawn", spec]
         return self._start(f"hive-{hive_id}", argv)
@@ -157,9 +175,10 @@ class Cluster:
         async def ready() -> list[common_pb2.WorkerRecord] | None:
             reply = await admin.ListWorkers(queen_pb2.ListWorkersRequest(model=model), timeout=1)
             ready = [
-                w for w in reply.workers
+                w
+                for w in reply.workers
                 if w.state in (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
-            ]  # fmt: skip
+            ]
             return ready if len(ready) >= count else None
 
         return await eventually(ready, timeout)

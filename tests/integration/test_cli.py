@@ -19,12 +19,19 @@ from tests.integration.cluster import MARKER_ENV, ROOT, Cluster, Proc
 APIARY = shutil.which("apiary", path=str(Path(sys.executable).parent))
 
 
-def apiary(*args: str, queen: Proc | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def apiary(
+    *args: str, queen: Proc | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if queen is not None:
         env["APIARY_QUEEN"] = queen.address
     return subprocess.run(
-        [APIARY or "apiary", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [APIARY or "apiary", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -72,9 +79,13 @@ async def test_status_and_lists(live: Proc) -> None:
     assert len(workers) == 2 and all(w["state"] == "WORKER_STATE_IDLE" for w in workers)
     idle = json.loads(apiary("worker", "list", "--state", "idle", "--json", queen=live).stdout)
     assert len(idle) == 2
-    assert json.loads(apiary("worker", "list", "--state", "failed", "--json", queen=live).stdout) == []
+    assert (
+        json.loads(apiary("worker", "list", "--state", "failed", "--json", queen=live).stdout) == []
+    )
     bad = apiary("worker", "list", "--state", "sleepy", queen=live)
-    assert bad.returncode == 2 and "valid states: LOADING, IDLE, BUSY, STOPPING, FAILED" in bad.stderr
+    assert (
+        bad.returncode == 2 and "valid states: LOADING, IDLE, BUSY, STOPPING, FAILED" in bad.stderr
+    )
 
     got = apiary("worker", "get", workers[0]["id"], queen=live)
     assert got.returncode == 0 and workers[0]["id"] in got.stdout and "IDLE" in got.stdout
@@ -84,9 +95,19 @@ async def test_status_and_lists(live: Proc) -> None:
 
 async def test_worker_spawn_and_retire(live: Proc) -> None:
     spawned = apiary(
-        "worker", "spawn", "--hive", "h1", "--model", "extra", "--option", "token_delay=0",
-        "--slots", "2", "--json", queen=live,
-    )  # fmt: skip
+        "worker",
+        "spawn",
+        "--hive",
+        "h1",
+        "--model",
+        "extra",
+        "--option",
+        "token_delay=0",
+        "--slots",
+        "2",
+        "--json",
+        queen=live,
+    )
     assert spawned.returncode == 0, spawned.stderr
     worker = json.loads(spawned.stdout)
     assert worker["state"] == "WORKER_STATE_IDLE" and worker["slots_total"] == 2
@@ -121,16 +142,30 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
-async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(cluster: Cluster, stop: str) -> None:
+async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
+    cluster: Cluster, stop: str
+) -> None:
     queen_port, hive_port = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_LOG_FORMAT="json")
     env[MARKER_ENV] = cluster.marker
     up = subprocess.Popen(
-        [APIARY or "apiary", "up", "--queen-listen", f"127.0.0.1:{queen_port}",
-         "--hive-listen", f"127.0.0.1:{hive_port}", "--token-delay", "0"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            APIARY or "apiary",
+            "up",
+            "--queen-listen",
+            f"127.0.0.1:{queen_port}",
+            "--hive-listen",
+            f"127.0.0.1:{hive_port}",
+            "--token-delay",
+            "0",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,  # its own process group, like a shell's foreground job
-    )  # fmt: skip
+    )
     try:
         assert up.stdout is not None
         lines = []

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from typing import Any
 
 import grpc
 import psutil
@@ -18,8 +19,8 @@ ECHO2 = "model=demo,backend=echo,count=2"
 
 
 async def collect(
-    stub, request: common_pb2.InferRequest, timeout: float = 20
-) -> list[common_pb2.InferChunk]:  # type: ignore[no-untyped-def]
+    stub: Any, request: common_pb2.InferRequest, timeout: float = 20
+) -> list[common_pb2.InferChunk]:
     return [chunk async for chunk in stub.Infer(request, timeout=timeout)]
 
 
@@ -213,7 +214,7 @@ async def test_deadline_while_waiting_and_full_queue(cluster: Cluster) -> None:
     assert (models.models[0].idle, models.models[0].queued) == (1, 0)
 
 
-async def _busy(stub) -> bool:  # type: ignore[no-untyped-def]
+async def _busy(stub: Any) -> bool:
     models = await stub.ListModels(queen_pb2.ListModelsRequest())
     return bool(models.models[0].busy)
 
@@ -225,7 +226,7 @@ async def test_cancelled_stream_frees_the_slot(cluster: Cluster) -> None:
     stub = cluster.queen_stub(queen)
     call = stub.Infer(infer(max_tokens=1000))
     first = await call.read()
-    assert first.index == 0
+    assert isinstance(first, common_pb2.InferChunk) and first.index == 0
     call.cancel()
 
     async def idle_again() -> bool:
@@ -286,11 +287,15 @@ async def test_admin_spawn_and_retire_through_the_queen(cluster: Cluster) -> Non
     await eventually(hive_known)
     reply = await admin.SpawnWorker(
         queen_pb2.QueenSpawnWorkerRequest(
-            hive_id="h1", model="fresh", backend="echo", slots=2, wait_ready=True,
+            hive_id="h1",
+            model="fresh",
+            backend="echo",
+            slots=2,
+            wait_ready=True,
             backend_options={"load_delay": "0.2"},
         ),
         timeout=20,
-    )  # fmt: skip
+    )
     worker = reply.worker
     assert worker.state == common_pb2.WORKER_STATE_IDLE and worker.pid and worker.slots_total == 2
     await cluster.wait_workers(queen, "fresh", 1)

@@ -45,7 +45,10 @@ def test_unknown_backend_names_the_known_ones() -> None:
     [
         (common_pb2.InferRequest(model="m", prompt="p", max_tokens=1), None),
         (common_pb2.InferRequest(prompt="p", max_tokens=1), "model is required"),
-        (common_pb2.InferRequest(model="m", max_tokens=1), "prompt is required and must not be empty"),
+        (
+            common_pb2.InferRequest(model="m", max_tokens=1),
+            "prompt is required and must not be empty",
+        ),
         (common_pb2.InferRequest(model="m", prompt="p"), "max_tokens must be > 0 (got 0)"),
         (
             common_pb2.InferRequest(model="m", prompt="p", max_tokens=11),

@@ -10,16 +10,28 @@ S = common_pb2
 
 
 def record(
-    worker_id: str, hive: str = "h1", model: str = "m", state: int = S.WORKER_STATE_IDLE, slots: int = 1
+    worker_id: str,
+    hive: str = "h1",
+    model: str = "m",
+    state: int = S.WORKER_STATE_IDLE,
+    slots: int = 1,
 ) -> common_pb2.WorkerRecord:
     return common_pb2.WorkerRecord(
-        id=worker_id, hive_id=hive, model=model, state=state,  # type: ignore[arg-type]
-        slots_total=slots, address=f"127.0.0.1:{abs(hash(worker_id)) % 50000 + 1000}",
-    )  # fmt: skip
+        id=worker_id,
+        hive_id=hive,
+        model=model,
+        state=state,  # type: ignore[arg-type]
+        slots_total=slots,
+        address=f"127.0.0.1:{abs(hash(worker_id)) % 50000 + 1000}",
+    )
 
 
-def beat(hive: str, *workers: common_pb2.WorkerRecord, leaving: bool = False) -> queen_pb2.HiveHeartbeat:
-    return queen_pb2.HiveHeartbeat(hive_id=hive, address=f"{hive}:1", workers=workers, leaving=leaving)
+def beat(
+    hive: str, *workers: common_pb2.WorkerRecord, leaving: bool = False
+) -> queen_pb2.HiveHeartbeat:
+    return queen_pb2.HiveHeartbeat(
+        hive_id=hive, address=f"{hive}:1", workers=workers, leaving=leaving
+    )
 
 
 def make(interval: float = 1.0) -> tuple[Registry, FakeClock]:

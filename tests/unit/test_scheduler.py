@@ -16,11 +16,15 @@ def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, Scheduler]:
     reg = Registry(FakeClock())
     records = [
         common_pb2.WorkerRecord(
-            id=f"w{i}", hive_id="h1", model="m", state=common_pb2.WORKER_STATE_IDLE,
-            slots_total=1, address=f"a{i}",
+            id=f"w{i}",
+            hive_id="h1",
+            model="m",
+            state=common_pb2.WORKER_STATE_IDLE,
+            slots_total=1,
+            address=f"a{i}",
         )
         for i in range(workers)
-    ]  # fmt: skip
+    ]
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h", workers=records))
     return reg, Scheduler(reg, max_queue)
 
@@ -115,10 +119,16 @@ async def test_new_worker_in_heartbeat_serves_waiters() -> None:
     waiting = asyncio.create_task(sched.acquire("m", 5))
     await asyncio.sleep(0)
     workers = [
-        common_pb2.WorkerRecord(id=i, hive_id="h1", model="m", state=common_pb2.WORKER_STATE_IDLE,
-                                slots_total=1, address=i)
+        common_pb2.WorkerRecord(
+            id=i,
+            hive_id="h1",
+            model="m",
+            state=common_pb2.WORKER_STATE_IDLE,
+            slots_total=1,
+            address=i,
+        )
         for i in ("w0", "w1")
-    ]  # fmt: skip
+    ]
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h", workers=workers))
     sched.dispatch_all()
     assert (await waiting).worker_id == "w1"
