@@ -130,6 +130,9 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             )
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), f"hive {hive.id}: {exc.details()}")
+        # The hive's reply is as fresh as a heartbeat: route to the worker from now on.
+        self.registry.apply_worker(reply.worker)
+        self.scheduler.dispatch(reply.worker.model)
         log.info("worker spawned via queen", hive_id=hive.id, worker_id=reply.worker.id)
         return queen_pb2.QueenSpawnWorkerResponse(worker=reply.worker)
 

@@ -115,27 +115,50 @@ class Registry:
 
         reported = {record.id: record for record in beat.workers}
         for gone in hive.worker_ids - reported.keys():
-            outcome.removed_addresses.append(self._remove_worker(gone))
-        for worker_id, record in reported.items():
-            entry = self.workers.get(worker_id)
-            if entry is None or entry.record.hive_id != beat.hive_id:
-                if entry is not None:  # the worker moved hives (should not happen); start over
-                    self._remove_worker(worker_id)
-                entry = WorkerEntry(record)
-                self.workers[worker_id] = entry
-                self._by_model.setdefault(record.model, set()).add(worker_id)
-            else:
-                if entry.record.model != record.model:
-                    self._unindex(entry)
-                    self._by_model[entry.record.model].discard(worker_id)
-                    self._by_model.setdefault(record.model, set()).add(worker_id)
-                if entry.record.address and entry.record.address != record.address:
-                    outcome.removed_addresses.append(entry.record.address)
-                entry.record = record
-                entry.unreachable = False
-            self._reindex(entry)
-        hive.worker_ids = set(reported)
+            outcome.removed_addresses.append(self.forget_worker(gone))
+        for record in reported.values():
+            self._upsert(hive, record, outcome)
         return outcome
+
+    def apply_worker(self, record: common_pb2.WorkerRecord) -> HeartbeatOutcome:
+        """One worker's fresh record from its hive (e.g. a spawn reply), ahead of the heartbeat."""
+        outcome = HeartbeatOutcome()
+        hive = self.hives.get(record.hive_id)
+        if hive is not None:
+            self._upsert(hive, record, outcome)
+        return outcome
+
+    def forget_worker(self, worker_id: str) -> str:
+        """Drop a worker its hive has confirmed stopped; returns its address."""
+        entry = self.workers.get(worker_id)
+        if entry is None:
+            return ""
+        hive = self.hives.get(entry.record.hive_id)
+        if hive is not None:
+            hive.worker_ids.discard(worker_id)
+        return self._remove_worker(worker_id)
+
+    def _upsert(
+        self, hive: HiveEntry, record: common_pb2.WorkerRecord, outcome: HeartbeatOutcome
+    ) -> None:
+        entry = self.workers.get(record.id)
+        if entry is None or entry.record.hive_id != hive.id:
+            if entry is not None:  # the worker moved hives (should not happen); start over
+                self.forget_worker(record.id)
+            entry = WorkerEntry(record)
+            self.workers[record.id] = entry
+            self._by_model.setdefault(record.model, set()).add(record.id)
+        else:
+            if entry.record.model != record.model:
+                self._unindex(entry)
+                self._by_model[entry.record.model].discard(record.id)
+                self._by_model.setdefault(record.model, set()).add(record.id)
+            if entry.record.address and entry.record.address != record.address:
+                outcome.removed_addresses.append(entry.record.address)
+            entry.record = record
+            entry.unreachable = False
+        hive.worker_ids.add(record.id)
+        self._reindex(entry)
 
     def remove_hive(self, hive_id: str) -> list[str]:
         hive = self.hives.pop(hive_id, None)

@@ -158,3 +158,17 @@ def test_release_after_worker_vanished_is_harmless() -> None:
     reg.apply_heartbeat(beat("h1", record("a")))
     reg.release(lease, ok=True)
     assert reg.workers["a"].in_flight == 0
+
+
+def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> None:
+    reg, _ = make()
+    reg.apply_heartbeat(beat("h1", record("a")))
+    reg.apply_worker(record("b"))
+    assert {w.id for w in reg.workers_of_hive("h1")} == {"a", "b"}
+    assert reg.acquire("m", exclude={"a"}).worker_id == "b"  # type: ignore[union-attr]
+    reg.apply_worker(record("x", hive="unknown-hive"))  # no hive yet: wait for its heartbeat
+    assert "x" not in reg.workers
+    assert reg.forget_worker("a") == record("a").address
+    assert {w.id for w in reg.workers_of_hive("h1")} == {"b"}
+    reg.apply_heartbeat(beat("h1", record("b")))
+    assert set(reg.workers) == {"b"}
