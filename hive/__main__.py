@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
+from pathlib import Path
 
 import grpc
 import structlog
@@ -19,20 +21,36 @@ from apiary.serving import (
     write_port_file,
 )
 from hive.heartbeat import HeartbeatLoop
+from hive.policy import RestartSettings
 from hive.service import HiveService
-from hive.supervisor import Supervisor, WorkerSpec
-from protos.v1 import hive_pb2, hive_pb2_grpc
+from hive.store import StateDirBusy, WorkerStore
+from hive.supervisor import Supervisor, SupervisorSettings, WorkerSpec
+from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
 
 log = structlog.get_logger("hive")
 
 SERVICE_NAMES = (hive_pb2.DESCRIPTOR.services_by_name["Hive"].full_name,)
 DEFAULT_QUEEN = "127.0.0.1:7070"
+POLICIES = {
+    "never": common_pb2.RESTART_POLICY_NEVER,
+    "on-failure": common_pb2.RESTART_POLICY_ON_FAILURE,
+    "always": common_pb2.RESTART_POLICY_ALWAYS,
+}
+
+
+def parse_policy(name: str) -> common_pb2.RestartPolicy.ValueType:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown restart policy {name!r}; choose one of: {', '.join(POLICIES)}"
+        ) from None
 
 
 def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
-    """'model=demo,backend=echo,count=2,slots=1,token_delay=0.05' -> spec and count.
+    """'model=demo,backend=echo,count=2,slots=1,restart=always,token_delay=0.05' -> spec, count.
 
-    Keys other than model, backend, count, slots and device are backend options.
+    Keys other than model, backend, count, slots, device and restart are backend options.
     """
     fields: dict[str, str] = {}
     for part in text.split(","):
@@ -47,14 +65,21 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
         slots = int(fields.pop("slots", "1"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--spawn count/slots must be integers: {exc}") from None
+    restart = fields.pop("restart", "")
     spec = WorkerSpec(
         model=fields.pop("model"),
         backend=fields.pop("backend", "echo"),
         slots=slots,
         device=fields.pop("device", "cpu"),
+        restart_policy=parse_policy(restart) if restart else common_pb2.RESTART_POLICY_UNSPECIFIED,
         backend_options=fields,
     )
     return spec, count
+
+
+def default_state_dir(hive_id: str) -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return str(Path(base) / "apiary" / f"hive-{hive_id}")
 
 
 def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
@@ -70,36 +95,67 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     )
     p.add_argument("--hive-id", default=socket.gethostname(), help="default: the host name")
     p.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=1.0,
-        help="seconds; replaced by the interval the queen asks for",
-    )
+        "--state-dir", default="",
+        help="worker table and worker logs (default ~/.local/state/apiary/hive-ID)",
+    )  # fmt: skip
     p.add_argument(
-        "--stop-grace",
-        type=float,
-        default=10.0,
-        help="seconds a stopping worker gets before SIGKILL",
-    )
+        "--heartbeat-interval", type=float, default=1.0,
+        help="seconds; replaced by the interval the queen asks for",
+    )  # fmt: skip
+    p.add_argument(
+        "--stop-grace", type=float, default=10.0,
+        help="seconds a stopping worker gets to finish in-flight streams",
+    )  # fmt: skip
+    p.add_argument("--term-grace", type=float, default=3.0, help="seconds from SIGTERM to SIGKILL")
+    p.add_argument("--health-interval", type=float, default=5.0, help="seconds between checks")
+    p.add_argument("--health-timeout", type=float, default=2.0, help="deadline of one check")
+    p.add_argument("--load-timeout", type=float, default=120.0, help="max seconds in LOADING")
+    p.add_argument(
+        "--idle-timeout", type=float, default=300.0,
+        help="retire workers idle this long (0 = never)",
+    )  # fmt: skip
+    p.add_argument(
+        "--restart-policy", type=parse_policy, default=common_pb2.RESTART_POLICY_ON_FAILURE,
+        help="default for workers spawned without one: never, on-failure (default), always",
+    )  # fmt: skip
+    p.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay (s)")
+    p.add_argument("--restart-backoff-max", type=float, default=60.0, help="cap on it (s)")
     p.add_argument("--worker-host", default="127.0.0.1", help="host workers bind to")
     p.add_argument(
-        "--spawn",
-        action="append",
-        default=[],
-        type=parse_spawn,
-        metavar="SPEC",
-        help="start workers at boot, e.g. model=demo,backend=echo,count=2,token_delay=0.05",
-    )
+        "--spawn", action="append", default=[], type=parse_spawn, metavar="SPEC",
+        help="keep workers running from boot, e.g. model=demo,backend=echo,count=2,restart=always"
+        " (re-adopted workers count)",
+    )  # fmt: skip
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
     return p
 
 
+def settings_from(args: argparse.Namespace) -> SupervisorSettings:
+    return SupervisorSettings(
+        stop_grace=args.stop_grace,
+        term_grace=args.term_grace,
+        health_interval=args.health_interval,
+        health_timeout=args.health_timeout,
+        load_timeout=args.load_timeout,
+        idle_timeout=args.idle_timeout,
+        restart=RestartSettings(
+            initial_backoff=args.restart_backoff, max_backoff=args.restart_backoff_max
+        ),
+        default_policy=args.restart_policy,
+        worker_host=args.worker_host,
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
-    supervisor = Supervisor(
-        args.hive_id, "", stop_grace=args.stop_grace, worker_listen_host=args.worker_host
-    )
+    store = WorkerStore(Path(args.state_dir or default_state_dir(args.hive_id)))
+    try:
+        store.lock()
+    except StateDirBusy as exc:
+        log.error("hive cannot start", error=str(exc))
+        return 1
+    supervisor = Supervisor(args.hive_id, "", store, settings_from(args))
 
     def register(server: grpc.aio.Server) -> None:
         hive_pb2_grpc.add_HiveServicer_to_server(HiveService(supervisor), server)
@@ -111,25 +167,34 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     address = args.advertise or host_port(args.listen, running.port)
     supervisor.hive_address = host_port(args.listen, running.port)
+    # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
+    await supervisor.adopt()
     heartbeat = HeartbeatLoop(
-        args.queen, args.hive_id, address, supervisor.records, args.heartbeat_interval
-    )
+        args.queen, args.hive_id, address, supervisor.records, args.heartbeat_interval,
+        stats=supervisor.stats, sample=supervisor.sample_resources,
+    )  # fmt: skip
     supervisor.on_change = heartbeat.poke
-    beat_task = asyncio.create_task(heartbeat.run(), name="heartbeat")
+    tasks = [
+        asyncio.create_task(heartbeat.run(), name="heartbeat"),
+        asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
+    ]
     if args.port_file:
         write_port_file(args.port_file, running.port)
-    log.info("hive listening", address=address, queen=args.queen)
+    log.info("hive listening", address=address, queen=args.queen, state_dir=str(store.state_dir))
     for spec, count in args.spawn:
-        for _ in range(count):
-            await supervisor.spawn(spec)
+        await supervisor.ensure(spec, count)
 
     await stop.wait()
     log.info("hive stopping", workers=len(supervisor.workers))
+    tasks[1].cancel()
     # Workers go STOPPING first (the queen stops routing to them), then finish in-flight work.
     await supervisor.stop_all()
     await heartbeat.leave()
-    beat_task.cancel()
+    tasks[0].cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await supervisor.close()
     await running.stop(1.0)
+    store.unlock()
     log.info("hive stopped")
     return 0
 

@@ -34,7 +34,11 @@ class HeartbeatLoop:
         hive_address: str,
         workers: Callable[[], list[common_pb2.WorkerRecord]],
         interval: float = 1.0,
+        stats: Callable[[], queen_pb2.HiveStats] = queen_pb2.HiveStats,
+        sample: Callable[[], None] = lambda: None,
     ) -> None:
+        self.stats = stats
+        self.sample = sample
         self.queen = queen
         self.hive_id = hive_id
         self.hive_address = hive_address
@@ -66,7 +70,9 @@ class HeartbeatLoop:
 
     async def send_once(self, leaving: bool = False) -> bool:
         self.sequence += 1
+        self.sample()
         beat = queen_pb2.HiveHeartbeat(
+            stats=self.stats(),
             hive_id=self.hive_id,
             address=self.hive_address,
             resources=machine_resources(),

@@ -1,17 +1,22 @@
-"""The OS edge of the supervisor: start processes, read their identity, signal them safely."""
+"""The OS edge of the supervisor: start, identify, watch and signal processes safely."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import structlog
 
 log = structlog.get_logger("hive.launcher")
+
+# Used only where pidfd_open is unavailable (old kernels).
+_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -24,15 +29,23 @@ class ProcessIdentity:
 
 class Launcher:
     async def start(
-        self, argv: Sequence[str], env: Mapping[str, str]
+        self, argv: Sequence[str], env: Mapping[str, str], log_path: Path
     ) -> tuple[asyncio.subprocess.Process, ProcessIdentity | None]:
-        """Start `argv` in its own session (so it and its children form one group)."""
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            env=dict(env),
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        """Start `argv` in its own session (so it and its children form one group).
+
+        Output goes to `log_path`, not to the hive's stderr: a worker outlives a hive
+        restart, and must not die writing to a pipe nobody reads any more.
+        """
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:  # noqa: ASYNC230 - an open(2), not a read
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=dict(env),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
         return proc, self.identity(proc.pid)
 
     def identity(self, pid: int) -> ProcessIdentity | None:
@@ -42,9 +55,12 @@ class Launcher:
             return None
 
     def matches(self, ident: ProcessIdentity) -> bool:
-        """True if `ident` still names a live (or unreaped) process."""
-        current = self.identity(ident.pid)
-        return current is not None and current.create_time == ident.create_time
+        """True if `ident` still names a live (not zombie) process."""
+        try:
+            proc = psutil.Process(ident.pid)
+            return proc.create_time() == ident.create_time and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
 
     def signal_group(self, ident: ProcessIdentity, sig: signal.Signals) -> bool:
         """Signal the process group led by `ident`, only if the pid still names that process."""
@@ -59,3 +75,37 @@ class Launcher:
             log.warning("cannot signal process group", pid=ident.pid, error=str(exc))
             return False
         return True
+
+    async def wait_gone(self, ident: ProcessIdentity) -> None:
+        """Wait for a process that is not our child (adopted after a hive restart) to end.
+
+        A pidfd becomes readable the moment the process exits, so an adopted worker's death
+        is seen as fast as a child's.
+        """
+        try:
+            fd = os.pidfd_open(ident.pid)
+        except ProcessLookupError:
+            return
+        except (OSError, AttributeError):
+            while self.matches(ident):  # noqa: ASYNC110 - nothing to wait on but the pid
+                await asyncio.sleep(_POLL_SECONDS)
+            return
+        try:
+            # The pid may have been reused between our identity check and pidfd_open.
+            if not self.matches(ident):
+                return
+            loop = asyncio.get_running_loop()
+            gone: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not gone.done():
+                    gone.set_result(None)
+
+            loop.add_reader(fd, on_exit)
+            try:
+                await gone
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc
+import psutil
 import structlog
 
 from apiary.serving import Context
 from apiary.validation import name_problem
-from hive.supervisor import Supervisor, WorkerConflict, WorkerNotFound, WorkerSpec
+from hive import processes
+from hive.launcher import ProcessIdentity
+from hive.supervisor import WORKER_ID_ENV, Supervisor, WorkerConflict, WorkerNotFound, WorkerSpec
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
-from worker.backends import BackendOptionError, backend_class
+from worker.backends import (
+    BackendDescription,
+    BackendOptionError,
+    backend_class,
+    backend_names,
+    describe_backend,
+)
 
 log = structlog.get_logger("hive.service")
 
@@ -41,12 +51,17 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
         except BackendOptionError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.restart_policy not in common_pb2.RestartPolicy.values():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown restart policy {request.restart_policy}"
+            )
         spec = WorkerSpec(
             model=request.model,
             backend=request.backend,
             slots=request.slots or 1,
             device=request.device or "cpu",
             backend_options=dict(request.backend_options),
+            restart_policy=request.restart_policy,
         )
         worker = await self.supervisor.spawn(spec)
         if request.wait_ready:
@@ -63,7 +78,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"worker {worker.id} failed to start: {worker.failure_reason}",
                 )
-        return hive_pb2.SpawnWorkerResponse(worker=worker.record(self.supervisor.hive_id))
+        return hive_pb2.SpawnWorkerResponse(worker=self.supervisor.record(worker))
 
     async def ListWorkers(
         self, request: hive_pb2.ListHiveWorkersRequest, context: Context
@@ -77,7 +92,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             worker = self.supervisor.get(request.worker_id)
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        return hive_pb2.GetHiveWorkerResponse(worker=worker.record(self.supervisor.hive_id))
+        return hive_pb2.GetHiveWorkerResponse(worker=self.supervisor.record(worker))
 
     async def StopWorker(
         self, request: hive_pb2.StopWorkerRequest, context: Context
@@ -94,7 +109,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             )
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        return hive_pb2.StopWorkerResponse(worker=worker.record(self.supervisor.hive_id))
+        return hive_pb2.StopWorkerResponse(worker=self.supervisor.record(worker))
 
     async def ReportReady(
         self, request: hive_pb2.ReportReadyRequest, context: Context
@@ -112,3 +127,84 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         except WorkerConflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return hive_pb2.ReportReadyResponse()
+
+    # ---- processes --------------------------------------------------------
+
+    async def ListProcesses(
+        self, request: hive_pb2.ListProcessesRequest, context: Context
+    ) -> hive_pb2.ListProcessesResponse:
+        found = await asyncio.to_thread(lambda: list(processes.scan(self.supervisor)))
+        return hive_pb2.ListProcessesResponse(processes=sorted(found, key=lambda p: p.pid))
+
+    async def _process(
+        self, pid: int, context: Context
+    ) -> tuple[psutil.Process, hive_pb2.WorkerProcess]:
+        if pid <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"pid must be > 0 (got {pid})")
+        found = processes.find(pid, self.supervisor)
+        if found is None:
+            if psutil.pid_exists(pid):
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"pid {pid} is not an Apiary worker (no {WORKER_ID_ENV} in its environment); "
+                    "the hive only touches its own kind",
+                )
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no process with pid {pid}")
+        assert found is not None
+        return found
+
+    async def GetProcess(
+        self, request: hive_pb2.GetProcessRequest, context: Context
+    ) -> hive_pb2.GetProcessResponse:
+        _, info = await self._process(request.pid, context)
+        return hive_pb2.GetProcessResponse(process=info)
+
+    async def KillProcess(
+        self, request: hive_pb2.KillProcessRequest, context: Context
+    ) -> hive_pb2.KillProcessResponse:
+        _, info = await self._process(request.pid, context)
+        if info.known:
+            # One of ours: a forced stop, so the table and the queen stay true.
+            await asyncio.shield(self.supervisor.stop(info.worker_id, force=True))
+        else:
+            ident = ProcessIdentity(info.pid, info.create_time)
+            launcher = self.supervisor.launcher
+            if launcher.signal_group(ident, signal.SIGKILL):
+                try:
+                    await asyncio.wait_for(launcher.wait_gone(ident), 5.0)
+                except TimeoutError:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"pid {info.pid} survived SIGKILL for 5s"
+                    )
+        log.info("process killed", pid=info.pid, worker_id=info.worker_id, known=info.known)
+        return hive_pb2.KillProcessResponse(process=info)
+
+    # ---- backends ---------------------------------------------------------
+
+    async def ListBackends(
+        self, request: hive_pb2.ListBackendsRequest, context: Context
+    ) -> hive_pb2.ListBackendsResponse:
+        return hive_pb2.ListBackendsResponse(
+            backends=[backend_info(describe_backend(name)) for name in backend_names()]
+        )
+
+    async def GetBackend(
+        self, request: hive_pb2.GetBackendRequest, context: Context
+    ) -> hive_pb2.GetBackendResponse:
+        try:
+            description = describe_backend(request.name)
+        except KeyError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        return hive_pb2.GetBackendResponse(backend=backend_info(description))
+
+
+def backend_info(d: BackendDescription) -> hive_pb2.BackendInfo:
+    return hive_pb2.BackendInfo(
+        name=d.name,
+        available=d.available,
+        unavailable_reason=d.unavailable_reason,
+        version=d.version,
+        devices=d.devices,
+        options=d.options,
+        for_testing=d.for_testing,
+    )

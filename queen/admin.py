@@ -35,6 +35,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             worker_count=len(workers),
             slots_total=sum(w.record.slots_total for w in workers),
             slots_in_use=sum(w.in_flight for w in workers),
+            stats=hive.stats,
         )
 
     async def _hive(self, hive_id: str, context: Context) -> HiveEntry:
@@ -123,6 +124,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             device=request.device,
             backend_options=request.backend_options,
             wait_ready=request.wait_ready,
+            restart_policy=request.restart_policy,
         )
         try:
             reply = await self.channels.hive(hive.address).SpawnWorker(

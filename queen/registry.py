@@ -29,6 +29,7 @@ class HiveEntry:
     first_seen_wall: float
     last_seen: float
     resources: queen_pb2.HiveResources = field(default_factory=queen_pb2.HiveResources)
+    stats: queen_pb2.HiveStats = field(default_factory=queen_pb2.HiveStats)
     worker_ids: set[str] = field(default_factory=set)
 
 
@@ -112,6 +113,7 @@ class Registry:
         hive.address = beat.address
         hive.last_seen = now
         hive.resources = beat.resources
+        hive.stats = beat.stats
 
         reported = {record.id: record for record in beat.workers}
         for gone in hive.worker_ids - reported.keys():
@@ -153,8 +155,12 @@ class Registry:
                 self._unindex(entry)
                 self._by_model[entry.record.model].discard(record.id)
                 self._by_model.setdefault(record.model, set()).add(record.id)
-            if entry.record.address and entry.record.address != record.address:
-                outcome.removed_addresses.append(entry.record.address)
+            if entry.record.address != record.address:
+                # A new process behind the same id (restarted, or gone): leases on the old one
+                # can no longer be released against it, so its slots start over.
+                if entry.record.address:
+                    outcome.removed_addresses.append(entry.record.address)
+                entry.in_flight = 0
             entry.record = record
             entry.unreachable = False
         hive.worker_ids.add(record.id)

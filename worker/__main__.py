@@ -103,7 +103,9 @@ async def run(args: argparse.Namespace) -> int:
         slots=max(args.slots, 1),
         backend_options=options,
     )
-    service = WorkerService(identity, backend, max_tokens_cap=args.max_tokens_cap)
+    service = WorkerService(
+        identity, backend, max_tokens_cap=args.max_tokens_cap, stop=stop, stop_grace=args.stop_grace
+    )
     running = await create_server(args.listen, service)
     address = host_port(args.listen, running.port)
     log.info("worker listening, loading backend", address=address, model=args.model)
@@ -132,8 +134,8 @@ async def run(args: argparse.Namespace) -> int:
             return 4
     log.info("worker ready", address=address)
     await stop.wait()
-    log.info("worker stopping", in_flight=service.in_flight, grace=args.stop_grace)
-    await running.stop(args.stop_grace)
+    log.info("worker stopping", in_flight=service.in_flight, grace=service.stop_grace)
+    await running.stop(service.stop_grace)
     await backend.close()
     log.info("worker stopped")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,8 +40,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         identity: WorkerIdentity,
         backend: Backend,
         max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+        stop: asyncio.Event | None = None,
+        stop_grace: float = 5.0,
     ) -> None:
         self.identity = identity
+        # Set by Shutdown (or a signal): the worker's main loop then drains and exits.
+        self.stop = stop or asyncio.Event()
+        self.stop_grace = stop_grace
         self.backend = backend
         self.max_tokens_cap = max_tokens_cap
         self.ready = False
@@ -118,6 +124,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.GetStatusRequest, context: Context
     ) -> worker_pb2.GetStatusResponse:
         return worker_pb2.GetStatusResponse(worker=self.record())
+
+    async def Shutdown(
+        self, request: worker_pb2.ShutdownRequest, context: Context
+    ) -> worker_pb2.ShutdownResponse:
+        if request.grace_seconds < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"grace_seconds must be >= 0 (got {request.grace_seconds})",
+            )
+        if request.grace_seconds:
+            self.stop_grace = request.grace_seconds
+        log.info("shutdown requested", grace=self.stop_grace, in_flight=self.in_flight)
+        self.stop.set()
+        return worker_pb2.ShutdownResponse(in_flight=self.in_flight)
 
     def record(self) -> common_pb2.WorkerRecord:
         ident = self.identity

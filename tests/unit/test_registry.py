@@ -172,3 +172,19 @@ def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> Non
     assert {w.id for w in reg.workers_of_hive("h1")} == {"b"}
     reg.apply_heartbeat(beat("h1", record("b")))
     assert set(reg.workers) == {"b"}
+
+
+def test_restarted_worker_starts_with_free_slots() -> None:
+    reg, _ = make()
+    reg.apply_heartbeat(beat("h1", record("a")))
+    lease = reg.acquire("m")
+    assert lease is not None
+    failed = record("a", state=S.WORKER_STATE_FAILED)
+    failed.address = ""
+    reg.apply_heartbeat(beat("h1", failed))
+    reg.release(lease, ok=False)  # the relay notices later: must not touch the new incarnation
+    restarted = record("a")
+    restarted.address = "127.0.0.1:9"
+    reg.apply_heartbeat(beat("h1", restarted))
+    assert reg.workers["a"].in_flight == 0
+    assert reg.acquire("m").address == "127.0.0.1:9"  # type: ignore[union-attr]

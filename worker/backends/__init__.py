@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from worker.backends.base import Backend, BackendOptionError
 
@@ -31,9 +34,55 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
+@dataclass(frozen=True)
+class BackendDescription:
+    name: str
+    available: bool
+    unavailable_reason: str = ""
+    version: str = ""
+    devices: list[str] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
+    for_testing: bool = False
+
+
+def describe_backend(name: str) -> BackendDescription:
+    """What the catalog says of one backend on this machine; KeyError names the known ones."""
+    cls = backend_class(name)
+    missing = [m for m in cls.REQUIRES if importlib.util.find_spec(m) is None]
+    if missing:
+        install = f"pip install 'apiary[{cls.EXTRA}]'" if cls.EXTRA else f"install {cls.PACKAGE}"
+        return BackendDescription(
+            name,
+            available=False,
+            unavailable_reason=f"python module {', '.join(missing)} is not installed ({install})",
+            options=dict(cls.OPTIONS),
+            for_testing=cls.FOR_TESTING,
+        )
+    try:
+        version = importlib.metadata.version(cls.PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return BackendDescription(
+        name,
+        available=True,
+        version=version,
+        devices=cls.devices(),
+        options=dict(cls.OPTIONS),
+        for_testing=cls.FOR_TESTING,
+    )
+
+
 def create_backend(name: str, model: str, options: Mapping[str, str]) -> Backend:
     """Build (not load) a backend; raises KeyError or BackendOptionError with a readable message."""
     return backend_class(name).from_options(model, options)
 
 
-__all__ = ["Backend", "BackendOptionError", "backend_class", "backend_names", "create_backend"]
+__all__ = [
+    "Backend",
+    "BackendDescription",
+    "BackendOptionError",
+    "backend_class",
+    "backend_names",
+    "create_backend",
+    "describe_backend",
+]

@@ -15,6 +15,18 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     # Option name -> one-line help, for messages and catalogs.
     OPTIONS: ClassVar[Mapping[str, str]] = {}
+    # Python modules the backend needs; if one is missing the backend is unavailable.
+    REQUIRES: ClassVar[tuple[str, ...]] = ()
+    # The distribution whose version the catalog shows, and the pip extra that installs it.
+    PACKAGE: ClassVar[str] = "apiary"
+    EXTRA: ClassVar[str] = ""
+    # Exists for tests and benchmarks only.
+    FOR_TESTING: ClassVar[bool] = False
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        """Devices this backend can run on, on this machine."""
+        return ["cpu"]
 
     @classmethod
     def check_options(cls, options: Mapping[str, str]) -> None:
@@ -45,6 +57,22 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook; most backends free nothing
         """Free what load() took."""
+
+
+def parse_int_option(backend: str, options: Mapping[str, str], key: str, default: int) -> int:
+    """A non-negative integer option, or BackendOptionError saying what was wrong."""
+    raw = options.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BackendOptionError(
+            f"backend {backend!r} option {key}={raw!r} is not a whole number"
+        ) from None
+    if value < 0:
+        raise BackendOptionError(f"backend {backend!r} option {key}={raw!r} must be >= 0")
+    return value
 
 
 def parse_float_option(backend: str, options: Mapping[str, str], key: str, default: float) -> float:

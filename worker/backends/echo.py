@@ -3,40 +3,81 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import ClassVar, Self
 
-from worker.backends.base import Backend, parse_float_option
+from worker.backends.base import Backend, parse_float_option, parse_int_option
 
 
 class EchoBackend(Backend):
-    """Streams the prompt's words back, cycling, one per token. Not a model."""
+    """Streams the prompt's words back, cycling, one per token. Not a model.
+
+    The fault_* options make a worker misbehave on purpose, so the hive's
+    supervision can be tested against real processes.
+    """
 
     name: ClassVar[str] = "echo"
+    FOR_TESTING: ClassVar[bool] = True
     OPTIONS: ClassVar[Mapping[str, str]] = {
         "token_delay": "seconds to sleep before each token (default 0)",
         "load_delay": "seconds load() takes, to imitate loading weights (default 0)",
+        "fault_exit_on_load": "tests only: exit with this code while loading (default: off)",
+        "fault_crash_after": "tests only: the process dies when request N+1 arrives (default: off)",
+        "fault_hang_after": "tests only: freeze the process this many seconds after load (off)",
     }
 
-    def __init__(self, model: str, token_delay: float = 0.0, load_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        token_delay: float = 0.0,
+        load_delay: float = 0.0,
+        fault_exit_on_load: int | None = None,
+        fault_crash_after: int | None = None,
+        fault_hang_after: float | None = None,
+    ) -> None:
         self.model = model
         self.token_delay = token_delay
         self.load_delay = load_delay
+        self.fault_exit_on_load = fault_exit_on_load
+        self.fault_crash_after = fault_crash_after
+        self.fault_hang_after = fault_hang_after
+        self.requests = 0
 
     @classmethod
     def from_options(cls, model: str, options: Mapping[str, str]) -> Self:
         cls.check_options(options)
+
+        def maybe_int(key: str) -> int | None:
+            return parse_int_option(cls.name, options, key, 0) if key in options else None
+
         return cls(
             model,
             token_delay=parse_float_option(cls.name, options, "token_delay", 0.0),
             load_delay=parse_float_option(cls.name, options, "load_delay", 0.0),
+            fault_exit_on_load=maybe_int("fault_exit_on_load"),
+            fault_crash_after=maybe_int("fault_crash_after"),
+            fault_hang_after=(
+                parse_float_option(cls.name, options, "fault_hang_after", 0.0)
+                if "fault_hang_after" in options
+                else None
+            ),
         )
 
     async def load(self) -> None:
+        if self.fault_exit_on_load is not None:
+            os._exit(self.fault_exit_on_load)
         if self.load_delay:
             await asyncio.sleep(self.load_delay)
+        if self.fault_hang_after is not None:
+            # Block the event loop: no RPC, health check or signal handler runs again.
+            asyncio.get_running_loop().call_later(self.fault_hang_after, time.sleep, 10**6)
 
     async def generate(self, prompt: str, max_tokens: int) -> AsyncIterator[str]:
+        self.requests += 1
+        if self.fault_crash_after is not None and self.requests > self.fault_crash_after:
+            os._exit(70)
         words = prompt.split() or [prompt]
         for i in range(max_tokens):
             if self.token_delay:
