@@ -15,7 +15,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from apiary.protoutil import parse_state, state_name
-from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
+from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc, queen_pb2, queen_pb2_grpc
 
 QUEEN_ENV = "APIARY_QUEEN"
 DEFAULT_QUEEN = "127.0.0.1:7070"
@@ -137,6 +137,20 @@ def client(args: argparse.Namespace) -> queen_pb2_grpc.QueenStub:
     return queen_pb2_grpc.QueenStub(grpc.insecure_channel(args.queen))
 
 
+def hive_stub(args: argparse.Namespace) -> hive_pb2_grpc.HiveStub:
+    """The named hive (or the only one), found through the queen's registry."""
+    stub = admin(args)
+    hive_id = args.hive
+    if not hive_id:
+        hives = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
+        if len(hives) != 1:
+            names = ", ".join(h.id for h in hives) or "none"
+            raise CliError(f"--hive is required: the cluster has {len(hives)} hives ({names})")
+        hive_id = hives[0].id
+    address = stub.GetHive(queen_pb2.GetHiveRequest(hive_id=hive_id), timeout=args.timeout).hive
+    return hive_pb2_grpc.HiveStub(grpc.insecure_channel(address.address))
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     request = common_pb2.InferRequest(
         model=args.model, prompt=args.prompt, max_tokens=args.max_tokens
@@ -229,10 +243,107 @@ def print_worker(worker: common_pb2.WorkerRecord, as_json: bool) -> None:
         ("last activity", age(worker.last_activity.seconds) + " ago"),
         ("requests", f"{worker.requests_completed} completed, {worker.requests_failed} failed"),
         ("options", ", ".join(f"{k}={v}" for k, v in sorted(worker.backend_options.items()))),
+        ("restart policy", policy_name(worker.restart_policy)),
+        ("restarts", worker.restart_count),
+        ("restart in", f"{worker.restart_in_seconds:.1f}s" if worker.restart_in_seconds else "-"),
+        ("health fails", worker.health_failures),
+        ("cpu / rss", f"{worker.cpu_percent:.0f}% / {worker.rss_bytes / 2**20:.0f} MiB"),
         ("failure", worker.failure_reason or "-"),
     ]
     for key, value in fields:
         print(f"{key + ':':<15}{value}")
+
+
+def policy_name(policy: common_pb2.RestartPolicy.ValueType) -> str:
+    if not policy:
+        return "-"
+    return (
+        common_pb2.RestartPolicy.Name(policy)
+        .removeprefix("RESTART_POLICY_")
+        .lower()
+        .replace("_", "-")
+    )
+
+
+def cmd_process_list(args: argparse.Namespace) -> int:
+    procs = hive_stub(args).ListProcesses(hive_pb2.ListProcessesRequest(), timeout=args.timeout)
+    if args.json:
+        print_json([to_json(p) for p in procs.processes])
+        return 0
+    rows = [
+        (p.pid, p.worker_id, p.model, p.backend, f"{p.cpu_percent:.0f}%",
+         f"{p.rss_bytes / 2**20:.0f}M", f"{p.age_seconds:.0f}s", p.status,
+         "yes" if p.known else "ORPHAN")
+        for p in procs.processes
+    ]  # fmt: skip
+    headers = ("PID", "WORKER", "MODEL", "BACKEND", "CPU", "RSS", "AGE", "STATUS", "IN TABLE")
+    print(table(headers, rows) if rows else "no Apiary worker processes")
+    return 0
+
+
+def print_process(process: hive_pb2.WorkerProcess, as_json: bool) -> None:
+    if as_json:
+        print_json(to_json(process))
+        return
+    for key, value in [
+        ("pid", process.pid), ("worker", process.worker_id), ("hive", process.hive_id),
+        ("model", process.model), ("backend", process.backend), ("status", process.status),
+        ("cpu", f"{process.cpu_percent:.0f}%"), ("rss", f"{process.rss_bytes / 2**20:.0f} MiB"),
+        ("age", f"{process.age_seconds:.0f}s"),
+        ("in table", "yes" if process.known else "no (orphan)"),
+        ("cmdline", " ".join(process.cmdline)),
+    ]:  # fmt: skip
+        print(f"{key + ':':<11}{value}")
+
+
+def cmd_process_get(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).GetProcess(
+        hive_pb2.GetProcessRequest(pid=args.pid), timeout=args.timeout
+    )
+    print_process(reply.process, args.json)
+    return 0
+
+
+def cmd_process_kill(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).KillProcess(
+        hive_pb2.KillProcessRequest(pid=args.pid), timeout=args.timeout
+    )
+    if args.json:
+        print_json(to_json(reply.process))
+    else:
+        print(f"killed pid {reply.process.pid} (worker {reply.process.worker_id})")
+    return 0
+
+
+def backend_rows(backends: Sequence[hive_pb2.BackendInfo]) -> str:
+    rows = [
+        (b.name, "yes" if b.available else "no", b.version or "-", ",".join(b.devices) or "-",
+         "tests/benchmarks only" if b.for_testing else "", b.unavailable_reason)
+        for b in backends
+    ]  # fmt: skip
+    return table(("BACKEND", "AVAILABLE", "VERSION", "DEVICES", "NOTE", "WHY NOT"), rows)
+
+
+def cmd_backend_list(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).ListBackends(hive_pb2.ListBackendsRequest(), timeout=args.timeout)
+    if args.json:
+        print_json([to_json(b) for b in reply.backends])
+    else:
+        print(backend_rows(reply.backends))
+    return 0
+
+
+def cmd_backend_get(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).GetBackend(
+        hive_pb2.GetBackendRequest(name=args.name), timeout=args.timeout
+    )
+    if args.json:
+        print_json(to_json(reply.backend))
+        return 0
+    print(backend_rows([reply.backend]))
+    for name, help_text in sorted(reply.backend.options.items()):
+        print(f"  option {name}: {help_text}")
+    return 0
 
 
 def cmd_worker_get(args: argparse.Namespace) -> int:
@@ -275,6 +386,15 @@ def cmd_worker_retire(args: argparse.Namespace) -> int:
 
 
 # ---- parser ---------------------------------------------------------------
+
+
+def parse_policy(name: str) -> common_pb2.RestartPolicy.ValueType:
+    try:
+        return common_pb2.RestartPolicy.Value("RESTART_POLICY_" + name.upper().replace("-", "_"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown restart policy {name!r}; choose never, on-failure or always"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-wait", action="store_true", help="return while the worker is LOADING")
+    p.add_argument(
+        "--restart",
+        type=parse_policy,
+        default=common_pb2.RESTART_POLICY_UNSPECIFIED,
+        help="never, on-failure or always (default: the hive's)",
+    )
     p = verb(
         worker,
         "retire",
@@ -348,6 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("worker_id")
     p.add_argument("--force", action="store_true", help="SIGKILL at once")
     p.add_argument("--hive", default="", help="accepted for symmetry; the queen knows the hive")
+
+    process = worker.add_parser(
+        "process", help="worker processes on a hive's machine, orphans included"
+    ).add_subparsers(dest="process_verb", required=True, metavar="VERB")
+    p = verb(process, "list", cmd_process_list, "every Apiary worker process on the hive's machine")
+    p.add_argument("--hive", default="", help="hive id (optional when there is one hive)")
+    p = verb(process, "get", cmd_process_get, "one worker process by pid")
+    p.add_argument("pid", type=int)
+    p.add_argument("--hive", default="")
+    p = verb(process, "kill", cmd_process_kill, "SIGKILL a worker process (refuses other pids)")
+    p.add_argument("pid", type=int)
+    p.add_argument("--hive", default="")
+
+    backend = worker.add_parser("backend", help="inference backends a hive can run").add_subparsers(
+        dest="backend_verb", required=True, metavar="VERB"
+    )
+    p = verb(backend, "list", cmd_backend_list, "backends, whether available, version, devices")
+    p.add_argument("--hive", default="")
+    p = verb(backend, "get", cmd_backend_get, "one backend and its options")
+    p.add_argument("name")
+    p.add_argument("--hive", default="")
     return parser
 
 

@@ -207,7 +207,10 @@ class Registry:
     # ---- leases -----------------------------------------------------------
 
     def acquire(self, model: str, exclude: Iterable[str] = ()) -> Lease | None:
-        """Take a slot on the least recently used routable worker of `model`, or None."""
+        """Take a slot on the least recently used routable worker of `model`, or None.
+
+        `exclude` holds worker addresses already tried for this request.
+        """
         index = self._free.get(model)
         if not index:
             return None
@@ -220,7 +223,7 @@ class Registry:
                 # Out of the index until the hive's next heartbeat re-adds it.
                 parked.append(worker_id)
                 continue
-            if worker_id in excluded:
+            if entry.record.address in excluded:
                 continue
             chosen = entry
             break

@@ -87,13 +87,14 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                 if sent or code not in RETRYABLE:
                     await self._abort_after_worker_error(context, lease, exc, sent)
                 last_error = f"worker {lease.worker_id}: {code.name}: {exc.details()}"
+                # By address, not id: a worker restarted under the same id is a new process.
                 log.warning(
                     "worker failed before first chunk; trying another",
                     worker_id=lease.worker_id,
                     code=code.name,
                     attempt=attempt + 1,
                 )
-                tried.add(lease.worker_id)
+                tried.add(lease.address)
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self.registry.mark_unreachable(lease.worker_id)
             finally:
@@ -107,7 +108,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             f"no worker of model {request.model!r} could serve the request after "
-            f"{len(tried)} attempt(s); last error: {last_error}",
+            f"{MAX_ATTEMPTS} attempt(s); last error: {last_error}",
         )
 
     async def _acquire(

@@ -109,15 +109,26 @@ async def run(args: argparse.Namespace) -> int:
     running = await create_server(args.listen, service)
     address = host_port(args.listen, running.port)
     log.info("worker listening, loading backend", address=address, model=args.model)
-    try:
-        await backend.load()
-    except Exception as exc:
-        log.exception("backend failed to load")
+    loading = asyncio.create_task(backend.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        # Asked to stop while loading: do not finish a load nobody wants.
+        log.info("stopped while loading")
+        loading.cancel()
+        await running.server.stop(0)
+        return 0
+    stopping.cancel()
+    load_error = loading.exception()
+    if load_error is not None:
+        log.error("backend failed to load", error=repr(load_error))
         if args.hive:
             await report_ready(
                 args.hive,
                 hive_pb2.ReportReadyRequest(
-                    worker_id=args.worker_id, pid=os.getpid(), load_error=f"load failed: {exc}"
+                    worker_id=args.worker_id,
+                    pid=os.getpid(),
+                    load_error=f"load failed: {load_error}",
                 ),
             )
         await running.server.stop(0)

@@ -131,23 +131,22 @@ class Cluster:
         )
 
     def start_hive(
-        self, queen: Proc | str, hive_id: str, *spawn: str, extra: tuple[str, ...] = ()
+        self,
+        queen: Proc | str,
+        hive_id: str,
+        *spawn: str,
+        extra: tuple[str, ...] = (),
+        port: int = 0,
     ) -> Proc:
         address = queen if isinstance(queen, str) else queen.address
         argv = [
-            "hive",
-            "--queen",
-            address,
-            "--listen",
-            "127.0.0.1:0",
-            "--hive-id",
-            hive_id,
-            "--heartbeat-interval",
-            str(self.heartbeat_interval),
-            "--stop-grace",
-            "3",
+            "hive", "--queen", address, "--listen", f"127.0.0.1:{port}", "--hive-id", hive_id,
+            # Each hive its own state dir: never the operator's, never another test's.
+            "--state-dir", str(self.tmp / f"state-{hive_id}"),
+            "--heartbeat-interval", str(self.heartbeat_interval), "--stop-grace", "3",
+            "--health-interval", "0.2", "--health-timeout", "0.5",
             *extra,
-        ]
+        ]  # fmt: skip
         for spec in spawn:
             argv += ["--spawn", spec]
         return self._start(f"hive-{hive_id}", argv)

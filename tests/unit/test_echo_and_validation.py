@@ -27,7 +27,9 @@ def test_echo_options_are_validated() -> None:
     backend = create_backend("echo", "m", {"token_delay": "0.5", "load_delay": "2"})
     assert isinstance(backend, EchoBackend)
     assert (backend.token_delay, backend.load_delay) == (0.5, 2.0)
-    with pytest.raises(BackendOptionError, match="known options: fault_crash_after, .*, load_delay, token_delay"):
+    with pytest.raises(
+        BackendOptionError, match=r"known options: fault_crash_after, .*, load_delay, token_delay"
+    ):
         create_backend("echo", "m", {"tokn_delay": "1"})
     for bad in ("-1", "soon", "nan", "inf"):
         with pytest.raises(BackendOptionError):

@@ -141,8 +141,9 @@ def test_unreachable_worker_is_skipped_until_its_hive_reports_it_again() -> None
 def test_exclude_skips_workers_already_tried() -> None:
     reg, _ = make()
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
-    assert reg.acquire("m", exclude={"a"}).worker_id == "b"  # type: ignore[union-attr]
-    assert reg.acquire("m", exclude={"a"}) is None
+    a = record("a").address
+    assert reg.acquire("m", exclude={a}).worker_id == "b"  # type: ignore[union-attr]
+    assert reg.acquire("m", exclude={a}) is None
     assert reg.acquire("m").worker_id == "a"  # type: ignore[union-attr]
 
 
@@ -165,7 +166,7 @@ def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> Non
     reg.apply_heartbeat(beat("h1", record("a")))
     reg.apply_worker(record("b"))
     assert {w.id for w in reg.workers_of_hive("h1")} == {"a", "b"}
-    assert reg.acquire("m", exclude={"a"}).worker_id == "b"  # type: ignore[union-attr]
+    assert reg.acquire("m", exclude={record("a").address}).worker_id == "b"  # type: ignore[union-attr]
     reg.apply_worker(record("x", hive="unknown-hive"))  # no hive yet: wait for its heartbeat
     assert "x" not in reg.workers
     assert reg.forget_worker("a") == record("a").address

@@ -1,0 +1,282 @@
+"""The hive as the owner of real processes: crashes, hangs, restarts, idleness, re-adoption."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+
+from protos.v1 import common_pb2, hive_pb2, queen_pb2
+from tests.integration.cluster import Cluster, Proc, eventually
+
+S = common_pb2
+FAST = ("--restart-backoff", "0.1", "--term-grace", "0.5")
+
+
+async def collect(
+    stub: Any, model: str = "demo", tokens: int = 4, timeout: float = 20
+) -> list[Any]:
+    request = common_pb2.InferRequest(model=model, prompt="a b c", max_tokens=tokens)
+    return [c async for c in stub.Infer(request, timeout=timeout)]
+
+
+async def hive_workers(cluster: Cluster, hive: Proc) -> list[common_pb2.WorkerRecord]:
+    reply = await cluster.hive_stub(hive).ListWorkers(hive_pb2.ListHiveWorkersRequest(), timeout=2)
+    return list(reply.workers)
+
+
+async def wait_worker(
+    cluster: Cluster, hive: Proc, check: Any, timeout: float = 15.0
+) -> common_pb2.WorkerRecord:
+    async def found() -> common_pb2.WorkerRecord | None:
+        for w in await hive_workers(cluster, hive):
+            if check(w):
+                return w
+        return None
+
+    return await eventually(found, timeout)
+
+
+async def test_worker_that_exits_at_once_is_restarted_then_stopped_as_a_crash_loop(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(queen, "h1", "model=demo,fault_exit_on_load=3", extra=FAST)
+    looped = await wait_worker(
+        cluster, hive, lambda w: "crash loop" in w.failure_reason, timeout=30
+    )
+    assert looped.state == S.WORKER_STATE_FAILED
+    assert looped.restart_count == 4  # 5 failures: the first start and 4 restarts
+    assert looped.failure_reason.startswith("exited with code 3; crash loop: 5 failures in 300s")
+    # Restarts stopped: it stays this way.
+    await asyncio.sleep(1.0)
+    (still,) = await hive_workers(cluster, hive)
+    assert (still.restart_count, still.state, still.pid) == (4, S.WORKER_STATE_FAILED, 0)
+    # The queen shows the reason too.
+    got = await cluster.admin_stub(queen).GetWorker(queen_pb2.GetWorkerRequest(worker_id=still.id))
+    assert "crash loop" in got.worker.failure_reason
+    info = await cluster.admin_stub(queen).GetHive(queen_pb2.GetHiveRequest(hive_id="h1"))
+    assert (info.hive.stats.spawns, info.hive.stats.crashes, info.hive.stats.restarts) == (5, 5, 4)
+
+
+async def test_worker_that_crashes_after_n_requests_comes_back_with_the_same_id(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(queen, "h1", "model=demo,count=2,fault_crash_after=2", extra=FAST)
+    workers = await cluster.wait_workers(queen, "demo", 2)
+    stub = cluster.queen_stub(queen)
+    # 4 requests: 2 per worker (LRU alternates), then the 5th finds its worker dying on it and
+    # is retried on the other before any chunk was sent; none of them fails.
+    for _ in range(5):
+        assert len(await collect(stub)) == 4
+    pids = {w.id: w.pid for w in workers}
+
+    restarted = await wait_worker(
+        cluster, hive, lambda w: w.restart_count == 1 and w.state == S.WORKER_STATE_IDLE
+    )
+    assert restarted.id in pids and restarted.pid != pids[restarted.id]
+    assert not psutil.pid_exists(pids[restarted.id])
+    await cluster.wait_workers(queen, "demo", 2)
+    assert len(await collect(stub)) == 4
+
+
+async def test_hung_worker_fails_health_checks_and_is_killed(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(
+        queen, "h1", "model=demo,restart=never,fault_hang_after=0.5", extra=FAST
+    )
+    (worker,) = await cluster.wait_workers(queen, "demo", 1)
+    started = time.monotonic()
+    failed = await wait_worker(cluster, hive, lambda w: "not restarting" in w.failure_reason)
+    # 0.5 s to hang, 3 checks 0.2 s apart each timing out after 0.5 s, SIGTERM ignored 0.5 s.
+    assert time.monotonic() - started < 6
+    assert failed.failure_reason.startswith("failed 3 health checks in a row: DEADLINE_EXCEEDED")
+    assert failed.failure_reason.endswith("not restarting (restart policy never)")
+    assert not psutil.pid_exists(worker.pid)
+
+
+async def test_worker_stuck_loading_is_killed_after_the_load_timeout(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(
+        queen, "h1", "model=demo,restart=never,load_delay=600", extra=(*FAST, "--load-timeout", "1")
+    )
+    loading = await wait_worker(cluster, hive, lambda w: w.state == S.WORKER_STATE_LOADING)
+    failed = await wait_worker(cluster, hive, lambda w: "not restarting" in w.failure_reason)
+    assert failed.failure_reason.startswith("still LOADING after 1s (load timeout)")
+    assert not psutil.pid_exists(loading.pid)
+
+
+async def test_idle_workers_are_retired_but_busy_ones_are_not(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(
+        queen, "h1", "model=demo,count=2,token_delay=0.1", extra=(*FAST, "--idle-timeout", "1.5")
+    )
+    workers = await cluster.wait_workers(queen, "demo", 2)
+    stub = cluster.queen_stub(queen)
+    # Keep one worker streaming for ~3 s: twice the idle timeout, with health checks every 0.2 s.
+    long = asyncio.create_task(collect(stub, tokens=30))
+
+    async def one_left() -> list[common_pb2.WorkerRecord] | None:
+        left = await hive_workers(cluster, hive)
+        return left if len(left) == 1 else None
+
+    (busy,) = await eventually(one_left, timeout=10)
+    assert not long.done()
+    idle = next(w for w in workers if w.id != busy.id)
+    assert not psutil.pid_exists(idle.pid)
+    assert len(await long) == 30
+    # Idle from the end of its last request, then retired too.
+    await eventually(lambda: _none_left(cluster, hive), timeout=10)
+
+
+async def _none_left(cluster: Cluster, hive: Proc) -> bool:
+    return not await hive_workers(cluster, hive)
+
+
+async def test_graceful_stop_lets_the_stream_finish_and_force_does_not(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(queen, "h1", "model=demo,count=2,token_delay=0.05", extra=FAST)
+    await cluster.wait_workers(queen, "demo", 2)
+    stub = cluster.queen_stub(queen)
+    hive_stub = cluster.hive_stub(hive)
+
+    stream = asyncio.create_task(collect(stub, tokens=20))  # ~1 s
+    first = await wait_worker(cluster, hive, lambda w: w.state == S.WORKER_STATE_BUSY)
+    began = time.monotonic()
+    stopped = await hive_stub.StopWorker(hive_pb2.StopWorkerRequest(worker_id=first.id), timeout=15)
+    assert stopped.worker.id == first.id
+    assert len(await stream) == 20  # finished, not cut
+    assert time.monotonic() - began >= 0.5
+    assert not psutil.pid_exists(first.pid)
+
+    (second,) = await hive_workers(cluster, hive)
+    await cluster.wait_workers(queen, "demo", 1)
+    call = stub.Infer(common_pb2.InferRequest(model="demo", prompt="x", max_tokens=200))
+    await call.read()
+    await hive_stub.StopWorker(hive_pb2.StopWorkerRequest(worker_id=second.id, force=True))
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        while True:
+            await call.read()
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "chunk(s) were delivered" in (cut.value.details() or "")
+    assert not psutil.pid_exists(second.pid)
+
+
+async def test_sigkilled_hive_restarts_and_readopts_its_workers(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(queen, "h1", "model=demo,count=3", extra=FAST)
+    before = {w.id: w.pid for w in await cluster.wait_workers(queen, "demo", 3)}
+    port = hive.port
+
+    hive.signal(signal.SIGKILL)
+    hive.wait(5)
+    assert all(psutil.pid_exists(pid) for pid in before.values())  # orphaned, still serving
+    victim_id = sorted(before)[0]
+    os.kill(before[victim_id], signal.SIGKILL)  # dies while nobody watches
+
+    hive = cluster.start_hive(queen, "h1", "model=demo,count=3", extra=FAST, port=port)
+    after = await cluster.wait_workers(queen, "demo", 3, timeout=20)
+    assert {w.id for w in after} == set(before)  # the same three, none started twice
+    by_id = {w.id: w for w in after}
+    for worker_id, pid in before.items():
+        if worker_id == victim_id:
+            assert by_id[worker_id].pid != pid and by_id[worker_id].restart_count == 1
+        else:
+            assert by_id[worker_id].pid == pid and by_id[worker_id].restart_count == 0
+    assert len(await hive_workers(cluster, hive)) == 3
+    stub = cluster.queen_stub(queen)
+    assert all(len(r) == 4 for r in await asyncio.gather(*(collect(stub) for _ in range(6))))
+
+    # An adopted worker (not the hive's child) still has its death seen at once.
+    adopted = next(w for w in after if w.id != victim_id)
+    os.kill(adopted.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    await wait_worker(
+        cluster, hive, lambda w: w.id == adopted.id and w.state == S.WORKER_STATE_FAILED, 5
+    )
+    assert time.monotonic() - killed_at < 1.0
+    await wait_worker(
+        cluster,
+        hive,
+        lambda w: w.id == adopted.id and w.restart_count == 1 and w.state == S.WORKER_STATE_IDLE,
+    )
+
+
+async def test_process_operations_find_orphans_and_refuse_strangers(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    first = cluster.start_hive(queen, "h1", "model=demo,count=2")
+    workers = await cluster.wait_workers(queen, "demo", 2)
+    listed = (
+        await cluster.hive_stub(first).ListProcesses(hive_pb2.ListProcessesRequest())
+    ).processes
+    ours = {p.pid: p for p in listed if p.hive_id == "h1"}
+    assert set(ours) == {w.pid for w in workers}
+    assert all(p.known and p.model == "demo" and p.rss_bytes > 0 for p in ours.values())
+
+    first.signal(signal.SIGKILL)  # its workers are orphans now
+    first.wait(5)
+    other = cluster.start_hive(queen, "h2")  # its own state dir: it does not know them
+    stub = cluster.hive_stub(other)
+    listed = (await stub.ListProcesses(hive_pb2.ListProcessesRequest())).processes
+    orphans = [p for p in listed if p.pid in ours]
+    assert len(orphans) == 2 and not any(p.known for p in orphans)
+
+    got = await stub.GetProcess(hive_pb2.GetProcessRequest(pid=orphans[0].pid))
+    assert got.process.worker_id == ours[orphans[0].pid].worker_id
+    killed = await stub.KillProcess(hive_pb2.KillProcessRequest(pid=orphans[0].pid))
+    assert killed.process.pid == orphans[0].pid
+    assert not psutil.pid_exists(orphans[0].pid) or (
+        psutil.Process(orphans[0].pid).status() == psutil.STATUS_ZOMBIE
+    )
+
+    for pid, code in [(os.getpid(), grpc.StatusCode.FAILED_PRECONDITION),
+                      (other.pid, grpc.StatusCode.FAILED_PRECONDITION),
+                      (0, grpc.StatusCode.INVALID_ARGUMENT),
+                      (2**22 + 12345, grpc.StatusCode.NOT_FOUND)]:  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.KillProcess(hive_pb2.KillProcessRequest(pid=pid))
+        assert err.value.code() == code, pid
+    assert psutil.pid_exists(os.getpid())
+
+
+async def test_backend_catalog_and_hive_metrics(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(queen, "h1", "model=demo,token_delay=0.01")
+    await cluster.wait_workers(queen, "demo", 1)
+    stub = cluster.hive_stub(hive)
+    backends = {
+        b.name: b for b in (await stub.ListBackends(hive_pb2.ListBackendsRequest())).backends
+    }
+    echo = backends["echo"]
+    assert echo.available and echo.for_testing and echo.version and "cpu" in echo.devices
+    assert "token_delay" in echo.options
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetBackend(hive_pb2.GetBackendRequest(name="tensorrt"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "echo" in (err.value.details() or "")
+
+    await collect(cluster.queen_stub(queen), tokens=50)
+    admin = cluster.admin_stub(queen)
+
+    async def sampled() -> queen_pb2.GetHiveResponse | None:
+        reply = await admin.GetHive(queen_pb2.GetHiveRequest(hive_id="h1"))
+        return reply if reply.workers and reply.workers[0].rss_bytes > 0 else None
+
+    reply = await eventually(sampled)
+    res, stats = reply.hive.resources, reply.hive.stats
+    assert res.cpu_count >= 1 and 0 < res.memory_available_bytes <= res.memory_total_bytes
+    assert stats.spawns == 1 and stats.crashes == 0 and stats.uptime_seconds > 0
+    assert reply.workers[0].rss_bytes > 10 * 2**20
+
+
+async def test_second_hive_on_the_same_state_dir_refuses_to_start(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1")
+    with pytest.raises(RuntimeError, match="another hive"):
+        cluster.start_hive(queen, "h1")
