@@ -251,7 +251,7 @@ def print_worker(worker: common_pb2.WorkerRecord, as_json: bool) -> None:
         ("failure", worker.failure_reason or "-"),
     ]
     for key, value in fields:
-        print(f"{key + ':':<15}{value}")
+        print(f"{key + ':':<16}{value}")
 
 
 def policy_name(policy: common_pb2.RestartPolicy.ValueType) -> str:
@@ -369,6 +369,7 @@ def cmd_worker_spawn(args: argparse.Namespace) -> int:
         device=args.device,
         backend_options=options,
         wait_ready=not args.no_wait,
+        restart_policy=args.restart,
     )
     reply = admin(args).SpawnWorker(request, timeout=args.timeout)
     print_worker(reply.worker, args.json)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -194,3 +195,49 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+async def test_process_and_backend_verbs(live: Proc) -> None:
+    backends = apiary("worker", "backend", "list", "--hive", "h1", queen=live)
+    assert backends.returncode == 0, backends.stderr
+    assert "echo" in backends.stdout and "tests/benchmarks only" in backends.stdout
+    echo = apiary("worker", "backend", "get", "echo", queen=live)  # --hive optional: one hive
+    assert "option token_delay" in echo.stdout
+    missing = apiary("worker", "backend", "get", "vllm", queen=live)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "echo" in missing.stderr
+
+    procs = json.loads(apiary("worker", "process", "list", "--json", queen=live).stdout)
+    mine = [p for p in procs if p["hive_id"] == "h1"]
+    assert len(mine) == 2 and all(p["known"] for p in mine)
+    table_out = apiary("worker", "process", "list", queen=live).stdout
+    assert str(mine[0]["pid"]) in table_out
+    got = apiary("worker", "process", "get", str(mine[0]["pid"]), queen=live)
+    assert mine[0]["worker_id"] in got.stdout
+    assert re.search(r"in table:\s+yes", got.stdout)
+    refused = apiary("worker", "process", "kill", str(os.getpid()), queen=live)
+    assert refused.returncode == 1 and "is not an Apiary worker" in refused.stderr
+    killed = apiary("worker", "process", "kill", str(mine[0]["pid"]), queen=live)
+    assert killed.returncode == 0 and f"killed pid {mine[0]['pid']}" in killed.stdout
+    assert not psutil.pid_exists(mine[0]["pid"])
+
+
+async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
+    spawned = apiary(
+        "worker", "spawn", "--model", "broken", "--option", "fault_exit_on_load=3",
+        "--restart", "never", "--no-wait", "--json", queen=live,
+    )  # fmt: skip
+    assert spawned.returncode == 0, spawned.stderr
+    worker_id = json.loads(spawned.stdout)["id"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        got = apiary("worker", "get", worker_id, queen=live)
+        if "not restarting" in got.stdout:
+            break
+        time.sleep(0.1)
+    assert "FAILED" in got.stdout
+    assert "exited with code 3; not restarting (restart policy never)" in got.stdout
+    assert re.search(r"restart policy:\s+never", got.stdout)
+    waited = apiary("worker", "spawn", "--model", "broken", "--option", "fault_exit_on_load=3",
+                    "--restart", "never", queen=live)  # fmt: skip
+    assert waited.returncode == 1
+    assert "FAILED_PRECONDITION" in waited.stderr and "exited with code 3" in waited.stderr
