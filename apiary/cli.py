@@ -46,14 +46,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def age(ts_seconds: int) -> str:
-    if not ts_seconds:
-        return "-"
-    seconds = max(time.time() - ts_seconds, 0)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
+    return duration(max(time.time() - ts_seconds, 0)) if ts_seconds else "-"
 
 
 def worker_rows(workers: Sequence[common_pb2.WorkerRecord]) -> str:
@@ -95,35 +88,29 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f}G"
 
 
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
 def hive_rows(hives: Sequence[queen_pb2.HiveInfo]) -> str:
     rows = [
         (
-            h.id,
-            h.address,
-            queen_pb2.HiveHealth.Name(h.health).removeprefix("HIVE_HEALTH_"),
-            f"{h.heartbeat_age_seconds:.1f}s",
-            h.worker_count,
-            f"{h.slots_in_use}/{h.slots_total}",
-            h.resources.cpu_count,
+            h.id, h.address, queen_pb2.HiveHealth.Name(h.health).removeprefix("HIVE_HEALTH_"),
+            f"{h.heartbeat_age_seconds:.1f}s", h.worker_count, f"{h.slots_in_use}/{h.slots_total}",
+            f"{h.resources.load_1m:.1f}/{h.resources.cpu_count}",
             f"{gib(h.resources.memory_available_bytes)}/{gib(h.resources.memory_total_bytes)}",
-            h.health_reason,
+            f"{h.stats.spawns}/{h.stats.crashes}/{h.stats.restarts}",
+            duration(h.stats.uptime_seconds), h.health_reason,
         )
         for h in hives
-    ]
-    return table(
-        (
-            "HIVE",
-            "ADDRESS",
-            "HEALTH",
-            "BEAT",
-            "WORKERS",
-            "SLOTS USED",
-            "CPUS",
-            "MEM FREE",
-            "REASON",
-        ),
-        rows,
-    )
+    ]  # fmt: skip
+    headers = ("HIVE", "ADDRESS", "HEALTH", "BEAT", "WORKERS", "SLOTS USED", "LOAD/CPUS",
+               "MEM FREE", "SPAWN/CRASH/RESTART", "UP", "REASON")  # fmt: skip
+    return table(headers, rows)
 
 
 # ---- client verbs ---------------------------------------------------------
