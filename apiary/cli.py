@@ -99,17 +99,33 @@ def duration(seconds: float) -> str:
 def hive_rows(hives: Sequence[queen_pb2.HiveInfo]) -> str:
     rows = [
         (
-            h.id, h.address, queen_pb2.HiveHealth.Name(h.health).removeprefix("HIVE_HEALTH_"),
-            f"{h.heartbeat_age_seconds:.1f}s", h.worker_count, f"{h.slots_in_use}/{h.slots_total}",
+            h.id,
+            h.address,
+            common_pb2.HiveHealth.Name(h.health).removeprefix("HIVE_HEALTH_"),
+            f"{h.heartbeat_age_seconds:.1f}s",
+            h.worker_count,
+            f"{h.slots_in_use}/{h.slots_total}",
             f"{h.resources.load_1m:.1f}/{h.resources.cpu_count}",
             f"{gib(h.resources.memory_available_bytes)}/{gib(h.resources.memory_total_bytes)}",
             f"{h.stats.spawns}/{h.stats.crashes}/{h.stats.restarts}",
-            duration(h.stats.uptime_seconds), h.health_reason,
+            duration(h.stats.uptime_seconds),
+            h.health_reason,
         )
         for h in hives
-    ]  # fmt: skip
-    headers = ("HIVE", "ADDRESS", "HEALTH", "BEAT", "WORKERS", "SLOTS USED", "LOAD/CPUS",
-               "MEM FREE", "SPAWN/CRASH/RESTART", "UP", "REASON")  # fmt: skip
+    ]
+    headers = (
+        "HIVE",
+        "ADDRESS",
+        "HEALTH",
+        "BEAT",
+        "WORKERS",
+        "SLOTS USED",
+        "LOAD/CPUS",
+        "MEM FREE",
+        "SPAWN/CRASH/RESTART",
+        "UP",
+        "REASON",
+    )
     return table(headers, rows)
 
 
@@ -258,11 +274,19 @@ def cmd_process_list(args: argparse.Namespace) -> int:
         print_json([to_json(p) for p in procs.processes])
         return 0
     rows = [
-        (p.pid, p.worker_id, p.model, p.backend, f"{p.cpu_percent:.0f}%",
-         f"{p.rss_bytes / 2**20:.0f}M", f"{p.age_seconds:.0f}s", p.status,
-         "yes" if p.known else "ORPHAN")
+        (
+            p.pid,
+            p.worker_id,
+            p.model,
+            p.backend,
+            f"{p.cpu_percent:.0f}%",
+            f"{p.rss_bytes / 2**20:.0f}M",
+            f"{p.age_seconds:.0f}s",
+            p.status,
+            "yes" if p.known else "ORPHAN",
+        )
         for p in procs.processes
-    ]  # fmt: skip
+    ]
     headers = ("PID", "WORKER", "MODEL", "BACKEND", "CPU", "RSS", "AGE", "STATUS", "IN TABLE")
     print(table(headers, rows) if rows else "no Apiary worker processes")
     return 0
@@ -273,13 +297,18 @@ def print_process(process: hive_pb2.WorkerProcess, as_json: bool) -> None:
         print_json(to_json(process))
         return
     for key, value in [
-        ("pid", process.pid), ("worker", process.worker_id), ("hive", process.hive_id),
-        ("model", process.model), ("backend", process.backend), ("status", process.status),
-        ("cpu", f"{process.cpu_percent:.0f}%"), ("rss", f"{process.rss_bytes / 2**20:.0f} MiB"),
+        ("pid", process.pid),
+        ("worker", process.worker_id),
+        ("hive", process.hive_id),
+        ("model", process.model),
+        ("backend", process.backend),
+        ("status", process.status),
+        ("cpu", f"{process.cpu_percent:.0f}%"),
+        ("rss", f"{process.rss_bytes / 2**20:.0f} MiB"),
         ("age", f"{process.age_seconds:.0f}s"),
         ("in table", "yes" if process.known else "no (orphan)"),
         ("cmdline", " ".join(process.cmdline)),
-    ]:  # fmt: skip
+    ]:
         print(f"{key + ':':<11}{value}")
 
 
@@ -304,10 +333,16 @@ def cmd_process_kill(args: argparse.Namespace) -> int:
 
 def backend_rows(backends: Sequence[hive_pb2.BackendInfo]) -> str:
     rows = [
-        (b.name, "yes" if b.available else "no", b.version or "-", ",".join(b.devices) or "-",
-         "tests/benchmarks only" if b.for_testing else "", b.unavailable_reason)
+        (
+            b.name,
+            "yes" if b.available else "no",
+            b.version or "-",
+            ",".join(b.devices) or "-",
+            "tests/benchmarks only" if b.for_testing else "",
+            b.unavailable_reason,
+        )
         for b in backends
-    ]  # fmt: skip
+    ]
     return table(("BACKEND", "AVAILABLE", "VERSION", "DEVICES", "NOTE", "WHY NOT"), rows)
 
 

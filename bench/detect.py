@@ -46,11 +46,14 @@ async def main() -> None:
         for i in range(args.kills):
             spawned = await admin.SpawnWorker(
                 queen_pb2.QueenSpawnWorkerRequest(
-                    hive_id="bench", model=f"detect{i}", backend="echo", wait_ready=True,
+                    hive_id="bench",
+                    model=f"detect{i}",
+                    backend="echo",
+                    wait_ready=True,
                     restart_policy=common_pb2.RESTART_POLICY_NEVER,
                 ),
                 timeout=30,
-            )  # fmt: skip
+            )
             worker = spawned.worker
             request = queen_pb2.GetWorkerRequest(worker_id=worker.id)
             while (await admin.GetWorker(request)).worker.state not in READY:
@@ -72,13 +75,19 @@ async def main() -> None:
             await admin.RetireWorker(queen_pb2.RetireWorkerRequest(worker_id=worker.id), timeout=30)
 
         med = statistics.median(detect)
-        print(f"# bench/detect.py: {args.kills} SIGKILLs, default settings "
-              f"(heartbeat 1 s, health check 5 s)")  # fmt: skip
-        print(f"detection  median {med * 1000:7.1f} ms   p90 "
-              f"{sorted(detect)[int(0.9 * len(detect))] * 1000:7.1f} ms   "
-              f"max {max(detect) * 1000:7.1f} ms   min {min(detect) * 1000:7.1f} ms")  # fmt: skip
-        print(f"baseline   GetWorker round trip (measurement resolution) median "
-              f"{statistics.median(rtt) * 1000:.2f} ms")  # fmt: skip
+        print(
+            f"# bench/detect.py: {args.kills} SIGKILLs, default settings "
+            f"(heartbeat 1 s, health check 5 s)"
+        )
+        print(
+            f"detection  median {med * 1000:7.1f} ms   p90 "
+            f"{sorted(detect)[int(0.9 * len(detect))] * 1000:7.1f} ms   "
+            f"max {max(detect) * 1000:7.1f} ms   min {min(detect) * 1000:7.1f} ms"
+        )
+        print(
+            f"baseline   GetWorker round trip (measurement resolution) median "
+            f"{statistics.median(rtt) * 1000:.2f} ms"
+        )
         print(f"ratio      median detection / heartbeat interval = {med / 1.0:.3f}")
         print(f"target     median <= 500 ms: {'met' if med <= 0.5 else 'MISSED'}")
     finally:

@@ -14,24 +14,32 @@ from collections.abc import AsyncIterator
 import grpc
 
 from apiary.serving import Context, stop_event_on_signals, write_port_file
-from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc, worker_pb2_grpc
+from protos.v1 import common_pb2, worker_pb2_grpc
 
 
-class Relay(queen_pb2_grpc.QueenServicer):
+class Relay:
     def __init__(self, workers: list[str]) -> None:
         self.stubs = [worker_pb2_grpc.WorkerStub(grpc.aio.insecure_channel(a)) for a in workers]
         self.next = itertools.cycle(self.stubs)
 
-    async def Infer(
+    async def infer(
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
         async for chunk in next(self.next).Infer(request):
             yield chunk
 
-    async def ListModels(
-        self, request: queen_pb2.ListModelsRequest, context: Context
-    ) -> queen_pb2.ListModelsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bench relay only relays Infer")
+    def handler(self) -> grpc.GenericRpcHandler[common_pb2.InferRequest, common_pb2.InferChunk]:
+        """apiary.v1.Queen/Infer only, so clients use the same stub for relay and queen."""
+        return grpc.method_handlers_generic_handler(
+            "apiary.v1.Queen",
+            {
+                "Infer": grpc.unary_stream_rpc_method_handler(
+                    self.infer,
+                    request_deserializer=common_pb2.InferRequest.FromString,
+                    response_serializer=common_pb2.InferChunk.SerializeToString,
+                )
+            },
+        )
 
 
 async def main() -> None:
@@ -42,7 +50,7 @@ async def main() -> None:
     args = p.parse_args()
     stop = stop_event_on_signals()
     server = grpc.aio.server()
-    queen_pb2_grpc.add_QueenServicer_to_server(Relay(args.workers.split(",")), server)
+    server.add_generic_rpc_handlers((Relay(args.workers.split(",")).handler(),))
     port = server.add_insecure_port(args.listen)
     await server.start()
     write_port_file(args.port_file, port)

@@ -26,6 +26,7 @@ from hive.service import HiveService
 from hive.store import StateDirBusy, WorkerStore
 from hive.supervisor import Supervisor, SupervisorSettings, WorkerSpec
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
+from worker.backends import backend_names, describe_backend
 
 log = structlog.get_logger("hive")
 
@@ -95,37 +96,50 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     )
     p.add_argument("--hive-id", default=socket.gethostname(), help="default: the host name")
     p.add_argument(
-        "--state-dir", default="",
+        "--state-dir",
+        default="",
         help="worker table and worker logs (default ~/.local/state/apiary/hive-ID)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--heartbeat-interval", type=float, default=1.0,
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
         help="seconds; replaced by the interval the queen asks for",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--stop-grace", type=float, default=10.0,
+        "--stop-grace",
+        type=float,
+        default=10.0,
         help="seconds a stopping worker gets to finish in-flight streams",
-    )  # fmt: skip
+    )
     p.add_argument("--term-grace", type=float, default=3.0, help="seconds from SIGTERM to SIGKILL")
     p.add_argument("--health-interval", type=float, default=5.0, help="seconds between checks")
     p.add_argument("--health-timeout", type=float, default=2.0, help="deadline of one check")
     p.add_argument("--load-timeout", type=float, default=120.0, help="max seconds in LOADING")
     p.add_argument(
-        "--idle-timeout", type=float, default=300.0,
+        "--idle-timeout",
+        type=float,
+        default=300.0,
         help="retire workers idle this long (0 = never)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--restart-policy", type=parse_policy, default=common_pb2.RESTART_POLICY_ON_FAILURE,
+        "--restart-policy",
+        type=parse_policy,
+        default=common_pb2.RESTART_POLICY_ON_FAILURE,
         help="default for workers spawned without one: never, on-failure (default), always",
-    )  # fmt: skip
+    )
     p.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay (s)")
     p.add_argument("--restart-backoff-max", type=float, default=60.0, help="cap on it (s)")
     p.add_argument("--worker-host", default="127.0.0.1", help="host workers bind to")
     p.add_argument(
-        "--spawn", action="append", default=[], type=parse_spawn, metavar="SPEC",
+        "--spawn",
+        action="append",
+        default=[],
+        type=parse_spawn,
+        metavar="SPEC",
         help="keep workers running from boot, e.g. model=demo,backend=echo,count=2,restart=always"
         " (re-adopted workers count)",
-    )  # fmt: skip
+    )
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
     return p
@@ -170,9 +184,15 @@ async def run(args: argparse.Namespace) -> int:
     # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
     await supervisor.adopt()
     heartbeat = HeartbeatLoop(
-        args.queen, args.hive_id, address, supervisor.records, args.heartbeat_interval,
-        stats=supervisor.stats, sample=supervisor.sample_resources,
-    )  # fmt: skip
+        args.queen,
+        args.hive_id,
+        address,
+        supervisor.records,
+        args.heartbeat_interval,
+        stats=supervisor.stats,
+        sample=supervisor.sample_resources,
+        backends=[n for n in backend_names() if describe_backend(n).available],
+    )
     supervisor.on_change = heartbeat.poke
     tasks = [
         asyncio.create_task(heartbeat.run(), name="heartbeat"),

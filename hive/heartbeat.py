@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import psutil
@@ -36,7 +36,9 @@ class HeartbeatLoop:
         interval: float = 1.0,
         stats: Callable[[], queen_pb2.HiveStats] = queen_pb2.HiveStats,
         sample: Callable[[], None] = lambda: None,
+        backends: Sequence[str] = (),
     ) -> None:
+        self.backends = list(backends)
         self.stats = stats
         self.sample = sample
         self.queen = queen
@@ -73,6 +75,7 @@ class HeartbeatLoop:
         self.sample()
         beat = queen_pb2.HiveHeartbeat(
             stats=self.stats(),
+            backends=self.backends,
             hive_id=self.hive_id,
             address=self.hive_address,
             resources=machine_resources(),

@@ -83,8 +83,12 @@ class WorkerSpec:
 
     def same_as(self, other: WorkerSpec) -> bool:
         return (self.model, self.backend, self.slots, self.device, self.backend_options) == (
-            other.model, other.backend, other.slots, other.device, other.backend_options,
-        )  # fmt: skip
+            other.model,
+            other.backend,
+            other.slots,
+            other.device,
+            other.backend_options,
+        )
 
 
 @dataclass
@@ -232,17 +236,28 @@ class Supervisor:
     def worker_argv(self, worker: ManagedWorker) -> list[str]:
         spec = worker.spec
         argv = [
-            sys.executable, "-m", "worker",
-            "--worker-id", worker.id,
-            "--hive-id", self.hive_id,
-            "--hive", self.hive_address,
-            "--model", spec.model,
-            "--backend", spec.backend,
-            "--device", spec.device,
-            "--slots", str(spec.slots),
-            "--listen", f"{self.settings.worker_host}:0",
-            "--stop-grace", str(self.settings.stop_grace),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "worker",
+            "--worker-id",
+            worker.id,
+            "--hive-id",
+            self.hive_id,
+            "--hive",
+            self.hive_address,
+            "--model",
+            spec.model,
+            "--backend",
+            spec.backend,
+            "--device",
+            spec.device,
+            "--slots",
+            str(spec.slots),
+            "--listen",
+            f"{self.settings.worker_host}:0",
+            "--stop-grace",
+            str(self.settings.stop_grace),
+        ]
         for key, value in sorted(spec.backend_options.items()):
             argv += ["--option", f"{key}={value}"]
         return argv
@@ -264,9 +279,10 @@ class Supervisor:
     async def ensure(self, spec: WorkerSpec, count: int) -> None:
         """Have `count` workers of `spec` (boot-time --spawn): re-adopted ones count."""
         have = sum(
-            1 for w in self.workers.values()
+            1
+            for w in self.workers.values()
             if w.spec.same_as(spec) and w.state != S.WORKER_STATE_STOPPING
-        )  # fmt: skip
+        )
         for _ in range(count - have):
             await self.spawn(WorkerSpec(**vars(spec)))
 
@@ -300,8 +316,13 @@ class Supervisor:
         self.spawns += 1
         worker.ps = self._ps(worker.identity)
         worker.restarts.started(self.clock.monotonic())
-        log.info("worker spawned", worker_id=worker.id, pid=worker.process.pid,
-                 model=worker.spec.model, log=str(worker.log_path))  # fmt: skip
+        log.info(
+            "worker spawned",
+            worker_id=worker.id,
+            pid=worker.process.pid,
+            model=worker.spec.model,
+            log=str(worker.log_path),
+        )
         self._track(self._watch(worker, worker.exited))
         self._changed()
 
@@ -483,9 +504,11 @@ class Supervisor:
         s = self.settings
         if worker.state == S.WORKER_STATE_LOADING and worker.alive():
             if loading_expired(worker.loading_since, self.clock.monotonic(), s.load_timeout):
-                self._track(self.fail_and_kill(
-                    worker, f"still LOADING after {s.load_timeout:g}s (load timeout)"
-                ))  # fmt: skip
+                self._track(
+                    self.fail_and_kill(
+                        worker, f"still LOADING after {s.load_timeout:g}s (load timeout)"
+                    )
+                )
             return
         if worker.state not in READY or not worker.address:
             return
@@ -494,9 +517,11 @@ class Supervisor:
         if worker.state not in READY:  # changed while we were asking
             return
         if worker.health.record(ok, error):
-            self._track(self.fail_and_kill(
-                worker, f"failed {worker.health.failures} health checks in a row: {error}"
-            ))  # fmt: skip
+            self._track(
+                self.fail_and_kill(
+                    worker, f"failed {worker.health.failures} health checks in a row: {error}"
+                )
+            )
             return
         if status is not None:
             before = worker.state

@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
 
 import structlog
 
 from apiary import logs
 from apiary.serving import stop_event_on_signals, write_port_file
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
+from protos.v1 import common_pb2
+from queen.autospawn import SpawnPlan, parse_plan
 from queen.server import QueenConfig, create_server
 
 log = structlog.get_logger("queen")
+
+POLICIES = {
+    "least-loaded": common_pb2.ROUTING_POLICY_LEAST_LOADED,
+    "lru": common_pb2.ROUTING_POLICY_LRU,
+    "score": common_pb2.ROUTING_POLICY_SCORE,
+    "lottery": common_pb2.ROUTING_POLICY_LOTTERY,
+    "shortest-queue": common_pb2.ROUTING_POLICY_SHORTEST_QUEUE,
+}
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return str(Path(base) / "apiary" / "queen")
+
+
+def plan(text: str) -> SpawnPlan:
+    try:
+        return parse_plan(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
@@ -23,12 +47,42 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         "--heartbeat-interval",
         type=float,
         default=1.0,
-        help="seconds between hive heartbeats; a hive silent for 3 intervals is unhealthy",
+        help="seconds between hive heartbeats; degraded after 2 missed, unhealthy after 3",
+    )
+    p.add_argument(
+        "--hive-ttl",
+        type=float,
+        default=10.0,
+        help="forget an unhealthy hive and its workers after this many intervals (default 10)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=list(POLICIES),
+        default="least-loaded",
+        help="default routing policy (requests may choose their own)",
     )
     p.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting for a slot, in all"
     )
     p.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP)
+    p.add_argument(
+        "--breaker-failures",
+        type=int,
+        default=3,
+        help="failures in a row that stop routing to a worker (0 = never)",
+    )
+    p.add_argument("--breaker-cooldown", type=float, default=10.0, help="seconds it stays out")
+    p.add_argument(
+        "--autospawn",
+        action="append",
+        default=[],
+        type=plan,
+        metavar="MODEL=BACKEND[,K=V]",
+        help="spawn a worker on demand when a request asks for MODEL and none serves it",
+    )
+    p.add_argument(
+        "--state-dir", default="", help="request history (default ~/.local/state/apiary/queen)"
+    )
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
     return p
@@ -36,7 +90,17 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
-    config = QueenConfig(args.heartbeat_interval, args.max_queue, args.max_tokens_cap)
+    config = QueenConfig(
+        heartbeat_interval=args.heartbeat_interval,
+        max_queue=args.max_queue,
+        max_tokens_cap=args.max_tokens_cap,
+        state_dir=Path(args.state_dir or default_state_dir()),
+        policy=POLICIES[args.policy],
+        hive_ttl_intervals=args.hive_ttl,
+        breaker_failures=args.breaker_failures,
+        breaker_cooldown=args.breaker_cooldown,
+        autospawn={p.model: p for p in args.autospawn},
+    )
     try:
         queen = await create_server(args.listen, config)
     except OSError as exc:
@@ -49,6 +113,8 @@ async def run(args: argparse.Namespace) -> int:
         listen=args.listen,
         port=queen.running.port,
         heartbeat_interval=args.heartbeat_interval,
+        policy=args.policy,
+        state_dir=str(config.state_dir),
     )
     await stop.wait()
     log.info("queen stopping")

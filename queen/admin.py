@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import grpc
 import structlog
 
 from apiary.protoutil import naming, timestamp
 from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
-from queen.channels import Channels
-from queen.registry import HiveEntry, Registry
-from queen.scheduler import Scheduler
+from queen.registry import HiveEntry
+from queen.router import Cluster, tags_problem
 
 log = structlog.get_logger("queen.admin")
 
 
 class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
-    def __init__(self, registry: Registry, scheduler: Scheduler, channels: Channels) -> None:
-        self.registry = registry
-        self.scheduler = scheduler
-        self.channels = channels
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        self.registry = cluster.registry
+        self.scheduler = cluster.scheduler
+        self.channels = cluster.channels
 
     def hive_info(self, hive: HiveEntry) -> queen_pb2.HiveInfo:
         health, reason = self.registry.hive_health(hive)
@@ -36,6 +39,8 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             slots_total=sum(w.record.slots_total for w in workers),
             slots_in_use=sum(w.in_flight for w in workers),
             stats=hive.stats,
+            drained=hive.drained,
+            backends=sorted(hive.backends),
         )
 
     async def _hive(self, hive_id: str, context: Context) -> HiveEntry:
@@ -58,7 +63,8 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
     ) -> queen_pb2.GetHiveResponse:
         hive = await self._hive(request.hive_id, context)
         workers = sorted(
-            (w.view() for w in self.registry.workers_of_hive(hive.id)), key=lambda r: r.id
+            (self.registry.view(w) for w in self.registry.workers_of_hive(hive.id)),
+            key=lambda r: r.id,
         )
         return queen_pb2.GetHiveResponse(hive=self.hive_info(hive), workers=workers)
 
@@ -71,14 +77,28 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown worker state {request.state}"
             )
+        if request.hive_health and request.hive_health not in common_pb2.HiveHealth.values():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown hive health {request.hive_health}"
+            )
+        problem = tags_problem(list(request.tags))
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        tags = set(request.tags)
         records = []
         for entry in self.registry.workers.values():
-            record = entry.view()
-            if request.hive_id and record.hive_id != request.hive_id:
+            if request.model and entry.record.model != request.model:
                 continue
-            if request.model and record.model != request.model:
+            if request.hive_id and entry.record.hive_id != request.hive_id:
                 continue
+            if not tags.issubset(entry.record.tags):
+                continue
+            record = self.registry.view(entry)
             if request.state and record.state != request.state:
+                continue
+            if request.hive_health and record.hive_health != request.hive_health:
+                continue
+            if record.slots_available < request.min_free_slots:
                 continue
             records.append(record)
         records.sort(key=lambda r: (r.hive_id, r.model, r.id))
@@ -93,7 +113,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown worker {request.worker_id!r}; workers: {naming(self.registry.workers)}",
             )
-        return queen_pb2.GetWorkerResponse(worker=entry.view())
+        return queen_pb2.GetWorkerResponse(worker=self.registry.view(entry))
 
     async def _routable_hive(self, hive_id: str, context: Context) -> HiveEntry:
         """The named hive (or the only one), refusing an unhealthy one."""
@@ -107,7 +127,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             hive_id = next(iter(self.registry.hives))
         hive = await self._hive(hive_id, context)
         health, reason = self.registry.hive_health(hive)
-        if health != queen_pb2.HIVE_HEALTH_HEALTHY:
+        if health == common_pb2.HIVE_HEALTH_UNHEALTHY:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"hive {hive.id} is unhealthy: {reason}"
             )
@@ -125,6 +145,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             backend_options=request.backend_options,
             wait_ready=request.wait_ready,
             restart_policy=request.restart_policy,
+            tags=request.tags,
         )
         try:
             reply = await self.channels.hive(hive.address).SpawnWorker(
@@ -159,3 +180,57 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             "worker retired", hive_id=hive.id, worker_id=request.worker_id, force=request.force
         )
         return queen_pb2.RetireWorkerResponse(worker=reply.worker)
+
+    async def DrainHive(
+        self, request: queen_pb2.DrainHiveRequest, context: Context
+    ) -> queen_pb2.DrainHiveResponse:
+        hive = await self._hive(request.hive_id, context)
+        drained = not request.undrain
+        await self.c.history.set_drain("hive", hive.id, drained)
+        self.registry.drain_hive(hive.id, drained)
+        if not drained:
+            self.scheduler.dispatch_all()
+        log.info("hive drain", hive_id=hive.id, drained=drained)
+        return queen_pb2.DrainHiveResponse(hive=self.hive_info(hive))
+
+    async def DrainWorker(
+        self, request: queen_pb2.DrainWorkerRequest, context: Context
+    ) -> queen_pb2.DrainWorkerResponse:
+        entry = self.registry.workers.get(request.worker_id)
+        if entry is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown worker {request.worker_id!r}; workers: {naming(self.registry.workers)}",
+            )
+        drained = not request.undrain
+        await self.c.history.set_drain("worker", entry.id, drained)
+        self.registry.drain_worker(entry.id, drained)
+        if not drained:
+            self.scheduler.dispatch(entry.record.model)
+        log.info("worker drain", worker_id=entry.id, drained=drained)
+        return queen_pb2.DrainWorkerResponse(worker=self.registry.view(entry))
+
+    async def WatchEvents(
+        self, request: queen_pb2.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[queen_pb2.Event]:
+        unknown = [k for k in request.kinds if k not in queen_pb2.EventKind.values()]
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown event kinds {unknown}")
+        subscriber = self.c.events.subscribe(request.kinds)
+        try:
+            async for event in subscriber:
+                yield event
+        finally:
+            self.c.events.unsubscribe(subscriber)
+
+    async def ListRequests(
+        self, request: queen_pb2.ListRequestsRequest, context: Context
+    ) -> queen_pb2.ListRequestsResponse:
+        if request.status and request.status not in queen_pb2.RequestStatus.values():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown status {request.status}"
+            )
+        records = await asyncio.to_thread(
+            self.c.history.query, request.status, request.model, request.limit
+        )
+        return queen_pb2.ListRequestsResponse(requests=records)

@@ -8,18 +8,15 @@ import structlog
 from apiary.serving import Context
 from apiary.validation import name_problem
 from protos.v1 import queen_pb2, queen_pb2_grpc
-from queen.channels import Channels
-from queen.registry import Registry
-from queen.scheduler import Scheduler
+from queen.router import Cluster
 
 log = structlog.get_logger("queen.heartbeats")
 
 
 class QueenRegistryService(queen_pb2_grpc.QueenRegistryServicer):
-    def __init__(self, registry: Registry, scheduler: Scheduler, channels: Channels) -> None:
-        self.registry = registry
-        self.scheduler = scheduler
-        self.channels = channels
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+        self.registry = cluster.registry
 
     async def Heartbeat(
         self, request: queen_pb2.HiveHeartbeat, context: Context
@@ -33,17 +30,7 @@ class QueenRegistryService(queen_pb2_grpc.QueenRegistryServicer):
             problem = name_problem("worker id", record.id) or name_problem("model", record.model)
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        outcome = self.registry.apply_heartbeat(request)
-        if outcome.new_hive:
-            log.info(
-                "hive joined",
-                hive_id=request.hive_id,
-                address=request.address,
-                workers=len(request.workers),
-            )
-        if request.leaving:
-            log.info("hive left", hive_id=request.hive_id)
-        for address in outcome.removed_addresses:
-            self.channels.discard(address)
-        self.scheduler.dispatch_all()
+        for address in self.registry.apply_heartbeat(request):
+            self.c.channels.discard(address)
+        self.c.scheduler.dispatch_all()
         return queen_pb2.HeartbeatReply(interval_seconds=self.registry.interval)

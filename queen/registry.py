@@ -1,25 +1,41 @@
 """The queen's view of the cluster: hives and workers from heartbeats, and slot leases.
 
-Pure logic: no sockets, no sleeping; time comes from an injected clock.
+Pure logic: no sockets, no sleeping; time comes from an injected clock and
+events go to a callback the I/O layer wires to the event bus.
 
 Heartbeats are the truth about which workers exist and in what state; the
 queen's own leases are the truth about slots in use (a heartbeat can be up to
-an interval old, so it never overwrites them). A per-model index of workers
-with a free slot, ordered least recently used first, makes a pick O(1).
+an interval old, so it never overwrites them). Picks go through per-pool
+indexes (queen/selection.py), so a pick never scans the fleet.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from apiary.clock import Clock
+from apiary.protoutil import timestamp
 from protos.v1 import common_pb2, queen_pb2
+from queen.selection import Judge, Pool, SpeedScale, Verdict, score
+from queen.stats import WorkerStatsTracker
 
 S = common_pb2
+Q = queen_pb2
 READY_STATES = frozenset({S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY})
+DEGRADED_AFTER_INTERVALS = 2
 UNHEALTHY_AFTER_INTERVALS = 3
+
+
+@dataclass
+class RegistrySettings:
+    interval: float = 1.0
+    # An unhealthy hive (and its workers) is forgotten after this many intervals of silence.
+    hive_ttl_intervals: float = 10.0
+    default_policy: common_pb2.RoutingPolicy.ValueType = S.ROUTING_POLICY_LEAST_LOADED
+    breaker_failures: int = 3
+    breaker_cooldown: float = 10.0
 
 
 @dataclass
@@ -31,42 +47,44 @@ class HiveEntry:
     resources: queen_pb2.HiveResources = field(default_factory=queen_pb2.HiveResources)
     stats: queen_pb2.HiveStats = field(default_factory=queen_pb2.HiveStats)
     worker_ids: set[str] = field(default_factory=set)
+    drained: bool = False
+    health: common_pb2.HiveHealth.ValueType = S.HIVE_HEALTH_HEALTHY
+    backends: frozenset[str] = frozenset()
 
 
 @dataclass
 class WorkerEntry:
     record: common_pb2.WorkerRecord
+    stats: WorkerStatsTracker = field(default_factory=WorkerStatsTracker)
     # Slots the queen has leased out on this worker right now.
     in_flight: int = 0
-    # Set when the queen could not reach the worker; cleared by the next
-    # heartbeat that reports the worker (the hive would have reported its exit).
+    # Order of last use (a lease taken or given back); smaller = longer ago.
+    last_used: int = 0
+    # Set when the queen could not reach the worker; cleared by the next heartbeat that
+    # reports it (the hive would have reported its exit).
     unreachable: bool = False
-    completed: int = 0
-    failed: int = 0
+    drained: bool = False
+    breaker_until: float = 0.0
 
     @property
     def id(self) -> str:
         return self.record.id
 
     @property
+    def slots_total(self) -> int:
+        return self.record.slots_total
+
+    @property
     def free_slots(self) -> int:
         return max(self.record.slots_total - self.in_flight, 0)
 
-    def routable(self) -> bool:
-        return self.record.state in READY_STATES and not self.unreachable and self.free_slots > 0
+    @property
+    def speed(self) -> float | None:
+        return self.stats.speed
 
-    def view(self) -> common_pb2.WorkerRecord:
-        """The record as operators see it: the hive's report with the queen's slot counts."""
-        out = common_pb2.WorkerRecord()
-        out.CopyFrom(self.record)
-        if out.state in READY_STATES:
-            out.state = S.WORKER_STATE_BUSY if self.in_flight else S.WORKER_STATE_IDLE
-            out.slots_available = self.free_slots
-        out.requests_completed = self.completed
-        out.requests_failed = self.failed
-        if self.unreachable and not out.failure_reason:
-            out.failure_reason = "queen could not reach the worker"
-        return out
+    @property
+    def success_rate(self) -> float:
+        return self.stats.success_rate
 
 
 @dataclass(frozen=True)
@@ -79,199 +97,353 @@ class Lease:
     model: str
 
 
-@dataclass
-class HeartbeatOutcome:
-    # Addresses of workers that are gone, so their channels can be closed.
-    removed_addresses: list[str] = field(default_factory=list)
-    new_hive: bool = False
+@dataclass(frozen=True)
+class Outcome:
+    """How a lease ended. ok=None: it was never used (cancelled, handed back)."""
+
+    ok: bool | None
+    duration: float = 0.0
+    tokens: int = 0
+    # The worker is to blame (unreachable, crashed mid-stream): counts for the circuit breaker.
+    worker_fault: bool = False
 
 
 class Registry:
-    def __init__(self, clock: Clock, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        settings: RegistrySettings | None = None,
+        seed: int | None = None,
+        on_event: Callable[[queen_pb2.Event], None] = lambda event: None,
+    ) -> None:
+        # Called with every cluster event the registry sees (hives, workers, breakers).
+        self.on_event = on_event
         self.clock = clock
-        self.interval = interval
+        self.settings = settings or RegistrySettings()
         self.hives: dict[str, HiveEntry] = {}
         self.workers: dict[str, WorkerEntry] = {}
-        # model -> worker ids (all states), and model -> routable ids in LRU order.
+        # Drains outlive the rows they apply to (a queen restart, a hive rejoining).
+        self.drained_hives: set[str] = set()
+        self.drained_workers: set[str] = set()
         self._by_model: dict[str, set[str]] = {}
-        self._free: dict[str, OrderedDict[str, None]] = {}
+        self._pools: dict[str, dict[frozenset[str], Pool]] = {}
+        self._use_counter = 0
+        self._rng = random.Random(seed)
+
+    @property
+    def interval(self) -> float:
+        return self.settings.interval
+
+    # ---- events -----------------------------------------------------------
+
+    def _event(self, kind: queen_pb2.EventKind.ValueType, **fields: object) -> None:
+        self.on_event(Q.Event(kind=kind, time=timestamp(self.clock.time()), **fields))  # type: ignore[arg-type]
 
     # ---- heartbeats -------------------------------------------------------
 
-    def apply_heartbeat(self, beat: queen_pb2.HiveHeartbeat) -> HeartbeatOutcome:
-        """Replace everything known about the hive with its heartbeat; stamp it with our clock."""
-        outcome = HeartbeatOutcome()
+    def apply_heartbeat(self, beat: queen_pb2.HiveHeartbeat) -> list[str]:
+        """Replace everything known about the hive; stamp it with our clock.
+
+        Returns the addresses of workers that are gone, so their channels can close.
+        """
         if beat.leaving:
-            outcome.removed_addresses = self.remove_hive(beat.hive_id)
-            return outcome
+            return self.remove_hive(beat.hive_id, "the hive is shutting down")
         now = self.clock.monotonic()
         hive = self.hives.get(beat.hive_id)
         if hive is None:
             hive = HiveEntry(beat.hive_id, beat.address, self.clock.time(), now)
+            hive.drained = beat.hive_id in self.drained_hives
             self.hives[beat.hive_id] = hive
-            outcome.new_hive = True
+            self._event(Q.EVENT_KIND_HIVE_JOINED, hive_id=hive.id, detail=beat.address)
         hive.address = beat.address
         hive.last_seen = now
         hive.resources = beat.resources
         hive.stats = beat.stats
+        hive.backends = frozenset(beat.backends)
+        self._note_health(hive)
 
+        removed: list[str] = []
         reported = {record.id: record for record in beat.workers}
         for gone in hive.worker_ids - reported.keys():
-            outcome.removed_addresses.append(self.forget_worker(gone))
+            removed.append(self.forget_worker(gone))
         for record in reported.values():
-            self._upsert(hive, record, outcome)
-        return outcome
+            removed.extend(self._upsert(hive, record))
+        return [a for a in removed if a]
 
-    def apply_worker(self, record: common_pb2.WorkerRecord) -> HeartbeatOutcome:
+    def apply_worker(self, record: common_pb2.WorkerRecord) -> list[str]:
         """One worker's fresh record from its hive (e.g. a spawn reply), ahead of the heartbeat."""
-        outcome = HeartbeatOutcome()
         hive = self.hives.get(record.hive_id)
-        if hive is not None:
-            self._upsert(hive, record, outcome)
-        return outcome
+        return self._upsert(hive, record) if hive is not None else []
 
     def forget_worker(self, worker_id: str) -> str:
-        """Drop a worker its hive has confirmed stopped; returns its address."""
-        entry = self.workers.get(worker_id)
+        """Drop a worker (its hive no longer lists it); returns its address."""
+        entry = self.workers.pop(worker_id, None)
         if entry is None:
             return ""
         hive = self.hives.get(entry.record.hive_id)
         if hive is not None:
             hive.worker_ids.discard(worker_id)
-        return self._remove_worker(worker_id)
-
-    def _upsert(
-        self, hive: HiveEntry, record: common_pb2.WorkerRecord, outcome: HeartbeatOutcome
-    ) -> None:
-        entry = self.workers.get(record.id)
-        if entry is None or entry.record.hive_id != hive.id:
-            if entry is not None:  # the worker moved hives (should not happen); start over
-                self.forget_worker(record.id)
-            entry = WorkerEntry(record)
-            self.workers[record.id] = entry
-            self._by_model.setdefault(record.model, set()).add(record.id)
-        else:
-            if entry.record.model != record.model:
-                self._unindex(entry)
-                self._by_model[entry.record.model].discard(record.id)
-                self._by_model.setdefault(record.model, set()).add(record.id)
-            if entry.record.address != record.address:
-                # A new process behind the same id (restarted, or gone): leases on the old one
-                # can no longer be released against it, so its slots start over.
-                if entry.record.address:
-                    outcome.removed_addresses.append(entry.record.address)
-                entry.in_flight = 0
-            entry.record = record
-            entry.unreachable = False
-        hive.worker_ids.add(record.id)
-        self._reindex(entry)
-
-    def remove_hive(self, hive_id: str) -> list[str]:
-        hive = self.hives.pop(hive_id, None)
-        if hive is None:
-            return []
-        return [self._remove_worker(wid) for wid in hive.worker_ids]
-
-    def _remove_worker(self, worker_id: str) -> str:
-        entry = self.workers.pop(worker_id, None)
-        if entry is None:
-            return ""
-        self._unindex(entry)
+        for pool in self._pools.get(entry.record.model, {}).values():
+            pool.remove(worker_id)
         model_ids = self._by_model.get(entry.record.model)
         if model_ids is not None:
             model_ids.discard(worker_id)
             if not model_ids:
                 del self._by_model[entry.record.model]
+                self._pools.pop(entry.record.model, None)
+        self._event(
+            Q.EVENT_KIND_WORKER_REMOVED,
+            hive_id=entry.record.hive_id,
+            worker_id=worker_id,
+            model=entry.record.model,
+        )
         return entry.record.address
 
-    # ---- health -----------------------------------------------------------
+    def _upsert(self, hive: HiveEntry, record: common_pb2.WorkerRecord) -> list[str]:
+        removed: list[str] = []
+        entry = self.workers.get(record.id)
+        if entry is not None and (
+            entry.record.hive_id != hive.id or entry.record.model != record.model
+        ):
+            removed.append(self.forget_worker(record.id))  # moved hive or model: start over
+            entry = None
+        if entry is None:
+            self._use_counter += 1  # never used: least recently used in order of joining
+            entry = WorkerEntry(
+                record, drained=record.id in self.drained_workers, last_used=self._use_counter
+            )
+            self.workers[record.id] = entry
+            self._by_model.setdefault(record.model, set()).add(record.id)
+            self._event(
+                Q.EVENT_KIND_WORKER_JOINED,
+                hive_id=hive.id,
+                worker_id=record.id,
+                model=record.model,
+                state=record.state,
+            )
+        else:
+            if entry.record.address != record.address:
+                # A new process behind the same id (restarted, or gone): leases on the old one
+                # can no longer be released against it, so its slots start over.
+                removed.append(entry.record.address)
+                entry.in_flight = 0
+            if entry.record.state != record.state:
+                self._event(
+                    Q.EVENT_KIND_WORKER_STATE_CHANGED,
+                    hive_id=hive.id,
+                    worker_id=record.id,
+                    model=record.model,
+                    state=record.state,
+                    previous_state=entry.record.state,
+                )
+            entry.record = record
+            entry.unreachable = False
+        hive.worker_ids.add(record.id)
+        self._touch(entry)
+        return removed
+
+    def remove_hive(self, hive_id: str, reason: str) -> list[str]:
+        hive = self.hives.pop(hive_id, None)
+        if hive is None:
+            return []
+        removed = [self.forget_worker(wid) for wid in list(hive.worker_ids)]
+        self._event(Q.EVENT_KIND_HIVE_REMOVED, hive_id=hive_id, detail=reason)
+        return [a for a in removed if a]
+
+    # ---- health, breakers, ttl --------------------------------------------
 
     def heartbeat_age(self, hive: HiveEntry) -> float:
         return max(self.clock.monotonic() - hive.last_seen, 0.0)
 
-    def hive_health(self, hive: HiveEntry) -> tuple[queen_pb2.HiveHealth.ValueType, str]:
+    def hive_health(self, hive: HiveEntry) -> tuple[common_pb2.HiveHealth.ValueType, str]:
         age = self.heartbeat_age(hive)
-        limit = UNHEALTHY_AFTER_INTERVALS * self.interval
-        if age >= limit:
+        interval = self.settings.interval
+        if age >= UNHEALTHY_AFTER_INTERVALS * interval:
             return (
-                queen_pb2.HIVE_HEALTH_UNHEALTHY,
-                f"no heartbeat for {age:.1f}s (limit {limit:.1f}s = "
-                f"{UNHEALTHY_AFTER_INTERVALS} intervals of {self.interval:g}s)",
+                S.HIVE_HEALTH_UNHEALTHY,
+                f"no heartbeat for {age:.1f}s (unhealthy after {UNHEALTHY_AFTER_INTERVALS} "
+                f"intervals of {interval:g}s; not routed to)",
             )
-        return queen_pb2.HIVE_HEALTH_HEALTHY, ""
+        if age >= DEGRADED_AFTER_INTERVALS * interval:
+            return (
+                S.HIVE_HEALTH_DEGRADED,
+                f"no heartbeat for {age:.1f}s (degraded after {DEGRADED_AFTER_INTERVALS} "
+                f"intervals of {interval:g}s; routed to last)",
+            )
+        return S.HIVE_HEALTH_HEALTHY, ""
 
-    def hive_healthy(self, hive_id: str) -> bool:
+    def _note_health(self, hive: HiveEntry) -> common_pb2.HiveHealth.ValueType:
+        health, reason = self.hive_health(hive)
+        if health != hive.health:
+            hive.health = health
+            self._event(
+                Q.EVENT_KIND_HIVE_HEALTH_CHANGED,
+                hive_id=hive.id,
+                health=health,
+                detail=reason or "heartbeats arrive again",
+            )
+        return health
+
+    def sweep(self) -> list[str]:
+        """Periodic: health transitions, hives past their TTL, circuit breakers that cooled down.
+
+        Returns the addresses of removed workers.
+        """
+        now = self.clock.monotonic()
+        removed: list[str] = []
+        ttl = self.settings.hive_ttl_intervals * self.settings.interval
+        for hive in list(self.hives.values()):
+            self._note_health(hive)
+            if self.heartbeat_age(hive) >= ttl:
+                removed += self.remove_hive(hive.id, f"no heartbeat for {ttl:g}s (TTL)")
+        for entry in self.workers.values():
+            if entry.breaker_until and now >= entry.breaker_until:
+                entry.breaker_until = 0.0
+                # Half-open: one more failure opens it again at once.
+                entry.stats.consecutive_failures = self.settings.breaker_failures - 1
+                self._event(
+                    Q.EVENT_KIND_WORKER_CIRCUIT_CLOSED,
+                    worker_id=entry.id,
+                    hive_id=entry.record.hive_id,
+                    model=entry.record.model,
+                )
+                self._touch(entry)
+        return removed
+
+    # ---- drain ------------------------------------------------------------
+
+    def drain_hive(self, hive_id: str, drained: bool) -> None:
+        (self.drained_hives.add if drained else self.drained_hives.discard)(hive_id)
         hive = self.hives.get(hive_id)
-        return hive is not None and self.hive_health(hive)[0] == queen_pb2.HIVE_HEALTH_HEALTHY
+        if hive is not None and hive.drained != drained:
+            hive.drained = drained
+            kind = Q.EVENT_KIND_HIVE_DRAINED if drained else Q.EVENT_KIND_HIVE_UNDRAINED
+            self._event(kind, hive_id=hive_id)
+            for worker_id in hive.worker_ids:
+                self._touch(self.workers[worker_id])
 
-    # ---- leases -----------------------------------------------------------
+    def drain_worker(self, worker_id: str, drained: bool) -> None:
+        (self.drained_workers.add if drained else self.drained_workers.discard)(worker_id)
+        entry = self.workers.get(worker_id)
+        if entry is not None and entry.drained != drained:
+            entry.drained = drained
+            kind = Q.EVENT_KIND_WORKER_DRAINED if drained else Q.EVENT_KIND_WORKER_UNDRAINED
+            self._event(
+                kind, worker_id=worker_id, hive_id=entry.record.hive_id, model=entry.record.model
+            )
+            self._touch(entry)
 
-    def acquire(self, model: str, exclude: Iterable[str] = ()) -> Lease | None:
-        """Take a slot on the least recently used routable worker of `model`, or None.
+    def is_drained(self, entry: WorkerEntry) -> bool:
+        hive = self.hives.get(entry.record.hive_id)
+        return entry.drained or (hive is not None and hive.drained)
+
+    # ---- routing ----------------------------------------------------------
+
+    def routable(self, entry: WorkerEntry) -> bool:
+        """Everything but hive health (judged at pick time, as it changes with time alone)."""
+        return (
+            entry.record.state in READY_STATES
+            and entry.free_slots > 0
+            and not entry.unreachable
+            and not entry.breaker_until
+            and not self.is_drained(entry)
+        )
+
+    def _touch(self, entry: WorkerEntry) -> None:
+        """Re-key the worker in every pool of its model."""
+        eligible = self.routable(entry)
+        tags = entry.record.tags
+        for pool in self._pools.get(entry.record.model, {}).values():
+            if pool.admits(tags):
+                pool.update(entry, eligible)
+        if entry.record.model not in self._pools:
+            self._pool(entry.record.model, frozenset())
+
+    def _pool(self, model: str, tags: frozenset[str]) -> Pool:
+        pools = self._pools.setdefault(model, {})
+        pool = pools.get(tags)
+        if pool is None:
+            pool = Pool(model, tags, self._rng)
+            for worker_id in self._by_model.get(model, ()):
+                entry = self.workers[worker_id]
+                if pool.admits(entry.record.tags):
+                    pool.update(entry, self.routable(entry))
+            pools[tags] = pool
+        return pool
+
+    def _judge(self, exclude: frozenset[str]) -> Judge:
+        def judge(worker_id: str) -> Verdict:
+            entry = self.workers[worker_id]
+            hive = self.hives.get(entry.record.hive_id)
+            if hive is None:
+                return Verdict.DROP
+            health = self._note_health(hive)
+            if health == S.HIVE_HEALTH_UNHEALTHY:
+                return Verdict.DROP  # until the hive's next heartbeat re-adds it
+            if entry.record.address in exclude:
+                return Verdict.SKIP
+            if health == S.HIVE_HEALTH_DEGRADED:
+                return Verdict.LATER
+            return Verdict.TAKE
+
+        return judge
+
+    def acquire(
+        self,
+        model: str,
+        exclude: Iterable[str] = (),
+        policy: common_pb2.RoutingPolicy.ValueType = S.ROUTING_POLICY_UNSPECIFIED,
+        tags: Iterable[str] = (),
+    ) -> Lease | None:
+        """Take a slot on the best free worker of `model` carrying `tags`, or None.
 
         `exclude` holds worker addresses already tried for this request.
         """
-        index = self._free.get(model)
-        if not index:
+        if model not in self._by_model:
             return None
-        excluded = set(exclude)
-        parked: list[str] = []
-        chosen: WorkerEntry | None = None
-        for worker_id in index:
-            entry = self.workers[worker_id]
-            if not self.hive_healthy(entry.record.hive_id):
-                # Out of the index until the hive's next heartbeat re-adds it.
-                parked.append(worker_id)
-                continue
-            if entry.record.address in excluded:
-                continue
-            chosen = entry
-            break
-        for worker_id in parked:
-            del index[worker_id]
-        if chosen is None:
+        pool = self._pool(model, frozenset(tags))
+        policy = policy or self.settings.default_policy
+        worker_id = pool.pick(policy, self._judge(frozenset(exclude)))
+        if worker_id is None:
             return None
-        chosen.in_flight += 1
-        self._reindex(chosen)
-        return Lease(chosen.id, chosen.record.hive_id, chosen.record.address, model)
+        entry = self.workers[worker_id]
+        entry.in_flight += 1
+        self._use_counter += 1
+        entry.last_used = self._use_counter
+        self._touch(entry)
+        return Lease(entry.id, entry.record.hive_id, entry.record.address, model)
 
-    def release(self, lease: Lease, ok: bool | None) -> None:
-        """Give the slot back and count the outcome (None: the slot went unused).
-
-        A lease on a worker that has since gone is simply dropped.
-        """
+    def release(self, lease: Lease, outcome: Outcome) -> None:
+        """Give the slot back and count the outcome; a lease on a worker since gone is dropped."""
         entry = self.workers.get(lease.worker_id)
         if entry is None or entry.record.address != lease.address:
             return
         entry.in_flight = max(entry.in_flight - 1, 0)
-        if ok is True:
-            entry.completed += 1
-        elif ok is False:
-            entry.failed += 1
-        self._reindex(entry)
+        self._use_counter += 1
+        entry.last_used = self._use_counter
+        if outcome.ok is not None:
+            entry.stats.record(outcome.ok, outcome.duration, outcome.tokens)
+        if outcome.ok is False and not outcome.worker_fault:
+            entry.stats.consecutive_failures = 0  # not the worker's doing
+        threshold = self.settings.breaker_failures
+        if outcome.worker_fault and threshold and entry.stats.consecutive_failures >= threshold:
+            if not entry.breaker_until:
+                self._event(
+                    Q.EVENT_KIND_WORKER_CIRCUIT_OPENED,
+                    worker_id=entry.id,
+                    hive_id=entry.record.hive_id,
+                    model=entry.record.model,
+                    detail=f"{entry.stats.consecutive_failures} failures in a row",
+                )
+            entry.breaker_until = self.clock.monotonic() + self.settings.breaker_cooldown
+        self._touch(entry)
 
     def mark_unreachable(self, worker_id: str) -> None:
         """Stop routing to a worker we failed to reach until its hive vouches for it again."""
         entry = self.workers.get(worker_id)
         if entry is not None:
             entry.unreachable = True
-            self._unindex(entry)
-
-    def _reindex(self, entry: WorkerEntry) -> None:
-        """Put the worker at the most-recently-used end of its model's index, or take it out."""
-        if entry.routable():
-            index = self._free.setdefault(entry.record.model, OrderedDict())
-            index[entry.id] = None
-            index.move_to_end(entry.id)
-        else:
-            self._unindex(entry)
-
-    def _unindex(self, entry: WorkerEntry) -> None:
-        index = self._free.get(entry.record.model)
-        if index is not None:
-            index.pop(entry.id, None)
-            if not index:
-                del self._free[entry.record.model]
+            self._touch(entry)
 
     # ---- queries ----------------------------------------------------------
 
@@ -281,6 +453,10 @@ class Registry:
     def has_model(self, model: str) -> bool:
         return model in self._by_model
 
+    def has_free(self, model: str) -> bool:
+        pool = self._pools.get(model, {}).get(frozenset())
+        return pool is not None and bool(pool.eligible)
+
     def workers_of_model(self, model: str) -> Iterator[WorkerEntry]:
         for worker_id in self._by_model.get(model, ()):
             yield self.workers[worker_id]
@@ -289,3 +465,35 @@ class Registry:
         hive = self.hives.get(hive_id)
         for worker_id in hive.worker_ids if hive else ():
             yield self.workers[worker_id]
+
+    def view(self, entry: WorkerEntry) -> common_pb2.WorkerRecord:
+        """The record as operators see it: the hive's report with the queen's own knowledge."""
+        out = common_pb2.WorkerRecord()
+        out.CopyFrom(entry.record)
+        if out.state in READY_STATES:
+            out.state = S.WORKER_STATE_BUSY if entry.in_flight else S.WORKER_STATE_IDLE
+            out.slots_available = entry.free_slots
+        stats = entry.stats
+        out.requests_completed = stats.completed
+        out.requests_failed = stats.failed
+        hive = self.hives.get(entry.record.hive_id)
+        if hive is not None:
+            out.hive_health = self.hive_health(hive)[0]
+            out.heartbeat_age_seconds = self.heartbeat_age(hive)
+        out.drained = self.is_drained(entry)
+        if entry.breaker_until:
+            out.circuit_open_seconds = max(entry.breaker_until - self.clock.monotonic(), 0.0)
+        if entry.unreachable and not out.failure_reason:
+            out.failure_reason = "queen could not reach the worker"
+        pool = self._pools.get(entry.record.model, {}).get(frozenset())
+        out.stats.CopyFrom(
+            common_pb2.WorkerStats(
+                mean_duration_seconds=stats.mean_duration,
+                p50_duration_seconds=stats.p50_duration,
+                tokens_per_second=stats.speed or 0.0,
+                success_rate=stats.success_rate,
+                consecutive_failures=stats.consecutive_failures,
+                score=score(entry, pool.scale if pool else SpeedScale()),
+            )
+        )
+        return out

@@ -1,166 +1,250 @@
-"""The Queen service: routes each Infer to a free worker and relays its stream chunk by chunk."""
+"""The Queen service: routes each Infer to a free worker and relays its stream chunk by chunk.
+
+Before the first chunk reaches the client a failed attempt is retried on
+another worker (up to 3 attempts, backoff 0.1 s doubling, within the client's
+deadline); after it, the stream ends with UNAVAILABLE saying how much was
+delivered, because a second worker would repeat tokens the client already has.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import structlog
 
-from apiary.protoutil import naming
+from apiary.clock import Clock
+from apiary.protoutil import naming, timestamp
 from apiary.serving import Context
-from apiary.validation import infer_request_problem
+from apiary.validation import infer_request_problem, name_problem
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
+from queen.autospawn import Autospawner
 from queen.channels import Channels
-from queen.registry import Lease, Registry
+from queen.events import EventBus
+from queen.history import History
+from queen.leases import DEFAULT_TTL, MAX_TTL, LeaseManager, LeaseRefused
+from queen.registry import Lease, Outcome, Registry
 from queen.scheduler import ModelGone, QueueFull, Scheduler
 
 log = structlog.get_logger("queen.router")
 
 S = common_pb2
+Q = queen_pb2
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_SECONDS = 0.1
 # Worker answers that mean "try another worker" when no chunk has been sent yet.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Worker answers that are the worker's fault (for statistics and the circuit breaker).
+WORKER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.ABORTED,
+    }
+)
+MAX_TAGS = 16
+
+
+class RequestFailed(Exception):
+    """Ends a request with a gRPC status; raised inside the routing loop, answered once."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Cluster:
+    """What the client-facing services share."""
+
+    registry: Registry
+    scheduler: Scheduler
+    channels: Channels
+    events: EventBus
+    history: History
+    autospawn: Autospawner
+    leases: LeaseManager
+    clock: Clock
+    max_tokens_cap: int
+
+
+def tags_problem(tags: list[str]) -> str | None:
+    if len(tags) > MAX_TAGS:
+        return f"at most {MAX_TAGS} required tags are allowed (got {len(tags)})"
+    for tag in tags:
+        problem = name_problem("tag", tag)
+        if problem:
+            return problem
+    return None
 
 
 class QueenService(queen_pb2_grpc.QueenServicer):
-    def __init__(
-        self, registry: Registry, scheduler: Scheduler, channels: Channels, max_tokens_cap: int
-    ) -> None:
-        self.registry = registry
-        self.scheduler = scheduler
-        self.channels = channels
-        self.max_tokens_cap = max_tokens_cap
+    def __init__(self, cluster: Cluster) -> None:
+        self.c = cluster
+
+    # ---- admission --------------------------------------------------------
+
+    def _model_problem(self, model: str) -> RequestFailed | None:
+        """NOT_FOUND for an unserved model (unless autospawn will); UNAVAILABLE if all failed."""
+        registry = self.c.registry
+        if not registry.has_model(model):
+            if self.c.autospawn.can_spawn(model):
+                self.c.autospawn.ensure(model)
+                return None
+            if not registry.models():
+                return RequestFailed(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"unknown model {model!r}: no workers are registered yet; "
+                    "start one with `apiary worker spawn`",
+                )
+            spawnable = sorted(self.c.autospawn.plans)
+            extra = f"; autospawn offers: {naming(spawnable)}" if spawnable else ""
+            return RequestFailed(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model {model!r}; models served: {naming(registry.models())}{extra}",
+            )
+        workers = list(registry.workers_of_model(model))
+        alive = [
+            w
+            for w in workers
+            if w.record.state != S.WORKER_STATE_FAILED or w.record.restart_in_seconds > 0
+        ]
+        if not alive:
+            reasons = "; ".join(sorted({w.record.failure_reason or "failed" for w in workers}))
+            return RequestFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"every worker of model {model!r} has failed and none is restarting: {reasons}",
+            )
+        return None
+
+    def _admit(
+        self, request: common_pb2.InferRequest | queen_pb2.LeaseRequest
+    ) -> RequestFailed | None:
+        tags = list(request.required_tags)
+        if isinstance(request, S.InferRequest):
+            problem = infer_request_problem(request, self.c.max_tokens_cap)
+        else:
+            problem = name_problem("model", request.model)
+        problem = problem or tags_problem(tags)
+        if not problem and request.policy not in S.RoutingPolicy.values():
+            problem = f"unknown routing policy {request.policy}"
+        if problem:
+            return RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return self._model_problem(request.model)
+
+    # ---- Infer ------------------------------------------------------------
 
     async def Infer(
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
         request_id = request.request_id or uuid.uuid4().hex
         with structlog.contextvars.bound_contextvars(request_id=request_id, model=request.model):
-            problem = infer_request_problem(request, self.max_tokens_cap)
-            if problem:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            if not self.registry.has_model(request.model):
-                await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown_model(request.model))
+            refused = self._admit(request)
+            if refused is not None:
+                await context.abort(refused.code, refused.message)
+            if request.lease_id:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "lease_id is for calling a worker directly, not the queen",
+                )
             forward = common_pb2.InferRequest()
             forward.CopyFrom(request)
             forward.request_id = request_id
-            async for chunk in self._route(forward, context):
-                yield chunk
-
-    def _unknown_model(self, model: str) -> str:
-        if not self.registry.models():
-            return (
-                f"unknown model {model!r}: no workers are registered yet; "
-                "start one with `apiary worker spawn`"
+            route = _Route(self.c, forward, context)
+            self.c.history.accepted(request_id, request.model, self.c.clock.time())
+            self.c.events.emit(
+                Q.EVENT_KIND_REQUEST_QUEUED,
+                self.c.clock.time(),
+                request_id=request_id,
+                model=request.model,
             )
-        return f"unknown model {model!r}; models served: {naming(self.registry.models())}"
-
-    async def _route(
-        self, request: common_pb2.InferRequest, context: Context
-    ) -> AsyncIterator[common_pb2.InferChunk]:
-        loop = asyncio.get_running_loop()
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else loop.time() + remaining
-        tried: set[str] = set()
-        last_error = ""
-        for attempt in range(MAX_ATTEMPTS):
-            lease = await self._acquire(request.model, deadline, frozenset(tried), context)
-            sent = 0
-            ok: bool | None = None
-            timeout = None if deadline is None else max(deadline - loop.time(), 0.001)
-            call = self.channels.worker(lease.address).Infer(request, timeout=timeout)
             try:
-                async for chunk in call:
-                    if sent == 0:
-                        chunk.worker_id = lease.worker_id
+                async for chunk in route.run():
                     yield chunk
-                    sent += 1
-                ok = True
-                return
-            except grpc.aio.AioRpcError as exc:
-                ok = False
-                code = exc.code()
-                if sent or code not in RETRYABLE:
-                    await self._abort_after_worker_error(context, lease, exc, sent)
-                last_error = f"worker {lease.worker_id}: {code.name}: {exc.details()}"
-                # By address, not id: a worker restarted under the same id is a new process.
-                log.warning(
-                    "worker failed before first chunk; trying another",
-                    worker_id=lease.worker_id,
-                    code=code.name,
-                    attempt=attempt + 1,
+            except RequestFailed as failed:
+                await route.finish(ok=False, error=f"{failed.code.name}: {failed.message}")
+                await context.abort(failed.code, failed.message)
+            except asyncio.CancelledError:
+                await asyncio.shield(
+                    route.finish(ok=False, error="CANCELLED: the client went away")
                 )
-                tried.add(lease.address)
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    self.registry.mark_unreachable(lease.worker_id)
-            finally:
-                if not call.done():
-                    call.cancel()
-                self.scheduler.release(lease, ok)
-            backoff = RETRY_BACKOFF_SECONDS * 2**attempt
-            if deadline is not None and loop.time() + backoff >= deadline:
-                break
-            await asyncio.sleep(backoff)
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            f"no worker of model {request.model!r} could serve the request after "
-            f"{MAX_ATTEMPTS} attempt(s); last error: {last_error}",
-        )
+                raise
+            await route.finish(ok=True, error="")
 
-    async def _acquire(
-        self,
-        model: str,
-        deadline: float | None,
-        exclude: frozenset[str],
-        context: Context,
-    ) -> Lease:
-        loop = asyncio.get_running_loop()
-        timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
+    # ---- Lease ------------------------------------------------------------
+
+    async def Lease(
+        self, request: queen_pb2.LeaseRequest, context: Context
+    ) -> queen_pb2.LeaseResponse:
+        refused = self._admit(request)
+        if refused is not None:
+            await context.abort(refused.code, refused.message)
+        if not 0 <= request.ttl_seconds <= MAX_TTL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds must be within 0..{MAX_TTL:g}"
+            )
+        ttl = request.ttl_seconds or DEFAULT_TTL
+        remaining = context.time_remaining()
         try:
-            return await self.scheduler.acquire(model, timeout, exclude)
+            lease = await self.c.scheduler.acquire(
+                request.model,
+                remaining,
+                frozenset(),
+                request.policy,
+                frozenset(request.required_tags),
+            )
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no free worker of model {model!r} before the deadline; "
-                f"{self.scheduler.queue_depth(model)} other request(s) waiting",
+                f"no free worker of model {request.model!r} before the deadline",
             )
-        except QueueFull as exc:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"queen queue is full: {exc}; retry later"
+        except (QueueFull, ModelGone) as exc:
+            code = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+                if isinstance(exc, QueueFull)
+                else grpc.StatusCode.UNAVAILABLE
             )
-        except ModelGone as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        raise AssertionError("unreachable: context.abort raises")
+            await context.abort(code, str(exc))
+        try:
+            direct = await self.c.leases.hold(lease, ttl)
+        except LeaseRefused as exc:
+            await context.abort(exc.code, str(exc))
+        return Q.LeaseResponse(
+            lease_id=direct.id,
+            worker_id=lease.worker_id,
+            address=lease.address,
+            expires_at=timestamp(self.c.clock.time() + ttl),
+            ttl_seconds=ttl,
+        )
 
-    async def _abort_after_worker_error(
-        self,
-        context: Context,
-        lease: Lease,
-        exc: grpc.aio.AioRpcError,
-        sent: int,
-    ) -> None:
-        code = exc.code()
-        if sent:
-            # Never retried: a second worker would repeat tokens the client already has.
+    async def ReleaseLease(
+        self, request: queen_pb2.ReleaseLeaseRequest, context: Context
+    ) -> queen_pb2.ReleaseLeaseResponse:
+        if not self.c.leases.release(request.lease_id):
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"worker {lease.worker_id} failed after {sent} chunk(s) were delivered "
-                f"({code.name}: {exc.details()}); the stream is incomplete",
+                grpc.StatusCode.NOT_FOUND,
+                f"no active lease {request.lease_id!r} (it ended, expired or never existed)",
             )
-        await context.abort(code, exc.details() or code.name)
+        return Q.ReleaseLeaseResponse()
+
+    # ---- ListModels -------------------------------------------------------
 
     async def ListModels(
         self, request: queen_pb2.ListModelsRequest, context: Context
     ) -> queen_pb2.ListModelsResponse:
         models = []
-        for name in self.registry.models():
-            info = queen_pb2.ModelInfo(name=name, queued=self.scheduler.queue_depth(name))
-            for entry in self.registry.workers_of_model(name):
-                state = entry.view().state
+        registry = self.c.registry
+        for name in registry.models():
+            info = Q.ModelInfo(name=name, queued=self.c.scheduler.queue_depth(name))
+            for entry in registry.workers_of_model(name):
+                state = registry.view(entry).state
                 if state == S.WORKER_STATE_IDLE:
                     info.idle += 1
                 elif state == S.WORKER_STATE_BUSY:
@@ -170,4 +254,132 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                 elif state == S.WORKER_STATE_FAILED:
                     info.failed += 1
             models.append(info)
-        return queen_pb2.ListModelsResponse(models=models)
+        return Q.ListModelsResponse(models=models)
+
+
+class _Route:
+    """One request's way through the cluster: attempts, relay, and its record."""
+
+    def __init__(self, c: Cluster, request: common_pb2.InferRequest, context: Context) -> None:
+        self.c = c
+        self.request = request
+        self.context = context
+        self.attempts = 0
+        self.sent = 0
+        self.tokens = 0
+        self.lease: Lease | None = None
+        self.started = time.perf_counter()
+
+    async def finish(self, ok: bool, error: str) -> None:
+        c, rid = self.c, self.request.request_id
+        kind = Q.EVENT_KIND_REQUEST_COMPLETED if ok else Q.EVENT_KIND_REQUEST_FAILED
+        c.events.emit(
+            kind,
+            c.clock.time(),
+            request_id=rid,
+            model=self.request.model,
+            worker_id=self.lease.worker_id if self.lease else "",
+            hive_id=self.lease.hive_id if self.lease else "",
+            duration_seconds=time.perf_counter() - self.started,
+            detail=error,
+        )
+        await c.history.finished(rid, ok, c.clock.time(), self.tokens, error, self.attempts)
+
+    async def _acquire(self, deadline: float | None, tried: frozenset[str]) -> Lease:
+        request = self.request
+        loop = asyncio.get_running_loop()
+        timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
+        try:
+            return await self.c.scheduler.acquire(
+                request.model, timeout, tried, request.policy, frozenset(request.required_tags)
+            )
+        except TimeoutError:
+            raise RequestFailed(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no free worker of model {request.model!r} before the deadline; "
+                f"{self.c.scheduler.queue_depth(request.model)} other request(s) waiting",
+            ) from None
+        except QueueFull as exc:
+            raise RequestFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"queen queue is full: {exc}; retry later"
+            ) from None
+        except ModelGone as exc:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    async def run(self) -> AsyncIterator[common_pb2.InferChunk]:
+        c, request = self.c, self.request
+        loop = asyncio.get_running_loop()
+        remaining = self.context.time_remaining()
+        deadline = None if remaining is None else loop.time() + remaining
+        tried: set[str] = set()
+        last_error = ""
+        for attempt in range(MAX_ATTEMPTS):
+            lease = self.lease = await self._acquire(deadline, frozenset(tried))
+            self.attempts = attempt + 1
+            c.history.started(
+                request.request_id, lease.worker_id, lease.hive_id, c.clock.time(), self.attempts
+            )
+            c.events.emit(
+                Q.EVENT_KIND_REQUEST_STARTED,
+                c.clock.time(),
+                request_id=request.request_id,
+                model=request.model,
+                worker_id=lease.worker_id,
+                hive_id=lease.hive_id,
+            )
+            began = time.perf_counter()
+            outcome = Outcome(ok=None)
+            timeout = None if deadline is None else max(deadline - loop.time(), 0.001)
+            call = c.channels.worker(lease.address).Infer(request, timeout=timeout)
+            try:
+                async for chunk in call:
+                    if self.sent == 0:
+                        chunk.worker_id = lease.worker_id
+                    self.sent += 1
+                    if chunk.completion_tokens:
+                        self.tokens = chunk.completion_tokens
+                    yield chunk
+                self.tokens = self.tokens or self.sent
+                outcome = Outcome(ok=True, duration=time.perf_counter() - began, tokens=self.tokens)
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                fault = code in WORKER_FAULTS
+                outcome = Outcome(ok=False, worker_fault=fault)
+                if self.sent:
+                    # Never retried: a second worker would repeat what the client already has.
+                    raise RequestFailed(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"worker {lease.worker_id} failed after {self.sent} token chunk(s) were "
+                        f"delivered ({code.name}: {exc.details()}); the stream is incomplete",
+                    ) from None
+                if code not in RETRYABLE:
+                    raise RequestFailed(code, exc.details() or code.name) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    outcome = Outcome(ok=None)  # a stale view of its slots, not a failure
+                last_error = f"worker {lease.worker_id}: {code.name}: {exc.details()}"
+                log.warning(
+                    "worker failed before first chunk; trying another",
+                    worker_id=lease.worker_id,
+                    code=code.name,
+                    attempt=attempt + 1,
+                )
+                # By address, not id: a worker restarted under the same id is a new process.
+                tried.add(lease.address)
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    c.registry.mark_unreachable(lease.worker_id)
+            finally:
+                if not call.done():
+                    call.cancel()
+                c.scheduler.release(lease, outcome)
+            backoff = RETRY_BACKOFF_SECONDS * 2**attempt
+            if attempt + 1 == MAX_ATTEMPTS or (
+                deadline is not None and loop.time() + backoff >= deadline
+            ):
+                break
+            await asyncio.sleep(backoff)
+        raise RequestFailed(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no worker of model {request.model!r} could serve the request after "
+            f"{self.attempts} attempt(s); last error: {last_error}",
+        )

@@ -1,16 +1,18 @@
 """Waiting for a slot: a bounded FIFO per model in front of the registry's leases.
 
-A freed slot is handed straight to the oldest waiter of its model, so a new
-request can never overtake one that has been waiting.
+A freed slot is handed straight to the oldest waiter that it suits, so a new
+request never overtakes one that has been waiting for the same kind of worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from queen.registry import Lease, Registry
+from protos.v1 import common_pb2
+from queen.registry import Lease, Outcome, Registry
 
 
 class QueueFull(Exception):
@@ -24,33 +26,58 @@ class ModelGone(Exception):
 @dataclass(eq=False)
 class _Waiter:
     future: asyncio.Future[Lease]
-    exclude: frozenset[str] = field(default_factory=frozenset)
+    exclude: frozenset[str]
+    policy: common_pb2.RoutingPolicy.ValueType
+    tags: frozenset[str]
 
 
 class Scheduler:
-    def __init__(self, registry: Registry, max_queue: int = 1024) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        max_queue: int = 1024,
+        expecting: Callable[[str], bool] = lambda model: False,
+    ) -> None:
         self.registry = registry
         self.max_queue = max_queue
+        # True while a worker of the model is on its way (autospawn): waiters keep waiting.
+        self.expecting = expecting
         self._waiters: dict[str, deque[_Waiter]] = {}
         self.queued = 0
 
     def queue_depth(self, model: str) -> int:
         return len(self._waiters.get(model, ()))
 
+    def try_acquire(
+        self,
+        model: str,
+        exclude: frozenset[str] = frozenset(),
+        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
+        tags: frozenset[str] = frozenset(),
+    ) -> Lease | None:
+        """A lease at once, or None, without queueing (and without overtaking waiters)."""
+        if self._waiters.get(model):
+            return None
+        return self.registry.acquire(model, exclude, policy, tags)
+
     async def acquire(
-        self, model: str, timeout: float | None, exclude: frozenset[str] = frozenset()
+        self,
+        model: str,
+        timeout: float | None,
+        exclude: frozenset[str] = frozenset(),
+        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
+        tags: frozenset[str] = frozenset(),
     ) -> Lease:
         """A lease on a free worker of `model`, waiting up to `timeout` seconds.
 
         Raises TimeoutError, QueueFull or ModelGone.
         """
-        if not self._waiters.get(model):
-            lease = self.registry.acquire(model, exclude)
-            if lease is not None:
-                return lease
+        lease = self.try_acquire(model, exclude, policy, tags)
+        if lease is not None:
+            return lease
         if self.queued >= self.max_queue:
             raise QueueFull(f"{self.queued} requests are already queued (limit {self.max_queue})")
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude, policy, tags)
         queue = self._waiters.setdefault(model, deque())
         queue.append(waiter)
         self.queued += 1
@@ -66,7 +93,7 @@ class Scheduler:
                 and not waiter.future.exception()
             ):
                 # A slot was handed to us just as we gave up: pass it on, never leak it.
-                self.release(waiter.future.result(), ok=None)
+                self.release(waiter.future.result(), Outcome(ok=None))
             waiter.future.cancel()
             raise
         finally:
@@ -76,30 +103,42 @@ class Scheduler:
             if not queue and self._waiters.get(model) is queue:
                 del self._waiters[model]
 
-    def release(self, lease: Lease, ok: bool | None) -> None:
-        """Return a slot (ok: request succeeded / failed / None: never used) and wake a waiter."""
-        self.registry.release(lease, ok)
+    def release(self, lease: Lease, outcome: Outcome) -> None:
+        """Return a slot, count how it went, and wake a waiter it suits."""
+        self.registry.release(lease, outcome)
         self.dispatch(lease.model)
 
     def dispatch(self, model: str) -> None:
         """Hand free slots of `model` to its waiters, oldest first."""
         queue = self._waiters.get(model)
-        while queue:
-            waiter = queue[0]
-            if waiter.future.done():
-                queue.popleft()
-                continue
-            if not self.registry.has_model(model):
-                queue.popleft()
-                waiter.future.set_exception(
-                    ModelGone(f"every worker of model {model!r} left while the request waited")
-                )
-                continue
-            lease = self.registry.acquire(model, waiter.exclude)
-            if lease is None:
+        if not queue:
+            return
+        if not self.registry.has_model(model) and not self.expecting(model):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        ModelGone(f"every worker of model {model!r} left while the request waited")
+                    )
+            return
+        for waiter in list(queue):
+            if not self.registry.has_free(model):
                 return
-            queue.popleft()
-            waiter.future.set_result(lease)
+            if waiter.future.done():
+                queue.remove(waiter)
+                continue
+            lease = self.registry.acquire(model, waiter.exclude, waiter.policy, waiter.tags)
+            if lease is not None:
+                queue.remove(waiter)
+                waiter.future.set_result(lease)
+
+    def fail(self, model: str, message: str) -> None:
+        """End every wait for `model` with ModelGone(message) (e.g. its autospawn failed)."""
+        queue = self._waiters.get(model)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(ModelGone(message))
 
     def dispatch_all(self) -> None:
         for model in list(self._waiters):

@@ -22,6 +22,15 @@ SERVICE_NAMES = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,)
 
 
 @dataclass
+class LeaseHold:
+    """A slot the queen reserved (Queen.Lease) for a client that will call us directly."""
+
+    used: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    expired: bool = False
+
+
+@dataclass
 class WorkerIdentity:
     """Who this worker is, as its hive named it at spawn."""
 
@@ -51,6 +60,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.max_tokens_cap = max_tokens_cap
         self.ready = False
         self.in_flight = 0
+        self.holds: dict[str, LeaseHold] = {}
         self.completed = 0
         self.failed = 0
         self.started_at = time.time()
@@ -72,7 +82,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 )
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            if self.in_flight >= self.identity.slots:
+            hold: LeaseHold | None = None
+            if request.lease_id:
+                hold = self.holds.get(request.lease_id)
+                if hold is None or hold.used.is_set() or hold.expired:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"lease {request.lease_id!r} is unknown, expired or already used on "
+                        f"worker {self.identity.worker_id}; ask the queen for a new lease",
+                    )
+                hold.used.set()
+            elif self.in_flight + self.unused_holds() >= self.identity.slots:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"worker {self.identity.worker_id} has all {self.identity.slots} slot(s) "
@@ -88,11 +108,49 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             finally:
                 self.in_flight -= 1
                 self.last_activity = time.time()
+                if hold is not None:
+                    hold.finished.set()
                 if ok:
                     self.completed += 1
                 else:
                     self.failed += 1
                     log.info("stream ended early")
+
+    def unused_holds(self) -> int:
+        return sum(1 for h in self.holds.values() if not h.used.is_set())
+
+    async def HoldLease(
+        self, request: worker_pb2.HoldLeaseRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.LeaseUpdate]:
+        if not request.lease_id or request.lease_id in self.holds:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "lease_id is required and must be new"
+            )
+        if request.ttl_seconds <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl_seconds must be > 0")
+        if not self.ready or self.stop.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is not serving")
+        if self.in_flight + self.unused_holds() >= self.identity.slots:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"worker {self.identity.worker_id} has no free slot to hold",
+            )
+        hold = LeaseHold()
+        self.holds[request.lease_id] = hold
+        try:
+            yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_HELD)
+            try:
+                await asyncio.wait_for(hold.used.wait(), request.ttl_seconds)
+            except TimeoutError:
+                hold.expired = True
+                yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_EXPIRED)
+                return
+            yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_IN_USE)
+            await hold.finished.wait()
+            yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_DONE)
+        finally:
+            # Whoever ends the stream (the queen giving the lease back included) frees the slot.
+            self.holds.pop(request.lease_id, None)
 
     async def _stream(
         self, request: common_pb2.InferRequest
@@ -155,7 +213,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             device=ident.device,
             state=state,
             slots_total=ident.slots,
-            slots_available=max(ident.slots - self.in_flight, 0),
+            slots_available=max(ident.slots - self.in_flight - self.unused_holds(), 0),
             started_at=timestamp(self.started_at),
             last_activity=timestamp(self.last_activity),
             requests_completed=self.completed,

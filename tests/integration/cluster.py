@@ -140,13 +140,26 @@ class Cluster:
     ) -> Proc:
         address = queen if isinstance(queen, str) else queen.address
         argv = [
-            "hive", "--queen", address, "--listen", f"127.0.0.1:{port}", "--hive-id", hive_id,
+            "hive",
+            "--queen",
+            address,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--hive-id",
+            hive_id,
             # Each hive its own state dir: never the operator's, never another test's.
-            "--state-dir", str(self.tmp / f"state-{hive_id}"),
-            "--heartbeat-interval", str(self.heartbeat_interval), "--stop-grace", "3",
-            "--health-interval", "0.2", "--health-timeout", "0.5",
+            "--state-dir",
+            str(self.tmp / f"state-{hive_id}"),
+            "--heartbeat-interval",
+            str(self.heartbeat_interval),
+            "--stop-grace",
+            "3",
+            "--health-interval",
+            "0.2",
+            "--health-timeout",
+            "0.5",
             *extra,
-        ]  # fmt: skip
+        ]
         for spec in spawn:
             argv += ["--spawn", spec]
         return self._start(f"hive-{hive_id}", argv)

@@ -223,9 +223,18 @@ async def test_process_and_backend_verbs(live: Proc) -> None:
 
 async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
     spawned = apiary(
-        "worker", "spawn", "--model", "broken", "--option", "fault_exit_on_load=3",
-        "--restart", "never", "--no-wait", "--json", queen=live,
-    )  # fmt: skip
+        "worker",
+        "spawn",
+        "--model",
+        "broken",
+        "--option",
+        "fault_exit_on_load=3",
+        "--restart",
+        "never",
+        "--no-wait",
+        "--json",
+        queen=live,
+    )
     assert spawned.returncode == 0, spawned.stderr
     worker_id = json.loads(spawned.stdout)["id"]
     deadline = time.monotonic() + 15
@@ -237,7 +246,16 @@ async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
     assert "FAILED" in got.stdout
     assert "exited with code 3; not restarting (restart policy never)" in got.stdout
     assert re.search(r"restart policy:\s+never", got.stdout)
-    waited = apiary("worker", "spawn", "--model", "broken", "--option", "fault_exit_on_load=3",
-                    "--restart", "never", queen=live)  # fmt: skip
+    waited = apiary(
+        "worker",
+        "spawn",
+        "--model",
+        "broken",
+        "--option",
+        "fault_exit_on_load=3",
+        "--restart",
+        "never",
+        queen=live,
+    )
     assert waited.returncode == 1
     assert "FAILED_PRECONDITION" in waited.stderr and "exited with code 3" in waited.stderr

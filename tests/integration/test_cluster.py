@@ -263,7 +263,7 @@ async def test_silent_hive_becomes_unhealthy_and_is_not_routed_to(cluster: Clust
 
         async def unhealthy() -> queen_pb2.HiveInfo | None:
             reply = await admin.GetHive(queen_pb2.GetHiveRequest(hive_id="h1"), timeout=1)
-            return reply.hive if reply.hive.health == queen_pb2.HIVE_HEALTH_UNHEALTHY else None
+            return reply.hive if reply.hive.health == common_pb2.HIVE_HEALTH_UNHEALTHY else None
 
         info = await eventually(unhealthy, timeout=5)
         assert "no heartbeat for" in info.health_reason

@@ -66,8 +66,10 @@ async def test_hive_rpcs(cluster: Cluster) -> None:
         worker_pb2.GetStatusRequest()
     )
     assert (status.worker.id, status.worker.model, status.worker.slots_available) == (
-        spawned.worker.id, "m", 1,
-    )  # fmt: skip
+        spawned.worker.id,
+        "m",
+        1,
+    )
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetWorker(hive_pb2.GetHiveWorkerRequest(worker_id="w-nope"))

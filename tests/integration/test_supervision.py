@@ -236,10 +236,12 @@ async def test_process_operations_find_orphans_and_refuse_strangers(cluster: Clu
         psutil.Process(orphans[0].pid).status() == psutil.STATUS_ZOMBIE
     )
 
-    for pid, code in [(os.getpid(), grpc.StatusCode.FAILED_PRECONDITION),
-                      (other.pid, grpc.StatusCode.FAILED_PRECONDITION),
-                      (0, grpc.StatusCode.INVALID_ARGUMENT),
-                      (2**22 + 12345, grpc.StatusCode.NOT_FOUND)]:  # fmt: skip
+    for pid, code in [
+        (os.getpid(), grpc.StatusCode.FAILED_PRECONDITION),
+        (other.pid, grpc.StatusCode.FAILED_PRECONDITION),
+        (0, grpc.StatusCode.INVALID_ARGUMENT),
+        (2**22 + 12345, grpc.StatusCode.NOT_FOUND),
+    ]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.KillProcess(hive_pb2.KillProcessRequest(pid=pid))
         assert err.value.code() == code, pid

@@ -1,12 +1,15 @@
-"""The queen's registry: heartbeats, health by the queen's own clock, leases and LRU order."""
+"""The queen's registry: heartbeats, health by the queen's own clock, leases, drains, breakers."""
 
 from __future__ import annotations
 
 from protos.v1 import common_pb2, queen_pb2
-from queen.registry import Registry
+from queen.registry import Lease, Outcome, Registry, RegistrySettings
 from tests.fakes import FakeClock
 
 S = common_pb2
+Q = queen_pb2
+OK = Outcome(ok=True, duration=1.0, tokens=10)
+FAULT = Outcome(ok=False, worker_fault=True)
 
 
 def record(
@@ -15,6 +18,7 @@ def record(
     model: str = "m",
     state: int = S.WORKER_STATE_IDLE,
     slots: int = 1,
+    tags: tuple[str, ...] = (),
 ) -> common_pb2.WorkerRecord:
     return common_pb2.WorkerRecord(
         id=worker_id,
@@ -22,7 +26,8 @@ def record(
         model=model,
         state=state,  # type: ignore[arg-type]
         slots_total=slots,
-        address=f"127.0.0.1:{abs(hash(worker_id)) % 50000 + 1000}",
+        address=f"addr-{worker_id}",
+        tags=tags,
     )
 
 
@@ -34,67 +39,80 @@ def beat(
     )
 
 
-def make(interval: float = 1.0) -> tuple[Registry, FakeClock]:
+def make(**settings: object) -> tuple[Registry, FakeClock, list[queen_pb2.Event]]:
     clock = FakeClock()
-    return Registry(clock, interval), clock
+    events: list[queen_pb2.Event] = []
+    reg = Registry(clock, RegistrySettings(**settings), seed=1, on_event=events.append)  # type: ignore[arg-type]
+    return reg, clock, events
+
+
+def pick(reg: Registry, model: str = "m", **kw: object) -> str | None:
+    lease = reg.acquire(model, **kw)  # type: ignore[arg-type]
+    return lease.worker_id if lease else None
+
+
+def kinds(events: list[queen_pb2.Event]) -> list[str]:
+    return [Q.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in events]
 
 
 def test_heartbeat_registers_unknown_hive_and_indexes_by_model() -> None:
-    reg, _ = make()
-    outcome = reg.apply_heartbeat(beat("h1", record("a"), record("b", model="other")))
-    assert outcome.new_hive
+    reg, _, events = make()
+    reg.apply_heartbeat(beat("h1", record("a"), record("b", model="other")))
+    assert kinds(events) == ["HIVE_JOINED", "WORKER_JOINED", "WORKER_JOINED"]
     assert reg.models() == ["m", "other"]
     assert [w.id for w in reg.workers_of_model("m")] == ["a"]
     assert {w.id for w in reg.workers_of_hive("h1")} == {"a", "b"}
-    assert not reg.apply_heartbeat(beat("h1", record("a"))).new_hive
 
 
 def test_heartbeat_replaces_the_hives_rows() -> None:
-    reg, _ = make()
+    reg, _, events = make()
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
-    outcome = reg.apply_heartbeat(beat("h1", record("b"), record("c")))
+    removed = reg.apply_heartbeat(beat("h1", record("b"), record("c")))
     assert set(reg.workers) == {"b", "c"}
-    assert outcome.removed_addresses == [record("a").address]
+    assert removed == ["addr-a"]
+    reg.apply_heartbeat(beat("h1", record("b", state=S.WORKER_STATE_FAILED)))
+    assert kinds(events)[-2:] == ["WORKER_REMOVED", "WORKER_STATE_CHANGED"]
+    assert events[-1].previous_state == S.WORKER_STATE_IDLE
     reg.apply_heartbeat(beat("h1"))
     assert reg.workers == {} and reg.models() == []
 
 
 def test_leaving_hive_is_forgotten_at_once() -> None:
-    reg, _ = make()
+    reg, _, events = make()
     reg.apply_heartbeat(beat("h1", record("a")))
     reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
     reg.apply_heartbeat(beat("h1", leaving=True))
     assert set(reg.hives) == {"h2"} and set(reg.workers) == {"b"}
+    assert events[-1].kind == Q.EVENT_KIND_HIVE_REMOVED
 
 
-def test_lru_pick_and_slot_accounting() -> None:
-    reg, _ = make()
+def test_slot_accounting_is_the_queens_own() -> None:
+    reg, _, _ = make(default_policy=S.ROUTING_POLICY_LRU)
     reg.apply_heartbeat(beat("h1", record("a"), record("b"), record("c")))
-    picks = [reg.acquire("m") for _ in range(3)]
-    assert [p.worker_id for p in picks if p] == ["a", "b", "c"]
-    assert reg.acquire("m") is None  # every slot leased, whatever the heartbeat says
+    leases = [reg.acquire("m") for _ in range(3)]
+    assert [lease.worker_id for lease in leases if lease] == ["a", "b", "c"]
+    assert reg.acquire("m") is None
     reg.apply_heartbeat(beat("h1", record("a"), record("b"), record("c")))
     assert reg.acquire("m") is None  # a heartbeat never overwrites the queen's leases
-    assert picks[1] is not None and picks[0] is not None
-    reg.release(picks[1], ok=True)
-    reg.release(picks[0], ok=False)
-    # b was freed first, so it is the least recently used.
-    assert [reg.acquire("m").worker_id for _ in range(2)] == ["b", "a"]  # type: ignore[union-attr]
-    assert (reg.workers["b"].completed, reg.workers["a"].failed) == (1, 1)
+    assert leases[1] and leases[0]
+    reg.release(leases[1], OK)
+    reg.release(leases[0], Outcome(ok=False))
+    # b was given back first, so it is the least recently used.
+    assert [pick(reg), pick(reg)] == ["b", "a"]
+    assert (reg.workers["b"].stats.completed, reg.workers["a"].stats.failed) == (1, 1)
 
 
-def test_multi_slot_worker_takes_several_leases() -> None:
-    reg, _ = make()
+def test_least_loaded_prefers_most_free_slots_then_lru() -> None:
+    reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("big", slots=3), record("small")))
-    ids = [reg.acquire("m").worker_id for _ in range(4)]  # type: ignore[union-attr]
-    assert sorted(ids) == ["big", "big", "big", "small"]
-    assert reg.acquire("m") is None
-    view = reg.workers["big"].view()
+    assert [pick(reg) for _ in range(4)] == ["big", "big", "small", "big"]
+    assert pick(reg) is None
+    view = reg.view(reg.workers["big"])
     assert (view.state, view.slots_available) == (S.WORKER_STATE_BUSY, 0)
 
 
 def test_only_ready_workers_are_routable() -> None:
-    reg, _ = make()
+    reg, _, _ = make()
     reg.apply_heartbeat(
         beat(
             "h1",
@@ -103,89 +121,182 @@ def test_only_ready_workers_are_routable() -> None:
             record("s", state=S.WORKER_STATE_STOPPING),
         )
     )
-    assert reg.has_model("m")
-    assert reg.acquire("m") is None
+    assert reg.has_model("m") and pick(reg) is None
     reg.apply_heartbeat(beat("h1", record("l"), record("f", state=S.WORKER_STATE_FAILED)))
-    assert reg.acquire("m").worker_id == "l"  # type: ignore[union-attr]
+    assert pick(reg) == "l"
 
 
-def test_silent_hive_is_unhealthy_after_three_intervals_by_queen_clock() -> None:
-    reg, clock = make(interval=1.0)
+def test_hive_health_states_by_the_queens_clock() -> None:
+    reg, clock, events = make(interval=1.0)
     reg.apply_heartbeat(beat("h1", record("a")))
     reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
-    clock.advance(2.9)
-    reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
-    assert reg.hive_healthy("h1")
+    h1 = reg.hives["h1"]
+    clock.advance(1.9)
+    assert reg.hive_health(h1)[0] == S.HIVE_HEALTH_HEALTHY
     clock.advance(0.1)
-    health, reason = reg.hive_health(reg.hives["h1"])
-    assert health == queen_pb2.HIVE_HEALTH_UNHEALTHY
-    assert "no heartbeat for 3.0s" in reason
-    assert reg.hive_healthy("h2")
-    assert [reg.acquire("m").worker_id, reg.acquire("m")] == ["b", None]  # type: ignore[union-attr]
+    reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
+    health, reason = reg.hive_health(h1)
+    assert health == S.HIVE_HEALTH_DEGRADED and "routed to last" in reason
+    # Degraded: still routable, but after every healthy hive.
+    assert [pick(reg), pick(reg)] == ["b", "a"]
+    for name in ("a", "b"):
+        lease = Lease(name, "h1" if name == "a" else "h2", f"addr-{name}", "m")
+        reg.release(lease, OK)
+    clock.advance(1.0)
+    reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
+    health, reason = reg.hive_health(h1)
+    assert health == S.HIVE_HEALTH_UNHEALTHY and "no heartbeat for 3.0s" in reason
+    assert [pick(reg), pick(reg)] == ["b", None]
+    reg.sweep()
+    assert [
+        e.health for e in events if e.kind == Q.EVENT_KIND_HIVE_HEALTH_CHANGED and e.hive_id == "h1"
+    ] == [
+        S.HIVE_HEALTH_DEGRADED,
+        S.HIVE_HEALTH_UNHEALTHY,
+    ]
     # Back at its next heartbeat.
     reg.apply_heartbeat(beat("h1", record("a")))
-    assert reg.acquire("m").worker_id == "a"  # type: ignore[union-attr]
+    assert reg.hive_health(h1)[0] == S.HIVE_HEALTH_HEALTHY and pick(reg) == "a"
+    assert events[-1].health == S.HIVE_HEALTH_HEALTHY
+
+
+def test_silent_hive_is_removed_after_the_ttl() -> None:
+    reg, clock, events = make(interval=1.0, hive_ttl_intervals=10)
+    reg.apply_heartbeat(beat("h1", record("a")))
+    clock.advance(9.9)
+    assert reg.sweep() == [] and "h1" in reg.hives
+    clock.advance(0.1)
+    assert reg.sweep() == ["addr-a"]
+    assert reg.hives == {} and reg.workers == {} and not reg.has_model("m")
+    assert events[-1].kind == Q.EVENT_KIND_HIVE_REMOVED and "TTL" in events[-1].detail
+
+
+def test_circuit_breaker_opens_after_failures_in_a_row_and_half_opens() -> None:
+    reg, clock, events = make(breaker_failures=3, breaker_cooldown=5.0, interval=100.0)
+    reg.apply_heartbeat(beat("h1", record("a"), record("b")))
+    for _ in range(3):
+        lease = reg.acquire("m", exclude={"addr-b"})
+        assert lease and lease.worker_id == "a"
+        reg.release(lease, FAULT)
+    assert events[-1].kind == Q.EVENT_KIND_WORKER_CIRCUIT_OPENED
+    assert reg.view(reg.workers["a"]).circuit_open_seconds == 5.0
+    assert [pick(reg), pick(reg)] == ["b", None]
+    clock.advance(5.0)
+    reg.sweep()
+    assert events[-1].kind == Q.EVENT_KIND_WORKER_CIRCUIT_CLOSED
+    lease = reg.acquire("m")
+    assert lease and lease.worker_id == "a"
+    reg.release(lease, FAULT)  # half-open: one more failure and it is out again
+    assert reg.workers["a"].breaker_until > 0
+
+
+def test_failures_that_are_not_the_workers_fault_do_not_trip_the_breaker() -> None:
+    reg, _, _ = make(breaker_failures=2)
+    reg.apply_heartbeat(beat("h1", record("a")))
+    for _ in range(5):
+        lease = reg.acquire("m")
+        assert lease
+        reg.release(lease, Outcome(ok=False))  # e.g. the client's deadline
+    assert reg.workers["a"].breaker_until == 0 and reg.workers["a"].stats.failed == 5
+
+
+def test_drain_stops_new_routing_and_survives_the_workers_absence() -> None:
+    reg, _, events = make()
+    reg.apply_heartbeat(beat("h1", record("a"), record("b")))
+    reg.drain_worker("a", True)
+    assert [pick(reg), pick(reg)] == ["b", None]
+    assert reg.view(reg.workers["a"]).drained
+    reg.apply_heartbeat(beat("h1"))
+    reg.apply_heartbeat(beat("h1", record("a")))  # back (e.g. a queen or hive restart)
+    assert pick(reg) is None
+    reg.drain_worker("a", False)
+    assert pick(reg) == "a"
+    reg.drain_hive("h2", True)  # before the hive is known: applied when it joins
+    reg.apply_heartbeat(beat("h2", record("c", hive="h2")))
+    assert pick(reg) is None and reg.hives["h2"].drained
+    reg.drain_hive("h2", False)
+    assert pick(reg) == "c"
+    assert "WORKER_DRAINED" in kinds(events) and "HIVE_UNDRAINED" in kinds(events)
+
+
+def test_required_tags_select_a_subset() -> None:
+    reg, _, _ = make()
+    reg.apply_heartbeat(
+        beat(
+            "h1",
+            record("plain", slots=4),
+            record("gpu", tags=("gpu", "eu")),
+            record("gpu2", tags=("gpu",)),
+        )
+    )
+    assert pick(reg, tags=["gpu", "eu"]) == "gpu"
+    assert pick(reg, tags=["gpu", "eu"]) is None
+    assert pick(reg, tags=["gpu"]) == "gpu2"
+    assert pick(reg, tags=["tpu"]) is None
+    assert pick(reg) == "plain"
 
 
 def test_unreachable_worker_is_skipped_until_its_hive_reports_it_again() -> None:
-    reg, _ = make()
+    reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
     reg.mark_unreachable("a")
-    assert reg.acquire("m").worker_id == "b"  # type: ignore[union-attr]
-    assert reg.acquire("m") is None
-    assert "could not reach" in reg.workers["a"].view().failure_reason
+    assert [pick(reg), pick(reg)] == ["b", None]
+    assert "could not reach" in reg.view(reg.workers["a"]).failure_reason
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
-    assert reg.acquire("m").worker_id == "a"  # type: ignore[union-attr]
+    assert pick(reg) == "a"
 
 
-def test_exclude_skips_workers_already_tried() -> None:
-    reg, _ = make()
+def test_exclude_skips_addresses_already_tried() -> None:
+    reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
-    a = record("a").address
-    assert reg.acquire("m", exclude={a}).worker_id == "b"  # type: ignore[union-attr]
-    assert reg.acquire("m", exclude={a}) is None
-    assert reg.acquire("m").worker_id == "a"  # type: ignore[union-attr]
-
-
-def test_release_after_worker_vanished_is_harmless() -> None:
-    reg, _ = make()
-    reg.apply_heartbeat(beat("h1", record("a")))
-    lease = reg.acquire("m")
-    assert lease is not None
-    reg.apply_heartbeat(beat("h1"))
-    reg.release(lease, ok=True)
-    assert reg.workers == {}
-    # Same id back (e.g. re-adopted) with a fresh entry: the old lease does not free a slot twice.
-    reg.apply_heartbeat(beat("h1", record("a")))
-    reg.release(lease, ok=True)
-    assert reg.workers["a"].in_flight == 0
-
-
-def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> None:
-    reg, _ = make()
-    reg.apply_heartbeat(beat("h1", record("a")))
-    reg.apply_worker(record("b"))
-    assert {w.id for w in reg.workers_of_hive("h1")} == {"a", "b"}
-    assert reg.acquire("m", exclude={record("a").address}).worker_id == "b"  # type: ignore[union-attr]
-    reg.apply_worker(record("x", hive="unknown-hive"))  # no hive yet: wait for its heartbeat
-    assert "x" not in reg.workers
-    assert reg.forget_worker("a") == record("a").address
-    assert {w.id for w in reg.workers_of_hive("h1")} == {"b"}
-    reg.apply_heartbeat(beat("h1", record("b")))
-    assert set(reg.workers) == {"b"}
+    assert pick(reg, exclude={"addr-a"}) == "b"
+    assert pick(reg, exclude={"addr-a"}) is None
+    assert pick(reg) == "a"
 
 
 def test_restarted_worker_starts_with_free_slots() -> None:
-    reg, _ = make()
+    reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a")))
     lease = reg.acquire("m")
     assert lease is not None
     failed = record("a", state=S.WORKER_STATE_FAILED)
     failed.address = ""
     reg.apply_heartbeat(beat("h1", failed))
-    reg.release(lease, ok=False)  # the relay notices later: must not touch the new incarnation
+    reg.release(lease, FAULT)  # the relay notices later: must not touch the new incarnation
     restarted = record("a")
     restarted.address = "127.0.0.1:9"
     reg.apply_heartbeat(beat("h1", restarted))
     assert reg.workers["a"].in_flight == 0
-    assert reg.acquire("m").address == "127.0.0.1:9"  # type: ignore[union-attr]
+    lease = reg.acquire("m")
+    assert lease and lease.address == "127.0.0.1:9"
+
+
+def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> None:
+    reg, _, _ = make()
+    reg.apply_heartbeat(beat("h1", record("a")))
+    reg.apply_worker(record("b"))
+    assert {w.id for w in reg.workers_of_hive("h1")} == {"a", "b"}
+    assert pick(reg, exclude={"addr-a"}) == "b"
+    reg.apply_worker(record("x", hive="unknown-hive"))  # no hive yet: wait for its heartbeat
+    assert "x" not in reg.workers
+    assert reg.forget_worker("a") == "addr-a"
+    reg.apply_heartbeat(beat("h1", record("b")))
+    assert set(reg.workers) == {"b"}
+
+
+def test_stats_and_score_in_the_view() -> None:
+    reg, _, _ = make()
+    reg.apply_heartbeat(beat("h1", record("a", slots=2)))
+    for duration in (1.0, 2.0, 3.0):
+        lease = reg.acquire("m")
+        assert lease
+        reg.release(lease, Outcome(ok=True, duration=duration, tokens=20))
+    lease = reg.acquire("m")
+    assert lease
+    reg.release(lease, FAULT)
+    stats = reg.view(reg.workers["a"]).stats
+    assert stats.mean_duration_seconds == 2.0 and stats.p50_duration_seconds == 2.0
+    assert stats.success_rate == 0.75 and stats.consecutive_failures == 1
+    assert 6.6 < stats.tokens_per_second < 20
+    # free ratio 1 x 0.5 + success 0.75 x 0.3 + (only worker: fastest) 1 x 0.2
+    assert abs(stats.score - (0.5 + 0.225 + 0.2)) < 1e-9

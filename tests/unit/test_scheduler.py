@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from protos.v1 import common_pb2, queen_pb2
-from queen.registry import Registry
+from queen.registry import Outcome, Registry
 from queen.scheduler import ModelGone, QueueFull, Scheduler
 from tests.fakes import FakeClock
 
@@ -43,12 +43,12 @@ async def test_waiters_are_served_in_arrival_order() -> None:
     async def wait(i: int) -> None:
         lease = await sched.acquire("m", 5)
         order.append(i)
-        sched.release(lease, ok=True)
+        sched.release(lease, Outcome(ok=True))
 
     tasks = [asyncio.create_task(wait(i)) for i in range(5)]
     await asyncio.sleep(0)
     assert sched.queue_depth("m") == 5
-    sched.release(held, ok=True)
+    sched.release(held, Outcome(ok=True))
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
     assert sched.queued == 0
@@ -60,7 +60,7 @@ async def test_new_request_does_not_overtake_waiters() -> None:
     waiter = asyncio.create_task(sched.acquire("m", 5))
     await asyncio.sleep(0)
     # Release hands the slot straight to the waiter, so a newcomer finds none free.
-    sched.release(held, ok=True)
+    sched.release(held, Outcome(ok=True))
     newcomer = asyncio.create_task(sched.acquire("m", 0.05))
     assert (await waiter).worker_id == "w0"
     with pytest.raises(TimeoutError):
@@ -74,7 +74,7 @@ async def test_timeout_leaves_no_waiter_and_no_leaked_slot() -> None:
     with pytest.raises(TimeoutError):
         await sched.acquire("m", 0.01)
     assert sched.queued == 0 and sched.queue_depth("m") == 0
-    sched.release(held, ok=True)
+    sched.release(held, Outcome(ok=True))
     assert reg.workers["w0"].in_flight == 0
 
 
@@ -84,7 +84,7 @@ async def test_cancel_after_handoff_passes_the_slot_on() -> None:
     first = asyncio.create_task(sched.acquire("m", 5))
     second = asyncio.create_task(sched.acquire("m", 5))
     await asyncio.sleep(0)
-    sched.release(held, ok=True)  # hands the slot to `first`...
+    sched.release(held, Outcome(ok=True))  # hands the slot to `first`...
     first.cancel()  # ...which gives up before it runs
     with pytest.raises(asyncio.CancelledError):
         await first

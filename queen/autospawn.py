@@ -1,0 +1,125 @@
+"""On-demand spawn: a request for a model nobody serves makes the queen start one worker.
+
+Concurrent requests for the model cause exactly one spawn; they wait in the
+scheduler's queue (within their own deadlines) until the worker is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from apiary.protoutil import naming
+from protos.v1 import common_pb2, hive_pb2
+from queen.channels import Channels
+from queen.registry import HiveEntry, Registry
+
+log = structlog.get_logger("queen.autospawn")
+
+
+@dataclass(frozen=True)
+class SpawnPlan:
+    model: str
+    backend: str
+    backend_options: dict[str, str] = field(default_factory=dict)
+
+
+def parse_plan(text: str) -> SpawnPlan:
+    """'MODEL=BACKEND[,key=value...]', e.g. 'demo=echo,token_delay=0.05'."""
+    head, *options = text.split(",")
+    model, sep, backend = head.partition("=")
+    if not sep or not model or not backend:
+        raise ValueError(f"--autospawn {text!r} is not MODEL=BACKEND[,KEY=VALUE...]")
+    parsed: dict[str, str] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--autospawn option {option!r} is not KEY=VALUE")
+        parsed[key] = value
+    return SpawnPlan(model, backend, parsed)
+
+
+class Autospawner:
+    def __init__(
+        self,
+        registry: Registry,
+        channels: Channels,
+        plans: dict[str, SpawnPlan],
+        on_failure: Callable[[str, str], None] = lambda model, reason: None,
+        on_spawned: Callable[[common_pb2.WorkerRecord], None] = lambda record: None,
+    ) -> None:
+        self.registry = registry
+        self.channels = channels
+        self.plans = plans
+        self.on_failure = on_failure
+        self.on_spawned = on_spawned
+        self.pending: dict[str, asyncio.Task[None]] = {}
+        self.spawns = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.plans)
+
+    def can_spawn(self, model: str) -> bool:
+        return model in self.plans
+
+    def expecting(self, model: str) -> bool:
+        return model in self.pending
+
+    def ensure(self, model: str) -> None:
+        """Start one spawn for `model` unless one is already under way."""
+        if model in self.pending or model not in self.plans:
+            return
+        task = asyncio.get_running_loop().create_task(self._spawn(self.plans[model]))
+        self.pending[model] = task
+
+    def choose_hive(self, plan: SpawnPlan) -> HiveEntry | None:
+        """A healthy, undrained hive that offers the backend; the one with most free memory."""
+        candidates = [
+            hive
+            for hive in self.registry.hives.values()
+            if not hive.drained
+            and self.registry.hive_health(hive)[0] == common_pb2.HIVE_HEALTH_HEALTHY
+            and plan.backend in hive.backends
+        ]
+        return max(
+            candidates,
+            key=lambda h: (h.resources.memory_available_bytes, -len(h.worker_ids)),
+            default=None,
+        )
+
+    async def _spawn(self, plan: SpawnPlan) -> None:
+        try:
+            hive = self.choose_hive(plan)
+            if hive is None:
+                raise RuntimeError(
+                    f"no healthy hive offers backend {plan.backend!r}; "
+                    f"hives: {naming(self.registry.hives)}"
+                )
+            request = hive_pb2.SpawnWorkerRequest(
+                model=plan.model, backend=plan.backend, backend_options=plan.backend_options
+            )
+            try:
+                reply = await self.channels.hive(hive.address).SpawnWorker(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                raise RuntimeError(f"hive {hive.id}: {exc.details()}") from None
+            self.spawns += 1
+            log.info(
+                "autospawned worker", model=plan.model, hive_id=hive.id, worker_id=reply.worker.id
+            )
+            self.on_spawned(reply.worker)
+        except Exception as exc:
+            log.warning("autospawn failed", model=plan.model, error=str(exc))
+            self.pending.pop(plan.model, None)
+            self.on_failure(plan.model, f"autospawn of model {plan.model!r} failed: {exc}")
+            return
+        self.pending.pop(plan.model, None)
+
+    async def close(self) -> None:
+        for task in self.pending.values():
+            task.cancel()
+        await asyncio.gather(*self.pending.values(), return_exceptions=True)

@@ -1,0 +1,219 @@
+"""Durable request history in SQLite (WAL), written by one thread with group commit.
+
+Every request the queen accepts gets a row. The final state of a request is
+committed before its RPC ends, so a queen crash never loses a finished record;
+rows still queued or running when the queen starts again are marked failed
+with the reason "queen restarted". Drains live here too, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from apiary.protoutil import timestamp
+from protos.v1 import queen_pb2
+
+Q = queen_pb2
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    worker_id TEXT NOT NULL DEFAULT '',
+    hive_id TEXT NOT NULL DEFAULT '',
+    status INTEGER NOT NULL,
+    accepted_at REAL NOT NULL,
+    started_at REAL NOT NULL DEFAULT 0,
+    finished_at REAL NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests (accepted_at);
+CREATE TABLE IF NOT EXISTS drains (kind TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (kind, id));
+"""
+MAX_LIMIT = 10_000
+_STOP = object()
+
+
+@dataclass
+class _Op:
+    sql: str
+    params: tuple[Any, ...]
+    done: asyncio.Future[None] | None = None
+
+
+class History:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._ops: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.recovered = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a commit survives a crash of this process (not of the machine's power).
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def open(self) -> None:
+        """Create the schema, fail what a previous queen left unfinished, start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        conn.executescript(SCHEMA)
+        cur = conn.execute(
+            "UPDATE requests SET status=?, error='queen restarted' WHERE status IN (?, ?)",
+            (Q.REQUEST_STATUS_FAILED, Q.REQUEST_STATUS_QUEUED, Q.REQUEST_STATUS_RUNNING),
+        )
+        self.recovered = cur.rowcount
+        conn.close()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._write_forever, name="history", daemon=True)
+        self._thread.start()
+
+    def _write_forever(self) -> None:
+        conn = self._connect()
+        try:
+            while True:
+                first = self._ops.get()
+                if first is _STOP:
+                    return
+                batch = [first]
+                while len(batch) < 2000:
+                    try:
+                        batch.append(self._ops.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = _STOP in batch
+                ops = [op for op in batch if isinstance(op, _Op)]
+                error: Exception | None = None
+                try:
+                    conn.execute("BEGIN")
+                    for op in ops:
+                        conn.execute(op.sql, op.params)
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    error = exc
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                for op in ops:
+                    if op.done is not None and self._loop is not None:
+                        self._loop.call_soon_threadsafe(_settle, op.done, error)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _put(self, sql: str, params: tuple[Any, ...], wait: bool) -> asyncio.Future[None] | None:
+        done = asyncio.get_running_loop().create_future() if wait else None
+        self._ops.put(_Op(sql, params, done))
+        return done
+
+    def accepted(self, request_id: str, model: str, at: float) -> None:
+        self._put(
+            "INSERT OR REPLACE INTO requests (id, model, status, accepted_at) VALUES (?, ?, ?, ?)",
+            (request_id, model, Q.REQUEST_STATUS_QUEUED, at),
+            wait=False,
+        )
+
+    def started(
+        self, request_id: str, worker_id: str, hive_id: str, at: float, attempt: int
+    ) -> None:
+        self._put(
+            "UPDATE requests SET status=?, worker_id=?, hive_id=?, started_at=?, attempts=? "
+            "WHERE id=?",
+            (Q.REQUEST_STATUS_RUNNING, worker_id, hive_id, at, attempt, request_id),
+            wait=False,
+        )
+
+    async def finished(
+        self, request_id: str, ok: bool, at: float, tokens: int, error: str, attempts: int
+    ) -> None:
+        """Record the end of a request; returns once it is committed."""
+        status = Q.REQUEST_STATUS_COMPLETED if ok else Q.REQUEST_STATUS_FAILED
+        done = self._put(
+            "UPDATE requests SET status=?, finished_at=?, completion_tokens=?, error=?, "
+            "attempts=MAX(attempts, ?) WHERE id=?",
+            (status, at, tokens, error[:500], attempts, request_id),
+            wait=True,
+        )
+        assert done is not None
+        await asyncio.shield(done)
+
+    async def set_drain(self, kind: str, target: str, drained: bool) -> None:
+        sql = (
+            "INSERT OR IGNORE INTO drains (kind, id) VALUES (?, ?)"
+            if drained
+            else "DELETE FROM drains WHERE kind=? AND id=?"
+        )
+        done = self._put(sql, (kind, target), wait=True)
+        assert done is not None
+        await done
+
+    def drains(self) -> list[tuple[str, str]]:
+        conn = self._connect()
+        try:
+            return [(str(k), str(i)) for k, i in conn.execute("SELECT kind, id FROM drains")]
+        finally:
+            conn.close()
+
+    def query(self, status: int, model: str, limit: int) -> list[queen_pb2.RequestRecord]:
+        """Newest first. Runs on its own connection (call it from a thread)."""
+        clauses: list[str] = []
+        params: list[object] = []
+        if status:
+            clauses.append("status=?")
+            params.append(status)
+        if model:
+            clauses.append("model=?")
+            params.append(model)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            "SELECT id, model, worker_id, hive_id, status, accepted_at, started_at, finished_at, "
+            f"completion_tokens, error, attempts FROM requests {where} "
+            "ORDER BY accepted_at DESC LIMIT ?"
+        )
+        conn = self._connect()
+        try:
+            rows = conn.execute(sql, (*params, min(limit or 100, MAX_LIMIT))).fetchall()
+        finally:
+            conn.close()
+        return [
+            Q.RequestRecord(
+                id=r[0],
+                model=r[1],
+                worker_id=r[2],
+                hive_id=r[3],
+                status=r[4],
+                accepted_at=timestamp(r[5]),
+                started_at=timestamp(r[6]),
+                finished_at=timestamp(r[7]),
+                completion_tokens=r[8],
+                error=r[9],
+                attempts=r[10],
+            )
+            for r in rows
+        ]
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._ops.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+
+def _settle(done: asyncio.Future[None], error: Exception | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
