@@ -1,0 +1,429 @@
+"""The client verbs of `apiary`: each talks to the queen (or, for process and backend verbs,
+to a hive found through the queen) and prints a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+import grpc
+
+from apiary.cli.output import (
+    backend_rows,
+    event_line,
+    health_name,
+    hive_rows,
+    model_rows,
+    print_json,
+    process_details,
+    process_rows,
+    request_rows,
+    to_json,
+    worker_details,
+    worker_rows,
+)
+from apiary.protoutil import parse_state, state_name
+from protos.v1 import (
+    common_pb2,
+    hive_pb2,
+    hive_pb2_grpc,
+    queen_pb2,
+    queen_pb2_grpc,
+    worker_pb2_grpc,
+)
+
+QUEEN_ENV = "APIARY_QUEEN"
+DEFAULT_QUEEN = "127.0.0.1:7070"
+
+
+class CliError(Exception):
+    pass
+
+
+def default_queen() -> str:
+    return os.environ.get(QUEEN_ENV, DEFAULT_QUEEN)
+
+
+def admin(args: argparse.Namespace) -> queen_pb2_grpc.QueenAdminStub:
+    return queen_pb2_grpc.QueenAdminStub(grpc.insecure_channel(args.queen))
+
+
+def client(args: argparse.Namespace) -> queen_pb2_grpc.QueenStub:
+    return queen_pb2_grpc.QueenStub(grpc.insecure_channel(args.queen))
+
+
+def hive_stub(args: argparse.Namespace) -> hive_pb2_grpc.HiveStub:
+    """The named hive (or the only one), found through the queen's registry."""
+    stub = admin(args)
+    hive_id = args.hive
+    if not hive_id:
+        hives = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
+        if len(hives) != 1:
+            names = ", ".join(h.id for h in hives) or "none"
+            raise CliError(f"--hive is required: the cluster has {len(hives)} hives ({names})")
+        hive_id = hives[0].id
+    hive = stub.GetHive(queen_pb2.GetHiveRequest(hive_id=hive_id), timeout=args.timeout).hive
+    return hive_pb2_grpc.HiveStub(grpc.insecure_channel(hive.address))
+
+
+def parse_routing(name: str) -> common_pb2.RoutingPolicy.ValueType:
+    try:
+        return common_pb2.RoutingPolicy.Value("ROUTING_POLICY_" + name.upper().replace("-", "_"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown routing policy {name!r}; "
+            "choose least-loaded, lru, score, lottery or shortest-queue"
+        ) from None
+
+
+def parse_restart(name: str) -> common_pb2.RestartPolicy.ValueType:
+    try:
+        return common_pb2.RestartPolicy.Value("RESTART_POLICY_" + name.upper().replace("-", "_"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown restart policy {name!r}; choose never, on-failure or always"
+        ) from None
+
+
+def parse_health(name: str) -> common_pb2.HiveHealth.ValueType:
+    try:
+        return common_pb2.HiveHealth.Value("HIVE_HEALTH_" + name.upper())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown hive health {name!r}; choose healthy, degraded or unhealthy"
+        ) from None
+
+
+# ---- inference ------------------------------------------------------------
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    request = common_pb2.InferRequest(
+        model=args.model,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        policy=args.policy,
+        required_tags=args.tag,
+        request_id=args.request_id,
+    )
+    if args.direct:
+        lease = client(args).Lease(
+            queen_pb2.LeaseRequest(model=args.model, required_tags=args.tag, policy=args.policy),
+            timeout=args.timeout,
+        )
+        print(f"[lease {lease.lease_id} on {lease.worker_id} at {lease.address}]", file=sys.stderr)
+        request.lease_id = lease.lease_id
+        stream = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(lease.address)).Infer(
+            request, timeout=args.timeout
+        )
+    else:
+        stream = client(args).Infer(request, timeout=args.timeout)
+    last: common_pb2.InferChunk | None = None
+    for chunk in stream:
+        if args.json:
+            print(json.dumps(to_json(chunk), sort_keys=True), flush=True)
+        else:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        last = chunk
+    if not args.json:
+        sys.stdout.write("\n")
+        if last is not None:
+            reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
+            print(f"[{last.completion_tokens} tokens, finish={reason.lower()}]", file=sys.stderr)
+    return 0
+
+
+# ---- status ---------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stub = admin(args)
+    hives = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
+    workers = stub.ListWorkers(queen_pb2.ListWorkersRequest(), timeout=args.timeout).workers
+    models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
+    if args.json:
+        print_json(
+            {
+                "hives": [to_json(h) for h in hives],
+                "workers": [to_json(w) for w in workers],
+                "models": [to_json(m) for m in models],
+            }
+        )
+        return 0
+    by_health = collections.Counter(health_name(h.health) for h in hives)
+    by_state = collections.Counter(state_name(w.state) for w in workers)
+    slots = sum(w.slots_total for w in workers)
+    used = sum(w.slots_total - w.slots_available for w in workers if w.state in READY)
+    done = sum(w.requests_completed for w in workers)
+    failed = sum(w.requests_failed for w in workers)
+    rate = f"{done / (done + failed):.1%}" if done + failed else "-"
+    queued = ", ".join(f"{m.name} {m.queued}" for m in models if m.queued) or "none"
+    print(f"queen {args.queen}")
+    print(f"hives     {len(hives)}: " + (_counts(by_health) or "none"))
+    print(f"workers   {len(workers)}: " + (_counts(by_state) or "none"))
+    print(f"capacity  {used}/{slots} slots in use")
+    print(f"queued    {queued}")
+    print(f"requests  {done} completed, {failed} failed (success {rate})")
+    top = sorted((w for w in workers if w.state in READY), key=lambda w: -w.stats.score)[:5]
+    if top:
+        print("top       " + ", ".join(f"{w.id} ({w.stats.score:.2f})" for w in top))
+    print()
+    print(hive_rows(hives) if hives else "no hives", end="\n\n")
+    print(worker_rows(workers) if workers else "no workers", end="\n\n")
+    print(model_rows(models) if models else "no models")
+    return 0
+
+
+READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
+
+
+def _counts(counter: collections.Counter[str]) -> str:
+    return ", ".join(f"{n} {name.lower()}" for name, n in sorted(counter.items()))
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
+    if args.json:
+        print_json([to_json(m) for m in models])
+    else:
+        print(model_rows(models) if models else "no models")
+    return 0
+
+
+# ---- hives ----------------------------------------------------------------
+
+
+def cmd_hive_list(args: argparse.Namespace) -> int:
+    hives = admin(args).ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
+    if args.json:
+        print_json([to_json(h) for h in hives])
+    else:
+        print(hive_rows(hives) if hives else "no hives")
+    return 0
+
+
+def cmd_hive_get(args: argparse.Namespace) -> int:
+    reply = admin(args).GetHive(
+        queen_pb2.GetHiveRequest(hive_id=args.hive_id), timeout=args.timeout
+    )
+    if args.json:
+        print_json(to_json(reply))
+        return 0
+    print(hive_rows([reply.hive]), end="\n\n")
+    print(worker_rows(reply.workers) if reply.workers else "no workers")
+    return 0
+
+
+def _drain_hive(args: argparse.Namespace, undrain: bool) -> int:
+    request = queen_pb2.DrainHiveRequest(hive_id=args.hive_id, undrain=undrain)
+    reply = admin(args).DrainHive(request, timeout=args.timeout)
+    if args.json:
+        print_json(to_json(reply.hive))
+    else:
+        verb = "undrained" if undrain else "drained (in-flight requests finish; no new ones)"
+        print(f"hive {reply.hive.id} {verb}")
+    return 0
+
+
+def cmd_hive_drain(args: argparse.Namespace) -> int:
+    return _drain_hive(args, undrain=False)
+
+
+def cmd_hive_undrain(args: argparse.Namespace) -> int:
+    return _drain_hive(args, undrain=True)
+
+
+# ---- workers --------------------------------------------------------------
+
+
+def cmd_worker_list(args: argparse.Namespace) -> int:
+    try:
+        state = parse_state(args.state) if args.state else common_pb2.WORKER_STATE_UNSPECIFIED
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    request = queen_pb2.ListWorkersRequest(
+        hive_id=args.hive,
+        model=args.model,
+        state=state,
+        tags=args.tag,
+        hive_health=args.health,
+        min_free_slots=args.min_free,
+    )
+    workers = admin(args).ListWorkers(request, timeout=args.timeout).workers
+    if args.json:
+        print_json([to_json(w) for w in workers])
+    else:
+        print(worker_rows(workers) if workers else "no workers")
+    return 0
+
+
+def _print_worker(worker: common_pb2.WorkerRecord, as_json: bool) -> None:
+    if as_json:
+        print_json(to_json(worker))
+    else:
+        print(worker_details(worker))
+
+
+def cmd_worker_get(args: argparse.Namespace) -> int:
+    request = queen_pb2.GetWorkerRequest(worker_id=args.worker_id)
+    _print_worker(admin(args).GetWorker(request, timeout=args.timeout).worker, args.json)
+    return 0
+
+
+def cmd_worker_spawn(args: argparse.Namespace) -> int:
+    options: dict[str, str] = {}
+    for pair in args.option:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--option {pair!r} is not KEY=VALUE")
+        options[key] = value
+    request = queen_pb2.QueenSpawnWorkerRequest(
+        hive_id=args.hive,
+        model=args.model,
+        backend=args.backend,
+        slots=args.slots,
+        device=args.device,
+        backend_options=options,
+        wait_ready=not args.no_wait,
+        restart_policy=args.restart,
+        tags=args.tag,
+    )
+    _print_worker(admin(args).SpawnWorker(request, timeout=args.timeout).worker, args.json)
+    return 0
+
+
+def cmd_worker_retire(args: argparse.Namespace) -> int:
+    request = queen_pb2.RetireWorkerRequest(worker_id=args.worker_id, force=args.force)
+    reply = admin(args).RetireWorker(request, timeout=args.timeout)
+    if args.json:
+        print_json(to_json(reply.worker))
+    else:
+        print(f"retired {reply.worker.id} ({reply.worker.model} on {reply.worker.hive_id})")
+    return 0
+
+
+def _drain_worker(args: argparse.Namespace, undrain: bool) -> int:
+    request = queen_pb2.DrainWorkerRequest(worker_id=args.worker_id, undrain=undrain)
+    reply = admin(args).DrainWorker(request, timeout=args.timeout)
+    if args.json:
+        print_json(to_json(reply.worker))
+    else:
+        verb = "undrained" if undrain else "drained (in-flight requests finish; no new ones)"
+        print(f"worker {reply.worker.id} {verb}")
+    return 0
+
+
+def cmd_worker_drain(args: argparse.Namespace) -> int:
+    return _drain_worker(args, undrain=False)
+
+
+def cmd_worker_undrain(args: argparse.Namespace) -> int:
+    return _drain_worker(args, undrain=True)
+
+
+# ---- processes and backends (on a hive) -----------------------------------
+
+
+def cmd_process_list(args: argparse.Namespace) -> int:
+    procs = hive_stub(args).ListProcesses(hive_pb2.ListProcessesRequest(), timeout=args.timeout)
+    if args.json:
+        print_json([to_json(p) for p in procs.processes])
+    else:
+        print(process_rows(procs.processes) if procs.processes else "no Apiary worker processes")
+    return 0
+
+
+def cmd_process_get(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).GetProcess(
+        hive_pb2.GetProcessRequest(pid=args.pid), timeout=args.timeout
+    )
+    if args.json:
+        print_json(to_json(reply.process))
+    else:
+        print(process_details(reply.process))
+    return 0
+
+
+def cmd_process_kill(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).KillProcess(
+        hive_pb2.KillProcessRequest(pid=args.pid), timeout=args.timeout
+    )
+    if args.json:
+        print_json(to_json(reply.process))
+    else:
+        print(f"killed pid {reply.process.pid} (worker {reply.process.worker_id})")
+    return 0
+
+
+def cmd_backend_list(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).ListBackends(hive_pb2.ListBackendsRequest(), timeout=args.timeout)
+    if args.json:
+        print_json([to_json(b) for b in reply.backends])
+    else:
+        print(backend_rows(reply.backends))
+    return 0
+
+
+def cmd_backend_get(args: argparse.Namespace) -> int:
+    reply = hive_stub(args).GetBackend(
+        hive_pb2.GetBackendRequest(name=args.name), timeout=args.timeout
+    )
+    if args.json:
+        print_json(to_json(reply.backend))
+        return 0
+    print(backend_rows([reply.backend]))
+    for name, help_text in sorted(reply.backend.options.items()):
+        print(f"  option {name}: {help_text}")
+    return 0
+
+
+# ---- events and history ---------------------------------------------------
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    kinds = []
+    for name in args.kind:
+        try:
+            kinds.append(queen_pb2.EventKind.Value("EVENT_KIND_" + name.upper().replace("-", "_")))
+        except ValueError:
+            valid = ", ".join(
+                n.removeprefix("EVENT_KIND_").lower().replace("_", "-")
+                for n in queen_pb2.EventKind.keys()[1:]
+            )
+            raise CliError(f"unknown event kind {name!r}; kinds: {valid}") from None
+    stream = admin(args).WatchEvents(
+        queen_pb2.WatchEventsRequest(kinds=kinds), timeout=args.timeout
+    )
+    try:
+        for event in stream:
+            if args.json:
+                print(json.dumps(to_json(event), sort_keys=True), flush=True)
+            else:
+                print(event_line(event), flush=True)
+    except grpc.RpcError as exc:
+        if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return 0  # --timeout ends a watch on purpose
+        raise
+    return 0
+
+
+def cmd_requests_list(args: argparse.Namespace) -> int:
+    status: queen_pb2.RequestStatus.ValueType = queen_pb2.REQUEST_STATUS_UNSPECIFIED
+    if args.status:
+        try:
+            status = queen_pb2.RequestStatus.Value("REQUEST_STATUS_" + args.status.upper())
+        except ValueError:
+            raise CliError(
+                f"unknown status {args.status!r}; choose queued, running, completed or failed"
+            ) from None
+    request = queen_pb2.ListRequestsRequest(status=status, model=args.model, limit=args.limit)
+    records = admin(args).ListRequests(request, timeout=args.timeout).requests
+    if args.json:
+        print_json([to_json(r) for r in records])
+    else:
+        print(request_rows(records) if records else "no requests")
+    return 0

@@ -1,0 +1,209 @@
+"""How the CLI shows things: tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from apiary.protoutil import state_name
+from protos.v1 import common_pb2, hive_pb2, queen_pb2
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def fields(pairs: Sequence[tuple[str, object]]) -> str:
+    return "\n".join(f"{key + ':':<16}{value}" for key, value in pairs)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def age(ts_seconds: int) -> str:
+    return duration(max(time.time() - ts_seconds, 0)) if ts_seconds else "-"
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f}G"
+
+
+def label(enum_name: str, prefix: str) -> str:
+    """'ROUTING_POLICY_LEAST_LOADED' -> 'least-loaded'."""
+    return enum_name.removeprefix(prefix).lower().replace("_", "-")
+
+
+def health_name(health: common_pb2.HiveHealth.ValueType) -> str:
+    return common_pb2.HiveHealth.Name(health).removeprefix("HIVE_HEALTH_") if health else "-"
+
+
+def policy_name(policy: common_pb2.RestartPolicy.ValueType) -> str:
+    return label(common_pb2.RestartPolicy.Name(policy), "RESTART_POLICY_") if policy else "-"
+
+
+def worker_flags(w: common_pb2.WorkerRecord) -> str:
+    flags = []
+    if w.drained:
+        flags.append("drained")
+    if w.circuit_open_seconds:
+        flags.append(f"circuit-open {w.circuit_open_seconds:.0f}s")
+    return ",".join(flags)
+
+
+def worker_rows(workers: Sequence[common_pb2.WorkerRecord]) -> str:
+    rows = [
+        (
+            w.id, w.hive_id, health_name(w.hive_health), w.model, w.backend,
+            state_name(w.state), f"{w.slots_available}/{w.slots_total}", w.pid or "-",
+            w.address or "-", age(w.started_at.seconds), w.requests_completed,
+            w.requests_failed, ",".join(w.tags), worker_flags(w), w.failure_reason,
+        )
+        for w in workers
+    ]  # fmt: skip
+    headers = ("WORKER", "HIVE", "HIVE HEALTH", "MODEL", "BACKEND", "STATE", "FREE", "PID",
+               "ADDRESS", "AGE", "DONE", "FAILED", "TAGS", "FLAGS", "REASON")  # fmt: skip
+    return table(headers, rows)
+
+
+def hive_rows(hives: Sequence[queen_pb2.HiveInfo]) -> str:
+    rows = [
+        (
+            h.id, h.address, health_name(h.health) + (" (drained)" if h.drained else ""),
+            f"{h.heartbeat_age_seconds:.1f}s", h.worker_count, f"{h.slots_in_use}/{h.slots_total}",
+            f"{h.resources.load_1m:.1f}/{h.resources.cpu_count}",
+            f"{gib(h.resources.memory_available_bytes)}/{gib(h.resources.memory_total_bytes)}",
+            f"{h.stats.spawns}/{h.stats.crashes}/{h.stats.restarts}",
+            duration(h.stats.uptime_seconds), h.health_reason,
+        )
+        for h in hives
+    ]  # fmt: skip
+    headers = ("HIVE", "ADDRESS", "HEALTH", "BEAT", "WORKERS", "SLOTS USED", "LOAD/CPUS",
+               "MEM FREE", "SPAWN/CRASH/RESTART", "UP", "REASON")  # fmt: skip
+    return table(headers, rows)
+
+
+def model_rows(models: Sequence[queen_pb2.ModelInfo]) -> str:
+    return table(
+        ("MODEL", "IDLE", "BUSY", "LOADING", "FAILED", "QUEUED"),
+        [(m.name, m.idle, m.busy, m.loading, m.failed, m.queued) for m in models],
+    )
+
+
+def worker_details(worker: common_pb2.WorkerRecord) -> str:
+    s = worker.stats
+    return fields([
+        ("id", worker.id), ("hive", f"{worker.hive_id} ({health_name(worker.hive_health)}, "
+                                    f"heartbeat {worker.heartbeat_age_seconds:.1f}s ago)"),
+        ("model", worker.model), ("backend", worker.backend), ("device", worker.device),
+        ("state", state_name(worker.state)),
+        ("slots", f"{worker.slots_available} free of {worker.slots_total}"),
+        ("pid", worker.pid or "-"), ("address", worker.address or "-"),
+        ("tags", ", ".join(worker.tags) or "-"), ("routing", worker_flags(worker) or "open"),
+        ("started", age(worker.started_at.seconds) + " ago"),
+        ("last activity", age(worker.last_activity.seconds) + " ago"),
+        ("requests", f"{worker.requests_completed} completed, {worker.requests_failed} failed"),
+        ("success rate", f"{s.success_rate:.1%}"),
+        ("duration", f"mean {s.mean_duration_seconds:.3f}s, p50 {s.p50_duration_seconds:.3f}s"),
+        ("tokens/s", f"{s.tokens_per_second:.1f}"), ("score", f"{s.score:.3f}"),
+        ("options", ", ".join(f"{k}={v}" for k, v in sorted(worker.backend_options.items()))),
+        ("restart policy", policy_name(worker.restart_policy)),
+        ("restarts", worker.restart_count),
+        ("restart in", f"{worker.restart_in_seconds:.1f}s" if worker.restart_in_seconds else "-"),
+        ("health fails", worker.health_failures),
+        ("cpu / rss", f"{worker.cpu_percent:.0f}% / {worker.rss_bytes / 2**20:.0f} MiB"),
+        ("failure", worker.failure_reason or "-"),
+    ])  # fmt: skip
+
+
+def process_details(process: hive_pb2.WorkerProcess) -> str:
+    return fields([
+        ("pid", process.pid), ("worker", process.worker_id), ("hive", process.hive_id),
+        ("model", process.model), ("backend", process.backend), ("status", process.status),
+        ("cpu", f"{process.cpu_percent:.0f}%"), ("rss", f"{process.rss_bytes / 2**20:.0f} MiB"),
+        ("age", f"{process.age_seconds:.0f}s"),
+        ("in table", "yes" if process.known else "no (orphan)"),
+        ("cmdline", " ".join(process.cmdline)),
+    ])  # fmt: skip
+
+
+def process_rows(processes: Sequence[hive_pb2.WorkerProcess]) -> str:
+    rows = [
+        (p.pid, p.worker_id, p.model, p.backend, f"{p.cpu_percent:.0f}%",
+         f"{p.rss_bytes / 2**20:.0f}M", f"{p.age_seconds:.0f}s", p.status,
+         "yes" if p.known else "ORPHAN")
+        for p in processes
+    ]  # fmt: skip
+    return table(
+        ("PID", "WORKER", "MODEL", "BACKEND", "CPU", "RSS", "AGE", "STATUS", "IN TABLE"), rows
+    )
+
+
+def backend_rows(backends: Sequence[hive_pb2.BackendInfo]) -> str:
+    rows = [
+        (b.name, "yes" if b.available else "no", b.version or "-", ",".join(b.devices) or "-",
+         "tests/benchmarks only" if b.for_testing else "", b.unavailable_reason)
+        for b in backends
+    ]  # fmt: skip
+    return table(("BACKEND", "AVAILABLE", "VERSION", "DEVICES", "NOTE", "WHY NOT"), rows)
+
+
+def event_line(event: queen_pb2.Event) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event.time.seconds))
+    when += f".{event.time.nanos // 1_000_000:03d}"
+    kind = label(queen_pb2.EventKind.Name(event.kind), "EVENT_KIND_")
+    parts = [when, f"{kind:<22}"]
+    for key, value in (("hive", event.hive_id), ("worker", event.worker_id),
+                       ("model", event.model), ("request", event.request_id)):  # fmt: skip
+        if value:
+            parts.append(f"{key}={value}")
+    if event.state:
+        previous = f"{state_name(event.previous_state)}->" if event.previous_state else ""
+        parts.append(f"state={previous}{state_name(event.state)}")
+    if event.health:
+        parts.append(f"health={health_name(event.health)}")
+    if event.duration_seconds:
+        parts.append(f"duration={event.duration_seconds * 1000:.1f}ms")
+    if event.detail:
+        parts.append(f"({event.detail})")
+    return " ".join(parts)
+
+
+def request_rows(records: Sequence[queen_pb2.RequestRecord]) -> str:
+    def took(r: queen_pb2.RequestRecord) -> str:
+        if not r.finished_at.seconds:
+            return "-"
+        seconds = (r.finished_at.ToNanoseconds() - r.accepted_at.ToNanoseconds()) / 1e9
+        return f"{seconds * 1000:.0f}ms"
+
+    rows = [
+        (r.id, r.model, label(queen_pb2.RequestStatus.Name(r.status), "REQUEST_STATUS_"),
+         r.worker_id or "-", r.hive_id or "-", age(r.accepted_at.seconds) + " ago", took(r),
+         r.completion_tokens, r.attempts, r.error)
+        for r in records
+    ]  # fmt: skip
+    headers = ("REQUEST", "MODEL", "STATUS", "WORKER", "HIVE", "ACCEPTED", "TOOK", "TOKENS",
+               "ATTEMPTS", "ERROR")  # fmt: skip
+    return table(headers, rows)
