@@ -49,9 +49,10 @@ def parse_policy(name: str) -> common_pb2.RestartPolicy.ValueType:
 
 
 def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
-    """'model=demo,backend=echo,count=2,slots=1,restart=always,token_delay=0.05' -> spec, count.
+    """'model=demo,backend=echo,count=2,restart=always,tags=gpu+eu,token_delay=0.05' -> spec, count.
 
-    Keys other than model, backend, count, slots, device and restart are backend options.
+    Keys other than model, backend, count, slots, device, restart and tags (joined by +)
+    are backend options.
     """
     fields: dict[str, str] = {}
     for part in text.split(","):
@@ -67,12 +68,14 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--spawn count/slots must be integers: {exc}") from None
     restart = fields.pop("restart", "")
+    tags = [t for t in fields.pop("tags", "").split("+") if t]
     spec = WorkerSpec(
         model=fields.pop("model"),
         backend=fields.pop("backend", "echo"),
         slots=slots,
         device=fields.pop("device", "cpu"),
         restart_policy=parse_policy(restart) if restart else common_pb2.RESTART_POLICY_UNSPECIFIED,
+        tags=tags,
         backend_options=fields,
     )
     return spec, count

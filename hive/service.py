@@ -36,6 +36,8 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         self, request: hive_pb2.SpawnWorkerRequest, context: Context
     ) -> hive_pb2.SpawnWorkerResponse:
         problem = name_problem("model", request.model) or name_problem("backend", request.backend)
+        for tag in request.tags:
+            problem = problem or name_problem("tag", tag)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.slots > MAX_SLOTS:
@@ -62,6 +64,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             device=request.device or "cpu",
             backend_options=dict(request.backend_options),
             restart_policy=request.restart_policy,
+            tags=list(request.tags),
         )
         worker = await self.supervisor.spawn(spec)
         if request.wait_ready:

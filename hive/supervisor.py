@@ -80,15 +80,14 @@ class WorkerSpec:
     device: str = "cpu"
     backend_options: dict[str, str] = field(default_factory=dict)
     restart_policy: common_pb2.RestartPolicy.ValueType = S.RESTART_POLICY_UNSPECIFIED
+    tags: list[str] = field(default_factory=list)
 
     def same_as(self, other: WorkerSpec) -> bool:
-        return (self.model, self.backend, self.slots, self.device, self.backend_options) == (
-            other.model,
-            other.backend,
-            other.slots,
-            other.device,
-            other.backend_options,
-        )
+        def key(spec: WorkerSpec) -> tuple[object, ...]:
+            options = sorted(spec.backend_options.items())
+            return (spec.model, spec.backend, spec.slots, spec.device, options, sorted(spec.tags))
+
+        return key(self) == key(other)
 
 
 @dataclass
@@ -196,6 +195,7 @@ class Supervisor:
             rss_bytes=worker.rss_bytes,
             health_failures=worker.health.failures,
             restart_in_seconds=restart_in,
+            tags=worker.spec.tags,
         )
 
     def records(self) -> list[common_pb2.WorkerRecord]:
@@ -551,6 +551,7 @@ class Supervisor:
             "device": worker.spec.device,
             "backend_options": worker.spec.backend_options,
             "restart_policy": int(worker.policy),
+            "tags": worker.spec.tags,
             "pid": worker.identity.pid if worker.identity else 0,
             "create_time": worker.identity.create_time if worker.identity else 0.0,
             "address": worker.address,
@@ -590,6 +591,7 @@ class Supervisor:
                 device=str(row["device"]),
                 backend_options={str(k): str(v) for k, v in dict(row["backend_options"]).items()},
                 restart_policy=int(row["restart_policy"]),  # type: ignore[arg-type]
+                tags=[str(t) for t in row.get("tags", [])],
             )
             worker = ManagedWorker(
                 id=str(row["id"]),

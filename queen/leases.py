@@ -76,7 +76,11 @@ class LeaseManager:
         started = 0.0
         outcome = Outcome(ok=None)
         try:
-            async for update in stream:
+            while True:
+                # read(), not `async for`: the first message was read that way already.
+                update = await stream.read()
+                if not isinstance(update, worker_pb2.LeaseUpdate):
+                    break  # end of stream
                 if update.state == worker_pb2.LEASE_STATE_IN_USE:
                     started = loop.time()
                 elif update.state == worker_pb2.LEASE_STATE_DONE:
@@ -85,6 +89,8 @@ class LeaseManager:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 outcome = Outcome(ok=False, worker_fault=True)
                 log.warning("lost a leased worker", lease_id=direct.id, code=exc.code().name)
+        except Exception:
+            log.exception("lease follower failed; freeing the slot")
         finally:
             stream.cancel()
             self.active.pop(direct.id, None)

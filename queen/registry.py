@@ -453,6 +453,10 @@ class Registry:
     def has_model(self, model: str) -> bool:
         return model in self._by_model
 
+    def pool_size(self, model: str, tags: frozenset[str]) -> int:
+        """Workers of `model` (any state) carrying `tags`."""
+        return len(self._pool(model, tags).members) if model in self._by_model else 0
+
     def has_free(self, model: str) -> bool:
         pool = self._pools.get(model, {}).get(frozenset())
         return pool is not None and bool(pool.eligible)

@@ -36,8 +36,6 @@ S = common_pb2
 Q = queen_pb2
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_SECONDS = 0.1
-# Worker answers that mean "try another worker" when no chunk has been sent yet.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # Worker answers that are the worker's fault (for statistics and the circuit breaker).
 WORKER_FAULTS = frozenset(
     {
@@ -48,6 +46,9 @@ WORKER_FAULTS = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# Worker answers that mean "try another worker" when no chunk has been sent yet: its faults,
+# and its own slot check refusing a request our (stale) view sent it.
+RETRYABLE = WORKER_FAULTS | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 MAX_TAGS = 16
 
 
@@ -124,6 +125,23 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             )
         return None
 
+    def _tags_problem(self, model: str, tags: list[str]) -> RequestFailed | None:
+        if not tags or not self.c.registry.has_model(model):
+            return None
+        if self.c.registry.pool_size(model, frozenset(tags)):
+            return None
+        present = sorted(
+            {
+                ",".join(sorted(w.record.tags)) or "(none)"
+                for w in self.c.registry.workers_of_model(model)
+            }
+        )
+        return RequestFailed(
+            grpc.StatusCode.NOT_FOUND,
+            f"no worker of model {model!r} carries tags {', '.join(sorted(tags))}; "
+            f"tag sets present: {naming(present)}",
+        )
+
     def _admit(
         self, request: common_pb2.InferRequest | queen_pb2.LeaseRequest
     ) -> RequestFailed | None:
@@ -137,7 +155,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             problem = f"unknown routing policy {request.policy}"
         if problem:
             return RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        return self._model_problem(request.model)
+        return self._model_problem(request.model) or self._tags_problem(request.model, tags)
 
     # ---- Infer ------------------------------------------------------------
 

@@ -105,6 +105,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 async for chunk in self._stream(request):
                     yield chunk
                 ok = True
+            except Exception as exc:
+                # A backend error is the worker's failure, said as a status, never a traceback.
+                log.exception("backend failed during a request")
+                await context.abort(grpc.StatusCode.INTERNAL, f"backend error: {exc}")
             finally:
                 self.in_flight -= 1
                 self.last_activity = time.time()

@@ -12,7 +12,6 @@ import grpc
 from apiary.cli import commands as c
 from apiary.cli.commands import DEFAULT_QUEEN, QUEEN_ENV, CliError
 
-
 # `apiary hive VERB` for these; any other `apiary hive ...` runs a hive.
 HIVE_ADMIN_VERBS = ("list", "get", "drain", "undrain")
 

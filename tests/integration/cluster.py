@@ -118,17 +118,18 @@ class Cluster:
         return proc
 
     def start_queen(self, port: int = 0, *extra: str) -> Proc:
-        return self._start(
+        """A queen; restarted ones share the cluster's queen state dir (history, drains)."""
+        argv = [
             "queen",
-            [
-                "queen",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--heartbeat-interval",
-                str(self.heartbeat_interval),
-                *extra,
-            ],
-        )
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--heartbeat-interval",
+            str(self.heartbeat_interval),
+            "--state-dir",
+            str(self.tmp / "queen-state"),
+            *extra,
+        ]
+        return self._start("queen", argv)
 
     def start_hive(
         self,

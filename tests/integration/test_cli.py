@@ -259,3 +259,53 @@ async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
     )
     assert waited.returncode == 1
     assert "FAILED_PRECONDITION" in waited.stderr and "exited with code 3" in waited.stderr
+
+
+async def test_scheduler_verbs(live: Proc) -> None:
+    out = apiary("infer", "demo", "x y", "--max-tokens", "2", "--policy", "lottery", queen=live)
+    assert out.returncode == 0 and out.stdout == "x y\n", out.stderr
+    bad = apiary("infer", "demo", "x", "--policy", "fastest", queen=live)
+    assert bad.returncode == 2 and "choose least-loaded, lru" in bad.stderr
+    direct = apiary("infer", "demo", "p q", "--max-tokens", "3", "--direct", queen=live)
+    assert direct.returncode == 0 and direct.stdout == "p q p\n" and "[lease l-" in direct.stderr
+
+    status = apiary("status", queen=live)
+    assert "hives     1: 1 healthy" in status.stdout
+    assert "workers   2: 2 idle" in status.stdout
+    assert "capacity  0/2 slots in use" in status.stdout
+    assert "requests  2 completed, 0 failed (success 100.0%)" in status.stdout
+    assert "top       w-" in status.stdout
+
+    history = apiary("requests", "list", "--status", "completed", queen=live)
+    assert (
+        history.returncode == 0 and history.stdout.count("completed") == 1
+    )  # direct calls skip it
+    assert json.loads(apiary("requests", "list", "--json", queen=live).stdout)[0]["model"] == "demo"
+    assert "unknown status" in apiary("requests", "list", "--status", "odd", queen=live).stderr
+
+    drained = apiary("hive", "drain", "h1", queen=live)
+    assert drained.returncode == 0 and "hive h1 drained" in drained.stdout
+    assert "(drained)" in apiary("hive", "list", queen=live).stdout
+    assert apiary("hive", "undrain", "h1", queen=live).returncode == 0
+    worker_id = json.loads(apiary("worker", "list", "--json", queen=live).stdout)[0]["id"]
+    assert "drained" in apiary("worker", "drain", worker_id, queen=live).stdout
+    assert "drained" in apiary("worker", "list", queen=live).stdout
+    assert "undrained" in apiary("worker", "undrain", worker_id, queen=live).stdout
+    assert "h1" in apiary("hive", "get", "h1", queen=live).stdout
+    missing = apiary("hive", "drain", "nope", queen=live)
+    assert missing.returncode == 1 and "NOT_FOUND: unknown hive 'nope'; hives: h1" in missing.stderr
+
+
+async def test_events_verb_prints_live_events(live: Proc) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_QUEEN=live.address)
+    watcher = subprocess.Popen(
+        [APIARY or "apiary", "events", "--kind", "request-completed", "--timeout", "5"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.5)
+    apiary("infer", "demo", "hello", "--max-tokens", "2", "--request-id", "watched", queen=live)
+    out, err = watcher.communicate(timeout=15)
+    assert watcher.returncode == 0, err
+    assert "request-completed" in out and "request=watched" in out and "duration=" in out
+    bad = apiary("events", "--kind", "nonsense", "--timeout", "1", queen=live)
+    assert bad.returncode == 2 and "kinds: hive-joined" in bad.stderr

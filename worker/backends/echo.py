@@ -26,6 +26,7 @@ class EchoBackend(Backend):
         "fault_exit_on_load": "tests only: exit with this code while loading (default: off)",
         "fault_crash_after": "tests only: the process dies when request N+1 arrives (default: off)",
         "fault_hang_after": "tests only: freeze the process this many seconds after load (off)",
+        "fault_fail_requests": "tests only: 1 = fail every request before its first token",
     }
 
     def __init__(
@@ -36,7 +37,9 @@ class EchoBackend(Backend):
         fault_exit_on_load: int | None = None,
         fault_crash_after: int | None = None,
         fault_hang_after: float | None = None,
+        fault_fail_requests: bool = False,
     ) -> None:
+        self.fault_fail_requests = fault_fail_requests
         self.model = model
         self.token_delay = token_delay
         self.load_delay = load_delay
@@ -63,6 +66,7 @@ class EchoBackend(Backend):
                 if "fault_hang_after" in options
                 else None
             ),
+            fault_fail_requests=bool(parse_int_option(cls.name, options, "fault_fail_requests", 0)),
         )
 
     async def load(self) -> None:
@@ -78,6 +82,8 @@ class EchoBackend(Backend):
         self.requests += 1
         if self.fault_crash_after is not None and self.requests > self.fault_crash_after:
             os._exit(70)
+        if self.fault_fail_requests:
+            raise RuntimeError("echo fault_fail_requests: failing on purpose")
         words = prompt.split() or [prompt]
         for i in range(max_tokens):
             if self.token_delay:

@@ -1,0 +1,232 @@
+"""The queen as a scheduler, with real processes: health states, policies, tags, failover,
+circuit breaker, autospawn, drains, events, request history and direct leases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import grpc
+import pytest
+
+from protos.v1 import common_pb2, queen_pb2
+from tests.integration.cluster import Cluster, Proc, eventually
+
+S = common_pb2
+Q = queen_pb2
+
+
+def infer(model: str = "demo", tokens: int = 4, **kw: Any) -> common_pb2.InferRequest:
+    return common_pb2.InferRequest(model=model, prompt="a b c", max_tokens=tokens, **kw)
+
+
+async def collect(stub: Any, request: common_pb2.InferRequest, timeout: float = 20) -> list[Any]:
+    return [c async for c in stub.Infer(request, timeout=timeout)]
+
+
+async def hive_health(cluster: Cluster, queen: Proc, hive_id: str) -> int | None:
+    hives = (await cluster.admin_stub(queen).ListHives(Q.ListHivesRequest())).hives
+    return next((h.health for h in hives if h.id == hive_id), None)
+
+
+async def test_hive_goes_degraded_unhealthy_removed_and_rejoins_with_same_workers(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen(0, "--hive-ttl", "6")  # 6 x 0.2 s
+    hive = cluster.start_hive(queen, "h1", "model=demo,count=2")
+    before = {w.id for w in await cluster.wait_workers(queen, "demo", 2)}
+    events = cluster.admin_stub(queen).WatchEvents(
+        Q.WatchEventsRequest(
+            kinds=[
+                Q.EVENT_KIND_HIVE_HEALTH_CHANGED,
+                Q.EVENT_KIND_HIVE_REMOVED,
+                Q.EVENT_KIND_HIVE_JOINED,
+            ]
+        )
+    )
+    seen: list[queen_pb2.Event] = []
+
+    async def watch() -> None:
+        async for event in events:
+            seen.append(event)
+
+    watcher = asyncio.create_task(watch())
+    hive.signal(signal.SIGSTOP)
+    try:
+        await eventually(lambda: _has(seen, Q.EVENT_KIND_HIVE_REMOVED), timeout=10)
+        listed = await cluster.admin_stub(queen).ListWorkers(Q.ListWorkersRequest())
+        assert list(listed.workers) == []
+    finally:
+        hive.signal(signal.SIGCONT)
+    after = {w.id for w in await cluster.wait_workers(queen, "demo", 2)}
+    assert after == before
+    watcher.cancel()
+    healths = [e.health for e in seen if e.kind == Q.EVENT_KIND_HIVE_HEALTH_CHANGED]
+    assert healths[:2] == [S.HIVE_HEALTH_DEGRADED, S.HIVE_HEALTH_UNHEALTHY]
+    assert [e.kind for e in seen][-1] == Q.EVENT_KIND_HIVE_JOINED
+
+
+async def _has(seen: list[queen_pb2.Event], kind: int) -> bool:
+    return any(e.kind == kind for e in seen)
+
+
+async def test_routing_policy_per_queen_and_per_request(cluster: Cluster) -> None:
+    queen = cluster.start_queen(0, "--policy", "lru")
+    hive = cluster.start_hive(queen, "h1", "model=demo,slots=3,token_delay=0.05", "model=demo")
+    await cluster.wait_workers(queen, "demo", 2)
+    stub = cluster.queen_stub(queen)
+    # lru alternates between the two, whatever their free slots.
+    first = await asyncio.gather(*(collect(stub, infer()) for _ in range(2)))
+    assert len({c[0].worker_id for c in first}) == 2
+    # least-loaded (per request) fills the 3-slot worker before the 1-slot one.
+    busy = [
+        asyncio.create_task(collect(stub, infer(tokens=20, policy=S.ROUTING_POLICY_LEAST_LOADED)))
+        for _ in range(3)
+    ]
+    served = [c[0].worker_id for c in await asyncio.gather(*busy)]
+    workers = {w.slots_total: w.id for w in await cluster.wait_workers(queen, "demo", 2)}
+    assert served.count(workers[3]) >= 2
+    for policy in (
+        S.ROUTING_POLICY_SCORE,
+        S.ROUTING_POLICY_LOTTERY,
+        S.ROUTING_POLICY_SHORTEST_QUEUE,
+    ):
+        assert len(await collect(stub, infer(policy=policy))) == 4
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, infer(policy=42))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    del hive
+
+
+async def test_tags_select_workers_and_filter_listings(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1", "model=demo,tags=gpu+eu,slots=2", "model=demo")
+    await cluster.wait_workers(queen, "demo", 2)
+    stub = cluster.queen_stub(queen)
+    admin = cluster.admin_stub(queen)
+    tagged = (await admin.ListWorkers(Q.ListWorkersRequest(tags=["gpu"]))).workers
+    assert len(tagged) == 1 and sorted(tagged[0].tags) == ["eu", "gpu"]
+    for _ in range(4):
+        chunks = await collect(stub, infer(required_tags=["gpu"]))
+        assert chunks[0].worker_id == tagged[0].id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, infer(required_tags=["tpu"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "tpu" in (err.value.details() or "") and "eu,gpu" in (err.value.details() or "")
+    roomy = (await admin.ListWorkers(Q.ListWorkersRequest(min_free_slots=2))).workers
+    assert [w.id for w in roomy] == [tagged[0].id]
+    healthy = await admin.ListWorkers(Q.ListWorkersRequest(hive_health=S.HIVE_HEALTH_HEALTHY))
+    assert len(healthy.workers) == 2
+    degraded = await admin.ListWorkers(Q.ListWorkersRequest(hive_health=S.HIVE_HEALTH_DEGRADED))
+    assert list(degraded.workers) == []
+
+
+async def test_failing_worker_is_retried_around_and_its_circuit_opens(cluster: Cluster) -> None:
+    queen = cluster.start_queen(0, "--breaker-failures", "3", "--breaker-cooldown", "30")
+    cluster.start_hive(queen, "h1", "model=demo,fault_fail_requests=1", "model=demo")
+    workers = await cluster.wait_workers(queen, "demo", 2)
+    stub = cluster.queen_stub(queen)
+    admin = cluster.admin_stub(queen)
+    # Every request succeeds: a failure before the first chunk is retried on the other worker.
+    results = [await collect(stub, infer()) for _ in range(8)]
+    good = {c[0].worker_id for c in results}
+    assert len(good) == 1
+    bad = next(w.id for w in workers if w.id not in good)
+    got = (await admin.GetWorker(Q.GetWorkerRequest(worker_id=bad))).worker
+    assert got.circuit_open_seconds > 20
+    assert got.stats.consecutive_failures == 3 and got.requests_failed == 3
+    ok = (await admin.GetWorker(Q.GetWorkerRequest(worker_id=good.pop()))).worker
+    assert ok.requests_completed == 8 and ok.stats.success_rate == 1.0
+    assert ok.stats.tokens_per_second > 0 and ok.stats.p50_duration_seconds > 0
+    history = (await admin.ListRequests(Q.ListRequestsRequest(limit=8))).requests
+    assert sum(r.attempts for r in history) == 8 + 3  # three of them needed a second attempt
+
+
+async def test_failure_after_first_chunk_is_reported_not_repeated(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1", "model=demo,token_delay=0.05,restart=never", "model=demo")
+    await cluster.wait_workers(queen, "demo", 2)
+    call = cluster.queen_stub(queen).Infer(infer(tokens=100))
+    first = await call.read()
+    assert isinstance(first, common_pb2.InferChunk)
+    worker = (
+        await cluster.admin_stub(queen).GetWorker(Q.GetWorkerRequest(worker_id=first.worker_id))
+    ).worker
+    os.kill(worker.pid, signal.SIGKILL)
+    received = 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        while True:
+            chunk = await call.read()
+            assert isinstance(chunk, common_pb2.InferChunk)
+            received += 1
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"after {received} token chunk(s) were delivered" in (err.value.details() or "")
+
+
+async def test_autospawn_starts_exactly_one_worker_for_concurrent_requests(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen(0, "--autospawn", "lazy=echo,load_delay=0.5")
+    cluster.start_hive(queen, "h1")
+    admin = cluster.admin_stub(queen)
+    await eventually(lambda: _hive_known(admin))
+    stub = cluster.queen_stub(queen)
+    results = await asyncio.gather(*(collect(stub, infer(model="lazy")) for _ in range(6)))
+    assert all(len(r) == 4 for r in results)
+    workers = (await admin.ListWorkers(Q.ListWorkersRequest(model="lazy"))).workers
+    assert len(workers) == 1
+    hive = (await admin.GetHive(Q.GetHiveRequest(hive_id="h1"))).hive
+    assert hive.stats.spawns == 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, infer(model="unplanned"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "autospawn offers: lazy" in (err.value.details() or "")
+
+
+async def _hive_known(admin: Any) -> bool:
+    return bool((await admin.ListHives(Q.ListHivesRequest())).hives)
+
+
+async def test_drain_lets_streams_finish_stops_new_ones_and_survives_a_queen_restart(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1", "model=demo,count=2,token_delay=0.05")
+    workers = await cluster.wait_workers(queen, "demo", 2)
+    stub, admin = cluster.queen_stub(queen), cluster.admin_stub(queen)
+    streaming = asyncio.create_task(collect(stub, infer(tokens=20)))
+    await eventually(lambda: _busy_worker(admin))
+    busy_id = await _busy_worker(admin)
+    assert busy_id
+    reply = await admin.DrainWorker(Q.DrainWorkerRequest(worker_id=busy_id))
+    assert reply.worker.drained
+    assert len(await streaming) == 20  # in-flight stream finished
+    other = next(w.id for w in workers if w.id != busy_id)
+    for _ in range(3):
+        assert (await collect(stub, infer()))[0].worker_id == other
+    await admin.DrainHive(Q.DrainHiveRequest(hive_id="h1"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, infer(), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    port = queen.port
+    queen.signal(signal.SIGKILL)
+    queen.wait(5)
+    queen = cluster.start_queen(port)
+    admin = cluster.admin_stub(queen)
+    await cluster.wait_workers(queen, "demo", 2)
+    hive = (await admin.GetHive(Q.GetHiveRequest(hive_id="h1"))).hive
+    assert hive.drained
+    await admin.DrainHive(Q.DrainHiveRequest(hive_id="h1", undrain=True))
+    served = {(await collect(cluster.queen_stub(queen), infer()))[0].worker_id for _ in range(4)}
+    assert served == {other}  # the worker drain outlived the restart too
+    await admin.DrainWorker(Q.DrainWorkerRequest(worker_id=busy_id, undrain=True))
+    served = {(await collect(cluster.queen_stub(queen), infer()))[0].worker_id for _ in range(4)}
+    assert served == {w.id for w in workers}
+
+
+async def _busy_worker(admin: Any) -> str:
+    workers = (await admin.ListWorkers(Q.ListWorkersRequest(state=S.WORKER_STATE_BUSY))).workers
+    return workers[0].id if workers else ""
