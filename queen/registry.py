@@ -255,7 +255,18 @@ class Registry:
     def heartbeat_age(self, hive: HiveEntry) -> float:
         return max(self.clock.monotonic() - hive.last_seen, 0.0)
 
+    def health_of(self, hive: HiveEntry) -> common_pb2.HiveHealth.ValueType:
+        """The hive's health now (cheap: on every pick)."""
+        age = self.clock.monotonic() - hive.last_seen
+        interval = self.settings.interval
+        if age >= UNHEALTHY_AFTER_INTERVALS * interval:
+            return S.HIVE_HEALTH_UNHEALTHY
+        if age >= DEGRADED_AFTER_INTERVALS * interval:
+            return S.HIVE_HEALTH_DEGRADED
+        return S.HIVE_HEALTH_HEALTHY
+
     def hive_health(self, hive: HiveEntry) -> tuple[common_pb2.HiveHealth.ValueType, str]:
+        """The hive's health and, unless healthy, why: for operators."""
         age = self.heartbeat_age(hive)
         interval = self.settings.interval
         if age >= UNHEALTHY_AFTER_INTERVALS * interval:
@@ -273,8 +284,9 @@ class Registry:
         return S.HIVE_HEALTH_HEALTHY, ""
 
     def _note_health(self, hive: HiveEntry) -> common_pb2.HiveHealth.ValueType:
-        health, reason = self.hive_health(hive)
+        health = self.health_of(hive)
         if health != hive.health:
+            reason = self.hive_health(hive)[1]
             hive.health = health
             self._event(
                 Q.EVENT_KIND_HIVE_HEALTH_CHANGED,

@@ -262,7 +262,9 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         for name in registry.models():
             info = Q.ModelInfo(name=name, queued=self.c.scheduler.queue_depth(name))
             for entry in registry.workers_of_model(name):
-                state = registry.view(entry).state
+                state = entry.record.state
+                if state in (S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY):
+                    state = S.WORKER_STATE_BUSY if entry.in_flight else S.WORKER_STATE_IDLE
                 if state == S.WORKER_STATE_IDLE:
                     info.idle += 1
                 elif state == S.WORKER_STATE_BUSY:

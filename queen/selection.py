@@ -4,10 +4,10 @@ A pool is the workers of one model that carry a set of required tags. Each
 policy keeps its own index over the pool's eligible workers (free slot, ready,
 not drained, circuit closed), updated whenever a worker changes:
 
-- heap policies (least-loaded, lru, shortest-queue, score) keep a binary heap
-  with lazy deletion: every change pushes a fresh entry and invalidates the old
-  one, a pick pops stale entries as it meets them. O(log n) per change and pick.
-- lottery keeps a Fenwick tree of speed weights: O(log n) to sample and update.
+- least-loaded, lru, score and shortest-queue group workers by an integer level
+  (free slots; nothing; the score or queue-per-speed quantised to fixed steps),
+  least recently used first within a level: O(1) per change and per pick.
+- lottery samples a dense array and accepts by relative speed: O(1) expected.
 
 Hive health is time-based, so it is judged at pick time: a worker on an
 unhealthy hive is dropped from the index (its next heartbeat puts it back), one
@@ -16,9 +16,10 @@ on a degraded hive is passed over unless nothing healthy is free.
 
 from __future__ import annotations
 
+import bisect
 import enum
-import heapq
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,38 +64,40 @@ class Routable(Protocol):
 class SpeedScale:
     """The pool's fastest measured speed: speeds are judged relative to it.
 
-    A max-heap with lazy deletion, so following the fastest as speeds move costs O(log n).
+    Kept lazily: a new maximum is seen at once; when the fastest worker slows down the
+    maximum is found again on the next read. That scan is O(n), but it happens on about
+    one release in n (the fastest worker's own), so it costs O(1) per release on average.
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, str]] = []
-        self._live: dict[str, int] = {}
         self._speeds: dict[str, float] = {}
-        self._seq = 0
+        self._fastest = 0.0
+        self._fastest_id = ""
+        self._stale = False
 
     @property
     def fastest(self) -> float:
-        while self._heap and self._live.get(self._heap[0][2]) != self._heap[0][1]:
-            heapq.heappop(self._heap)
-        return -self._heap[0][0] if self._heap else 0.0
+        if self._stale:
+            self._stale = False
+            self._fastest_id, self._fastest = max(
+                self._speeds.items(), key=lambda item: item[1], default=("", 0.0)
+            )
+        return self._fastest
 
     def note(self, worker_id: str, speed: float | None) -> None:
         if speed is None:
-            self._live.pop(worker_id, None)
-            return
-        if self._speeds.get(worker_id) == speed and worker_id in self._live:
+            self.forget(worker_id)
             return
         self._speeds[worker_id] = speed
-        self._seq += 1
-        self._live[worker_id] = self._seq
-        heapq.heappush(self._heap, (-speed, self._seq, worker_id))
-        if len(self._heap) > 4 * len(self._live) + 64:
-            self._heap = [e for e in self._heap if self._live.get(e[2]) == e[1]]
-            heapq.heapify(self._heap)
+        if speed >= self._fastest:
+            self._fastest, self._fastest_id = speed, worker_id
+        elif worker_id == self._fastest_id:
+            self._stale = True
 
     def forget(self, worker_id: str) -> None:
-        self._live.pop(worker_id, None)
-        self._speeds.pop(worker_id, None)
+        if self._speeds.pop(worker_id, None) is not None and worker_id == self._fastest_id:
+            self._stale = True
+            self._fastest = 0.0
 
     def of(self, worker: Routable) -> float:
         """Speed in (0, 1]; a worker not yet measured counts as the fastest, so it gets tried."""
@@ -109,189 +112,193 @@ def score(worker: Routable, scale: SpeedScale) -> float:
     return 0.5 * free_ratio + 0.3 * worker.success_rate + 0.2 * scale.of(worker)
 
 
-def heap_key(policy: int, worker: Routable, scale: SpeedScale) -> tuple[float, ...]:
-    """Smaller is better."""
-    if policy == P.ROUTING_POLICY_LRU:
-        return (worker.last_used,)
-    if policy == P.ROUTING_POLICY_SHORTEST_QUEUE:
-        return (worker.in_flight / scale.of(worker), worker.last_used)
-    if policy == P.ROUTING_POLICY_SCORE:
-        return (-score(worker, scale), worker.last_used)
-    return (-worker.free_slots, worker.last_used)  # least-loaded
+def _scan(order: OrderedDict[str, int], judge: Judge) -> tuple[str | None, str | None, list[str]]:
+    """In order: the first TAKE, the first LATER (fallback), and the DROPs met on the way."""
+    dropped: list[str] = []
+    fallback: str | None = None
+    for worker_id in order:
+        verdict = judge(worker_id)
+        if verdict is Verdict.TAKE:
+            return worker_id, fallback, dropped
+        if verdict is Verdict.DROP:
+            dropped.append(worker_id)
+        elif verdict is Verdict.LATER and fallback is None:
+            fallback = worker_id
+    return None, fallback, dropped
 
 
-class HeapIndex:
-    def __init__(self, policy: int, scale: SpeedScale) -> None:
-        self.policy = policy
-        self.scale = scale
-        self._heap: list[tuple[tuple[float, ...], int, str]] = []
-        self._live: dict[str, int] = {}  # worker id -> sequence of its valid entry
-        self._seq = 0
+class LevelIndex:
+    """Workers grouped by an integer level, least recently used first within a level.
+
+    A pick walks the non-empty levels from the best one and takes the first acceptable
+    worker, so it costs O(1) in the number of workers: levels are few (free-slot counts,
+    or a policy's value quantised to a fixed number of steps) and kept sorted.
+    """
+
+    def __init__(self, level: Callable[[Routable], int], best_first_descending: bool) -> None:
+        self.level = level
+        self.descending = best_first_descending
+        self._levels: dict[int, OrderedDict[str, int]] = {}  # level -> id -> last_used
+        self._sorted: list[int] = []  # non-empty levels, ascending
+        self._where: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._where)
 
     def update(self, worker: Routable, eligible: bool) -> None:
+        old = self._where.get(worker.id)
         if not eligible:
-            self._live.pop(worker.id, None)
+            if old is not None:
+                self._remove(worker.id, old)
             return
-        self._seq += 1
-        self._live[worker.id] = self._seq
-        heapq.heappush(
-            self._heap, (heap_key(self.policy, worker, self.scale), self._seq, worker.id)
-        )
-        if len(self._heap) > 4 * len(self._live) + 64:
-            self._compact()
+        level = self.level(worker)
+        if old is not None and old != level:
+            self._remove(worker.id, old)
+            old = None
+        bucket = self._levels.get(level)
+        if bucket is None:
+            bucket = self._levels[level] = OrderedDict()
+            bisect.insort(self._sorted, level)
+        seen = bucket.get(worker.id)
+        if seen == worker.last_used:
+            return  # not used since: keep its place
+        bucket[worker.id] = worker.last_used
+        self._where[worker.id] = level
+        if old is None and len(bucket) > 1 and worker.last_used < next(iter(bucket.values())):
+            bucket.move_to_end(worker.id, last=False)  # back in, and the longest unused
+        else:
+            bucket.move_to_end(worker.id)
+
+    def _remove(self, worker_id: str, level: int) -> None:
+        bucket = self._levels[level]
+        del bucket[worker_id]
+        del self._where[worker_id]
+        if not bucket:
+            del self._levels[level]
+            del self._sorted[bisect.bisect_left(self._sorted, level)]
 
     def discard(self, worker_id: str) -> None:
-        self._live.pop(worker_id, None)
+        level = self._where.get(worker_id)
+        if level is not None:
+            self._remove(worker_id, level)
 
     def rebuild(self, workers: Iterable[Routable]) -> None:
-        """Recompute every key (after the speed scale moved)."""
-        live = set(self._live)
-        self._heap.clear()
-        self._live.clear()
-        for worker in workers:
-            if worker.id in live:
-                self.update(worker, True)
-
-    def _compact(self) -> None:
-        self._heap = [e for e in self._heap if self._live.get(e[2]) == e[1]]
-        heapq.heapify(self._heap)
+        """Re-level every worker (after the speed scale moved), keeping use order."""
+        live = sorted(workers, key=lambda w: w.last_used)
+        self._levels.clear()
+        self._sorted.clear()
+        self._where.clear()
+        for worker in live:
+            self.update(worker, True)
 
     def pick(self, judge: Judge) -> str | None:
-        kept: list[tuple[tuple[float, ...], int, str]] = []
         fallback: str | None = None
-        chosen: str | None = None
-        while self._heap:
-            item = heapq.heappop(self._heap)
-            if self._live.get(item[2]) != item[1]:
-                continue  # stale
-            verdict = judge(item[2])
-            if verdict is Verdict.TAKE:
-                chosen = item[2]
-                kept.append(item)
-                break
-            if verdict is Verdict.DROP:
-                del self._live[item[2]]
-                continue
-            kept.append(item)
-            if verdict is Verdict.LATER and fallback is None:
-                fallback = item[2]
-        for item in kept:
-            heapq.heappush(self._heap, item)
-        return chosen or fallback
+        levels = reversed(self._sorted) if self.descending else iter(self._sorted)
+        for level in list(levels):
+            chosen, later, dropped = _scan(self._levels[level], judge)
+            for worker_id in dropped:
+                self._remove(worker_id, level)
+            if chosen is not None:
+                return chosen
+            fallback = fallback or later
+        return fallback
 
 
-class LotteryIndex:
-    """Speed-weighted random choice over a Fenwick tree of weights."""
+class SampleIndex:
+    """Speed-weighted random choice (FastChat's lottery) by rejection sampling.
 
-    MAX_DRAWS = 16
+    Draw a worker uniformly from a dense array, keep it with probability equal to its
+    speed relative to the fastest: O(1) expected per pick while speeds are comparable,
+    and never a scan (after MAX_DRAWS rejections the best drawn so far is taken).
+    """
+
+    MAX_DRAWS = 32
 
     def __init__(self, scale: SpeedScale, rng: random.Random) -> None:
         self.scale = scale
         self.rng = rng
-        self._pos: dict[str, int] = {}
         self._ids: list[str] = []
-        self._weights: list[float] = []
-        self._tree: list[float] = [0.0]  # 1-based Fenwick tree
-        self._total = 0.0
+        self._pos: dict[str, int] = {}
+        self._members: dict[str, Routable] = {}
 
     def __len__(self) -> int:
-        return sum(1 for w in self._weights if w > 0)
-
-    def _add(self, i: int, delta: float) -> None:
-        self._total += delta
-        i += 1
-        while i < len(self._tree):
-            self._tree[i] += delta
-            i += i & -i
-
-    def _set(self, i: int, weight: float) -> None:
-        self._add(i, weight - self._weights[i])
-        self._weights[i] = weight
-
-    def _grow(self, worker_id: str) -> int:
-        i = len(self._ids)
-        self._ids.append(worker_id)
-        self._weights.append(0.0)
-        self._pos[worker_id] = i
-        # Rebuild the tree for the new size: amortised by doubling.
-        if len(self._tree) <= len(self._ids):
-            size = max(2 * len(self._tree), 16)
-            self._tree = [0.0] * size
-            for j, w in enumerate(self._weights):
-                k = j + 1
-                while k < size:
-                    self._tree[k] += w
-                    k += k & -k
-        return i
+        return len(self._ids)
 
     def update(self, worker: Routable, eligible: bool) -> None:
-        i = self._pos.get(worker.id)
-        if i is None:
-            if not eligible:
-                return
-            i = self._grow(worker.id)
-        # Weighted by speed, as FastChat's lottery; an unmeasured worker weighs as the fastest.
-        self._set(i, self.scale.of(worker) if eligible else 0.0)
+        if not eligible:
+            self.discard(worker.id)
+            return
+        self._members[worker.id] = worker
+        if worker.id not in self._pos:
+            self._pos[worker.id] = len(self._ids)
+            self._ids.append(worker.id)
 
     def discard(self, worker_id: str) -> None:
-        i = self._pos.get(worker_id)
-        if i is not None:
-            self._set(i, 0.0)
+        i = self._pos.pop(worker_id, None)
+        if i is None:
+            return
+        last = self._ids.pop()
+        if last != worker_id:
+            self._ids[i] = last
+            self._pos[last] = i
+        del self._members[worker_id]
 
     def rebuild(self, workers: Iterable[Routable]) -> None:
-        for worker in workers:
-            i = self._pos.get(worker.id)
-            if i is not None and self._weights[i] > 0:
-                self._set(i, self.scale.of(worker))
-
-    def _find(self, target: float) -> int:
-        """Smallest index whose prefix sum exceeds target."""
-        pos, step = 0, 1
-        while step * 2 < len(self._tree):
-            step *= 2
-        while step:
-            nxt = pos + step
-            if nxt < len(self._tree) and self._tree[nxt] <= target:
-                pos = nxt
-                target -= self._tree[nxt]
-            step //= 2
-        return min(pos, len(self._ids) - 1)
+        pass  # weights are read at draw time
 
     def pick(self, judge: Judge) -> str | None:
-        parked: list[tuple[int, float]] = []
         fallback: str | None = None
-        chosen: str | None = None
+        best: tuple[float, str] | None = None
+        skipped: set[str] = set()
         for _ in range(self.MAX_DRAWS):
-            if self._total <= 1e-12:
+            if len(skipped) >= len(self._ids):
                 break
-            i = self._find(self.rng.random() * self._total)
-            if self._weights[i] <= 0:
+            worker_id = self._ids[self.rng.randrange(len(self._ids))]
+            if worker_id in skipped:
                 continue
-            worker_id = self._ids[i]
             verdict = judge(worker_id)
-            if verdict is Verdict.TAKE:
-                chosen = worker_id
-                break
             if verdict is Verdict.DROP:
-                self._set(i, 0.0)
+                self.discard(worker_id)
+                if not self._ids:
+                    break
                 continue
-            if verdict is Verdict.LATER and fallback is None:
-                fallback = worker_id
-            parked.append((i, self._weights[i]))
-            self._set(i, 0.0)
-        for i, weight in parked:
-            self._set(i, weight)
-        return chosen or fallback
+            if verdict is not Verdict.TAKE:
+                skipped.add(worker_id)
+                if verdict is Verdict.LATER and fallback is None:
+                    fallback = worker_id
+                continue
+            weight = self.scale.of(self._members[worker_id])
+            if self.rng.random() < weight:
+                return worker_id
+            if best is None or weight > best[0]:
+                best = (weight, worker_id)
+        return best[1] if best is not None else fallback
 
 
-Index = HeapIndex | LotteryIndex
-# Policies whose keys depend on the speed scale.
-SPEED_POLICIES = frozenset(
-    {P.ROUTING_POLICY_SCORE, P.ROUTING_POLICY_SHORTEST_QUEUE, P.ROUTING_POLICY_LOTTERY}
-)
+Index = LevelIndex | SampleIndex
+# Policies whose levels depend on the speed scale.
+SPEED_POLICIES = frozenset({P.ROUTING_POLICY_SCORE, P.ROUTING_POLICY_SHORTEST_QUEUE})
+# Steps the score (0..1) and the queue length per unit of speed are quantised to.
+SCORE_STEPS = 1000
+QUEUE_STEPS = 64
+MAX_QUEUE_LEVEL = 1 << 16
+
+
+def make_index(policy: int, scale: SpeedScale, rng: random.Random) -> Index:
+    if policy == P.ROUTING_POLICY_LOTTERY:
+        return SampleIndex(scale, rng)
+    if policy == P.ROUTING_POLICY_LRU:
+        return LevelIndex(lambda w: 0, best_first_descending=False)
+    if policy == P.ROUTING_POLICY_SCORE:
+        return LevelIndex(
+            lambda w: round(score(w, scale) * SCORE_STEPS), best_first_descending=True
+        )
+    if policy == P.ROUTING_POLICY_SHORTEST_QUEUE:
+        return LevelIndex(
+            lambda w: min(round(w.in_flight / scale.of(w) * QUEUE_STEPS), MAX_QUEUE_LEVEL),
+            best_first_descending=False,
+        )
+    return LevelIndex(lambda w: w.free_slots, best_first_descending=True)  # least-loaded
 
 
 @dataclass
@@ -330,20 +337,18 @@ class Pool:
             index.discard(worker_id)
 
     def index(self, policy: int) -> Index:
-        fastest = self.scale.fastest
-        if abs(fastest - self._keyed_fastest) > 0.25 * max(self._keyed_fastest, 1e-9):
-            self._keyed_fastest = fastest
-            for p, idx in self.indexes.items():
-                if p in SPEED_POLICIES:
-                    idx.rebuild(self.members[w] for w in self.eligible)
+        if policy in SPEED_POLICIES:
+            fastest = self.scale.fastest
+            if abs(fastest - self._keyed_fastest) > 0.25 * max(self._keyed_fastest, 1e-9):
+                self._keyed_fastest = fastest
+                for p, idx in self.indexes.items():
+                    if p in SPEED_POLICIES:
+                        idx.rebuild(self.members[w] for w in self.eligible)
         index = self.indexes.get(policy)
         if index is None:
-            index = (
-                LotteryIndex(self.scale, self.rng)
-                if policy == P.ROUTING_POLICY_LOTTERY
-                else HeapIndex(policy, self.scale)
-            )
-            for worker_id in self.eligible:
+            index = make_index(policy, self.scale, self.rng)
+            # In order of last use, so the O(1) indexes start out least recently used first.
+            for worker_id in sorted(self.eligible, key=lambda w: self.members[w].last_used):
                 index.update(self.members[worker_id], True)
             self.indexes[policy] = index
         return index

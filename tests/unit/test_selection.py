@@ -6,8 +6,10 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+import pytest
+
 from protos.v1 import common_pb2 as P
-from queen.selection import HeapIndex, LotteryIndex, Pool, SpeedScale, Verdict
+from queen.selection import Pool, SampleIndex, SpeedScale, Verdict, make_index
 
 
 @dataclass
@@ -68,18 +70,26 @@ def test_score_combines_free_ratio_success_and_relative_speed() -> None:
 
 
 def test_lottery_is_weighted_by_relative_speed() -> None:
-    index = LotteryIndex(SpeedScale(), random.Random(3))
-    scale = index.scale
-    workers = [W("fast", speed=90.0), W("slow", speed=10.0)]
-    for w in workers:
+    scale = SpeedScale()
+    index = SampleIndex(scale, random.Random(3))
+    for w in [W("fast", speed=90.0), W("slow", speed=10.0)]:
         scale.note(w.id, w.speed)
         index.update(w, True)
     counts = Counter(index.pick(take) for _ in range(5000))
     assert 0.86 < counts["fast"] / 5000 < 0.94
 
 
-def test_verdicts_skip_defer_and_drop() -> None:
-    index = HeapIndex(P.ROUTING_POLICY_LRU, SpeedScale())
+@pytest.mark.parametrize(
+    "policy",
+    [
+        P.ROUTING_POLICY_LRU,
+        P.ROUTING_POLICY_LEAST_LOADED,
+        P.ROUTING_POLICY_SCORE,
+        P.ROUTING_POLICY_SHORTEST_QUEUE,
+    ],
+)
+def test_verdicts_skip_defer_and_drop(policy: int) -> None:
+    index = make_index(policy, SpeedScale(), random.Random(1))
     for i, name in enumerate(["dead", "tried", "degraded", "fine"]):
         index.update(W(name, last_used=i), True)
     verdicts = {
@@ -96,21 +106,43 @@ def test_verdicts_skip_defer_and_drop() -> None:
     assert index.pick(lambda w: verdicts[w]) is None
 
 
-def test_heap_stays_compact_under_many_updates() -> None:
-    index = HeapIndex(P.ROUTING_POLICY_LEAST_LOADED, SpeedScale())
-    workers = [W(str(i)) for i in range(10)]
-    for n in range(10_000):
-        w = workers[n % 10]
-        w.last_used = n
+def test_lru_order_follows_use_and_re_entry() -> None:
+    index = make_index(P.ROUTING_POLICY_LRU, SpeedScale(), random.Random(1))
+    a, b, c = W("a", last_used=1), W("b", last_used=2), W("c", last_used=3)
+    for w in (a, b, c):
         index.update(w, True)
-    assert len(index._heap) <= 4 * 10 + 64
-    assert index.pick(take) == "0"
+    assert index.pick(take) == "a"
+    a.last_used = 4
+    index.update(a, True)
+    assert index.pick(take) == "b"
+    index.update(b, False)  # busy
+    index.update(c, True)  # a heartbeat: not a use, keeps its place
+    assert index.pick(take) == "c"
+    index.update(b, True)  # back, still the longest unused
+    assert index.pick(take) == "b"
+
+
+def test_quantised_levels_keep_lru_among_equals() -> None:
+    index = make_index(P.ROUTING_POLICY_LEAST_LOADED, SpeedScale(), random.Random(1))
+    workers = [W(f"w{i}", free_slots=2, slots_total=2, last_used=10 - i) for i in range(5)]
+    for w in workers:
+        index.update(w, True)
+    assert index.pick(take) == "w4"
+    workers[4].free_slots = 1
+    workers[4].last_used = 11
+    index.update(workers[4], True)
+    assert [index.pick(take)] == ["w3"]
 
 
 def test_lottery_grows_and_ignores_ineligible() -> None:
-    index = LotteryIndex(SpeedScale(), random.Random(1))
+    index = SampleIndex(SpeedScale(), random.Random(1))
     for i in range(100):
         index.update(W(f"w{i}"), eligible=(i == 57))
     assert {index.pick(take) for _ in range(50)} == {"w57"}
     index.discard("w57")
     assert index.pick(take) is None
+    for i in range(100):
+        index.update(W(f"w{i}"), eligible=True)
+    for i in range(0, 100, 2):
+        index.discard(f"w{i}")
+    assert {index.pick(take) for _ in range(300)} <= {f"w{i}" for i in range(1, 100, 2)}

@@ -1,0 +1,147 @@
+"""Scale of the queen's registry: pick cost and heartbeat ingest at 10 to 10,000 workers.
+
+Pick cost is measured in-process on the registry (the pure logic the router
+calls), for every routing policy, with a rolling window of leases in flight;
+the ratio is against the 10-worker run in the same process. Heartbeat ingest
+is measured against a real queen process fed by simulated 8-worker hives, with
+the cheapest unary call (grpc.health Check) to the same queen as the same-run baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from apiary.clock import SystemClock
+from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
+from queen.registry import Lease, Outcome, Registry, RegistrySettings
+from tests.integration.cluster import Cluster
+
+SIZES = (10, 100, 1_000, 10_000)
+PER_HIVE = 8
+POLICIES = {
+    "least-loaded": common_pb2.ROUTING_POLICY_LEAST_LOADED,
+    "lru": common_pb2.ROUTING_POLICY_LRU,
+    "score": common_pb2.ROUTING_POLICY_SCORE,
+    "lottery": common_pb2.ROUTING_POLICY_LOTTERY,
+    "shortest-queue": common_pb2.ROUTING_POLICY_SHORTEST_QUEUE,
+}
+
+
+def heartbeat(hive: int, workers: int, model: str = "m") -> queen_pb2.HiveHeartbeat:
+    return queen_pb2.HiveHeartbeat(
+        hive_id=f"hive-{hive}",
+        address=f"10.0.{hive // 256}.{hive % 256}:7071",
+        resources=queen_pb2.HiveResources(cpu_count=8, memory_total_bytes=2**36),
+        workers=[
+            common_pb2.WorkerRecord(
+                id=f"w-{hive}-{i}", hive_id=f"hive-{hive}", model=model,
+                address=f"10.0.{hive // 256}.{hive % 256}:{9000 + i}",
+                state=common_pb2.WORKER_STATE_IDLE, slots_total=4, backend="echo",
+            )
+            for i in range(workers)
+        ],
+    )  # fmt: skip
+
+
+def pick_cost(size: int, policy: int, picks: int) -> float:
+    """Median microseconds per acquire + release over 5 rounds."""
+    registry = Registry(SystemClock(), RegistrySettings(interval=3600.0), seed=1)
+    for hive in range(max(size // PER_HIVE, 1)):
+        registry.apply_heartbeat(heartbeat(hive, min(PER_HIVE, size)))
+    window: collections.deque[Lease] = collections.deque()
+    in_flight = min(size * 2, 256)  # half the slots of the smallest, a realistic load elsewhere
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for n in range(picks):
+            if len(window) >= in_flight:
+                registry.release(window.popleft(), Outcome(ok=True, duration=0.5, tokens=8 + n % 5))
+            lease = registry.acquire("m", policy=policy)  # type: ignore[arg-type]
+            if lease is not None:
+                window.append(lease)
+        rounds.append((time.perf_counter() - start) / picks * 1e6)
+    return statistics.median(rounds)
+
+
+async def ingest(queen: str, size: int, seconds: float, concurrency: int) -> tuple[float, float]:
+    """(heartbeats/s, baseline health checks/s) into one queen process."""
+    hives = max(size // PER_HIVE, 1)
+    beats = [
+        heartbeat(10_000 + size + h, min(PER_HIVE, size), model=f"scale{size}")
+        for h in range(hives)
+    ]
+    async with grpc.aio.insecure_channel(queen) as channel:
+        registry = queen_pb2_grpc.QueenRegistryStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        for beat in beats:  # everyone joins first: we measure steady-state replacement
+            await registry.Heartbeat(beat)
+
+        async def drive(call: Any, requests: Sequence[Any]) -> float:
+            done = 0
+            stop = time.perf_counter() + seconds
+
+            async def one(offset: int) -> None:
+                nonlocal done
+                i = offset
+                while time.perf_counter() < stop:
+                    await call(requests[i % len(requests)])
+                    i += concurrency
+                    done += 1
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one(k) for k in range(concurrency)))
+            return done / (time.perf_counter() - start)
+
+        rate = await drive(registry.Heartbeat, beats)
+        baseline = await drive(health.Check, [health_pb2.HealthCheckRequest()])
+        for beat in beats:
+            await registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id=beat.hive_id, leaving=True))
+    return rate, baseline
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--picks", type=int, default=20_000, help="per size, policy and round")
+    p.add_argument("--seconds", type=float, default=3.0, help="per ingest measurement")
+    p.add_argument("--concurrency", type=int, default=16)
+    args = p.parse_args()
+
+    print(f"# bench/scale.py: python {sys.version.split()[0]}, grpcio {grpc.__version__}")
+    print("\n## pick cost (acquire + release, in-process registry, all workers one model)")
+    print(f"{'policy':>15} " + " ".join(f"{s:>9}" for s in SIZES) + "   ratio 10k/10")
+    for name, policy in POLICIES.items():
+        costs = [pick_cost(size, policy, args.picks) for size in SIZES]
+        row = " ".join(f"{c:>7.2f}us" for c in costs)
+        ratio = costs[-1] / costs[0]
+        print(f"{name:>15} {row}   {ratio:5.2f}x {'ok' if ratio <= 1.5 else 'ABOVE 1.5x'}")
+
+    print("\n## heartbeat ingest (real queen process, 8-worker hives, "
+          f"{args.concurrency} concurrent senders)")  # fmt: skip
+    print(f"{'workers':>8} {'hives':>6} {'beats/s':>9} {'checks/s':>9} {'ratio':>6}")
+    cluster = Cluster(heartbeat_interval=3600.0)
+    try:
+        queen = cluster.start_queen()
+        for size in SIZES:
+            rate, baseline = await ingest(queen.address, size, args.seconds, args.concurrency)
+            print(f"{size:>8} {max(size // PER_HIVE, 1):>6} {rate:>9.0f} {baseline:>9.0f} "
+                  f"{rate / baseline:>5.2f}x")  # fmt: skip
+    finally:
+        await cluster.close()
+    print("\nbeats/s is also how many 8-worker hives one queen keeps at a 1 s heartbeat.")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
