@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import argparse
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -37,3 +39,29 @@ def naming(known: Iterable[str], limit: int = 20) -> str:
         return "none"
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown} (+{len(names) - limit} more)"
+
+
+class EnumWrapper(Protocol):
+    def keys(self) -> list[str]: ...
+    def Value(self, name: str) -> int: ...
+
+
+def enum_labels(enum: EnumWrapper, prefix: str) -> list[str]:
+    """What people type for a proto enum: 'least-loaded' for ROUTING_POLICY_LEAST_LOADED."""
+    return [k.removeprefix(prefix).lower().replace("_", "-") for k in enum.keys()[1:]]
+
+
+def enum_parser(enum: EnumWrapper, prefix: str, what: str) -> Callable[[str], Any]:
+    """An argparse `type=` for a proto enum, by label; the error names every valid label."""
+
+    def parse(label: str) -> Any:
+        try:
+            return enum.Value(prefix + label.upper().replace("-", "_"))
+        except ValueError:
+            choices = ", ".join(enum_labels(enum, prefix))
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {label!r}; choose {choices}"
+            ) from None
+
+    parse.__name__ = what  # argparse shows it in usage errors
+    return parse

@@ -13,6 +13,7 @@ import grpc
 import structlog
 
 from apiary import logs
+from apiary.protoutil import enum_parser
 from apiary.serving import (
     RunningServer,
     host_port,
@@ -32,20 +33,7 @@ log = structlog.get_logger("hive")
 
 SERVICE_NAMES = (hive_pb2.DESCRIPTOR.services_by_name["Hive"].full_name,)
 DEFAULT_QUEEN = "127.0.0.1:7070"
-POLICIES = {
-    "never": common_pb2.RESTART_POLICY_NEVER,
-    "on-failure": common_pb2.RESTART_POLICY_ON_FAILURE,
-    "always": common_pb2.RESTART_POLICY_ALWAYS,
-}
-
-
-def parse_policy(name: str) -> common_pb2.RestartPolicy.ValueType:
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise argparse.ArgumentTypeError(
-            f"unknown restart policy {name!r}; choose one of: {', '.join(POLICIES)}"
-        ) from None
+parse_policy = enum_parser(common_pb2.RestartPolicy, "RESTART_POLICY_", "restart policy")
 
 
 def parse_spawn(text: str) -> tuple[WorkerSpec, int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import structlog
 
 from apiary import logs
+from apiary.protoutil import enum_parser
 from apiary.serving import stop_event_on_signals, write_port_file
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2
@@ -18,14 +19,6 @@ from queen.autospawn import SpawnPlan, parse_plan
 from queen.server import QueenConfig, create_server
 
 log = structlog.get_logger("queen")
-
-POLICIES = {
-    "least-loaded": common_pb2.ROUTING_POLICY_LEAST_LOADED,
-    "lru": common_pb2.ROUTING_POLICY_LRU,
-    "score": common_pb2.ROUTING_POLICY_SCORE,
-    "lottery": common_pb2.ROUTING_POLICY_LOTTERY,
-    "shortest-queue": common_pb2.ROUTING_POLICY_SHORTEST_QUEUE,
-}
 
 
 def default_state_dir() -> str:
@@ -57,8 +50,8 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--policy",
-        choices=list(POLICIES),
-        default="least-loaded",
+        type=enum_parser(common_pb2.RoutingPolicy, "ROUTING_POLICY_", "routing policy"),
+        default=common_pb2.ROUTING_POLICY_LEAST_LOADED,
         help="default routing policy (requests may choose their own)",
     )
     p.add_argument(
@@ -95,7 +88,7 @@ async def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_tokens_cap=args.max_tokens_cap,
         state_dir=Path(args.state_dir or default_state_dir()),
-        policy=POLICIES[args.policy],
+        policy=args.policy,
         hive_ttl_intervals=args.hive_ttl,
         breaker_failures=args.breaker_failures,
         breaker_cooldown=args.breaker_cooldown,
@@ -113,7 +106,7 @@ async def run(args: argparse.Namespace) -> int:
         listen=args.listen,
         port=queen.running.port,
         heartbeat_interval=args.heartbeat_interval,
-        policy=args.policy,
+        policy=common_pb2.RoutingPolicy.Name(args.policy),
         state_dir=str(config.state_dir),
     )
     await stop.wait()

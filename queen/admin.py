@@ -11,7 +11,7 @@ import structlog
 from apiary.protoutil import naming, timestamp
 from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
-from queen.registry import HiveEntry
+from queen.registry import HiveEntry, WorkerEntry
 from queen.router import Cluster, tags_problem
 
 log = structlog.get_logger("queen.admin")
@@ -51,6 +51,15 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
                 f"unknown hive {hive_id!r}; hives: {naming(self.registry.hives)}",
             )
         return hive
+
+    async def _worker(self, worker_id: str, context: Context) -> WorkerEntry:
+        entry = self.registry.workers.get(worker_id)
+        if entry is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown worker {worker_id!r}; workers: {naming(self.registry.workers)}",
+            )
+        return entry
 
     async def ListHives(
         self, request: queen_pb2.ListHivesRequest, context: Context
@@ -107,12 +116,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
     async def GetWorker(
         self, request: queen_pb2.GetWorkerRequest, context: Context
     ) -> queen_pb2.GetWorkerResponse:
-        entry = self.registry.workers.get(request.worker_id)
-        if entry is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown worker {request.worker_id!r}; workers: {naming(self.registry.workers)}",
-            )
+        entry = await self._worker(request.worker_id, context)
         return queen_pb2.GetWorkerResponse(worker=self.registry.view(entry))
 
     async def _routable_hive(self, hive_id: str, context: Context) -> HiveEntry:
@@ -162,12 +166,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
     async def RetireWorker(
         self, request: queen_pb2.RetireWorkerRequest, context: Context
     ) -> queen_pb2.RetireWorkerResponse:
-        entry = self.registry.workers.get(request.worker_id)
-        if entry is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown worker {request.worker_id!r}; workers: {naming(self.registry.workers)}",
-            )
+        entry = await self._worker(request.worker_id, context)
         hive = await self._routable_hive(entry.record.hive_id, context)
         try:
             reply = await self.channels.hive(hive.address).StopWorker(
@@ -196,12 +195,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
     async def DrainWorker(
         self, request: queen_pb2.DrainWorkerRequest, context: Context
     ) -> queen_pb2.DrainWorkerResponse:
-        entry = self.registry.workers.get(request.worker_id)
-        if entry is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown worker {request.worker_id!r}; workers: {naming(self.registry.workers)}",
-            )
+        entry = await self._worker(request.worker_id, context)
         drained = not request.undrain
         await self.c.history.set_drain("worker", entry.id, drained)
         self.registry.drain_worker(entry.id, drained)

@@ -138,11 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hive", default="")
 
     p = verb(sub, "events", c.cmd_events, "print cluster events as they happen", timeout=None)
-    p.add_argument("--kind", action="append", default=[], help="only this kind (repeatable)")
+    p.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        type=c.parse_event_kind,
+        help="only this kind (repeatable), e.g. request-completed",
+    )
 
     requests = group("requests", "the queen's durable request history")
     p = verb(requests, "list", c.cmd_requests_list, "recent requests, newest first")
-    p.add_argument("--status", default="", help="queued, running, completed or failed")
+    p.add_argument(
+        "--status",
+        type=c.parse_request_status,
+        default=0,
+        help="queued, running, completed or failed",
+    )
     p.add_argument("--model", default="")
     p.add_argument("--limit", type=int, default=50)
     return parser

@@ -25,7 +25,7 @@ from apiary.cli.output import (
     worker_details,
     worker_rows,
 )
-from apiary.protoutil import parse_state, state_name
+from apiary.protoutil import enum_parser, parse_state, state_name
 from protos.v1 import (
     common_pb2,
     hive_pb2,
@@ -69,32 +69,11 @@ def hive_stub(args: argparse.Namespace) -> hive_pb2_grpc.HiveStub:
     return hive_pb2_grpc.HiveStub(grpc.insecure_channel(hive.address))
 
 
-def parse_routing(name: str) -> common_pb2.RoutingPolicy.ValueType:
-    try:
-        return common_pb2.RoutingPolicy.Value("ROUTING_POLICY_" + name.upper().replace("-", "_"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown routing policy {name!r}; "
-            "choose least-loaded, lru, score, lottery or shortest-queue"
-        ) from None
-
-
-def parse_restart(name: str) -> common_pb2.RestartPolicy.ValueType:
-    try:
-        return common_pb2.RestartPolicy.Value("RESTART_POLICY_" + name.upper().replace("-", "_"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown restart policy {name!r}; choose never, on-failure or always"
-        ) from None
-
-
-def parse_health(name: str) -> common_pb2.HiveHealth.ValueType:
-    try:
-        return common_pb2.HiveHealth.Value("HIVE_HEALTH_" + name.upper())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown hive health {name!r}; choose healthy, degraded or unhealthy"
-        ) from None
+parse_routing = enum_parser(common_pb2.RoutingPolicy, "ROUTING_POLICY_", "routing policy")
+parse_restart = enum_parser(common_pb2.RestartPolicy, "RESTART_POLICY_", "restart policy")
+parse_health = enum_parser(common_pb2.HiveHealth, "HIVE_HEALTH_", "hive health")
+parse_event_kind = enum_parser(queen_pb2.EventKind, "EVENT_KIND_", "event kind")
+parse_request_status = enum_parser(queen_pb2.RequestStatus, "REQUEST_STATUS_", "request status")
 
 
 # ---- inference ------------------------------------------------------------
@@ -385,16 +364,7 @@ def cmd_backend_get(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    kinds = []
-    for name in args.kind:
-        try:
-            kinds.append(queen_pb2.EventKind.Value("EVENT_KIND_" + name.upper().replace("-", "_")))
-        except ValueError:
-            valid = ", ".join(
-                n.removeprefix("EVENT_KIND_").lower().replace("_", "-")
-                for n in queen_pb2.EventKind.keys()[1:]
-            )
-            raise CliError(f"unknown event kind {name!r}; kinds: {valid}") from None
+    kinds = args.kind
     stream = admin(args).WatchEvents(
         queen_pb2.WatchEventsRequest(kinds=kinds), timeout=args.timeout
     )
@@ -412,14 +382,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_requests_list(args: argparse.Namespace) -> int:
-    status: queen_pb2.RequestStatus.ValueType = queen_pb2.REQUEST_STATUS_UNSPECIFIED
-    if args.status:
-        try:
-            status = queen_pb2.RequestStatus.Value("REQUEST_STATUS_" + args.status.upper())
-        except ValueError:
-            raise CliError(
-                f"unknown status {args.status!r}; choose queued, running, completed or failed"
-            ) from None
+    status = args.status
     request = queen_pb2.ListRequestsRequest(status=status, model=args.model, limit=args.limit)
     records = admin(args).ListRequests(request, timeout=args.timeout).requests
     if args.json:

@@ -265,7 +265,7 @@ async def test_scheduler_verbs(live: Proc) -> None:
     out = apiary("infer", "demo", "x y", "--max-tokens", "2", "--policy", "lottery", queen=live)
     assert out.returncode == 0 and out.stdout == "x y\n", out.stderr
     bad = apiary("infer", "demo", "x", "--policy", "fastest", queen=live)
-    assert bad.returncode == 2 and "choose least-loaded, lru" in bad.stderr
+    assert bad.returncode == 2 and "choose least-loaded, lru, score" in bad.stderr
     direct = apiary("infer", "demo", "p q", "--max-tokens", "3", "--direct", queen=live)
     assert direct.returncode == 0 and direct.stdout == "p q p\n" and "[lease l-" in direct.stderr
 
@@ -281,7 +281,10 @@ async def test_scheduler_verbs(live: Proc) -> None:
         history.returncode == 0 and history.stdout.count("completed") == 1
     )  # direct calls skip it
     assert json.loads(apiary("requests", "list", "--json", queen=live).stdout)[0]["model"] == "demo"
-    assert "unknown status" in apiary("requests", "list", "--status", "odd", queen=live).stderr
+    assert (
+        "unknown request status 'odd'"
+        in apiary("requests", "list", "--status", "odd", queen=live).stderr
+    )
 
     drained = apiary("hive", "drain", "h1", queen=live)
     assert drained.returncode == 0 and "hive h1 drained" in drained.stdout
@@ -308,4 +311,4 @@ async def test_events_verb_prints_live_events(live: Proc) -> None:
     assert watcher.returncode == 0, err
     assert "request-completed" in out and "request=watched" in out and "duration=" in out
     bad = apiary("events", "--kind", "nonsense", "--timeout", "1", queen=live)
-    assert bad.returncode == 2 and "kinds: hive-joined" in bad.stderr
+    assert bad.returncode == 2 and "choose hive-joined, hive-health-changed" in bad.stderr

@@ -182,7 +182,19 @@ async def test_sigkilled_hive_restarts_and_readopts_its_workers(cluster: Cluster
     os.kill(before[victim_id], signal.SIGKILL)  # dies while nobody watches
 
     hive = cluster.start_hive(queen, "h1", "model=demo,count=3", extra=FAST, port=port)
-    after = await cluster.wait_workers(queen, "demo", 3, timeout=20)
+    # The queen's rows from before the hive died are still there; wait for the new hive's word.
+    await wait_worker(
+        cluster, hive, lambda w: w.id == victim_id and w.state == S.WORKER_STATE_IDLE, timeout=20
+    )
+    admin = cluster.admin_stub(queen)
+
+    async def relearned() -> list[common_pb2.WorkerRecord] | None:
+        listed = (await admin.ListWorkers(queen_pb2.ListWorkersRequest())).workers
+        victim = next((w for w in listed if w.id == victim_id), None)
+        ready = [w for w in listed if w.state in (S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY)]
+        return list(listed) if victim and victim.restart_count == 1 and len(ready) == 3 else None
+
+    after = await eventually(relearned, timeout=20)
     assert {w.id for w in after} == set(before)  # the same three, none started twice
     by_id = {w.id: w for w in after}
     for worker_id, pid in before.items():
