@@ -40,4 +40,23 @@ def infer_request_problem(request: common_pb2.InferRequest, max_tokens_cap: int)
         return f"max_tokens {request.max_tokens} is above this server's cap of {max_tokens_cap}"
     if len(request.request_id) > MAX_NAME_LENGTH:
         return f"request_id is longer than {MAX_NAME_LENGTH} characters"
+    return sampling_problem(request)
+
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 64
+
+
+def sampling_problem(request: common_pb2.InferRequest) -> str | None:
+    if request.HasField("temperature") and not 0.0 <= request.temperature <= 10.0:
+        return f"temperature must be within 0..10 (got {request.temperature:g})"
+    if request.HasField("top_p") and not 0.0 < request.top_p <= 1.0:
+        return f"top_p must be within (0, 1] (got {request.top_p:g})"
+    if request.HasField("top_k") and request.top_k < 0:
+        return f"top_k must be >= 0 (got {request.top_k}); 0 means no limit"
+    if len(request.stop) > MAX_STOP_STRINGS:
+        return f"at most {MAX_STOP_STRINGS} stop strings are allowed (got {len(request.stop)})"
+    for stop in request.stop:
+        if not stop or len(stop) > MAX_STOP_LENGTH:
+            return f"each stop string must be 1..{MAX_STOP_LENGTH} characters long"
     return None

@@ -21,12 +21,13 @@ from apiary.serving import (
     stop_event_on_signals,
     write_port_file,
 )
+from hive.catalog import Catalog
 from hive.heartbeat import HeartbeatLoop
 from hive.policy import RestartSettings
-from hive.service import HiveService
+from hive.service import HiveService, SpawnRefused
 from hive.store import StateDirBusy, WorkerStore
 from hive.supervisor import Supervisor, SupervisorSettings, WorkerSpec
-from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
+from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc, queen_pb2
 from worker.backends import backend_names, describe_backend
 
 log = structlog.get_logger("hive")
@@ -122,6 +123,7 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     p.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay (s)")
     p.add_argument("--restart-backoff-max", type=float, default=60.0, help="cap on it (s)")
     p.add_argument("--worker-host", default="127.0.0.1", help="host workers bind to")
+    p.add_argument("--models-dir", default="", help="model catalog (default STATE_DIR/models)")
     p.add_argument(
         "--spawn",
         action="append",
@@ -161,9 +163,11 @@ async def run(args: argparse.Namespace) -> int:
         log.error("hive cannot start", error=str(exc))
         return 1
     supervisor = Supervisor(args.hive_id, "", store, settings_from(args))
+    catalog = Catalog(Path(args.models_dir) if args.models_dir else store.state_dir / "models")
+    service = HiveService(supervisor, catalog)
 
     def register(server: grpc.aio.Server) -> None:
-        hive_pb2_grpc.add_HiveServicer_to_server(HiveService(supervisor), server)
+        hive_pb2_grpc.add_HiveServicer_to_server(service, server)
 
     try:
         running: RunningServer = await start_server(args.listen, register, SERVICE_NAMES)
@@ -183,6 +187,10 @@ async def run(args: argparse.Namespace) -> int:
         stats=supervisor.stats,
         sample=supervisor.sample_resources,
         backends=[n for n in backend_names() if describe_backend(n).available],
+        catalog=lambda: [
+            queen_pb2.CatalogEntry(model=e.name, backend=e.backend)
+            for e in catalog.cached_entries()
+        ],
     )
     supervisor.on_change = heartbeat.poke
     tasks = [
@@ -193,7 +201,10 @@ async def run(args: argparse.Namespace) -> int:
         write_port_file(args.port_file, running.port)
     log.info("hive listening", address=address, queen=args.queen, state_dir=str(store.state_dir))
     for spec, count in args.spawn:
-        await supervisor.ensure(spec, count)
+        try:
+            await supervisor.ensure(service.prepare(spec), count)
+        except SpawnRefused as refused:
+            log.error("cannot spawn", spec=str(spec), error=refused.message)
 
     await stop.wait()
     log.info("hive stopping", workers=len(supervisor.workers))

@@ -37,8 +37,10 @@ class HeartbeatLoop:
         stats: Callable[[], queen_pb2.HiveStats] = queen_pb2.HiveStats,
         sample: Callable[[], None] = lambda: None,
         backends: Sequence[str] = (),
+        catalog: Callable[[], list[queen_pb2.CatalogEntry]] = list,
     ) -> None:
         self.backends = list(backends)
+        self.catalog = catalog
         self.stats = stats
         self.sample = sample
         self.queen = queen
@@ -76,6 +78,7 @@ class HeartbeatLoop:
         beat = queen_pb2.HiveHeartbeat(
             stats=self.stats(),
             backends=self.backends,
+            catalog=self.catalog(),
             hive_id=self.hive_id,
             address=self.hive_address,
             resources=machine_resources(),

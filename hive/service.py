@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
+import time
+from collections.abc import AsyncIterator
 
 import grpc
 import psutil
 import structlog
 
+from apiary.protoutil import timestamp
 from apiary.serving import Context
 from apiary.validation import name_problem
 from hive import processes
+from hive.catalog import AlreadyExists, Catalog, CatalogEntry, CatalogError, NotInCatalog
 from hive.launcher import ProcessIdentity
 from hive.supervisor import WORKER_ID_ENV, Supervisor, WorkerConflict, WorkerNotFound, WorkerSpec
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
@@ -23,49 +28,90 @@ from worker.backends import (
     describe_backend,
 )
 
+PROGRESS_INTERVAL = 0.2
+
 log = structlog.get_logger("hive.service")
 
 MAX_SLOTS = 256
 
 
+class SpawnRefused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class HiveService(hive_pb2_grpc.HiveServicer):
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, catalog: Catalog) -> None:
         self.supervisor = supervisor
+        self.catalog = catalog
+
+    def prepare(self, spec: WorkerSpec) -> WorkerSpec:
+        """Check a spawn against what this hive can do, and fill in what the hive knows
+        (the model file from the catalog). Raises SpawnRefused."""
+        problem = name_problem("model", spec.model) or name_problem("backend", spec.backend)
+        for tag in spec.tags:
+            problem = problem or name_problem("tag", tag)
+        if problem:
+            raise SpawnRefused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            cls = backend_class(spec.backend)
+        except KeyError as exc:
+            raise SpawnRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0])) from None
+        described = describe_backend(spec.backend)
+        if not described.available:
+            raise SpawnRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"backend {spec.backend!r} is not available on hive {self.supervisor.hive_id}: "
+                f"{described.unavailable_reason}",
+            )
+        limit = min(MAX_SLOTS, cls.MAX_SLOTS)
+        if not 1 <= spec.slots <= limit:
+            raise SpawnRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"slots must be 1..{limit} for backend {spec.backend!r} (got {spec.slots})",
+            )
+        options = dict(spec.backend_options)
+        if "model_path" in cls.OPTIONS and not options.get("model_path"):
+            try:
+                entry = self.catalog.get(spec.model)
+            except NotInCatalog as exc:
+                raise SpawnRefused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{exc}; pull it first: apiary model pull SOURCE --name {spec.model} "
+                    f"--hive {self.supervisor.hive_id}",
+                ) from None
+            options["model_path"] = str(self.catalog.path(entry))
+        try:
+            # Builds (does not load) the backend: bad option names and values fail here, not
+            # later in a worker process.
+            cls.from_options(spec.model, options)
+        except BackendOptionError as exc:
+            raise SpawnRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if spec.restart_policy not in common_pb2.RestartPolicy.values():
+            raise SpawnRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown restart policy {spec.restart_policy}"
+            )
+        return dataclasses.replace(spec, backend_options=options)
 
     async def SpawnWorker(
         self, request: hive_pb2.SpawnWorkerRequest, context: Context
     ) -> hive_pb2.SpawnWorkerResponse:
-        problem = name_problem("model", request.model) or name_problem("backend", request.backend)
-        for tag in request.tags:
-            problem = problem or name_problem("tag", tag)
-        if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if request.slots > MAX_SLOTS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"slots {request.slots} is above the limit of {MAX_SLOTS}",
-            )
         try:
-            # Builds (does not load) the backend: bad option names and values fail here, not later
-            # in a worker process.
-            backend_class(request.backend).from_options(request.model, request.backend_options)
-        except KeyError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0]))
-        except BackendOptionError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if request.restart_policy not in common_pb2.RestartPolicy.values():
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"unknown restart policy {request.restart_policy}"
+            spec = self.prepare(
+                WorkerSpec(
+                    model=request.model,
+                    backend=request.backend,
+                    slots=request.slots or 1,
+                    device=request.device or "cpu",
+                    backend_options=dict(request.backend_options),
+                    restart_policy=request.restart_policy,
+                    tags=list(request.tags),
+                )
             )
-        spec = WorkerSpec(
-            model=request.model,
-            backend=request.backend,
-            slots=request.slots or 1,
-            device=request.device or "cpu",
-            backend_options=dict(request.backend_options),
-            restart_policy=request.restart_policy,
-            tags=list(request.tags),
-        )
+        except SpawnRefused as refused:
+            await context.abort(refused.code, refused.message)
         worker = await self.supervisor.spawn(spec)
         if request.wait_ready:
             remaining = context.time_remaining()
@@ -130,6 +176,114 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         except WorkerConflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return hive_pb2.ReportReadyResponse()
+
+    async def ReportLoading(
+        self, request: hive_pb2.ReportLoadingRequest, context: Context
+    ) -> hive_pb2.ReportLoadingResponse:
+        try:
+            self.supervisor.report_loading(
+                request.worker_id, request.pid, request.progress, request.detail[:200]
+            )
+        except WorkerNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except WorkerConflict as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return hive_pb2.ReportLoadingResponse()
+
+    # ---- model catalog ----------------------------------------------------
+
+    def catalog_model(self, entry: CatalogEntry) -> hive_pb2.CatalogModel:
+        users = [
+            w.id
+            for w in self.supervisor.workers.values()
+            if w.spec.backend_options.get("model_path") == str(self.catalog.path(entry))
+            and w.alive()
+        ]
+        return hive_pb2.CatalogModel(
+            name=entry.name,
+            file=entry.file,
+            size_bytes=entry.size_bytes,
+            sha256=entry.sha256,
+            source=entry.source,
+            added_at=timestamp(entry.added_at),
+            backend=entry.backend,
+            path=str(self.catalog.path(entry)),
+            used_by=sorted(users),
+        )
+
+    async def ListModels(
+        self, request: hive_pb2.ListCatalogRequest, context: Context
+    ) -> hive_pb2.ListCatalogResponse:
+        entries = await asyncio.to_thread(self.catalog.entries)
+        return hive_pb2.ListCatalogResponse(models=[self.catalog_model(e) for e in entries])
+
+    async def GetModel(
+        self, request: hive_pb2.GetCatalogModelRequest, context: Context
+    ) -> hive_pb2.GetCatalogModelResponse:
+        try:
+            entry = self.catalog.get(request.name)
+        except NotInCatalog as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return hive_pb2.GetCatalogModelResponse(model=self.catalog_model(entry))
+
+    async def DeleteModel(
+        self, request: hive_pb2.DeleteCatalogModelRequest, context: Context
+    ) -> hive_pb2.DeleteCatalogModelResponse:
+        try:
+            model = self.catalog_model(self.catalog.get(request.name))
+        except NotInCatalog as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if model.used_by:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {request.name!r} is in use by worker(s) {', '.join(model.used_by)}; "
+                "retire them first",
+            )
+        await asyncio.to_thread(self.catalog.delete, request.name)
+        log.info("model deleted", model=request.name)
+        self.supervisor.on_change()
+        return hive_pb2.DeleteCatalogModelResponse(model=model)
+
+    async def PullModel(
+        self, request: hive_pb2.PullModelRequest, context: Context
+    ) -> AsyncIterator[hive_pb2.PullProgress]:
+        if not request.source:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "source is required")
+        loop = asyncio.get_running_loop()
+        latest: list[tuple[int, int, str]] = [(0, 0, "starting")]
+        started = time.monotonic()
+
+        def progress(done: int, total: int, stage: str) -> None:
+            latest[0] = (done, total, stage)  # read by the stream below, on the loop
+
+        pulling = loop.run_in_executor(
+            None, self.catalog.pull, request.source, request.name, request.sha256, progress
+        )
+        sent: tuple[int, int, str] | None = None
+        while not pulling.done():
+            await asyncio.wait([pulling], timeout=PROGRESS_INTERVAL)
+            done, total, stage = latest[0]
+            if (done, total, stage) != sent:
+                sent = (done, total, stage)
+                rate = done / max(time.monotonic() - started, 1e-6)
+                yield hive_pb2.PullProgress(
+                    bytes_done=done, bytes_total=total, bytes_per_second=rate, stage=stage
+                )
+        try:
+            entry = pulling.result()
+        except AlreadyExists as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except CatalogError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.info("model pulled", model=entry.name, source=entry.source, size=entry.size_bytes)
+        self.supervisor.on_change()
+        yield hive_pb2.PullProgress(
+            bytes_done=entry.size_bytes,
+            bytes_total=entry.size_bytes,
+            bytes_per_second=entry.size_bytes / max(time.monotonic() - started, 1e-6),
+            stage="done",
+            model=self.catalog_model(entry),
+        )
 
     # ---- processes --------------------------------------------------------
 

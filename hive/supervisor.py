@@ -110,6 +110,8 @@ class ManagedWorker:
     cpu_percent: float = 0.0
     rss_bytes: int = 0
     restart_at: float | None = None  # monotonic
+    load_progress: float = 0.0
+    status_detail: str = ""
     restart_task: asyncio.Task[None] | None = None
     health: HealthTracker = field(default_factory=HealthTracker)
     restarts: RestartTracker = field(default_factory=RestartTracker)
@@ -196,6 +198,8 @@ class Supervisor:
             health_failures=worker.health.failures,
             restart_in_seconds=restart_in,
             tags=worker.spec.tags,
+            load_progress=worker.load_progress if worker.state == S.WORKER_STATE_LOADING else 0.0,
+            status_detail=worker.status_detail if worker.state == S.WORKER_STATE_LOADING else "",
         )
 
     def records(self) -> list[common_pb2.WorkerRecord]:
@@ -291,6 +295,7 @@ class Supervisor:
         worker.state = S.WORKER_STATE_LOADING
         worker.address = ""
         worker.failure_reason = ""
+        worker.load_progress, worker.status_detail = 0.0, "starting"
         worker.restart_at = None
         worker.settled = asyncio.Event()
         worker.exited = asyncio.Event()
@@ -425,6 +430,16 @@ class Supervisor:
         worker.settled.set()
         self._changed()
         return worker
+
+    def report_loading(self, worker_id: str, pid: int, progress: float, detail: str) -> None:
+        worker = self.get(worker_id)
+        if worker.identity and pid and pid != worker.identity.pid:
+            raise WorkerConflict(f"worker {worker_id} runs as pid {worker.identity.pid}, not {pid}")
+        if worker.state != S.WORKER_STATE_LOADING:
+            return  # a late report after ready or failure: nothing to say any more
+        worker.load_progress = min(max(progress, 0.0), 1.0)
+        worker.status_detail = detail
+        self.on_change()
 
     # ---- stopping ---------------------------------------------------------
 

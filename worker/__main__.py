@@ -78,6 +78,34 @@ async def report_ready(hive: str, request: hive_pb2.ReportReadyRequest) -> bool:
                 await asyncio.sleep(0.2)
 
 
+async def report_loading(
+    args: argparse.Namespace, service: WorkerService, loading: asyncio.Task[None]
+) -> None:
+    """While loading, tell the hive how far along we are, when it changes (at most 4 times/s)."""
+    if not args.hive:
+        return
+    sent: tuple[float, str] | None = None
+    async with grpc.aio.insecure_channel(args.hive) as channel:
+        stub = hive_pb2_grpc.HiveStub(channel)
+        while not loading.done():
+            now = (service.load_progress, service.status_detail)
+            if now != sent:
+                try:
+                    await stub.ReportLoading(
+                        hive_pb2.ReportLoadingRequest(
+                            worker_id=args.worker_id,
+                            pid=os.getpid(),
+                            progress=now[0],
+                            detail=now[1],
+                        ),
+                        timeout=1.0,
+                    )
+                    sent = now
+                except grpc.aio.AioRpcError:
+                    pass  # progress is a courtesy; the ready report is what counts
+            await asyncio.sleep(0.25)
+
+
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     try:
@@ -109,9 +137,16 @@ async def run(args: argparse.Namespace) -> int:
     running = await create_server(args.listen, service)
     address = host_port(args.listen, running.port)
     log.info("worker listening, loading backend", address=address, model=args.model)
-    loading = asyncio.create_task(backend.load())
+
+    def progress(fraction: float, detail: str) -> None:
+        # Called by the backend, maybe from its own thread: just remember the latest.
+        service.load_progress, service.status_detail = fraction, detail
+
+    loading = asyncio.create_task(backend.load(progress))
     stopping = asyncio.create_task(stop.wait())
+    reporting = asyncio.create_task(report_loading(args, service, loading))
     await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    reporting.cancel()
     if not loading.done():
         # Asked to stop while loading: do not finish a load nobody wants.
         log.info("stopped while loading")
@@ -134,6 +169,7 @@ async def run(args: argparse.Namespace) -> int:
         await running.server.stop(0)
         return 3
     service.ready = True
+    service.load_progress, service.status_detail = 1.0, "ready"
     await set_serving(running, SERVICE_NAMES, True)
     if args.hive:
         ok = await report_ready(

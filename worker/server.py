@@ -14,7 +14,7 @@ from apiary.protoutil import timestamp
 from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.backends import Backend
+from worker.backends import Backend, GenerationRequest
 
 log = structlog.get_logger("worker.server")
 
@@ -43,6 +43,31 @@ class WorkerIdentity:
     backend_options: dict[str, str] = field(default_factory=dict)
 
 
+class StopMatcher:
+    """Cuts a stream of text before the first stop string, holding back only what could still
+    turn out to be the start of one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buffer = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to send now, whether a stop string was reached)."""
+        self.buffer += text
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out, True
+        cut = max(len(self.buffer) - self.hold, 0)
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(
         self,
@@ -59,6 +84,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.backend = backend
         self.max_tokens_cap = max_tokens_cap
         self.ready = False
+        self.load_progress = 0.0
+        self.status_detail = "starting"
         self.in_flight = 0
         self.holds: dict[str, LeaseHold] = {}
         self.completed = 0
@@ -159,28 +186,59 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _stream(
         self, request: common_pb2.InferRequest
     ) -> AsyncIterator[common_pb2.InferChunk]:
-        prompt_tokens = self.backend.count_tokens(request.prompt)
-        produced = 0
-        async for text in self.backend.generate(request.prompt, request.max_tokens):
-            produced += 1
-            chunk = common_pb2.InferChunk(
-                text=text, index=produced - 1, request_id=request.request_id
-            )
-            if produced == request.max_tokens:
-                chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
-                chunk.prompt_tokens = prompt_tokens
-                chunk.completion_tokens = produced
-                yield chunk
-                return
-            yield chunk
-        # The backend stopped before max_tokens: an empty closing chunk carries the counts.
-        yield common_pb2.InferChunk(
-            index=produced,
-            request_id=request.request_id,
-            finish_reason=common_pb2.FINISH_REASON_STOP,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=produced,
+        """The backend's pieces as chunks: stop strings applied, the last chunk with the counts.
+
+        The last token chunk carries finish_reason when the end is known with it (max_tokens,
+        a stop string); when the backend ends by itself (end of sequence) an empty closing
+        chunk does.
+        """
+        started = time.perf_counter()
+        generation = GenerationRequest(
+            prompt=request.prompt,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            top_p=request.top_p if request.HasField("top_p") else None,
+            top_k=request.top_k if request.HasField("top_k") else None,
+            seed=request.seed if request.HasField("seed") else None,
         )
+        prompt_tokens = self.backend.count_tokens(request.prompt)
+        stops = StopMatcher(list(request.stop))
+        produced = 0
+        index = 0
+        ttft = 0.0
+
+        def chunk(
+            text: str,
+            finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED,
+        ) -> common_pb2.InferChunk:
+            nonlocal index
+            out = common_pb2.InferChunk(text=text, index=index, request_id=request.request_id)
+            index += 1
+            if finish:
+                out.finish_reason = finish
+                out.prompt_tokens = prompt_tokens
+                out.completion_tokens = produced
+                out.time_to_first_token_seconds = ttft
+            return out
+
+        pieces = self.backend.generate(generation)
+        try:
+            async for piece in pieces:
+                if not produced:
+                    ttft = time.perf_counter() - started
+                produced += piece.tokens
+                text, stopped = stops.feed(piece.text)
+                if stopped:
+                    yield chunk(text, common_pb2.FINISH_REASON_STOP)
+                    return
+                if produced >= request.max_tokens:
+                    yield chunk(text + stops.flush(), common_pb2.FINISH_REASON_LENGTH)
+                    return
+                if text:
+                    yield chunk(text)
+            yield chunk(stops.flush(), common_pb2.FINISH_REASON_STOP)
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
 
     async def GetStatus(
         self, request: worker_pb2.GetStatusRequest, context: Context
@@ -223,6 +281,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             requests_completed=self.completed,
             requests_failed=self.failed,
             backend_options=ident.backend_options,
+            load_progress=self.load_progress,
+            status_detail=self.status_detail,
         )
 
 

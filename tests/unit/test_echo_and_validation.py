@@ -9,16 +9,18 @@ import pytest
 from apiary.validation import infer_request_problem, name_problem
 from hive.__main__ import parse_spawn
 from protos.v1 import common_pb2
-from worker.backends import BackendOptionError, backend_names, create_backend
+from worker.backends import BackendOptionError, GenerationRequest, backend_names, create_backend
 from worker.backends.echo import EchoBackend
+from worker.server import StopMatcher
 
 
 async def test_echo_is_deterministic_and_honours_max_tokens() -> None:
     backend = create_backend("echo", "m", {})
-    await backend.load()
-    tokens = [t async for t in backend.generate("to be or", 5)]
+    await backend.load(lambda fraction, detail: None)
+    request = GenerationRequest(prompt="to be or", max_tokens=5)
+    tokens = [p.text async for p in backend.generate(request)]
     assert tokens == ["to", " be", " or", " to", " be"]
-    again = [t async for t in backend.generate("to be or", 5)]
+    again = [p.text async for p in backend.generate(request)]
     assert again == tokens
     assert backend.count_tokens("to be or") == 3
 
@@ -82,3 +84,44 @@ def test_spawn_spec_parsing() -> None:
         parse_spawn("backend=echo")
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
         parse_spawn("model=x,oops")
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": -5, "stop": ["\n"]}, None),
+        ({"temperature": -0.1}, "temperature must be within 0..10 (got -0.1)"),
+        ({"top_p": 0.0}, "top_p must be within (0, 1] (got 0)"),
+        ({"top_k": -1}, "top_k must be >= 0 (got -1); 0 means no limit"),
+        ({"stop": [""]}, "each stop string must be 1..64 characters long"),
+        ({"stop": ["x"] * 9}, "at most 8 stop strings are allowed (got 9)"),
+    ],
+)
+def test_sampling_problems(fields: dict[str, object], problem: str | None) -> None:
+    request = common_pb2.InferRequest(model="m", prompt="p", max_tokens=1, **fields)  # type: ignore[arg-type]
+    assert infer_request_problem(request, max_tokens_cap=10) == problem
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "expected"),
+    [
+        (["hel", "lo wor", "ld"], [], (["hel", "lo wor", "ld"], False)),
+        # Holds back len("STOP") - 1 characters that might start a stop string.
+        (["hel", "lo", " STOP here"], ["STOP"], (["", "he", "llo "], True)),
+        (["a", "S", "T", "x"], ["STOP"], (["", "", "", "aSTx"], False)),
+        (["ab", "cST", "OP"], ["STOP", "c"], (["", "ab"], True)),
+    ],
+)
+def test_stop_matcher(
+    pieces: list[str], stops: list[str], expected: tuple[list[str], bool]
+) -> None:
+    matcher = StopMatcher(stops)
+    out, hit = [], False
+    for piece in pieces:
+        text, hit = matcher.feed(piece)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out[-1] += matcher.flush()
+    assert (out, hit) == expected

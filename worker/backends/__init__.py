@@ -8,12 +8,13 @@ import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from worker.backends.base import Backend, BackendOptionError
+from worker.backends.base import Backend, BackendOptionError, GenerationRequest, Piece, Progress
 
 # name -> "module:Class". Imported lazily so a hive can list backends without
 # importing heavy engines.
 _BACKENDS: dict[str, str] = {
     "echo": "worker.backends.echo:EchoBackend",
+    "llamacpp": "worker.backends.llamacpp:LlamaCppBackend",
 }
 
 
@@ -81,6 +82,9 @@ __all__ = [
     "Backend",
     "BackendDescription",
     "BackendOptionError",
+    "GenerationRequest",
+    "Piece",
+    "Progress",
     "backend_class",
     "backend_names",
     "create_backend",

@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import ClassVar, Self
+
+# Called during load with (fraction done 0..1, what is happening); from any thread.
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int
+    # None: the backend's default.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Decoded text as it becomes available, and how many tokens it took."""
+
+    text: str
+    tokens: int = 1
 
 
 class BackendOptionError(ValueError):
@@ -22,6 +45,8 @@ class Backend(abc.ABC):
     EXTRA: ClassVar[str] = ""
     # Exists for tests and benchmarks only.
     FOR_TESTING: ClassVar[bool] = False
+    # Concurrent generations one instance can run (an engine context is not shared).
+    MAX_SLOTS: ClassVar[int] = 256
 
     @classmethod
     def devices(cls) -> list[str]:
@@ -44,12 +69,13 @@ class Backend(abc.ABC):
         """Validate options and build the backend without loading anything yet."""
 
     @abc.abstractmethod
-    async def load(self) -> None:
-        """Load weights; the worker reports ready only after this returns."""
+    async def load(self, progress: Progress) -> None:
+        """Load weights, reporting progress where the engine can; ready only after it returns."""
 
     @abc.abstractmethod
-    def generate(self, prompt: str, max_tokens: int) -> AsyncIterator[str]:
-        """Yield the completion's text pieces as they are decoded, at most max_tokens."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
+        """Yield the completion as it is decoded, at most max_tokens tokens, ending early at the
+        end of sequence. Closing the iterator must stop decoding."""
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:

@@ -8,7 +8,14 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import ClassVar, Self
 
-from worker.backends.base import Backend, parse_float_option, parse_int_option
+from worker.backends.base import (
+    Backend,
+    GenerationRequest,
+    Piece,
+    Progress,
+    parse_float_option,
+    parse_int_option,
+)
 
 
 class EchoBackend(Backend):
@@ -69,29 +76,33 @@ class EchoBackend(Backend):
             fault_fail_requests=bool(parse_int_option(cls.name, options, "fault_fail_requests", 0)),
         )
 
-    async def load(self) -> None:
+    async def load(self, progress: Progress) -> None:
         if self.fault_exit_on_load is not None:
             os._exit(self.fault_exit_on_load)
         if self.load_delay:
-            await asyncio.sleep(self.load_delay)
+            # Imitated weights, in ten steps, so loading progress can be seen and tested.
+            for step in range(10):
+                progress(step / 10, f"loading imitation weights, step {step + 1} of 10")
+                await asyncio.sleep(self.load_delay / 10)
+            progress(1.0, "loaded")
         if self.fault_hang_after is not None:
             # Block the event loop: no RPC, health check or signal handler runs again.
             asyncio.get_running_loop().call_later(self.fault_hang_after, time.sleep, 10**6)
 
-    async def generate(self, prompt: str, max_tokens: int) -> AsyncIterator[str]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         self.requests += 1
         if self.fault_crash_after is not None and self.requests > self.fault_crash_after:
             os._exit(70)
         if self.fault_fail_requests:
             raise RuntimeError("echo fault_fail_requests: failing on purpose")
-        words = prompt.split() or [prompt]
-        for i in range(max_tokens):
+        words = request.prompt.split() or [request.prompt]
+        for i in range(request.max_tokens):
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             else:
                 # Yield to the loop so a long stream never starves other RPCs.
                 await asyncio.sleep(0)
-            yield echo_token(words, i)
+            yield Piece(echo_token(words, i))
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
