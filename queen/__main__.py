@@ -74,6 +74,11 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         help="spawn a worker on demand when a request asks for MODEL and none serves it",
     )
     p.add_argument(
+        "--autospawn-catalog",
+        action="store_true",
+        help="spawn on demand any model a healthy hive has in its model catalog",
+    )
+    p.add_argument(
         "--state-dir", default="", help="request history (default ~/.local/state/apiary/queen)"
     )
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
@@ -93,6 +98,7 @@ async def run(args: argparse.Namespace) -> int:
         breaker_failures=args.breaker_failures,
         breaker_cooldown=args.breaker_cooldown,
         autospawn={p.model: p for p in args.autospawn},
+        autospawn_catalog=args.autospawn_catalog,
     )
     try:
         queen = await create_server(args.listen, config)

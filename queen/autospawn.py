@@ -20,6 +20,9 @@ from queen.registry import HiveEntry, Registry
 
 log = structlog.get_logger("queen.autospawn")
 
+# Backends that run a model file a hive must have in its catalog.
+FILE_BACKENDS = frozenset({"llamacpp"})
+
 
 @dataclass(frozen=True)
 class SpawnPlan:
@@ -49,42 +52,58 @@ class Autospawner:
         registry: Registry,
         channels: Channels,
         plans: dict[str, SpawnPlan],
+        from_catalogs: bool = False,
         on_failure: Callable[[str, str], None] = lambda model, reason: None,
         on_spawned: Callable[[common_pb2.WorkerRecord], None] = lambda record: None,
     ) -> None:
         self.registry = registry
         self.channels = channels
         self.plans = plans
+        # Also spawn any model a healthy hive has in its catalog, with the backend it names.
+        self.from_catalogs = from_catalogs
         self.on_failure = on_failure
         self.on_spawned = on_spawned
         self.pending: dict[str, asyncio.Task[None]] = {}
         self.spawns = 0
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.plans)
+    def plan(self, model: str) -> SpawnPlan | None:
+        if model in self.plans:
+            return self.plans[model]
+        if self.from_catalogs:
+            for hive in self.registry.catalog_hives(model):
+                return SpawnPlan(model, hive.catalog[model])
+        return None
+
+    def spawnable(self) -> list[str]:
+        models = set(self.plans)
+        if self.from_catalogs:
+            models |= self.registry.catalog_models()
+        return sorted(models)
 
     def can_spawn(self, model: str) -> bool:
-        return model in self.plans
+        return self.plan(model) is not None
 
     def expecting(self, model: str) -> bool:
         return model in self.pending
 
     def ensure(self, model: str) -> None:
         """Start one spawn for `model` unless one is already under way."""
-        if model in self.pending or model not in self.plans:
+        plan = self.plan(model)
+        if model in self.pending or plan is None:
             return
-        task = asyncio.get_running_loop().create_task(self._spawn(self.plans[model]))
+        task = asyncio.get_running_loop().create_task(self._spawn(plan))
         self.pending[model] = task
 
     def choose_hive(self, plan: SpawnPlan) -> HiveEntry | None:
-        """A healthy, undrained hive that offers the backend; the one with most free memory."""
+        """A healthy, undrained hive that offers the backend (and, for a backend that needs a
+        model file, has the model in its catalog); the one with most free memory."""
         candidates = [
             hive
             for hive in self.registry.hives.values()
             if not hive.drained
-            and self.registry.hive_health(hive)[0] == common_pb2.HIVE_HEALTH_HEALTHY
+            and self.registry.health_of(hive) == common_pb2.HIVE_HEALTH_HEALTHY
             and plan.backend in hive.backends
+            and (plan.backend not in FILE_BACKENDS or plan.model in hive.catalog)
         ]
         return max(
             candidates,

@@ -50,6 +50,8 @@ class HiveEntry:
     drained: bool = False
     health: common_pb2.HiveHealth.ValueType = S.HIVE_HEALTH_HEALTHY
     backends: frozenset[str] = frozenset()
+    # Models in the hive's catalog -> the backend each needs.
+    catalog: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +162,7 @@ class Registry:
         hive.resources = beat.resources
         hive.stats = beat.stats
         hive.backends = frozenset(beat.backends)
+        hive.catalog = {entry.model: entry.backend for entry in beat.catalog}
         self._note_health(hive)
 
         removed: list[str] = []
@@ -461,6 +464,13 @@ class Registry:
 
     def models(self) -> list[str]:
         return sorted(self._by_model)
+
+    def catalog_hives(self, model: str) -> list[HiveEntry]:
+        """Hives that have `model` in their catalog (O(hives): for listings and autospawn)."""
+        return [hive for hive in self.hives.values() if model in hive.catalog]
+
+    def catalog_models(self) -> set[str]:
+        return {model for hive in self.hives.values() for model in hive.catalog}
 
     def has_model(self, model: str) -> bool:
         return model in self._by_model

@@ -105,7 +105,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                     f"unknown model {model!r}: no workers are registered yet; "
                     "start one with `apiary worker spawn`",
                 )
-            spawnable = sorted(self.c.autospawn.plans)
+            spawnable = self.c.autospawn.spawnable()
             extra = f"; autospawn offers: {naming(spawnable)}" if spawnable else ""
             return RequestFailed(
                 grpc.StatusCode.NOT_FOUND,
@@ -259,8 +259,12 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     ) -> queen_pb2.ListModelsResponse:
         models = []
         registry = self.c.registry
-        for name in registry.models():
-            info = Q.ModelInfo(name=name, queued=self.c.scheduler.queue_depth(name))
+        for name in sorted(set(registry.models()) | registry.catalog_models()):
+            info = Q.ModelInfo(
+                name=name,
+                queued=self.c.scheduler.queue_depth(name),
+                hives=sorted(h.id for h in registry.catalog_hives(name)),
+            )
             for entry in registry.workers_of_model(name):
                 state = entry.record.state
                 if state in (S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY):

@@ -56,6 +56,7 @@ class QueenConfig:
     breaker_failures: int = 3
     breaker_cooldown: float = 10.0
     autospawn: dict[str, SpawnPlan] = field(default_factory=dict)
+    autospawn_catalog: bool = False
 
 
 @dataclass
@@ -127,7 +128,7 @@ async def create_server(listen: str, config: QueenConfig, clock: Clock | None = 
         else:
             registry.drain_worker(target, True)
     channels = Channels()
-    autospawner = Autospawner(registry, channels, config.autospawn)
+    autospawner = Autospawner(registry, channels, config.autospawn, config.autospawn_catalog)
     scheduler = Scheduler(registry, config.max_queue, expecting=autospawner.expecting)
 
     def spawned(record: common_pb2.WorkerRecord) -> None:

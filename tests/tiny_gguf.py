@@ -1,0 +1,88 @@
+"""Write a tiny but valid llama GGUF (random weights, small vocabulary, 2 layers) for tests.
+
+No download: llama.cpp loads it and decodes real (if meaningless) tokens, so the
+llamacpp backend is exercised end to end on any machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+N_EMBD = 64
+N_HEAD = 4
+N_FF = 128
+N_LAYER = 2
+N_CTX = 512
+WORDS = [
+    "the", "a", "bee", "bees", "hive", "queen", "worker", "honey", "flower", "flies", "to",
+    "and", "of", "in", "is", "on", "sun", "field", "wax", "comb", "buzz", "sweet", "gold",
+]  # fmt: skip
+
+
+def vocabulary() -> tuple[list[str], list[float], list[int]]:
+    """SentencePiece-style: control tokens, 256 byte tokens (any text encodes), letters, words."""
+    tokens, scores, types = ["<unk>", "<s>", "</s>"], [0.0, 0.0, 0.0], [2, 3, 3]
+    for byte in range(256):
+        tokens.append(f"<0x{byte:02X}>")
+        scores.append(0.0)
+        types.append(6)  # BYTE
+    pieces = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["▁" + w for w in WORDS] + ["▁"]
+    pieces += ["▁" + chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = list(dict.fromkeys(pieces))  # llama.cpp refuses a vocabulary with duplicates
+    for i, piece in enumerate(pieces):
+        tokens.append(piece)
+        scores.append(-float(i))
+        types.append(1)  # NORMAL
+    return tokens, scores, types
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tokens, scores, types = vocabulary()
+    n_vocab = len(tokens)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("apiary-tiny-test")
+    writer.add_context_length(N_CTX)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    def weights(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weights(n_vocab, N_EMBD))
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+    output = weights(n_vocab, N_EMBD)
+    output[2] = 0.0  # end of sequence stays unlikely: streams run to max_tokens
+    output[3:259] = 0.0  # and so do raw bytes: the text is mostly words
+    writer.add_tensor("output.weight", output)
+    for layer in range(N_LAYER):
+        prefix = f"blk.{layer}"
+        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"{prefix}.{name}.weight", weights(N_EMBD, N_EMBD) * 0.2)
+        writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.ffn_gate.weight", weights(N_FF, N_EMBD) * 0.2)
+        writer.add_tensor(f"{prefix}.ffn_up.weight", weights(N_FF, N_EMBD) * 0.2)
+        writer.add_tensor(f"{prefix}.ffn_down.weight", weights(N_EMBD, N_FF) * 0.2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
