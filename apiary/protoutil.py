@@ -23,6 +23,11 @@ def state_name(state: common_pb2.WorkerState.ValueType) -> str:
     return common_pb2.WorkerState.Name(state).removeprefix("WORKER_STATE_")
 
 
+def health_name(health: common_pb2.HiveHealth.ValueType) -> str:
+    """'HEALTHY' for HIVE_HEALTH_HEALTHY ('-' when unset)."""
+    return common_pb2.HiveHealth.Name(health).removeprefix("HIVE_HEALTH_") if health else "-"
+
+
 def parse_state(name: str) -> common_pb2.WorkerState.ValueType:
     """Inverse of state_name; raises ValueError naming the valid states."""
     try:

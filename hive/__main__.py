@@ -13,6 +13,7 @@ import grpc
 import structlog
 
 from apiary import logs
+from apiary.metrics import serve_metrics
 from apiary.protoutil import enum_parser
 from apiary.serving import (
     RunningServer,
@@ -23,6 +24,7 @@ from apiary.serving import (
 )
 from hive.catalog import Catalog
 from hive.heartbeat import HeartbeatLoop
+from hive.metrics import hive_metrics
 from hive.policy import RestartSettings
 from hive.service import HiveService, SpawnRefused
 from hive.store import StateDirBusy, WorkerStore
@@ -133,6 +135,10 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
         help="keep workers running from boot, e.g. model=demo,backend=echo,count=2,restart=always"
         " (re-adopted workers count)",
     )
+    p.add_argument(
+        "--metrics-port", type=int, default=-1,
+        help="serve Prometheus metrics on this port, on the listen host (0 = any; default off)",
+    )  # fmt: skip
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
     return p
@@ -197,6 +203,11 @@ async def run(args: argparse.Namespace) -> int:
         asyncio.create_task(heartbeat.run(), name="heartbeat"),
         asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
     ]
+    metrics = None
+    if args.metrics_port >= 0:
+        host = args.listen.rsplit(":", 1)[0] or "127.0.0.1"
+        metrics = serve_metrics(hive_metrics(supervisor), host, args.metrics_port)
+        log.info("metrics served", url=f"http://{host}:{metrics.port}/metrics")
     if args.port_file:
         write_port_file(args.port_file, running.port)
     log.info("hive listening", address=address, queen=args.queen, state_dir=str(store.state_dir))
@@ -217,6 +228,8 @@ async def run(args: argparse.Namespace) -> int:
     await supervisor.close()
     await running.stop(1.0)
     store.unlock()
+    if metrics is not None:
+        metrics.stop()
     log.info("hive stopped")
     return 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import structlog
 
 from apiary import logs
+from apiary.metrics import serve_metrics
 from apiary.protoutil import enum_parser
 from apiary.serving import stop_event_on_signals, write_port_file
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
@@ -81,6 +82,10 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir", default="", help="request history (default ~/.local/state/apiary/queen)"
     )
+    p.add_argument(
+        "--metrics-port", type=int, default=-1,
+        help="serve Prometheus metrics on this port, on the listen host (0 = any; default off)",
+    )  # fmt: skip
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
     return p
@@ -105,6 +110,11 @@ async def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("queen cannot start", error=str(exc))
         return 1
+    metrics = None
+    if args.metrics_port >= 0:
+        host = args.listen.rsplit(":", 1)[0] or "127.0.0.1"
+        metrics = serve_metrics(queen.cluster.metrics.prometheus, host, args.metrics_port)
+        log.info("metrics served", url=f"http://{host}:{metrics.port}/metrics")
     if args.port_file:
         write_port_file(args.port_file, queen.running.port)
     log.info(
@@ -118,6 +128,8 @@ async def run(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("queen stopping")
     await queen.stop(2.0)
+    if metrics is not None:
+        metrics.stop()
     log.info("queen stopped")
     return 0
 

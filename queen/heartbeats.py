@@ -30,6 +30,7 @@ class QueenRegistryService(queen_pb2_grpc.QueenRegistryServicer):
             problem = name_problem("worker id", record.id) or name_problem("model", record.model)
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        self.c.metrics.heartbeats.inc()
         for address in self.registry.apply_heartbeat(request):
             self.c.channels.discard(address)
         self.c.scheduler.dispatch_all()

@@ -27,6 +27,7 @@ from queen.channels import Channels
 from queen.events import EventBus
 from queen.history import History
 from queen.leases import DEFAULT_TTL, MAX_TTL, LeaseManager, LeaseRefused
+from queen.metrics import QueenMetrics
 from queen.registry import Lease, Outcome, Registry
 from queen.scheduler import ModelGone, QueueFull, Scheduler
 
@@ -74,6 +75,7 @@ class Cluster:
     leases: LeaseManager
     clock: Clock
     max_tokens_cap: int
+    metrics: QueenMetrics
 
 
 def tags_problem(tags: list[str]) -> str | None:
@@ -293,6 +295,7 @@ class _Route:
         self.tokens = 0
         self.lease: Lease | None = None
         self.started = time.perf_counter()
+        self.first_chunk_after: float | None = None
 
     async def finish(self, ok: bool, error: str) -> None:
         c, rid = self.c, self.request.request_id
@@ -307,6 +310,10 @@ class _Route:
             duration_seconds=time.perf_counter() - self.started,
             detail=error,
         )
+        c.metrics.finished(
+            self.request.model, ok, time.perf_counter() - self.started, self.first_chunk_after,
+            self.tokens,
+        )  # fmt: skip
         await c.history.finished(rid, ok, c.clock.time(), self.tokens, error, self.attempts)
 
     async def _acquire(self, deadline: float | None, tried: frozenset[str]) -> Lease:
@@ -359,6 +366,7 @@ class _Route:
                 async for chunk in call:
                     if self.sent == 0:
                         chunk.worker_id = lease.worker_id
+                        self.first_chunk_after = time.perf_counter() - self.started
                     self.sent += 1
                     if chunk.completion_tokens:
                         self.tokens = chunk.completion_tokens
@@ -388,6 +396,7 @@ class _Route:
                     code=code.name,
                     attempt=attempt + 1,
                 )
+                c.metrics.failovers.labels(request.model).inc()
                 # By address, not id: a worker restarted under the same id is a new process.
                 tried.add(lease.address)
                 if code == grpc.StatusCode.UNAVAILABLE:

@@ -20,6 +20,7 @@ from queen.events import EventBus
 from queen.heartbeats import QueenRegistryService
 from queen.history import History
 from queen.leases import LeaseManager
+from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
 from queen.router import Cluster, QueenService
 from queen.scheduler import Scheduler
@@ -154,6 +155,7 @@ async def create_server(listen: str, config: QueenConfig, clock: Clock | None = 
         leases=LeaseManager(scheduler, channels),
         clock=clock,
         max_tokens_cap=config.max_tokens_cap,
+        metrics=QueenMetrics(registry, scheduler),
     )
 
     def register(server: grpc.aio.Server) -> None:

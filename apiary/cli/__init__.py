@@ -67,8 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb(sub, "status", c.cmd_status, "the cluster at a glance, then hives, workers and models")
 
-    model = group("model", "models served by the cluster")
-    verb(model, "list", c.cmd_model_list, "models with idle / busy / loading worker counts")
+    model = group("model", "models the cluster serves, and each hive's model catalog")
+    p = verb(model, "list", c.cmd_model_list, "models with worker counts; --hive: that catalog")
+    p.add_argument("--hive", default="", help="list this hive's catalog instead")
+    for name, func, text in [
+        ("get", c.cmd_model_get, "one model in a hive's catalog"),
+        ("rm", c.cmd_model_rm, "delete a model from a hive's catalog (refused while in use)"),
+    ]:
+        p = verb(model, name, func, text)
+        p.add_argument("name")
+        p.add_argument("--hive", default="", help="hive id (optional when there is one hive)")
+    p = verb(model, "pull", c.cmd_model_pull, "fetch a GGUF into a hive's catalog", timeout=None)
+    p.add_argument("source", help="path on the hive's machine, file://PATH or http(s)://URL")
+    p.add_argument("--name", default="", help="catalog name (default: the file name)")
+    p.add_argument("--sha256", default="", help="refuse the file unless it has this digest")
+    p.add_argument("--hive", default="", help="hive id (optional when there is one hive)")
 
     hive = group("hive", "run a hive (`apiary hive --queen ADDR ...`), or list, inspect, drain")
     verb(hive, "list", c.cmd_hive_list, "hives with health, heartbeat age and capacity")

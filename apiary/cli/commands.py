@@ -13,19 +13,21 @@ import grpc
 
 from apiary.cli.output import (
     backend_rows,
+    catalog_details,
+    catalog_rows,
     event_line,
-    health_name,
     hive_rows,
     model_rows,
     print_json,
     process_details,
     process_rows,
+    progress_bar,
     request_rows,
     to_json,
     worker_details,
     worker_rows,
 )
-from apiary.protoutil import enum_parser, parse_state, state_name
+from apiary.protoutil import enum_parser, health_name, parse_state, state_name
 from protos.v1 import (
     common_pb2,
     hive_pb2,
@@ -165,11 +167,62 @@ def _counts(counter: collections.Counter[str]) -> str:
 
 
 def cmd_model_list(args: argparse.Namespace) -> int:
+    if args.hive:
+        catalog = hive_stub(args).ListModels(hive_pb2.ListCatalogRequest(), timeout=args.timeout)
+        if args.json:
+            print_json([to_json(m) for m in catalog.models])
+        else:
+            print(catalog_rows(catalog.models) if catalog.models else "no models in the catalog")
+        return 0
     models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
     if args.json:
         print_json([to_json(m) for m in models])
     else:
         print(model_rows(models) if models else "no models")
+    return 0
+
+
+def cmd_model_get(args: argparse.Namespace) -> int:
+    request = hive_pb2.GetCatalogModelRequest(name=args.name)
+    model = hive_stub(args).GetModel(request, timeout=args.timeout).model
+    if args.json:
+        print_json(to_json(model))
+    else:
+        print(catalog_details(model))
+    return 0
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    source = args.source
+    if "://" not in source:
+        source = os.path.abspath(source)  # a path on the hive's machine, as the operator typed it
+    name = args.name or os.path.splitext(os.path.basename(source.rstrip("/")))[0]
+    request = hive_pb2.PullModelRequest(source=source, name=name, sha256=args.sha256)
+    last: hive_pb2.PullProgress | None = None
+    for update in hive_stub(args).PullModel(request, timeout=args.timeout):
+        last = update
+        if not args.json:
+            sys.stderr.write("\r" + progress_bar(update))
+            sys.stderr.flush()
+    if not args.json:
+        sys.stderr.write("\n")
+    if last is not None and last.HasField("model"):
+        if args.json:
+            print_json(to_json(last.model))
+        else:
+            print(
+                f"pulled {last.model.name} ({last.model.file}, sha256 {last.model.sha256[:16]}...)"
+            )
+    return 0
+
+
+def cmd_model_rm(args: argparse.Namespace) -> int:
+    request = hive_pb2.DeleteCatalogModelRequest(name=args.name)
+    model = hive_stub(args).DeleteModel(request, timeout=args.timeout).model
+    if args.json:
+        print_json(to_json(model))
+    else:
+        print(f"deleted {model.name} ({model.file})")
     return 0
 
 

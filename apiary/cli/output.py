@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from apiary.protoutil import state_name
+from apiary.protoutil import health_name, state_name
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
 
@@ -56,10 +56,6 @@ def label(enum_name: str, prefix: str) -> str:
     return enum_name.removeprefix(prefix).lower().replace("_", "-")
 
 
-def health_name(health: common_pb2.HiveHealth.ValueType) -> str:
-    return common_pb2.HiveHealth.Name(health).removeprefix("HIVE_HEALTH_") if health else "-"
-
-
 def policy_name(policy: common_pb2.RestartPolicy.ValueType) -> str:
     return label(common_pb2.RestartPolicy.Name(policy), "RESTART_POLICY_") if policy else "-"
 
@@ -73,11 +69,18 @@ def worker_flags(w: common_pb2.WorkerRecord) -> str:
     return ",".join(flags)
 
 
+def state_label(w: common_pb2.WorkerRecord) -> str:
+    """'LOADING 43%' while loading (where the backend tells), else the state."""
+    if w.state == common_pb2.WORKER_STATE_LOADING and w.load_progress:
+        return f"LOADING {w.load_progress:.0%}"
+    return state_name(w.state)
+
+
 def worker_rows(workers: Sequence[common_pb2.WorkerRecord]) -> str:
     rows = [
         (
             w.id, w.hive_id, health_name(w.hive_health), w.model, w.backend,
-            state_name(w.state), f"{w.slots_available}/{w.slots_total}", w.pid or "-",
+            state_label(w), f"{w.slots_available}/{w.slots_total}", w.pid or "-",
             w.address or "-", age(w.started_at.seconds), w.requests_completed,
             w.requests_failed, ",".join(w.tags), worker_flags(w), w.failure_reason,
         )
@@ -118,7 +121,7 @@ def worker_details(worker: common_pb2.WorkerRecord) -> str:
         ("id", worker.id), ("hive", f"{worker.hive_id} ({health_name(worker.hive_health)}, "
                                     f"heartbeat {worker.heartbeat_age_seconds:.1f}s ago)"),
         ("model", worker.model), ("backend", worker.backend), ("device", worker.device),
-        ("state", state_name(worker.state)),
+        ("state", state_label(worker)), ("doing", worker.status_detail or "-"),
         ("slots", f"{worker.slots_available} free of {worker.slots_total}"),
         ("pid", worker.pid or "-"), ("address", worker.address or "-"),
         ("tags", ", ".join(worker.tags) or "-"), ("routing", worker_flags(worker) or "open"),
@@ -207,3 +210,38 @@ def request_rows(records: Sequence[queen_pb2.RequestRecord]) -> str:
     headers = ("REQUEST", "MODEL", "STATUS", "WORKER", "HIVE", "ACCEPTED", "TOOK", "TOKENS",
                "ATTEMPTS", "ERROR")  # fmt: skip
     return table(headers, rows)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def catalog_rows(models: Sequence[hive_pb2.CatalogModel]) -> str:
+    rows = [
+        (m.name, m.backend, m.file, mib(m.size_bytes), m.sha256[:12], age(m.added_at.seconds),
+         ",".join(m.used_by) or "-", m.source)
+        for m in models
+    ]  # fmt: skip
+    return table(("MODEL", "BACKEND", "FILE", "SIZE", "SHA256", "ADDED", "USED BY", "SOURCE"), rows)
+
+
+def catalog_details(model: hive_pb2.CatalogModel) -> str:
+    return fields([
+        ("name", model.name), ("backend", model.backend), ("file", model.file),
+        ("path", model.path), ("size", f"{mib(model.size_bytes)} ({model.size_bytes} bytes)"),
+        ("sha256", model.sha256), ("source", model.source),
+        ("added", age(model.added_at.seconds) + " ago"),
+        ("used by", ", ".join(model.used_by) or "-"),
+    ])  # fmt: skip
+
+
+def progress_bar(update: hive_pb2.PullProgress, width: int = 30) -> str:
+    if update.bytes_total:
+        fraction = min(update.bytes_done / update.bytes_total, 1.0)
+        bar = "#" * int(fraction * width)
+        head = (
+            f"[{bar:<{width}}] {fraction:4.0%} {mib(update.bytes_done)}/{mib(update.bytes_total)}"
+        )
+    else:
+        head = f"[{'?' * width}] {mib(update.bytes_done)}"
+    return f"{head} {mib(int(update.bytes_per_second))}/s {update.stage:<24}"

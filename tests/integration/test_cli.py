@@ -312,3 +312,27 @@ async def test_events_verb_prints_live_events(live: Proc) -> None:
     assert "request-completed" in out and "request=watched" in out and "duration=" in out
     bad = apiary("events", "--kind", "nonsense", "--timeout", "1", queen=live)
     assert bad.returncode == 2 and "choose hive-joined, hive-health-changed" in bad.stderr
+
+
+async def test_model_catalog_verbs(live: Proc, tmp_path: Path) -> None:
+    from tests.tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    pulled = apiary("model", "pull", str(gguf), "--hive", "h1", queen=live)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "pulled tiny (tiny.gguf" in pulled.stdout and "100%" in pulled.stderr
+    listed = apiary("model", "list", "--hive", "h1", queen=live)
+    assert "tiny" in listed.stdout and "llamacpp" in listed.stdout
+    got = json.loads(apiary("model", "get", "tiny", "--json", queen=live).stdout)
+    assert got["path"].endswith("tiny.gguf") and len(got["sha256"]) == 64
+    cluster_models = apiary("model", "list", "--json", queen=live)
+    deadline = time.monotonic() + 10
+    while "tiny" not in cluster_models.stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+        cluster_models = apiary("model", "list", "--json", queen=live)
+    tiny = next(m for m in json.loads(cluster_models.stdout) if m["name"] == "tiny")
+    assert tiny["hives"] == ["h1"]
+    removed = apiary("model", "rm", "tiny", queen=live)
+    assert removed.returncode == 0 and "deleted tiny" in removed.stdout
+    missing = apiary("model", "get", "tiny", queen=live)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
