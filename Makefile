@@ -26,6 +26,7 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 		--python_out=. --grpc_python_out=. --mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTOS)
 	touch $@
 
+# APIARY_MODEL=path/to/model.gguf make run: the same cluster on a real model (llamacpp).
 run: proto
 	$(VENV)/bin/apiary up
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -29,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queen-listen", default="127.0.0.1:7070")
     p.add_argument("--hive-listen", default="127.0.0.1:7071")
     p.add_argument("--hive-id", default="local")
-    p.add_argument("--model", default="demo")
+    p.add_argument("--model", default="", help="model name (default: demo, or the GGUF's name)")
+    p.add_argument(
+        "--gguf",
+        default=os.environ.get("APIARY_MODEL", ""),
+        help="serve this GGUF file with the llamacpp backend instead of echo (env APIARY_MODEL)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--slots", type=int, default=1)
     p.add_argument(
@@ -77,10 +83,18 @@ async def run(args: argparse.Namespace) -> int:
     queen = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "queen", "--listen", args.queen_listen, *fmt
     )
-    spawn = (
-        f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
-        f"token_delay={args.token_delay}"
-    )
+    if args.gguf:
+        path = args.gguf  # checked (and made absolute) in main(), before the loop started
+        args.model = args.model or os.path.splitext(os.path.basename(path))[0]
+        backend = "the llamacpp backend"
+        spawn = f"model={args.model},backend=llamacpp,count={args.workers},model_path={path}"
+    else:
+        args.model = args.model or "demo"
+        backend = "the echo backend (for demos and tests)"
+        spawn = (
+            f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
+            f"token_delay={args.token_delay}"
+        )
     hive = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -105,7 +119,7 @@ async def run(args: argparse.Namespace) -> int:
     if ready.done() and ready.result():
         print(
             f"\nApiary is up: queen {args.queen_listen}, hive {args.hive_id!r} with "
-            f"{args.workers} '{args.model}' worker(s) on the echo backend (for demos and tests).\n"
+            f"{args.workers} '{args.model}' worker(s) on {backend}.\n"
             "In a second terminal:\n"
             f"  .venv/bin/apiary infer {args.model} 'hello bees' --max-tokens 20\n"
             "  .venv/bin/apiary status\n"
@@ -130,4 +144,9 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure("up", args.log_format)
+    if args.gguf:
+        args.gguf = os.path.abspath(args.gguf)
+        if not os.path.isfile(args.gguf):
+            log.error("no such GGUF file", path=args.gguf)
+            return 2
     return asyncio.run(run(args))
