@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,20 +14,42 @@ from grpc_health.v1 import _async as health_aio  # published as grpc_health.v1.h
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-# Without this, grpc sets SO_REUSEPORT and a second process can silently share
-# a port with a stale one (e.g. a queen restarted while the old one lingers).
+from apiary.security import Security
+
 # The context every servicer method gets; request/response types are in the method signature.
 Context = grpc.aio.ServicerContext[Any, Any]
 
-SERVER_OPTIONS: Sequence[tuple[str, int]] = (("grpc.so_reuseport", 0),)
+# Largest message a server accepts: a request is a prompt and a few fields (prompts are
+# capped well below this by validation); anything bigger is refused before it is parsed.
+MAX_MESSAGE_BYTES = 1 << 20
+KEEPALIVE_MS = 10_000
 
-# Long-lived client channels (hive->queen, queen->worker/hive). grpc's default
-# reconnect backoff grows to 120 s, which would keep a hive away from a queen
-# that restarted long after it came back; cap it near the heartbeat scale.
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (
+    # Without this, grpc sets SO_REUSEPORT and a second process can silently share a port
+    # with a stale one (e.g. a queen restarted while the old one lingers).
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Let clients ping idle connections every 10 s (see CHANNEL_OPTIONS), and ping them too.
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
+# Long-lived client channels (hive->queen, queen->worker/hive, hive->worker).
 CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    # grpc's default reconnect backoff grows to 120 s, which would keep a hive away from a
+    # queen that restarted long after it came back; cap it near the heartbeat scale.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # A peer that vanished (host down, link cut) is noticed in ~15 s even on an idle
+    # connection, not after the OS's TCP timeout of many minutes.
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 
 
@@ -48,21 +70,34 @@ async def start_server(
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
     serving: bool = True,
+    security: Security | None = None,
+    methods: Mapping[str, frozenset[str]] | None = None,
 ) -> RunningServer:
     """Start a grpc.aio server with our services plus health and reflection.
 
     `listen` may use port 0; the bound port is returned. `serving=False` starts
-    health as NOT_SERVING (a worker still loading its backend).
+    health as NOT_SERVING (a worker still loading its backend). `methods` says which
+    roles may call what (see apiary/security.py); TLS is used when the security has a cert.
+    Raises SecurityError for a configuration that must not run.
     """
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    security = security or Security()
+    security.check_listen(listen)
+    server = grpc.aio.server(
+        options=list(SERVER_OPTIONS),
+        interceptors=[security.interceptor(methods or {})],
+    )
     register(server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    credentials = security.tls.server_credentials()
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is not None:
+            port = server.add_secure_port(listen, credentials)
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {listen}: {exc} (is the port in use?)") from exc
     await server.start()

@@ -25,15 +25,23 @@ def name_problem(kind: str, value: str) -> str | None:
 
 
 DEFAULT_MAX_TOKENS_CAP = 4096
+DEFAULT_MAX_PROMPT_BYTES = 64 * 1024
 
 
-def infer_request_problem(request: common_pb2.InferRequest, max_tokens_cap: int) -> str | None:
+def infer_request_problem(
+    request: common_pb2.InferRequest,
+    max_tokens_cap: int,
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+) -> str | None:
     """Why an InferRequest is malformed, or None. Checked by the queen and again by the worker."""
     problem = name_problem("model", request.model)
     if problem:
         return problem
     if not request.prompt:
         return "prompt is required and must not be empty"
+    size = len(request.prompt.encode())
+    if size > max_prompt_bytes:
+        return f"prompt is {size} bytes; this server accepts at most {max_prompt_bytes}"
     if request.max_tokens <= 0:
         return f"max_tokens must be > 0 (got {request.max_tokens})"
     if request.max_tokens > max_tokens_cap:

@@ -15,6 +15,7 @@ import structlog
 from apiary import logs
 from apiary.metrics import serve_metrics
 from apiary.protoutil import enum_parser
+from apiary.security import SecurityError, add_security_args, method_table, security_from_args
 from apiary.serving import (
     RunningServer,
     host_port,
@@ -29,12 +30,22 @@ from hive.policy import RestartSettings
 from hive.service import HiveService, SpawnRefused
 from hive.store import StateDirBusy, WorkerStore
 from hive.supervisor import Supervisor, SupervisorSettings, WorkerSpec
+from hive.worker_client import WorkerClient
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc, queen_pb2
 from worker.backends import backend_names, describe_backend
 
 log = structlog.get_logger("hive")
 
 SERVICE_NAMES = (hive_pb2.DESCRIPTOR.services_by_name["Hive"].full_name,)
+# Workers call back with the worker token; everything else on a hive is for admins (and the
+# queen, which forwards admin calls with the admin token).
+METHODS = method_table(
+    **{
+        "apiary.v1.Hive": frozenset({"admin"}),
+        "apiary.v1.Hive/ReportReady": frozenset({"worker"}),
+        "apiary.v1.Hive/ReportLoading": frozenset({"worker"}),
+    }
+)
 DEFAULT_QUEEN = "127.0.0.1:7070"
 parse_policy = enum_parser(common_pb2.RestartPolicy, "RESTART_POLICY_", "restart policy")
 
@@ -141,6 +152,7 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
+    add_security_args(p)
     return p
 
 
@@ -168,7 +180,15 @@ async def run(args: argparse.Namespace) -> int:
     except StateDirBusy as exc:
         log.error("hive cannot start", error=str(exc))
         return 1
-    supervisor = Supervisor(args.hive_id, "", store, settings_from(args))
+    try:
+        security = security_from_args(args)
+    except SecurityError as exc:
+        log.error("hive cannot start", error=str(exc))
+        return 1
+    supervisor = Supervisor(
+        args.hive_id, "", store, settings_from(args), client=WorkerClient(security),
+        security=security,
+    )  # fmt: skip
     catalog = Catalog(Path(args.models_dir) if args.models_dir else store.state_dir / "models")
     service = HiveService(supervisor, catalog)
 
@@ -176,8 +196,10 @@ async def run(args: argparse.Namespace) -> int:
         hive_pb2_grpc.add_HiveServicer_to_server(service, server)
 
     try:
-        running: RunningServer = await start_server(args.listen, register, SERVICE_NAMES)
-    except OSError as exc:
+        running: RunningServer = await start_server(
+            args.listen, register, SERVICE_NAMES, security=security, methods=METHODS
+        )
+    except (OSError, SecurityError) as exc:
         log.error("hive cannot start", error=str(exc))
         return 1
     address = args.advertise or host_port(args.listen, running.port)
@@ -197,6 +219,7 @@ async def run(args: argparse.Namespace) -> int:
             queen_pb2.CatalogEntry(model=e.name, backend=e.backend)
             for e in catalog.cached_entries()
         ],
+        security=security,
     )
     supervisor.on_change = heartbeat.poke
     tasks = [

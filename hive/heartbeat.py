@@ -10,6 +10,7 @@ import grpc
 import psutil
 import structlog
 
+from apiary.security import Security
 from apiary.serving import CHANNEL_OPTIONS
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 
@@ -38,7 +39,9 @@ class HeartbeatLoop:
         sample: Callable[[], None] = lambda: None,
         backends: Sequence[str] = (),
         catalog: Callable[[], list[queen_pb2.CatalogEntry]] = list,
+        security: Security | None = None,
     ) -> None:
+        security = security or Security()
         self.backends = list(backends)
         self.catalog = catalog
         self.stats = stats
@@ -52,7 +55,7 @@ class HeartbeatLoop:
         self._wake = asyncio.Event()
         self._stopping = False
         self._queen_reachable: bool | None = None
-        self._channel = grpc.aio.insecure_channel(queen, options=list(CHANNEL_OPTIONS))
+        self._channel = security.aio_channel(queen, security.tokens.hive, CHANNEL_OPTIONS)
         self._stub = queen_pb2_grpc.QueenRegistryStub(self._channel)
 
     def poke(self) -> None:

@@ -27,6 +27,7 @@ import structlog
 
 from apiary.clock import Clock, SystemClock
 from apiary.protoutil import naming, state_name, timestamp
+from apiary.security import Security, tls_args
 from hive.launcher import Launcher, ProcessIdentity
 from hive.policy import (
     DEFAULT_POLICY,
@@ -44,6 +45,7 @@ log = structlog.get_logger("hive.supervisor")
 
 S = common_pb2
 WORKER_ID_ENV = "APIARY_WORKER_ID"
+WORKER_TOKEN_ENV = "APIARY_WORKER_TOKEN"
 READY = (S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY)
 
 
@@ -149,7 +151,11 @@ class Supervisor:
         client: WorkerClient | None = None,
         clock: Clock | None = None,
         on_change: Callable[[], None] = lambda: None,
+        security: Security | None = None,
     ) -> None:
+        # Workers get the cluster's worker token (in their environment, never on a command
+        # line) and this hive's TLS files.
+        self.security = security or Security()
         self.hive_id = hive_id
         self.hive_address = hive_address
         self.store = store
@@ -264,7 +270,7 @@ class Supervisor:
         ]
         for key, value in sorted(spec.backend_options.items()):
             argv += ["--option", f"{key}={value}"]
-        return argv
+        return argv + tls_args(self.security.tls)
 
     async def spawn(self, spec: WorkerSpec) -> ManagedWorker:
         if spec.restart_policy == S.RESTART_POLICY_UNSPECIFIED:
@@ -305,6 +311,8 @@ class Supervisor:
         env = dict(os.environ)
         # The marker by which a hive finds Apiary workers among all processes.
         env[WORKER_ID_ENV] = worker.id
+        if self.security.tokens.worker:
+            env[WORKER_TOKEN_ENV] = self.security.tokens.worker
         assert worker.log_path is not None
         try:
             worker.process, worker.identity = await self.launcher.start(

@@ -7,18 +7,22 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from apiary.security import Security
 from apiary.serving import CHANNEL_OPTIONS
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 
 class WorkerClient:
-    def __init__(self) -> None:
+    def __init__(self, security: Security | None = None) -> None:
+        self.security = security or Security()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+            channel = self.security.aio_channel(
+                address, self.security.tokens.worker, CHANNEL_OPTIONS
+            )
             self._channels[address] = channel
         return channel
 

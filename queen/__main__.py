@@ -13,8 +13,9 @@ import structlog
 from apiary import logs
 from apiary.metrics import serve_metrics
 from apiary.protoutil import enum_parser
+from apiary.security import SecurityError, add_security_args, security_from_args
 from apiary.serving import stop_event_on_signals, write_port_file
-from apiary.validation import DEFAULT_MAX_TOKENS_CAP
+from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
 from queen.server import QueenConfig, create_server
@@ -59,6 +60,11 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         "--max-queue", type=int, default=1024, help="requests waiting for a slot, in all"
     )
     p.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP)
+    p.add_argument("--max-prompt-bytes", type=int, default=DEFAULT_MAX_PROMPT_BYTES)
+    p.add_argument(
+        "--max-streams-per-client", type=int, default=64,
+        help="Infer streams one client token may have open at once (0 = no limit)",
+    )  # fmt: skip
     p.add_argument(
         "--breaker-failures",
         type=int,
@@ -88,6 +94,7 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
+    add_security_args(p)
     return p
 
 
@@ -97,6 +104,8 @@ async def run(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         max_queue=args.max_queue,
         max_tokens_cap=args.max_tokens_cap,
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_streams_per_client=args.max_streams_per_client,
         state_dir=Path(args.state_dir or default_state_dir()),
         policy=args.policy,
         hive_ttl_intervals=args.hive_ttl,
@@ -106,10 +115,12 @@ async def run(args: argparse.Namespace) -> int:
         autospawn_catalog=args.autospawn_catalog,
     )
     try:
-        queen = await create_server(args.listen, config)
-    except OSError as exc:
+        security = security_from_args(args)
+        queen = await create_server(args.listen, config, security=security)
+    except (OSError, SecurityError) as exc:
         log.error("queen cannot start", error=str(exc))
         return 1
+    log.info("security", tokens=repr(security.tokens), tls=bool(security.tls.cert))
     metrics = None
     if args.metrics_port >= 0:
         host = args.listen.rsplit(":", 1)[0] or "127.0.0.1"

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 
+from apiary.security import Security
 from apiary.serving import CHANNEL_OPTIONS
 from protos.v1 import hive_pb2_grpc, worker_pb2_grpc
 
@@ -14,22 +15,25 @@ CLOSE_GRACE_SECONDS = 30.0
 
 
 class Channels:
-    def __init__(self) -> None:
+    """Workers are called with the worker token, hives (forwarded admin calls) with admin's."""
+
+    def __init__(self, security: Security | None = None) -> None:
+        self.security = security or Security()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str, token: str = "") -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+            channel = self.security.aio_channel(address, token, CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
 
     def worker(self, address: str) -> worker_pb2_grpc.WorkerAsyncStub:
-        return worker_pb2_grpc.WorkerStub(self.channel(address))
+        return worker_pb2_grpc.WorkerStub(self.channel(address, self.security.tokens.worker))
 
     def hive(self, address: str) -> hive_pb2_grpc.HiveAsyncStub:
-        return hive_pb2_grpc.HiveStub(self.channel(address))
+        return hive_pb2_grpc.HiveStub(self.channel(address, self.security.tokens.admin))
 
     def discard(self, address: str) -> None:
         """Close the channel in the background, letting calls still on it finish."""

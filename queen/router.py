@@ -19,6 +19,7 @@ import structlog
 
 from apiary.clock import Clock
 from apiary.protoutil import naming, timestamp
+from apiary.security import bearer
 from apiary.serving import Context
 from apiary.validation import infer_request_problem, name_problem
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
@@ -75,6 +76,8 @@ class Cluster:
     leases: LeaseManager
     clock: Clock
     max_tokens_cap: int
+    max_prompt_bytes: int
+    max_streams_per_client: int
     metrics: QueenMetrics
 
 
@@ -91,6 +94,8 @@ def tags_problem(tags: list[str]) -> str | None:
 class QueenService(queen_pb2_grpc.QueenServicer):
     def __init__(self, cluster: Cluster) -> None:
         self.c = cluster
+        # Open Infer streams per client token (only when tokens are in use).
+        self.streams: dict[str, int] = {}
 
     # ---- admission --------------------------------------------------------
 
@@ -149,7 +154,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     ) -> RequestFailed | None:
         tags = list(request.required_tags)
         if isinstance(request, S.InferRequest):
-            problem = infer_request_problem(request, self.c.max_tokens_cap)
+            problem = infer_request_problem(request, self.c.max_tokens_cap, self.c.max_prompt_bytes)
         else:
             problem = name_problem("model", request.model)
         problem = problem or tags_problem(tags)
@@ -174,29 +179,49 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "lease_id is for calling a worker directly, not the queen",
                 )
-            forward = common_pb2.InferRequest()
-            forward.CopyFrom(request)
-            forward.request_id = request_id
-            route = _Route(self.c, forward, context)
-            self.c.history.accepted(request_id, request.model, self.c.clock.time())
-            self.c.events.emit(
-                Q.EVENT_KIND_REQUEST_QUEUED,
-                self.c.clock.time(),
-                request_id=request_id,
-                model=request.model,
-            )
-            try:
-                async for chunk in route.run():
-                    yield chunk
-            except RequestFailed as failed:
-                await route.finish(ok=False, error=f"{failed.code.name}: {failed.message}")
-                await context.abort(failed.code, failed.message)
-            except asyncio.CancelledError:
-                await asyncio.shield(
-                    route.finish(ok=False, error="CANCELLED: the client went away")
+            client = bearer(context.invocation_metadata())
+            limit = self.c.max_streams_per_client
+            if client and limit and self.streams.get(client, 0) >= limit:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this client already has {limit} streams open (the limit per token); "
+                    "wait for one to finish",
                 )
-                raise
-            await route.finish(ok=True, error="")
+            if client:
+                self.streams[client] = self.streams.get(client, 0) + 1
+            try:
+                async for chunk in self._infer(request, request_id, context):
+                    yield chunk
+            finally:
+                if client:
+                    self.streams[client] -= 1
+                    if not self.streams[client]:
+                        del self.streams[client]
+
+    async def _infer(
+        self, request: common_pb2.InferRequest, request_id: str, context: Context
+    ) -> AsyncIterator[common_pb2.InferChunk]:
+        forward = common_pb2.InferRequest()
+        forward.CopyFrom(request)
+        forward.request_id = request_id
+        route = _Route(self.c, forward, context)
+        self.c.history.accepted(request_id, request.model, self.c.clock.time())
+        self.c.events.emit(
+            Q.EVENT_KIND_REQUEST_QUEUED,
+            self.c.clock.time(),
+            request_id=request_id,
+            model=request.model,
+        )
+        try:
+            async for chunk in route.run():
+                yield chunk
+        except RequestFailed as failed:
+            await route.finish(ok=False, error=f"{failed.code.name}: {failed.message}")
+            await context.abort(failed.code, failed.message)
+        except asyncio.CancelledError:
+            await asyncio.shield(route.finish(ok=False, error="CANCELLED: the client went away"))
+            raise
+        await route.finish(ok=True, error="")
 
     # ---- Lease ------------------------------------------------------------
 

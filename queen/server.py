@@ -10,8 +10,9 @@ import grpc
 import structlog
 
 from apiary.clock import Clock, SystemClock
+from apiary.security import Security, method_table
 from apiary.serving import RunningServer, start_server
-from apiary.validation import DEFAULT_MAX_TOKENS_CAP
+from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from queen.admin import QueenAdminService
 from queen.autospawn import Autospawner, SpawnPlan
@@ -51,6 +52,9 @@ class QueenConfig:
     heartbeat_interval: float = 1.0
     max_queue: int = 1024
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    # Concurrent Infer streams one client token may hold (0 = no limit; needs tokens).
+    max_streams_per_client: int = 64
     state_dir: Path = field(default_factory=lambda: Path.home() / ".local/state/apiary/queen")
     policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_LEAST_LOADED
     hive_ttl_intervals: float = 10.0
@@ -92,8 +96,20 @@ async def sweep_forever(cluster: Cluster) -> None:
             log.exception("sweep step failed")
 
 
-async def create_server(listen: str, config: QueenConfig, clock: Clock | None = None) -> Queen:
+METHODS = method_table(
+    **{
+        "apiary.v1.Queen": frozenset({"client", "admin"}),
+        "apiary.v1.QueenAdmin": frozenset({"admin"}),
+        "apiary.v1.QueenRegistry": frozenset({"hive"}),
+    }
+)
+
+
+async def create_server(
+    listen: str, config: QueenConfig, clock: Clock | None = None, security: Security | None = None
+) -> Queen:
     clock = clock or SystemClock()
+    security = security or Security()
     events = EventBus()
 
     def on_event(event: queen_pb2.Event) -> None:
@@ -128,7 +144,7 @@ async def create_server(listen: str, config: QueenConfig, clock: Clock | None = 
             registry.drain_hive(target, True)
         else:
             registry.drain_worker(target, True)
-    channels = Channels()
+    channels = Channels(security)
     autospawner = Autospawner(registry, channels, config.autospawn, config.autospawn_catalog)
     scheduler = Scheduler(registry, config.max_queue, expecting=autospawner.expecting)
 
@@ -155,6 +171,8 @@ async def create_server(listen: str, config: QueenConfig, clock: Clock | None = 
         leases=LeaseManager(scheduler, channels),
         clock=clock,
         max_tokens_cap=config.max_tokens_cap,
+        max_prompt_bytes=config.max_prompt_bytes,
+        max_streams_per_client=config.max_streams_per_client,
         metrics=QueenMetrics(registry, scheduler),
     )
 
@@ -163,6 +181,8 @@ async def create_server(listen: str, config: QueenConfig, clock: Clock | None = 
         queen_pb2_grpc.add_QueenRegistryServicer_to_server(QueenRegistryService(cluster), server)
         queen_pb2_grpc.add_QueenAdminServicer_to_server(QueenAdminService(cluster), server)
 
-    running = await start_server(listen, register, SERVICE_NAMES)
+    running = await start_server(
+        listen, register, SERVICE_NAMES, security=security, methods=METHODS
+    )
     sweeper = asyncio.get_running_loop().create_task(sweep_forever(cluster), name="sweep")
     return Queen(running, cluster, sweeper)

@@ -11,6 +11,7 @@ import grpc
 import structlog
 
 from apiary import logs
+from apiary.security import Security, TlsFiles, TokenSet
 from apiary.serving import host_port, set_serving, stop_event_on_signals
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import hive_pb2, hive_pb2_grpc
@@ -18,6 +19,8 @@ from worker.backends import BackendOptionError, backend_names, create_backend
 from worker.server import SERVICE_NAMES, WorkerIdentity, WorkerService, create_server
 
 log = structlog.get_logger("worker")
+
+WORKER_TOKEN_ENV = "APIARY_WORKER_TOKEN"
 
 # How long a worker keeps trying to reach its hive with the ready callback.
 READY_REPORT_SECONDS = 30.0
@@ -43,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stop-grace", type=float, default=5.0, help="seconds in-flight streams get on SIGTERM"
     )
     p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
+    p.add_argument("--tls-cert", default="", help="this worker's certificate (its hive's)")
+    p.add_argument("--tls-key", default="")
+    p.add_argument("--tls-ca", default="", help="CA to verify the hive with")
+    p.add_argument("--tls-client-ca", default="", help="require client certificates (mTLS)")
     return p.parse_args(argv)
 
 
@@ -56,11 +63,11 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
-async def report_ready(hive: str, request: hive_pb2.ReportReadyRequest) -> bool:
+async def report_ready(hive: str, request: hive_pb2.ReportReadyRequest, security: Security) -> bool:
     """Tell the hive we are ready (or failed to load); False if it does not know us."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_REPORT_SECONDS
-    async with grpc.aio.insecure_channel(hive) as channel:
+    async with security.aio_channel(hive, security.tokens.worker) as channel:
         stub = hive_pb2_grpc.HiveStub(channel)
         while True:
             try:
@@ -85,7 +92,7 @@ async def report_loading(
     if not args.hive:
         return
     sent: tuple[float, str] | None = None
-    async with grpc.aio.insecure_channel(args.hive) as channel:
+    async with args.security.aio_channel(args.hive, args.security.tokens.worker) as channel:
         stub = hive_pb2_grpc.HiveStub(channel)
         while not loading.done():
             now = (service.load_progress, service.status_detail)
@@ -120,6 +127,7 @@ async def run(args: argparse.Namespace) -> int:
                 hive_pb2.ReportReadyRequest(
                     worker_id=args.worker_id, pid=os.getpid(), load_error=message
                 ),
+                args.security,
             )
         return 2
     identity = WorkerIdentity(
@@ -132,9 +140,14 @@ async def run(args: argparse.Namespace) -> int:
         backend_options=options,
     )
     service = WorkerService(
-        identity, backend, max_tokens_cap=args.max_tokens_cap, stop=stop, stop_grace=args.stop_grace
+        identity,
+        backend,
+        max_tokens_cap=args.max_tokens_cap,
+        stop=stop,
+        stop_grace=args.stop_grace,
+        tokens=args.security.tokens,
     )
-    running = await create_server(args.listen, service)
+    running = await create_server(args.listen, service, args.security)
     address = host_port(args.listen, running.port)
     log.info("worker listening, loading backend", address=address, model=args.model)
 
@@ -165,6 +178,7 @@ async def run(args: argparse.Namespace) -> int:
                     pid=os.getpid(),
                     load_error=f"load failed: {load_error}",
                 ),
+                args.security,
             )
         await running.server.stop(0)
         return 3
@@ -175,6 +189,7 @@ async def run(args: argparse.Namespace) -> int:
         ok = await report_ready(
             args.hive,
             hive_pb2.ReportReadyRequest(worker_id=args.worker_id, address=address, pid=os.getpid()),
+            args.security,
         )
         if not ok:
             await running.server.stop(0)
@@ -191,6 +206,13 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure("worker", args.log_format)
+    # The worker token comes from the hive through the environment, never the command line.
+    args.security = Security(
+        tokens=TokenSet(worker=os.environ.get(WORKER_TOKEN_ENV, "")),
+        tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_ca),
+        # A worker binds where its hive tells it to; the hive made that choice.
+        insecure=True,
+    )
     structlog.contextvars.bind_contextvars(worker_id=args.worker_id, hive_id=args.hive_id)
     return asyncio.run(run(args))
 

@@ -11,6 +11,7 @@ import grpc
 import structlog
 
 from apiary.protoutil import timestamp
+from apiary.security import OPEN, Security, TokenSet, bearer, method_table
 from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -76,7 +77,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
         stop: asyncio.Event | None = None,
         stop_grace: float = 5.0,
+        tokens: TokenSet | None = None,
     ) -> None:
+        self.tokens = tokens or TokenSet()
         self.identity = identity
         # Set by Shutdown (or a signal): the worker's main loop then drains and exits.
         self.stop = stop or asyncio.Event()
@@ -110,6 +113,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             hold: LeaseHold | None = None
+            if self.tokens.enabled and not request.lease_id:
+                # Open at the interceptor so a lease holder can call us; everyone else needs
+                # the worker token (the queen and the hive have it).
+                roles = self.tokens.roles_of(bearer(context.invocation_metadata()))
+                if "worker" not in roles:
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED
+                        if not roles
+                        else grpc.StatusCode.PERMISSION_DENIED,
+                        "workers serve the queen and their hive (worker token), or a client "
+                        "holding a lease from Queen.Lease",
+                    )
             if request.lease_id:
                 hold = self.holds.get(request.lease_id)
                 if hold is None or hold.used.is_set() or hold.expired:
@@ -286,10 +301,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
 
-async def create_server(listen: str, service: WorkerService) -> RunningServer:
+# Only the queen and the hive call workers (worker token); Infer is also open to a client with
+# a lease, which the handler checks (the lease id is in the request, not the metadata).
+METHODS = method_table(
+    **{"apiary.v1.Worker": frozenset({"worker"}), "apiary.v1.Worker/Infer": OPEN}
+)
+
+
+async def create_server(
+    listen: str, service: WorkerService, security: Security | None = None
+) -> RunningServer:
     """Bind (port 0 allowed) and start; health stays NOT_SERVING until the backend is loaded."""
 
     def register(server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
 
-    return await start_server(listen, register, SERVICE_NAMES, serving=False)
+    return await start_server(
+        listen, register, SERVICE_NAMES, serving=False, security=security, methods=METHODS
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--timeout", type=float, default=timeout, help="seconds (deadline of the call)"
         )
+        p.add_argument(
+            "--token",
+            default=os.environ.get("APIARY_TOKEN", ""),
+            help="client or admin token (env APIARY_TOKEN; never printed)",
+        )
+        p.add_argument(
+            "--tls-ca",
+            default=os.environ.get("APIARY_TLS_CA", ""),
+            help="CA that signed the servers' certificates (env APIARY_TLS_CA)",
+        )
+        p.add_argument(
+            "--tls-cert",
+            default=os.environ.get("APIARY_TLS_CERT", ""),
+            help="client certificate, for mTLS (env APIARY_TLS_CERT)",
+        )
+        p.add_argument(
+            "--tls-key",
+            default=os.environ.get("APIARY_TLS_KEY", ""),
+            help="its key (env APIARY_TLS_KEY)",
+        )
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
@@ -50,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("queen", help="run the queen (see `apiary queen --help`)", add_help=False)
     sub.add_parser(
         "up", help="run a one-machine cluster: queen + hive + 2 echo workers", add_help=False
+    )
+    sub.add_parser(
+        "certs", help="`apiary certs init DIR`: CA, host certs and tokens", add_help=False
     )
 
     p = verb(sub, "infer", c.cmd_infer, "stream a completion through the queen", timeout=60.0)
@@ -117,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="never, on-failure or always (default: the hive's)",
     )
-    p = verb(worker, "retire", c.cmd_worker_retire, "stop a worker (gracefully unless --force)",
-             timeout=60.0)  # fmt: skip
+    p = verb(
+        worker,
+        "retire",
+        c.cmd_worker_retire,
+        "stop a worker (gracefully unless --force)",
+        timeout=60.0,
+    )
     p.add_argument("worker_id")
     p.add_argument("--force", action="store_true", help="SIGKILL at once")
     p.add_argument("--hive", default="", help="accepted for symmetry; the queen knows the hive")
@@ -183,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         from hive.__main__ import main as hive_main
 
         return hive_main(argv[1:], prog="apiary hive")
+    if argv and argv[0] == "certs":
+        from apiary.certs import main as certs_main
+
+        return certs_main(argv[1:])
     if argv and argv[0] == "up":
         from apiary.up import main as up_main
 

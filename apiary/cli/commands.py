@@ -28,6 +28,7 @@ from apiary.cli.output import (
     worker_rows,
 )
 from apiary.protoutil import enum_parser, health_name, parse_state, state_name
+from apiary.security import Security, TlsFiles
 from protos.v1 import (
     common_pb2,
     hive_pb2,
@@ -49,12 +50,18 @@ def default_queen() -> str:
     return os.environ.get(QUEEN_ENV, DEFAULT_QUEEN)
 
 
+def channel(args: argparse.Namespace, address: str) -> grpc.Channel:
+    """A channel carrying the CLI's token (--token / APIARY_TOKEN) and TLS settings."""
+    security = Security(tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca))
+    return security.sync_channel(address, args.token)
+
+
 def admin(args: argparse.Namespace) -> queen_pb2_grpc.QueenAdminStub:
-    return queen_pb2_grpc.QueenAdminStub(grpc.insecure_channel(args.queen))
+    return queen_pb2_grpc.QueenAdminStub(channel(args, args.queen))
 
 
 def client(args: argparse.Namespace) -> queen_pb2_grpc.QueenStub:
-    return queen_pb2_grpc.QueenStub(grpc.insecure_channel(args.queen))
+    return queen_pb2_grpc.QueenStub(channel(args, args.queen))
 
 
 def hive_stub(args: argparse.Namespace) -> hive_pb2_grpc.HiveStub:
@@ -68,7 +75,7 @@ def hive_stub(args: argparse.Namespace) -> hive_pb2_grpc.HiveStub:
             raise CliError(f"--hive is required: the cluster has {len(hives)} hives ({names})")
         hive_id = hives[0].id
     hive = stub.GetHive(queen_pb2.GetHiveRequest(hive_id=hive_id), timeout=args.timeout).hive
-    return hive_pb2_grpc.HiveStub(grpc.insecure_channel(hive.address))
+    return hive_pb2_grpc.HiveStub(channel(args, hive.address))
 
 
 parse_routing = enum_parser(common_pb2.RoutingPolicy, "ROUTING_POLICY_", "routing policy")
@@ -97,7 +104,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         )
         print(f"[lease {lease.lease_id} on {lease.worker_id} at {lease.address}]", file=sys.stderr)
         request.lease_id = lease.lease_id
-        stream = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(lease.address)).Infer(
+        stream = worker_pb2_grpc.WorkerStub(channel(args, lease.address)).Infer(
             request, timeout=args.timeout
         )
     else:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import grpc
 import psutil
 
+from apiary.security import Security, TlsFiles
 from protos.v1 import common_pb2, hive_pb2_grpc, queen_pb2, queen_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +84,11 @@ class Cluster:
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="apiary-test-")))
     procs: list[Proc] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    # Appended to every queen and hive command line (tokens, TLS).
+    server_args: list[str] = field(default_factory=list)
+    # What the test's own stubs present: a token and TLS files.
+    token: str = ""
+    tls: TlsFiles = field(default_factory=TlsFiles)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -127,6 +133,7 @@ class Cluster:
             str(self.heartbeat_interval),
             "--state-dir",
             str(self.tmp / "queen-state"),
+            *self.server_args,
             *extra,
         ]
         return self._start("queen", argv)
@@ -159,14 +166,17 @@ class Cluster:
             "0.2",
             "--health-timeout",
             "0.5",
+            *self.server_args,
             *extra,
         ]
         for spec in spawn:
             argv += ["--spawn", spec]
         return self._start(f"hive-{hive_id}", argv)
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address)
+    def channel(self, address: str, token: str | None = None) -> grpc.aio.Channel:
+        """A channel for the test's own calls, with the cluster's token unless one is given."""
+        security = Security(tls=self.tls)
+        channel = security.aio_channel(address, self.token if token is None else token)
         self.channels.append(channel)
         return channel
 
