@@ -290,6 +290,15 @@ class Registry:
         health = self.health_of(hive)
         if health != hive.health:
             reason = self.hive_health(hive)[1]
+            if hive.health == S.HIVE_HEALTH_HEALTHY and health == S.HIVE_HEALTH_UNHEALTHY:
+                # Noticed late (a busy loop): it went through degraded on the way; say so, so
+                # watchers always see the same sequence.
+                self._event(
+                    Q.EVENT_KIND_HIVE_HEALTH_CHANGED,
+                    hive_id=hive.id,
+                    health=S.HIVE_HEALTH_DEGRADED,
+                    detail=f"missed {DEGRADED_AFTER_INTERVALS} heartbeat intervals",
+                )
             hive.health = health
             self._event(
                 Q.EVENT_KIND_HIVE_HEALTH_CHANGED,
