@@ -53,6 +53,61 @@ CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    error: str
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """A request body that does not parse gets INVALID_ARGUMENT saying so.
+
+    Left to itself grpc.aio answers UNKNOWN ("Unexpected DecodeError") and logs a traceback.
+    The deserializer here never raises; the handler then refuses what it could not decode.
+    """
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe_decode(body: bytes) -> Any:
+            try:
+                return decode(body)
+            except Exception as exc:
+                return _Undecodable(str(exc) or type(exc).__name__)
+
+        message = f"the request body is not a valid message for {details.method}"
+        if handler.unary_unary:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: Context) -> Any:
+                if isinstance(request, _Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}"
+                    )
+                return await inner_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, safe_decode, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: Context) -> Any:
+                if isinstance(request, _Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}"
+                    )
+                async for response in inner_stream(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, safe_decode, handler.response_serializer
+            )
+        return handler  # client-streaming methods: none in our API
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -84,7 +139,7 @@ async def start_server(
     security.check_listen(listen)
     server = grpc.aio.server(
         options=list(SERVER_OPTIONS),
-        interceptors=[security.interceptor(methods or {})],
+        interceptors=[security.interceptor(methods or {}), DecodeGuard()],
     )
     register(server)
     health_servicer = health_aio.HealthServicer()
