@@ -29,7 +29,7 @@ from tests.integration.cluster import Cluster, Proc
 # One cluster (and one event loop) for the whole module: hypothesis sends many requests.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 F = FieldDescriptor
-# Destructive on purpose (they stop what they are pointed at); fuzzed with targeted inputs elsewhere.
+# Destructive on purpose (they stop what they name); tested with targeted inputs elsewhere.
 SKIP = {
     "apiary.v1.Worker.Shutdown",
     "apiary.v1.Hive.KillProcess",
@@ -162,6 +162,46 @@ async def call(channel: grpc.aio.Channel, method: MethodDescriptor, body: bytes)
     return grpc.StatusCode.OK
 
 
+def fuzz_typed(
+    method: MethodDescriptor,
+    channel: grpc.aio.Channel,
+    loop: asyncio.AbstractEventLoop,
+    seen: dict[str, set[str]],
+) -> None:
+    """Hypothesis drives this thread; the calls run on the test's event loop."""
+
+    @settings(
+        max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(request=message(method.input_type))
+    def one(request: Message) -> None:
+        body = request.SerializeToString()
+        code = asyncio.run_coroutine_threadsafe(call(channel, method, body), loop).result(30)
+        seen.setdefault(method.full_name, set()).add(code.name)
+        assert code != grpc.StatusCode.UNKNOWN, f"{method.full_name}: unhandled error for {request}"
+        assert code != grpc.StatusCode.INTERNAL or method.name == "Infer", method.full_name
+
+    one()
+
+
+def fuzz_raw(
+    method: MethodDescriptor,
+    channel: grpc.aio.Channel,
+    loop: asyncio.AbstractEventLoop,
+    codes: set[str],
+) -> None:
+    @settings(
+        max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(body=st.binary(max_size=200))
+    def one(body: bytes) -> None:
+        code = asyncio.run_coroutine_threadsafe(call(channel, method, body), loop).result(30)
+        codes.add(code.name)
+        assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), method.full_name
+
+    one()
+
+
 def rss(procs: list[psutil.Process]) -> int:
     return sum(p.memory_info().rss for p in procs)
 
@@ -176,25 +216,9 @@ async def test_random_typed_requests_get_a_deliberate_status(
     before = rss(watched)
     loop = asyncio.get_running_loop()
     seen: dict[str, set[str]] = {}
-
     for method in ALL:
         channel = cluster.channel(target(method, procs, worker))
-
-        @settings(
-            max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-        )
-        @given(request=message(method.input_type))
-        def one(request: Message) -> None:
-            body = request.SerializeToString()
-            code = asyncio.run_coroutine_threadsafe(call(channel, method, body), loop).result(30)
-            seen.setdefault(method.full_name, set()).add(code.name)
-            assert code != grpc.StatusCode.UNKNOWN, (
-                f"{method.full_name}: unhandled error for {request}"
-            )
-            assert code != grpc.StatusCode.INTERNAL or method.name == "Infer", method.full_name
-
-        await asyncio.to_thread(one)
-
+        await asyncio.to_thread(fuzz_typed, method, channel, loop, seen)
     for proc in procs.values():
         assert proc.popen.poll() is None, f"{proc.name} died:\n{proc.log()[-3000:]}"
     assert len(seen) == len(ALL)
@@ -211,17 +235,7 @@ async def test_raw_random_bytes_as_request_bodies(
     codes: set[str] = set()
     for method in ALL:
         channel = cluster.channel(target(method, procs, worker))
-
-        @settings(
-            max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-        )
-        @given(body=st.binary(max_size=200))
-        def one(body: bytes) -> None:
-            code = asyncio.run_coroutine_threadsafe(call(channel, method, body), loop).result(30)
-            codes.add(code.name)
-            assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), method.full_name
-
-        await asyncio.to_thread(one)
+        await asyncio.to_thread(fuzz_raw, method, channel, loop, codes)
     for proc in procs.values():
         assert proc.popen.poll() is None, f"{proc.name} died"
     # Unparseable bodies are refused as such, before any handler runs.
