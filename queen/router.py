@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -54,6 +55,33 @@ RETRYABLE = WORKER_FAULTS | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 MAX_TAGS = 16
 
 
+class HiveLost(Exception):
+    """The worker's hive went unhealthy while we waited for the first chunk."""
+
+
+class HiveWatch:
+    """Lets requests waiting on a worker hear that its hive was lost."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    def watch(self, hive_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._waiting.setdefault(hive_id, set()).add(event)
+        return event
+
+    def unwatch(self, hive_id: str, event: asyncio.Event) -> None:
+        waiting = self._waiting.get(hive_id)
+        if waiting is not None:
+            waiting.discard(event)
+            if not waiting:
+                del self._waiting[hive_id]
+
+    def lost(self, hive_id: str) -> None:
+        for event in self._waiting.pop(hive_id, ()):
+            event.set()
+
+
 class RequestFailed(Exception):
     """Ends a request with a gRPC status; raised inside the routing loop, answered once."""
 
@@ -79,6 +107,7 @@ class Cluster:
     max_prompt_bytes: int
     max_streams_per_client: int
     metrics: QueenMetrics
+    hive_watch: HiveWatch
 
 
 def tags_problem(tags: list[str]) -> str | None:
@@ -341,6 +370,34 @@ class _Route:
         )  # fmt: skip
         await c.history.finished(rid, ok, c.clock.time(), self.tokens, error, self.attempts)
 
+    async def _first(self, call: Any, lease: Lease) -> object:
+        """The first chunk (or EOF); HiveLost if the worker's hive goes unhealthy first.
+
+        A worker cut off with its hive (a network partition) sends no error, just nothing;
+        waiting for TCP or keepalive to say so would stall the request for many seconds, while
+        the queen knows within 3 heartbeat intervals. Nothing has reached the client yet, so
+        the request can safely move to another worker.
+        """
+        lost = self.c.hive_watch.watch(lease.hive_id)
+        reading = asyncio.ensure_future(call.read())
+        losing = asyncio.ensure_future(lost.wait())
+        try:
+            done, _ = await asyncio.wait({reading, losing}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            reading.cancel()  # the request itself was cancelled: the read goes with it
+            raise
+        finally:
+            losing.cancel()
+            self.c.hive_watch.unwatch(lease.hive_id, lost)
+        if reading in done:
+            return reading.result()
+        reading.cancel()
+        call.cancel()
+        raise HiveLost(
+            f"hive {lease.hive_id} of worker {lease.worker_id} stopped heartbeating "
+            "before the first chunk"
+        )
+
     async def _acquire(self, deadline: float | None, tried: frozenset[str]) -> Lease:
         request = self.request
         loop = asyncio.get_running_loop()
@@ -388,7 +445,8 @@ class _Route:
             timeout = None if deadline is None else max(deadline - loop.time(), 0.001)
             call = c.channels.worker(lease.address).Infer(request, timeout=timeout)
             try:
-                async for chunk in call:
+                chunk = await self._first(call, lease)
+                while isinstance(chunk, common_pb2.InferChunk):
                     if self.sent == 0:
                         chunk.worker_id = lease.worker_id
                         self.first_chunk_after = time.perf_counter() - self.started
@@ -396,9 +454,18 @@ class _Route:
                     if chunk.completion_tokens:
                         self.tokens = chunk.completion_tokens
                     yield chunk
+                    chunk = await call.read()
                 self.tokens = self.tokens or self.sent
                 outcome = Outcome(ok=True, duration=time.perf_counter() - began, tokens=self.tokens)
                 return
+            except HiveLost as lost:
+                outcome = Outcome(ok=False, worker_fault=True)
+                last_error = str(lost)
+                log.warning(
+                    "hive lost before first chunk; trying another", worker_id=lease.worker_id
+                )
+                c.metrics.failovers.labels(request.model).inc()
+                tried.add(lease.address)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 fault = code in WORKER_FAULTS

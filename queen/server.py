@@ -23,7 +23,7 @@ from queen.history import History
 from queen.leases import LeaseManager
 from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
-from queen.router import Cluster, QueenService
+from queen.router import Cluster, HiveWatch, QueenService
 from queen.scheduler import Scheduler
 
 log = structlog.get_logger("queen")
@@ -112,7 +112,14 @@ async def create_server(
     security = security or Security()
     events = EventBus()
 
+    hive_watch = HiveWatch()
+
     def on_event(event: queen_pb2.Event) -> None:
+        if event.kind == Q.EVENT_KIND_HIVE_REMOVED or (
+            event.kind == Q.EVENT_KIND_HIVE_HEALTH_CHANGED
+            and event.health == common_pb2.HIVE_HEALTH_UNHEALTHY
+        ):
+            hive_watch.lost(event.hive_id)
         if event.kind in LOGGED_EVENTS:
             log.info(
                 Q.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower().replace("_", " "),
@@ -174,6 +181,7 @@ async def create_server(
         max_prompt_bytes=config.max_prompt_bytes,
         max_streams_per_client=config.max_streams_per_client,
         metrics=QueenMetrics(registry, scheduler),
+        hive_watch=hive_watch,
     )
 
     def register(server: grpc.aio.Server) -> None:
