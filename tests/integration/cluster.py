@@ -55,10 +55,11 @@ class Proc:
     popen: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -97,12 +98,20 @@ class Cluster:
         env["PYTHONPATH"] = str(ROOT)
         return env
 
-    def _start(self, name: str, argv: list[str], port: int = 0, timeout: float = 15.0) -> Proc:
+    def _start(
+        self,
+        name: str,
+        argv: list[str],
+        timeout: float = 15.0,
+        prefix: list[str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> Proc:
+        """Start `python -m ARGV` (after `prefix`, e.g. `ip netns exec NS`) and wait for its port."""
         port_file = self.tmp / f"{name}-{len(self.procs)}.port"
         log_path = self.tmp / f"{name}-{len(self.procs)}.log"
         with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(
-                [sys.executable, "-m", *argv, "--port-file", str(port_file)],
+                [*(prefix or []), sys.executable, "-m", *argv, "--port-file", str(port_file)],
                 cwd=ROOT,
                 env=self.env(),
                 stdout=log_file,
@@ -118,7 +127,7 @@ class Cluster:
                 popen.kill()
                 raise RuntimeError(f"{name} did not start within {timeout}s")
             time.sleep(0.01)
-        proc = Proc(name, popen, int(port_file.read_text()), log_path)
+        proc = Proc(name, popen, int(port_file.read_text()), log_path, host)
         port_file.unlink()
         self.procs.append(proc)
         return proc

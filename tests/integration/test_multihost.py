@@ -1,0 +1,126 @@
+"""Across real network hosts (namespaces with their own addresses): routing over two hives,
+a hive's link cut and restored under load, TLS and tokens between machines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from apiary.certs import init as certs_init
+from tests.integration.cluster import ROOT, Cluster
+from tests.integration.netns import Topology, available
+
+reason = available()
+pytestmark = pytest.mark.skipif(reason is not None, reason=f"multi-host tests skipped: {reason}")
+INTERVAL = 1.0
+
+
+@pytest.fixture
+def net() -> Iterator[Topology]:
+    topology = Topology(["queen", "hive1", "hive2", "client"]).up()
+    try:
+        yield topology
+    finally:
+        topology.close()
+
+
+@pytest.mark.timeout(120)
+async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
+    cluster: Cluster, net: Topology, tmp_path: Path
+) -> None:
+    a = net.addresses
+    certs = tmp_path / "certs"
+    certs_init(certs, [("queen", [a["queen"]]), ("hive1", [a["hive1"]]), ("hive2", [a["hive2"]])])
+    common = [
+        "--tokens-file",
+        str(certs / "tokens.json"),
+        "--tls-ca",
+        str(certs / "ca.pem"),
+        "--tls-client-ca",
+        str(certs / "ca.pem"),
+        "--heartbeat-interval",
+        str(INTERVAL),
+    ]
+    queen = cluster._start(
+        "queen",
+        [
+            "queen",
+            "--listen",
+            f"{a['queen']}:7070",
+            "--state-dir",
+            str(tmp_path / "queen"),
+            "--tls-cert",
+            str(certs / "queen.pem"),
+            "--tls-key",
+            str(certs / "queen.key"),
+            *common,
+        ],
+        prefix=net.exec_prefix("queen"),
+        host=a["queen"],
+    )
+    for hive in ("hive1", "hive2"):
+        cluster._start(
+            hive,
+            [
+                "hive",
+                "--queen",
+                queen.address,
+                "--listen",
+                f"{a[hive]}:7071",
+                "--hive-id",
+                hive,
+                "--worker-host",
+                a[hive],
+                "--state-dir",
+                str(tmp_path / hive),
+                "--tls-cert",
+                str(certs / f"{hive}.pem"),
+                "--tls-key",
+                str(certs / f"{hive}.key"),
+                "--spawn",
+                "model=demo,count=2,token_delay=0.02",
+                *common,
+            ],
+            prefix=net.exec_prefix(hive),
+            host=a[hive],
+        )
+    driver = subprocess.run(
+        [
+            *net.exec_prefix("client"),
+            sys.executable,
+            str(ROOT / "tests/integration/multihost_driver.py"),
+            "--queen",
+            queen.address,
+            "--tokens",
+            str(certs / "tokens.json"),
+            "--certs",
+            str(certs),
+            "--switch",
+            net.bridge_ns,
+            "--veth",
+            net.veth("hive1"),
+            "--cut-hive",
+            "hive1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=cluster.env(),
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    seen = json.loads(driver.stdout.strip().splitlines()[-1])
+    print("multi-host observations:", json.dumps({k: v for k, v in seen.items() if k != "failures"}))
+    assert seen["served_hives"] == ["hive1", "hive2"]
+    assert seen["wrong_token"] == "UNAUTHENTICATED"
+    assert seen["client_on_admin"] == "PERMISSION_DENIED"
+    # Out of the routable set within 3 heartbeat intervals of the cut (plus polling slack).
+    assert seen["cut_to_unhealthy"] <= 3 * INTERVAL + 0.5, seen
+    assert seen["routable_hives_while_cut"] == ["hive2"]
+    assert seen["same_worker_ids"], seen
+    assert seen["requests"] > 20
+    assert seen["failures"] == [], seen["failures"][:5]
