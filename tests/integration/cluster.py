@@ -106,7 +106,7 @@ class Cluster:
         prefix: list[str] | None = None,
         host: str = "127.0.0.1",
     ) -> Proc:
-        """Start `python -m ARGV` (after `prefix`, e.g. `ip netns exec NS`) and wait for its port."""
+        """Start `python -m ARGV` (after `prefix`: `ip netns exec NS`) and wait for its port."""
         port_file = self.tmp / f"{name}-{len(self.procs)}.port"
         log_path = self.tmp / f"{name}-{len(self.procs)}.log"
         with open(log_path, "ab") as log_file:

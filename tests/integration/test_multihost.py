@@ -114,7 +114,7 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
     )
     assert driver.returncode == 0, driver.stderr[-3000:]
     seen = json.loads(driver.stdout.strip().splitlines()[-1])
-    print("multi-host observations:", json.dumps({k: v for k, v in seen.items() if k != "failures"}))
+    print("multi-host:", json.dumps({k: v for k, v in seen.items() if k != "failures"}))
     assert seen["served_hives"] == ["hive1", "hive2"]
     assert seen["wrong_token"] == "UNAUTHENTICATED"
     assert seen["client_on_admin"] == "PERMISSION_DENIED"
