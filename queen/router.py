@@ -53,6 +53,9 @@ WORKER_FAULTS = frozenset(
 # and its own slot check refusing a request our (stale) view sent it.
 RETRYABLE = WORKER_FAULTS | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 MAX_TAGS = 16
+# After (re)starting, the queen waits this many heartbeat intervals for hives before it calls a
+# model unknown: a request during that time waits instead of getting a false NOT_FOUND.
+WARMUP_INTERVALS = 2
 
 
 class HiveLost(Exception):
@@ -108,6 +111,11 @@ class Cluster:
     max_streams_per_client: int
     metrics: QueenMetrics
     hive_watch: HiveWatch
+    # When this queen started (its clock): until it has heard every hive, it is warming up.
+    started: float = 0.0
+
+    def warming_up(self) -> bool:
+        return self.clock.monotonic() - self.started < WARMUP_INTERVALS * self.registry.interval
 
 
 def tags_problem(tags: list[str]) -> str | None:
@@ -120,6 +128,43 @@ def tags_problem(tags: list[str]) -> str | None:
     return None
 
 
+def model_problem(c: Cluster, model: str) -> RequestFailed | None:
+    """NOT_FOUND for an unserved model (unless autospawn will); UNAVAILABLE if all failed."""
+    registry = c.registry
+    if not registry.has_model(model):
+        if c.autospawn.can_spawn(model):
+            c.autospawn.ensure(model)
+            return None
+        if c.warming_up():
+            # A queen that just (re)started has not heard every hive yet: wait for them.
+            return None
+        if not registry.models():
+            return RequestFailed(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model {model!r}: no workers are registered yet; "
+                "start one with `apiary worker spawn`",
+            )
+        spawnable = c.autospawn.spawnable()
+        extra = f"; autospawn offers: {naming(spawnable)}" if spawnable else ""
+        return RequestFailed(
+            grpc.StatusCode.NOT_FOUND,
+            f"unknown model {model!r}; models served: {naming(registry.models())}{extra}",
+        )
+    workers = list(registry.workers_of_model(model))
+    alive = [
+        w
+        for w in workers
+        if w.record.state != S.WORKER_STATE_FAILED or w.record.restart_in_seconds > 0
+    ]
+    if not alive:
+        reasons = "; ".join(sorted({w.record.failure_reason or "failed" for w in workers}))
+        return RequestFailed(
+            grpc.StatusCode.UNAVAILABLE,
+            f"every worker of model {model!r} has failed and none is restarting: {reasons}",
+        )
+    return None
+
+
 class QueenService(queen_pb2_grpc.QueenServicer):
     def __init__(self, cluster: Cluster) -> None:
         self.c = cluster
@@ -127,39 +172,6 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         self.streams: dict[str, int] = {}
 
     # ---- admission --------------------------------------------------------
-
-    def _model_problem(self, model: str) -> RequestFailed | None:
-        """NOT_FOUND for an unserved model (unless autospawn will); UNAVAILABLE if all failed."""
-        registry = self.c.registry
-        if not registry.has_model(model):
-            if self.c.autospawn.can_spawn(model):
-                self.c.autospawn.ensure(model)
-                return None
-            if not registry.models():
-                return RequestFailed(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"unknown model {model!r}: no workers are registered yet; "
-                    "start one with `apiary worker spawn`",
-                )
-            spawnable = self.c.autospawn.spawnable()
-            extra = f"; autospawn offers: {naming(spawnable)}" if spawnable else ""
-            return RequestFailed(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown model {model!r}; models served: {naming(registry.models())}{extra}",
-            )
-        workers = list(registry.workers_of_model(model))
-        alive = [
-            w
-            for w in workers
-            if w.record.state != S.WORKER_STATE_FAILED or w.record.restart_in_seconds > 0
-        ]
-        if not alive:
-            reasons = "; ".join(sorted({w.record.failure_reason or "failed" for w in workers}))
-            return RequestFailed(
-                grpc.StatusCode.UNAVAILABLE,
-                f"every worker of model {model!r} has failed and none is restarting: {reasons}",
-            )
-        return None
 
     def _tags_problem(self, model: str, tags: list[str]) -> RequestFailed | None:
         if not tags or not self.c.registry.has_model(model):
@@ -191,7 +203,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             problem = f"unknown routing policy {request.policy}"
         if problem:
             return RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        return self._model_problem(request.model) or self._tags_problem(request.model, tags)
+        return model_problem(self.c, request.model) or self._tags_problem(request.model, tags)
 
     # ---- Infer ------------------------------------------------------------
 
@@ -417,7 +429,9 @@ class _Route:
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"queen queue is full: {exc}; retry later"
             ) from None
         except ModelGone as exc:
-            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            # Unknown after all (e.g. once a restarted queen has heard every hive): say so.
+            unknown = model_problem(self.c, request.model)
+            raise unknown or RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def run(self) -> AsyncIterator[common_pb2.InferChunk]:
         c, request = self.c, self.request

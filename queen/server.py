@@ -23,7 +23,7 @@ from queen.history import History
 from queen.leases import LeaseManager
 from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
-from queen.router import Cluster, HiveWatch, QueenService
+from queen.router import WARMUP_INTERVALS, Cluster, HiveWatch, QueenService
 from queen.scheduler import Scheduler
 
 log = structlog.get_logger("queen")
@@ -153,7 +153,13 @@ async def create_server(
             registry.drain_worker(target, True)
     channels = Channels(security)
     autospawner = Autospawner(registry, channels, config.autospawn, config.autospawn_catalog)
-    scheduler = Scheduler(registry, config.max_queue, expecting=autospawner.expecting)
+    started = clock.monotonic()
+
+    def expecting(model: str) -> bool:
+        warming = clock.monotonic() - started < WARMUP_INTERVALS * registry.interval
+        return warming or autospawner.expecting(model)
+
+    scheduler = Scheduler(registry, config.max_queue, expecting=expecting)
 
     def spawned(record: common_pb2.WorkerRecord) -> None:
         registry.apply_worker(record)
@@ -182,6 +188,7 @@ async def create_server(
         max_streams_per_client=config.max_streams_per_client,
         metrics=QueenMetrics(registry, scheduler),
         hive_watch=hive_watch,
+        started=started,
     )
 
     def register(server: grpc.aio.Server) -> None:
