@@ -228,9 +228,11 @@ async def test_process_operations_find_orphans_and_refuse_strangers(cluster: Clu
     listed = (
         await cluster.hive_stub(first).ListProcesses(hive_pb2.ListProcessesRequest())
     ).processes
-    ours = {p.pid: p for p in listed if p.hive_id == "h1"}
+    pids = {w.pid for w in workers}
+    ours = {p.pid: p for p in listed if p.pid in pids}
     assert set(ours) == {w.pid for w in workers}
-    assert all(p.known and p.model == "demo" and p.rss_bytes > 0 for p in ours.values())
+    assert all(p.known and p.model == "demo" and p.hive_id == "h1" for p in ours.values())
+    assert all(p.rss_bytes > 0 for p in ours.values())
 
     first.signal(signal.SIGKILL)  # its workers are orphans now
     first.wait(5)
