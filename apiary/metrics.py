@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -35,3 +36,15 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return list(self.read())
+
+
+def publish(
+    listen: str, metrics_port: int, registry: CollectorRegistry, log: Any
+) -> MetricsServer | None:
+    """Serve metrics on the listen host if a port was asked for (-1: no metrics)."""
+    if metrics_port < 0:
+        return None
+    host = listen.rsplit(":", 1)[0] or "127.0.0.1"
+    server = serve_metrics(registry, host, metrics_port)
+    log.info("metrics served", url=f"http://{host}:{server.port}/metrics")
+    return server

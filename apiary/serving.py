@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -14,7 +15,7 @@ from grpc_health.v1 import _async as health_aio  # published as grpc_health.v1.h
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from apiary.security import Security
+from apiary.security import Security, add_security_args
 
 # The context every servicer method gets; request/response types are in the method signature.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -194,3 +195,16 @@ def write_port_file(path: str, port: int) -> None:
     with open(tmp, "w") as f:
         f.write(f"{port}\n")
     os.replace(tmp, path)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The flags every server process takes besides its own: metrics, port file, logs, security."""
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="serve Prometheus metrics on this port, on the listen host (0 = any; default off)",
+    )
+    p.add_argument("--port-file", default="", help="write the bound port here once listening")
+    p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
+    add_security_args(p)

@@ -13,11 +13,12 @@ import grpc
 import structlog
 
 from apiary import logs
-from apiary.metrics import serve_metrics
+from apiary.metrics import publish
 from apiary.protoutil import enum_parser
-from apiary.security import SecurityError, add_security_args, method_table, security_from_args
+from apiary.security import SecurityError, method_table, security_from_args
 from apiary.serving import (
     RunningServer,
+    add_server_args,
     host_port,
     start_server,
     stop_event_on_signals,
@@ -146,13 +147,7 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
         help="keep workers running from boot, e.g. model=demo,backend=echo,count=2,restart=always"
         " (re-adopted workers count)",
     )
-    p.add_argument(
-        "--metrics-port", type=int, default=-1,
-        help="serve Prometheus metrics on this port, on the listen host (0 = any; default off)",
-    )  # fmt: skip
-    p.add_argument("--port-file", default="", help="write the bound port here once listening")
-    p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
-    add_security_args(p)
+    add_server_args(p)
     return p
 
 
@@ -226,11 +221,7 @@ async def run(args: argparse.Namespace) -> int:
         asyncio.create_task(heartbeat.run(), name="heartbeat"),
         asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
     ]
-    metrics = None
-    if args.metrics_port >= 0:
-        host = args.listen.rsplit(":", 1)[0] or "127.0.0.1"
-        metrics = serve_metrics(hive_metrics(supervisor), host, args.metrics_port)
-        log.info("metrics served", url=f"http://{host}:{metrics.port}/metrics")
+    metrics = publish(args.listen, args.metrics_port, hive_metrics(supervisor), log)
     if args.port_file:
         write_port_file(args.port_file, running.port)
     log.info("hive listening", address=address, queen=args.queen, state_dir=str(store.state_dir))

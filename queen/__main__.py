@@ -11,10 +11,10 @@ from pathlib import Path
 import structlog
 
 from apiary import logs
-from apiary.metrics import serve_metrics
+from apiary.metrics import publish
 from apiary.protoutil import enum_parser
-from apiary.security import SecurityError, add_security_args, security_from_args
-from apiary.serving import stop_event_on_signals, write_port_file
+from apiary.security import SecurityError, security_from_args
+from apiary.serving import add_server_args, stop_event_on_signals, write_port_file
 from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
@@ -88,13 +88,7 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir", default="", help="request history (default ~/.local/state/apiary/queen)"
     )
-    p.add_argument(
-        "--metrics-port", type=int, default=-1,
-        help="serve Prometheus metrics on this port, on the listen host (0 = any; default off)",
-    )  # fmt: skip
-    p.add_argument("--port-file", default="", help="write the bound port here once listening")
-    p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
-    add_security_args(p)
+    add_server_args(p)
     return p
 
 
@@ -121,11 +115,7 @@ async def run(args: argparse.Namespace) -> int:
         log.error("queen cannot start", error=str(exc))
         return 1
     log.info("security", tokens=repr(security.tokens), tls=bool(security.tls.cert))
-    metrics = None
-    if args.metrics_port >= 0:
-        host = args.listen.rsplit(":", 1)[0] or "127.0.0.1"
-        metrics = serve_metrics(queen.cluster.metrics.prometheus, host, args.metrics_port)
-        log.info("metrics served", url=f"http://{host}:{metrics.port}/metrics")
+    metrics = publish(args.listen, args.metrics_port, queen.cluster.metrics.prometheus, log)
     if args.port_file:
         write_port_file(args.port_file, queen.running.port)
     log.info(
