@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,23 +66,24 @@ class HiveWatch:
     """Lets requests waiting on a worker hear that its hive was lost."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._waiting: dict[str, dict[int, Callable[[], None]]] = {}
+        self._next = 0
 
-    def watch(self, hive_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        self._waiting.setdefault(hive_id, set()).add(event)
-        return event
+    def watch(self, hive_id: str, on_lost: Callable[[], None]) -> int:
+        self._next += 1
+        self._waiting.setdefault(hive_id, {})[self._next] = on_lost
+        return self._next
 
-    def unwatch(self, hive_id: str, event: asyncio.Event) -> None:
+    def unwatch(self, hive_id: str, key: int) -> None:
         waiting = self._waiting.get(hive_id)
         if waiting is not None:
-            waiting.discard(event)
+            waiting.pop(key, None)
             if not waiting:
                 del self._waiting[hive_id]
 
     def lost(self, hive_id: str) -> None:
-        for event in self._waiting.pop(hive_id, ()):
-            event.set()
+        for on_lost in self._waiting.pop(hive_id, {}).values():
+            on_lost()
 
 
 class RequestFailed(Exception):
@@ -390,25 +391,25 @@ class _Route:
         the queen knows within 3 heartbeat intervals. Nothing has reached the client yet, so
         the request can safely move to another worker.
         """
-        lost = self.c.hive_watch.watch(lease.hive_id)
-        reading = asyncio.ensure_future(call.read())
-        losing = asyncio.ensure_future(lost.wait())
+        lost = False
+
+        def on_lost() -> None:
+            nonlocal lost
+            lost = True
+            call.cancel()  # wakes the read below with CancelledError
+
+        key = self.c.hive_watch.watch(lease.hive_id, on_lost)
         try:
-            done, _ = await asyncio.wait({reading, losing}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            reading.cancel()  # the request itself was cancelled: the read goes with it
-            raise
+            return await call.read()
+        except asyncio.CancelledError:
+            if not lost:
+                raise  # the request itself was cancelled
+            raise HiveLost(
+                f"hive {lease.hive_id} of worker {lease.worker_id} stopped heartbeating "
+                "before the first chunk"
+            ) from None
         finally:
-            losing.cancel()
-            self.c.hive_watch.unwatch(lease.hive_id, lost)
-        if reading in done:
-            return reading.result()
-        reading.cancel()
-        call.cancel()
-        raise HiveLost(
-            f"hive {lease.hive_id} of worker {lease.worker_id} stopped heartbeating "
-            "before the first chunk"
-        )
+            self.c.hive_watch.unwatch(lease.hive_id, key)
 
     async def _acquire(self, deadline: float | None, tried: frozenset[str]) -> Lease:
         request = self.request
@@ -441,6 +442,10 @@ class _Route:
         tried: set[str] = set()
         last_error = ""
         for attempt in range(MAX_ATTEMPTS):
+            if tried and all(
+                w.record.address in tried for w in c.registry.workers_of_model(request.model)
+            ):
+                break  # every worker there is failed this request: say so now, not at the deadline
             lease = self.lease = await self._acquire(deadline, frozenset(tried))
             self.attempts = attempt + 1
             c.history.started(
@@ -503,8 +508,11 @@ class _Route:
                     attempt=attempt + 1,
                 )
                 c.metrics.failovers.labels(request.model).inc()
-                # By address, not id: a worker restarted under the same id is a new process.
-                tried.add(lease.address)
+                if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # By address, not id: a worker restarted under the same id is a new
+                    # process. A full worker is not excluded: it frees in a moment (our
+                    # view was just ahead of it), and may be the only one there is.
+                    tried.add(lease.address)
                 if code == grpc.StatusCode.UNAVAILABLE:
                     c.registry.mark_unreachable(lease.worker_id)
             finally:

@@ -62,10 +62,16 @@ async def test_hive_goes_degraded_unhealthy_removed_and_rejoins_with_same_worker
         hive.signal(signal.SIGCONT)
     after = {w.id for w in await cluster.wait_workers(queen, "demo", 2)}
     assert after == before
+
+    async def rejoined() -> bool:
+        return bool(seen) and seen[-1].kind == Q.EVENT_KIND_HIVE_JOINED
+
+    await eventually(rejoined, timeout=5)
     watcher.cancel()
     healths = [e.health for e in seen if e.kind == Q.EVENT_KIND_HIVE_HEALTH_CHANGED]
     assert healths[:2] == [S.HIVE_HEALTH_DEGRADED, S.HIVE_HEALTH_UNHEALTHY]
-    assert [e.kind for e in seen][-1] == Q.EVENT_KIND_HIVE_JOINED
+    removed = [e.kind for e in seen].index(Q.EVENT_KIND_HIVE_REMOVED)
+    assert Q.EVENT_KIND_HIVE_JOINED in [e.kind for e in seen][removed:]
 
 
 async def _has(seen: list[queen_pb2.Event], kind: int) -> bool:
@@ -230,3 +236,51 @@ async def test_drain_lets_streams_finish_stops_new_ones_and_survives_a_queen_res
 async def _busy_worker(admin: Any) -> str:
     workers = (await admin.ListWorkers(Q.ListWorkersRequest(state=S.WORKER_STATE_BUSY))).workers
     return workers[0].id if workers else ""
+
+
+async def test_request_waiting_on_a_frozen_hive_moves_to_another_before_its_first_token(
+    cluster: Cluster,
+) -> None:
+    import psutil
+
+    queen = cluster.start_queen()
+    frozen = cluster.start_hive(queen, "h1", "model=demo,token_delay=0.01")
+    await cluster.wait_workers(queen, "demo", 1)
+    cluster.start_hive(queen, "h2", "model=demo,token_delay=0.01")
+    await cluster.wait_workers(queen, "demo", 2)
+    stub = cluster.queen_stub(queen)
+    # Freeze the whole of h1, hive and worker: like a machine cut off, it answers nothing.
+    procs = [psutil.Process(frozen.pid), *psutil.Process(frozen.pid).children()]
+    for proc in procs:
+        proc.suspend()
+    try:
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*(collect(stub, infer(tokens=5)) for _ in range(6)))
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        for proc in procs:
+            proc.resume()
+    assert all(len(r) == 5 for r in results)  # none lost, none failed
+    h2_workers = (
+        await cluster.admin_stub(queen).ListWorkers(Q.ListWorkersRequest(hive_id="h2"))
+    ).workers
+    assert {r[0].worker_id for r in results} == {h2_workers[0].id}
+    assert took < 3.0  # moved within about 3 heartbeat intervals (0.2 s), not a TCP timeout
+    history = (
+        await cluster.admin_stub(queen).ListRequests(Q.ListRequestsRequest(limit=6))
+    ).requests
+    assert any(r.attempts == 2 for r in history)
+
+
+async def test_a_request_every_worker_failed_ends_at_once_not_at_its_deadline(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1", "model=demo,fault_fail_requests=1")
+    await cluster.wait_workers(queen, "demo", 1)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(cluster.queen_stub(queen), infer(), timeout=20)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "backend error" in (err.value.details() or "")
