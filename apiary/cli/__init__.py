@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tag", action="append", default=[], help="require a worker tag (repeatable)")
     p.add_argument("--request-id", default="")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same completion")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
         "--direct", action="store_true", help="lease a slot and call the worker directly"
     )

@@ -96,7 +96,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         policy=args.policy,
         required_tags=args.tag,
         request_id=args.request_id,
+        stop=args.stop,
     )
+    for field in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(args, field) is not None:
+            setattr(request, field, getattr(args, field))
     if args.direct:
         lease = client(args).Lease(
             queen_pb2.LeaseRequest(model=args.model, required_tags=args.tag, policy=args.policy),

@@ -303,8 +303,11 @@ async def test_events_verb_prints_live_events(live: Proc) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_QUEEN=live.address)
     watcher = subprocess.Popen(
         [APIARY or "apiary", "events", "--kind", "request-completed", "--timeout", "5"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)
     apiary("infer", "demo", "hello", "--max-tokens", "2", "--request-id", "watched", queen=live)
     out, err = watcher.communicate(timeout=15)
@@ -336,3 +339,26 @@ async def test_model_catalog_verbs(live: Proc, tmp_path: Path) -> None:
     assert removed.returncode == 0 and "deleted tiny" in removed.stdout
     missing = apiary("model", "get", "tiny", queen=live)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+async def test_infer_sampling_and_stop_flags(live: Proc) -> None:
+    out = apiary(
+        "infer",
+        "demo",
+        "one two three four",
+        "--max-tokens",
+        "8",
+        "--stop",
+        " three",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.5",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "5",
+        queen=live,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "one two\n" and "finish=stop" in out.stderr
