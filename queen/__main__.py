@@ -81,6 +81,11 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         help="spawn a worker on demand when a request asks for MODEL and none serves it",
     )
     p.add_argument(
+        "--hive-identity-from-cert",
+        action="store_true",
+        help="with mTLS: a hive's id must be a name in its client certificate",
+    )
+    p.add_argument(
         "--autospawn-catalog",
         action="store_true",
         help="spawn on demand any model a healthy hive has in its model catalog",
@@ -107,6 +112,7 @@ async def run(args: argparse.Namespace) -> int:
         breaker_cooldown=args.breaker_cooldown,
         autospawn={p.model: p for p in args.autospawn},
         autospawn_catalog=args.autospawn_catalog,
+        hive_identity_from_cert=args.hive_identity_from_cert,
     )
     try:
         security = security_from_args(args)

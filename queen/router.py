@@ -114,6 +114,8 @@ class Cluster:
     hive_watch: HiveWatch
     # When this queen started (its clock): until it has heard every hive, it is warming up.
     started: float = 0.0
+    # Require a hive's id to be a name in its client certificate (mTLS).
+    hive_identity_from_cert: bool = False
 
     def warming_up(self) -> bool:
         return self.clock.monotonic() - self.started < WARMUP_INTERVALS * self.registry.interval

@@ -62,6 +62,7 @@ class QueenConfig:
     breaker_cooldown: float = 10.0
     autospawn: dict[str, SpawnPlan] = field(default_factory=dict)
     autospawn_catalog: bool = False
+    hive_identity_from_cert: bool = False
 
 
 @dataclass
@@ -189,6 +190,7 @@ async def create_server(
         metrics=QueenMetrics(registry, scheduler),
         hive_watch=hive_watch,
         started=started,
+        hive_identity_from_cert=config.hive_identity_from_cert,
     )
 
     def register(server: grpc.aio.Server) -> None:

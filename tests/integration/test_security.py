@@ -144,12 +144,23 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
         str(certs / "ca.pem"),
     ]
     queen = cluster.start_queen(
-        0, "--tls-cert", str(certs / "queen.pem"), "--tls-key", str(certs / "queen.key")
+        0,
+        "--tls-cert",
+        str(certs / "queen.pem"),
+        "--tls-key",
+        str(certs / "queen.key"),
+        "--hive-identity-from-cert",
     )
     cluster.start_hive(
         queen,
-        "h1",
+        "hive",  # the name in hive.pem: the queen checks it (--hive-identity-from-cert)
         "model=demo",
+        extra=("--tls-cert", str(certs / "hive.pem"), "--tls-key", str(certs / "hive.key")),
+    )
+    # A hive claiming another id with that certificate is refused (it has the hive token).
+    cluster.start_hive(
+        queen,
+        "impostor",
         extra=("--tls-cert", str(certs / "hive.pem"), "--tls-key", str(certs / "hive.key")),
     )
     cluster.token = tokens["admin"]
@@ -158,6 +169,9 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
     )
     await cluster.wait_workers(queen, "demo", 1, timeout=20)
     assert len(await collect(cluster.queen_stub(queen), infer())) == 3
+    await asyncio.sleep(0.5)
+    hives = (await cluster.admin_stub(queen).ListHives(Q.ListHivesRequest())).hives
+    assert [h.id for h in hives] == ["hive"]
 
     # Without a client certificate the handshake fails (mTLS).
     cluster.tls = TlsFiles(ca=str(certs / "ca.pem"))
