@@ -148,6 +148,7 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
 ) -> None:
     queen_port, hive_port = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_LOG_FORMAT="json")
+    env["XDG_STATE_HOME"] = str(cluster.tmp / "xdg")  # not the operator's state dirs
     env[MARKER_ENV] = cluster.marker
     up = subprocess.Popen(
         [
