@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +246,5 @@ class Cluster:
                 leftover.kill()
             except psutil.Error:
                 pass
+        if not os.environ.get("APIARY_KEEP_TEST_DIRS"):  # set it to read the logs afterwards
+            shutil.rmtree(self.tmp, ignore_errors=True)
