@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -25,6 +27,22 @@ from protos.v1 import common_pb2, queen_pb2
 from tests.integration.cluster import Cluster
 
 READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
+
+
+async def bounded(check: Any, seconds: float) -> None:
+    deadline = time.perf_counter() + seconds
+    while not await check():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"not ready within {seconds}s")
+        await asyncio.sleep(0.01)
+
+
+async def _hive_known(admin: Any) -> bool:
+    return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
+
+
+async def _ready(admin: Any, request: queen_pb2.GetWorkerRequest) -> bool:
+    return (await admin.GetWorker(request)).worker.state in READY
 
 
 async def main() -> None:
@@ -39,8 +57,7 @@ async def main() -> None:
             queen, "bench", extra=("--health-interval", "5", "--health-timeout", "2")
         )
         admin = cluster.admin_stub(queen)
-        while not (await admin.ListHives(queen_pb2.ListHivesRequest())).hives:
-            await asyncio.sleep(0.05)
+        await bounded(lambda: _hive_known(admin), 30)
         rtt: list[float] = []
         detect: list[float] = []
         for i in range(args.kills):
@@ -56,15 +73,15 @@ async def main() -> None:
             )
             worker = spawned.worker
             request = queen_pb2.GetWorkerRequest(worker_id=worker.id)
-            while (await admin.GetWorker(request)).worker.state not in READY:
-                await asyncio.sleep(0.01)
+            await bounded(functools.partial(_ready, admin, request), 30)
             t0 = time.perf_counter()
             await admin.GetWorker(request)
             rtt.append(time.perf_counter() - t0)
 
             os.kill(worker.pid, signal.SIGKILL)
             killed = time.perf_counter()
-            while True:
+            give_up = time.perf_counter() + 30  # bounded: a missed kill must not loop forever
+            while time.perf_counter() < give_up:
                 try:
                     state = (await admin.GetWorker(request)).worker.state
                 except grpc.aio.AioRpcError:

@@ -31,6 +31,7 @@ from tests.integration.cluster import Cluster
 
 SIZES = (10, 100, 1_000, 10_000)
 PER_HIVE = 8
+MAX_CALLS = 200_000  # per ingest measurement: loads are bounded in count as well as time
 POLICIES = {
     "least-loaded": common_pb2.ROUTING_POLICY_LEAST_LOADED,
     "lru": common_pb2.ROUTING_POLICY_LRU,
@@ -96,7 +97,7 @@ async def ingest(queen: str, size: int, seconds: float, concurrency: int) -> tup
             async def one(offset: int) -> None:
                 nonlocal done
                 i = offset
-                while time.perf_counter() < stop:
+                while time.perf_counter() < stop and done < MAX_CALLS:
                     await call(requests[i % len(requests)])
                     i += concurrency
                     done += 1
