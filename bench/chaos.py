@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,44 +25,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apiary.serving import CHANNEL_OPTIONS
+from bench.load import Tally, client
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from tests.integration.cluster import Cluster
 
 READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
-
-
-@dataclass
-class Tally:
-    accepted: int = 0
-    completed: int = 0
-    failed_before_first: int = 0
-    failed_after_first: int = 0
-    lost_with_queen: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    # While the queen is down, a request ending UNAVAILABLE is one the queen took with it.
-    queen_down: bool = False
-
-
-async def client(stub: Any, tally: Tally, stop_at: float, cap: int, tokens: int) -> None:
-    request = common_pb2.InferRequest(model="chaos", prompt="one two three", max_tokens=tokens)
-    while time.monotonic() < stop_at and tally.accepted < cap:
-        tally.accepted += 1
-        received = 0
-        try:
-            async for _ in stub.Infer(request, timeout=30):
-                received += 1
-            tally.completed += 1
-        except grpc.aio.AioRpcError as exc:
-            key = f"{exc.code().name}: {(exc.details() or '')[:60]}"
-            tally.errors[key] = tally.errors.get(key, 0) + 1
-            details = exc.details() or ""
-            if tally.queen_down and not details.startswith("worker "):
-                tally.lost_with_queen += 1
-                await asyncio.sleep(0.05)  # a client's pause before it retries
-            elif received:
-                tally.failed_after_first += 1
-            else:
-                tally.failed_before_first += 1
 
 
 async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, Any]:
@@ -82,7 +48,8 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
         tally = Tally()
         stop_at = time.monotonic() + seconds
         load = [
-            asyncio.create_task(client(stub, tally, stop_at, cap, tokens)) for _ in range(clients)
+            asyncio.create_task(client(stub, tally, "chaos", tokens, stop_at, cap))
+            for _ in range(clients)
         ]
         faults: dict[str, float] = {}
 

@@ -15,45 +15,15 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.load import Tally, client
 from protos.v1 import common_pb2, queen_pb2
 from tests.integration.cluster import Cluster
 
 READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
-
-
-@dataclass
-class Tally:
-    accepted: int = 0
-    completed: int = 0
-    failed_before_first: int = 0
-    failed_after_first: int = 0
-    retried_ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-
-
-async def client(stub: object, tally: Tally, stop_at: float, tokens: int, cap: int) -> None:
-    request = common_pb2.InferRequest(model="bench", prompt="one two three", max_tokens=tokens)
-    while time.perf_counter() < stop_at and tally.accepted < cap:
-        tally.accepted += 1
-        received = 0
-        try:
-            async for _ in stub.Infer(request, timeout=30):  # type: ignore[attr-defined]
-                received += 1
-            tally.completed += 1
-        except grpc.aio.AioRpcError as exc:
-            key = f"{exc.code().name}: {(exc.details() or '')[:70]}"
-            tally.errors[key] = tally.errors.get(key, 0) + 1
-            if received:
-                tally.failed_after_first += 1
-            else:
-                tally.failed_before_first += 1
 
 
 async def main() -> None:
@@ -77,9 +47,11 @@ async def main() -> None:
         stub = cluster.queen_stub(queen)
         admin = cluster.admin_stub(queen)
         tally = Tally()
-        stop_at = time.perf_counter() + args.seconds
+        stop_at = time.monotonic() + args.seconds
         load = [
-            asyncio.create_task(client(stub, tally, stop_at, args.tokens, args.max_requests))
+            asyncio.create_task(
+                client(stub, tally, "bench", args.tokens, stop_at, args.max_requests)
+            )
             for _ in range(args.clients)
         ]
         await asyncio.sleep(args.kill_at)
@@ -111,10 +83,7 @@ async def main() -> None:
         print(f"kill -> not routed            {routed_around * 1000:.1f} ms")
         for error, count in sorted(tally.errors.items()):
             print(f"  {count:>4} x {error}")
-        lost = (
-            tally.accepted - tally.completed - tally.failed_before_first - tally.failed_after_first
-        )
-        print(f"unaccounted                   {lost}")
+        print(f"unaccounted                   {tally.accepted - tally.ended}")
         verdict = "met" if tally.failed_before_first == 0 else "MISSED"
         print(f"target: 0 failed before first chunk: {verdict}")
     finally:
