@@ -25,6 +25,7 @@ S = common_pb2
 Q = queen_pb2
 READY_STATES = frozenset({S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY})
 DEGRADED_AFTER_INTERVALS = 2
+MAX_POOLS_PER_MODEL = 32
 UNHEALTHY_AFTER_INTERVALS = 3
 
 
@@ -392,6 +393,12 @@ class Registry:
                 entry = self.workers[worker_id]
                 if pool.admits(entry.record.tags):
                     pool.update(entry, self.routable(entry))
+            if len(pools) >= MAX_POOLS_PER_MODEL:
+                # Every worker change updates every pool of its model, and clients choose the
+                # tag sets: keep their number bounded. The oldest tagged pool goes (it is rebuilt
+                # if asked for again); the untagged pool stays.
+                oldest = next(t for t in pools if t)
+                del pools[oldest]
             pools[tags] = pool
         return pool
 
@@ -485,8 +492,11 @@ class Registry:
         return model in self._by_model
 
     def pool_size(self, model: str, tags: frozenset[str]) -> int:
-        """Workers of `model` (any state) carrying `tags`."""
-        return len(self._pool(model, tags).members) if model in self._by_model else 0
+        """Workers of `model` (any state) carrying `tags` (without building a pool for them)."""
+        pool = self._pools.get(model, {}).get(tags)
+        if pool is not None:
+            return len(pool.members)
+        return sum(1 for w in self.workers_of_model(model) if tags.issubset(w.record.tags))
 
     def has_free(self, model: str) -> bool:
         pool = self._pools.get(model, {}).get(frozenset())

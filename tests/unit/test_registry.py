@@ -300,3 +300,17 @@ def test_stats_and_score_in_the_view() -> None:
     assert 6.6 < stats.tokens_per_second < 20
     # free ratio 1 x 0.5 + success 0.75 x 0.3 + (only worker: fastest) 1 x 0.2
     assert abs(stats.score - (0.5 + 0.225 + 0.2)) < 1e-9
+
+
+def test_tag_pools_per_model_stay_bounded() -> None:
+    from queen.registry import MAX_POOLS_PER_MODEL
+
+    reg, _, _ = make()
+    tags = tuple(f"t{i}" for i in range(10))
+    reg.apply_heartbeat(beat("h1", record("a", slots=100, tags=tags)))
+    for i in range(MAX_POOLS_PER_MODEL * 2):
+        wanted = [tags[j] for j in range(10) if i >> j & 1]
+        assert pick(reg, tags=wanted) == "a"
+    assert len(reg._pools["m"]) <= MAX_POOLS_PER_MODEL
+    assert frozenset() in reg._pools["m"]
+    assert reg.pool_size("m", frozenset({"t1", "t9"})) == 1
