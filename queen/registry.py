@@ -26,6 +26,9 @@ Q = queen_pb2
 READY_STATES = frozenset({S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY})
 DEGRADED_AFTER_INTERVALS = 2
 MAX_POOLS_PER_MODEL = 32
+# After (re)starting, the queen waits this many heartbeat intervals for hives before it calls a
+# model unknown: a request during that time waits instead of getting a false NOT_FOUND.
+WARMUP_INTERVALS = 2
 UNHEALTHY_AFTER_INTERVALS = 3
 
 
@@ -123,6 +126,7 @@ class Registry:
         self.on_event = on_event
         self.clock = clock
         self.settings = settings or RegistrySettings()
+        self.started = clock.monotonic()
         self.hives: dict[str, HiveEntry] = {}
         self.workers: dict[str, WorkerEntry] = {}
         # Drains outlive the rows they apply to (a queen restart, a hive rejoining).
@@ -255,6 +259,10 @@ class Registry:
         return [a for a in removed if a]
 
     # ---- health, breakers, ttl --------------------------------------------
+
+    def warming_up(self) -> bool:
+        """True until every hive has had the time to heartbeat into a new queen."""
+        return self.clock.monotonic() - self.started < WARMUP_INTERVALS * self.settings.interval
 
     def heartbeat_age(self, hive: HiveEntry) -> float:
         return max(self.clock.monotonic() - hive.last_seen, 0.0)

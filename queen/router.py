@@ -53,9 +53,6 @@ WORKER_FAULTS = frozenset(
 # and its own slot check refusing a request our (stale) view sent it.
 RETRYABLE = WORKER_FAULTS | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 MAX_TAGS = 16
-# After (re)starting, the queen waits this many heartbeat intervals for hives before it calls a
-# model unknown: a request during that time waits instead of getting a false NOT_FOUND.
-WARMUP_INTERVALS = 2
 
 
 class HiveLost(Exception):
@@ -112,13 +109,8 @@ class Cluster:
     max_streams_per_client: int
     metrics: QueenMetrics
     hive_watch: HiveWatch
-    # When this queen started (its clock): until it has heard every hive, it is warming up.
-    started: float = 0.0
     # Require a hive's id to be a name in its client certificate (mTLS).
     hive_identity_from_cert: bool = False
-
-    def warming_up(self) -> bool:
-        return self.clock.monotonic() - self.started < WARMUP_INTERVALS * self.registry.interval
 
 
 def tags_problem(tags: list[str]) -> str | None:
@@ -138,7 +130,7 @@ def model_problem(c: Cluster, model: str) -> RequestFailed | None:
         if c.autospawn.can_spawn(model):
             c.autospawn.ensure(model)
             return None
-        if c.warming_up():
+        if c.registry.warming_up():
             # A queen that just (re)started has not heard every hive yet: wait for them.
             return None
         if not registry.models():

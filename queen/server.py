@@ -23,7 +23,7 @@ from queen.history import History
 from queen.leases import LeaseManager
 from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
-from queen.router import WARMUP_INTERVALS, Cluster, HiveWatch, QueenService
+from queen.router import Cluster, HiveWatch, QueenService
 from queen.scheduler import Scheduler
 
 log = structlog.get_logger("queen")
@@ -154,11 +154,9 @@ async def create_server(
             registry.drain_worker(target, True)
     channels = Channels(security)
     autospawner = Autospawner(registry, channels, config.autospawn, config.autospawn_catalog)
-    started = clock.monotonic()
 
     def expecting(model: str) -> bool:
-        warming = clock.monotonic() - started < WARMUP_INTERVALS * registry.interval
-        return warming or autospawner.expecting(model)
+        return registry.warming_up() or autospawner.expecting(model)
 
     scheduler = Scheduler(registry, config.max_queue, expecting=expecting)
 
@@ -189,7 +187,6 @@ async def create_server(
         max_streams_per_client=config.max_streams_per_client,
         metrics=QueenMetrics(registry, scheduler),
         hive_watch=hive_watch,
-        started=started,
         hive_identity_from_cert=config.hive_identity_from_cert,
     )
 

@@ -314,3 +314,12 @@ def test_tag_pools_per_model_stay_bounded() -> None:
     assert len(reg._pools["m"]) <= MAX_POOLS_PER_MODEL
     assert frozenset() in reg._pools["m"]
     assert reg.pool_size("m", frozenset({"t1", "t9"})) == 1
+
+
+def test_a_new_registry_warms_up_for_two_intervals() -> None:
+    reg, clock, _ = make(interval=1.0)
+    assert reg.warming_up()
+    clock.advance(1.9)
+    assert reg.warming_up()
+    clock.advance(0.1)
+    assert not reg.warming_up()
