@@ -114,12 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     hive = group("hive", "run a hive (`apiary hive --queen ADDR ...`), or list, inspect, drain")
     verb(hive, "list", c.cmd_hive_list, "hives with health, heartbeat age and capacity")
-    for name, func, text in [
-        ("get", c.cmd_hive_get, "one hive and its workers"),
-        ("drain", c.cmd_hive_drain, "stop routing new requests to a hive"),
-        ("undrain", c.cmd_hive_undrain, "route to a drained hive again"),
+    verb(hive, "get", c.cmd_hive_get, "one hive and its workers").add_argument("hive_id")
+    for name, undrain, text in [
+        ("drain", False, "stop routing new requests to a hive"),
+        ("undrain", True, "route to a drained hive again"),
     ]:
-        verb(hive, name, func, text).add_argument("hive_id")
+        p = verb(hive, name, c.cmd_hive_drain, text)
+        p.add_argument("hive_id")
+        p.set_defaults(undrain=undrain)
 
     worker = group("worker", "list, inspect, spawn, drain and retire workers")
     p = verb(worker, "list", c.cmd_worker_list, "workers, filtered")
@@ -156,11 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("worker_id")
     p.add_argument("--force", action="store_true", help="SIGKILL at once")
     p.add_argument("--hive", default="", help="accepted for symmetry; the queen knows the hive")
-    for name, func, text in [
-        ("drain", c.cmd_worker_drain, "stop routing new requests to a worker"),
-        ("undrain", c.cmd_worker_undrain, "route to a drained worker again"),
+    for name, undrain, text in [
+        ("drain", False, "stop routing new requests to a worker"),
+        ("undrain", True, "route to a drained worker again"),
     ]:
-        verb(worker, name, func, text).add_argument("worker_id")
+        p = verb(worker, name, c.cmd_worker_drain, text)
+        p.add_argument("worker_id")
+        p.set_defaults(undrain=undrain)
 
     process = worker.add_parser(
         "process", help="worker processes on a hive's machine, orphans included"

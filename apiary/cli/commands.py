@@ -10,6 +10,7 @@ import os
 import sys
 
 import grpc
+from google.protobuf.message import Message
 
 from apiary.cli.output import (
     backend_rows,
@@ -44,6 +45,14 @@ DEFAULT_QUEEN = "127.0.0.1:7070"
 
 class CliError(Exception):
     pass
+
+
+def emit(args: argparse.Namespace, value: Message | list[Message], text: str) -> None:
+    """JSON for programs (--json), else the text for people."""
+    if args.json:
+        print_json([to_json(v) for v in value] if isinstance(value, list) else to_json(value))
+    else:
+        print(text)
 
 
 def default_queen() -> str:
@@ -180,26 +189,18 @@ def _counts(counter: collections.Counter[str]) -> str:
 def cmd_model_list(args: argparse.Namespace) -> int:
     if args.hive:
         catalog = hive_stub(args).ListModels(hive_pb2.ListCatalogRequest(), timeout=args.timeout)
-        if args.json:
-            print_json([to_json(m) for m in catalog.models])
-        else:
-            print(catalog_rows(catalog.models) if catalog.models else "no models in the catalog")
+        text = catalog_rows(catalog.models) if catalog.models else "no models in the catalog"
+        emit(args, list(catalog.models), text)
         return 0
     models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
-    if args.json:
-        print_json([to_json(m) for m in models])
-    else:
-        print(model_rows(models) if models else "no models")
+    emit(args, list(models), model_rows(models) if models else "no models")
     return 0
 
 
 def cmd_model_get(args: argparse.Namespace) -> int:
     request = hive_pb2.GetCatalogModelRequest(name=args.name)
     model = hive_stub(args).GetModel(request, timeout=args.timeout).model
-    if args.json:
-        print_json(to_json(model))
-    else:
-        print(catalog_details(model))
+    emit(args, model, catalog_details(model))
     return 0
 
 
@@ -230,10 +231,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
 def cmd_model_rm(args: argparse.Namespace) -> int:
     request = hive_pb2.DeleteCatalogModelRequest(name=args.name)
     model = hive_stub(args).DeleteModel(request, timeout=args.timeout).model
-    if args.json:
-        print_json(to_json(model))
-    else:
-        print(f"deleted {model.name} ({model.file})")
+    emit(args, model, f"deleted {model.name} ({model.file})")
     return 0
 
 
@@ -242,10 +240,7 @@ def cmd_model_rm(args: argparse.Namespace) -> int:
 
 def cmd_hive_list(args: argparse.Namespace) -> int:
     hives = admin(args).ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
-    if args.json:
-        print_json([to_json(h) for h in hives])
-    else:
-        print(hive_rows(hives) if hives else "no hives")
+    emit(args, list(hives), hive_rows(hives) if hives else "no hives")
     return 0
 
 
@@ -261,23 +256,17 @@ def cmd_hive_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _drain_hive(args: argparse.Namespace, undrain: bool) -> int:
-    request = queen_pb2.DrainHiveRequest(hive_id=args.hive_id, undrain=undrain)
-    reply = admin(args).DrainHive(request, timeout=args.timeout)
-    if args.json:
-        print_json(to_json(reply.hive))
-    else:
-        verb = "undrained" if undrain else "drained (in-flight requests finish; no new ones)"
-        print(f"hive {reply.hive.id} {verb}")
-    return 0
+def drain_verb(undrain: bool) -> str:
+    return "undrained" if undrain else "drained (in-flight requests finish; no new ones)"
 
 
 def cmd_hive_drain(args: argparse.Namespace) -> int:
-    return _drain_hive(args, undrain=False)
-
-
-def cmd_hive_undrain(args: argparse.Namespace) -> int:
-    return _drain_hive(args, undrain=True)
+    """drain, or undrain (args.undrain, set by the parser)."""
+    undrain = args.undrain
+    request = queen_pb2.DrainHiveRequest(hive_id=args.hive_id, undrain=undrain)
+    reply = admin(args).DrainHive(request, timeout=args.timeout)
+    emit(args, reply.hive, f"hive {reply.hive.id} {drain_verb(undrain)}")
+    return 0
 
 
 # ---- workers --------------------------------------------------------------
@@ -297,10 +286,7 @@ def cmd_worker_list(args: argparse.Namespace) -> int:
         min_free_slots=args.min_free,
     )
     workers = admin(args).ListWorkers(request, timeout=args.timeout).workers
-    if args.json:
-        print_json([to_json(w) for w in workers])
-    else:
-        print(worker_rows(workers) if workers else "no workers")
+    emit(args, list(workers), worker_rows(workers) if workers else "no workers")
     return 0
 
 
@@ -342,30 +328,21 @@ def cmd_worker_spawn(args: argparse.Namespace) -> int:
 def cmd_worker_retire(args: argparse.Namespace) -> int:
     request = queen_pb2.RetireWorkerRequest(worker_id=args.worker_id, force=args.force)
     reply = admin(args).RetireWorker(request, timeout=args.timeout)
-    if args.json:
-        print_json(to_json(reply.worker))
-    else:
-        print(f"retired {reply.worker.id} ({reply.worker.model} on {reply.worker.hive_id})")
-    return 0
-
-
-def _drain_worker(args: argparse.Namespace, undrain: bool) -> int:
-    request = queen_pb2.DrainWorkerRequest(worker_id=args.worker_id, undrain=undrain)
-    reply = admin(args).DrainWorker(request, timeout=args.timeout)
-    if args.json:
-        print_json(to_json(reply.worker))
-    else:
-        verb = "undrained" if undrain else "drained (in-flight requests finish; no new ones)"
-        print(f"worker {reply.worker.id} {verb}")
+    emit(
+        args,
+        reply.worker,
+        f"retired {reply.worker.id} ({reply.worker.model} on {reply.worker.hive_id})",
+    )
     return 0
 
 
 def cmd_worker_drain(args: argparse.Namespace) -> int:
-    return _drain_worker(args, undrain=False)
-
-
-def cmd_worker_undrain(args: argparse.Namespace) -> int:
-    return _drain_worker(args, undrain=True)
+    """drain, or undrain (args.undrain, set by the parser)."""
+    undrain = args.undrain
+    request = queen_pb2.DrainWorkerRequest(worker_id=args.worker_id, undrain=undrain)
+    reply = admin(args).DrainWorker(request, timeout=args.timeout)
+    emit(args, reply.worker, f"worker {reply.worker.id} {drain_verb(undrain)}")
+    return 0
 
 
 # ---- processes and backends (on a hive) -----------------------------------
@@ -373,10 +350,11 @@ def cmd_worker_undrain(args: argparse.Namespace) -> int:
 
 def cmd_process_list(args: argparse.Namespace) -> int:
     procs = hive_stub(args).ListProcesses(hive_pb2.ListProcessesRequest(), timeout=args.timeout)
-    if args.json:
-        print_json([to_json(p) for p in procs.processes])
-    else:
-        print(process_rows(procs.processes) if procs.processes else "no Apiary worker processes")
+    emit(
+        args,
+        list(procs.processes),
+        process_rows(procs.processes) if procs.processes else "no Apiary worker processes",
+    )
     return 0
 
 
@@ -384,10 +362,7 @@ def cmd_process_get(args: argparse.Namespace) -> int:
     reply = hive_stub(args).GetProcess(
         hive_pb2.GetProcessRequest(pid=args.pid), timeout=args.timeout
     )
-    if args.json:
-        print_json(to_json(reply.process))
-    else:
-        print(process_details(reply.process))
+    emit(args, reply.process, process_details(reply.process))
     return 0
 
 
@@ -395,19 +370,13 @@ def cmd_process_kill(args: argparse.Namespace) -> int:
     reply = hive_stub(args).KillProcess(
         hive_pb2.KillProcessRequest(pid=args.pid), timeout=args.timeout
     )
-    if args.json:
-        print_json(to_json(reply.process))
-    else:
-        print(f"killed pid {reply.process.pid} (worker {reply.process.worker_id})")
+    emit(args, reply.process, f"killed pid {reply.process.pid} (worker {reply.process.worker_id})")
     return 0
 
 
 def cmd_backend_list(args: argparse.Namespace) -> int:
     reply = hive_stub(args).ListBackends(hive_pb2.ListBackendsRequest(), timeout=args.timeout)
-    if args.json:
-        print_json([to_json(b) for b in reply.backends])
-    else:
-        print(backend_rows(reply.backends))
+    emit(args, list(reply.backends), backend_rows(reply.backends))
     return 0
 
 
@@ -449,8 +418,5 @@ def cmd_requests_list(args: argparse.Namespace) -> int:
     status = args.status
     request = queen_pb2.ListRequestsRequest(status=status, model=args.model, limit=args.limit)
     records = admin(args).ListRequests(request, timeout=args.timeout).requests
-    if args.json:
-        print_json([to_json(r) for r in records])
-    else:
-        print(request_rows(records) if records else "no requests")
+    emit(args, list(records), request_rows(records) if records else "no requests")
     return 0
