@@ -363,3 +363,18 @@ async def test_infer_sampling_and_stop_flags(live: Proc) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "one two\n" and "finish=stop" in out.stderr
+
+
+async def test_output_piped_into_a_reader_that_stops_early(live: Proc) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_QUEEN=live.address)
+    piped = subprocess.run(
+        f"'{APIARY or 'apiary'}' status | head -1",
+        shell=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert piped.stdout.startswith("queen ")
+    assert "Traceback" not in piped.stderr
