@@ -1,7 +1,8 @@
-"""Time sources, injected so pure logic can be driven by a fake clock in tests."""
+"""Time sources, injected so pure logic and the code that waits can be driven by a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -15,6 +16,10 @@ class Clock(Protocol):
         """Wall-clock seconds since the epoch; used only for display."""
         ...
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` on this clock (a fake clock waits until the test moves it)."""
+        ...
+
 
 class SystemClock:
     def monotonic(self) -> float:
@@ -22,3 +27,6 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(seconds, 0.0))

@@ -10,6 +10,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.v1 import common_pb2
 
+# A worker that can take requests (whether or not one is in flight right now).
+READY_STATES = frozenset({common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY})
+
 
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()

@@ -24,12 +24,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apiary.protoutil import READY_STATES
 from apiary.serving import CHANNEL_OPTIONS
 from bench.load import Tally, client
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from tests.integration.cluster import Cluster
-
-READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
 
 
 async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, Any]:
@@ -71,7 +70,7 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
 
         async def worker_out() -> bool:
             got = await admin.GetWorker(queen_pb2.GetWorkerRequest(worker_id=victim.id), timeout=1)
-            return got.worker.state not in READY
+            return got.worker.state not in READY_STATES
 
         faults["worker SIGKILL -> not routed"] = await until(worker_out)
 

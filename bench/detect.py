@@ -23,10 +23,9 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apiary.protoutil import READY_STATES
 from protos.v1 import common_pb2, queen_pb2
 from tests.integration.cluster import Cluster
-
-READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
 
 
 async def bounded(check: Any, seconds: float) -> None:
@@ -42,7 +41,7 @@ async def _hive_known(admin: Any) -> bool:
 
 
 async def _ready(admin: Any, request: queen_pb2.GetWorkerRequest) -> bool:
-    return (await admin.GetWorker(request)).worker.state in READY
+    return (await admin.GetWorker(request)).worker.state in READY_STATES
 
 
 async def main() -> None:
@@ -86,7 +85,7 @@ async def main() -> None:
                     state = (await admin.GetWorker(request)).worker.state
                 except grpc.aio.AioRpcError:
                     break  # gone from the registry: not routable either
-                if state not in READY:
+                if state not in READY_STATES:
                     break
             detect.append(time.perf_counter() - killed)
             await admin.RetireWorker(queen_pb2.RetireWorkerRequest(worker_id=worker.id), timeout=30)

@@ -19,11 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apiary.protoutil import READY_STATES
 from bench.load import Tally, client
-from protos.v1 import common_pb2, queen_pb2
+from protos.v1 import queen_pb2
 from tests.integration.cluster import Cluster
-
-READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
 
 
 async def main() -> None:
@@ -60,7 +59,7 @@ async def main() -> None:
         os.kill(victim.pid, signal.SIGKILL)
         killed = time.perf_counter()
         request = queen_pb2.GetWorkerRequest(worker_id=victim.id)
-        while (await admin.GetWorker(request)).worker.state in READY:
+        while (await admin.GetWorker(request)).worker.state in READY_STATES:
             await asyncio.sleep(0.001)
         routed_around = time.perf_counter() - killed
         await asyncio.gather(*load)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import sys
 from pathlib import Path
@@ -13,7 +12,10 @@ import grpc
 import structlog
 
 from apiary import logs
+from apiary.errors import StatusError
 from apiary.metrics import publish
+from apiary.options import parse_key_values
+from apiary.paths import default_state_dir
 from apiary.protoutil import enum_parser
 from apiary.security import SecurityError, method_table, security_from_args
 from apiary.serving import (
@@ -28,7 +30,7 @@ from hive.catalog import Catalog
 from hive.heartbeat import HeartbeatLoop
 from hive.metrics import hive_metrics
 from hive.policy import RestartSettings
-from hive.service import HiveService, SpawnRefused
+from hive.service import HiveService
 from hive.store import StateDirBusy, WorkerStore
 from hive.supervisor import Supervisor, SupervisorSettings, WorkerSpec
 from hive.worker_client import WorkerClient
@@ -57,12 +59,10 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
     Keys other than model, backend, count, slots, device, restart and tags (joined by +)
     are backend options.
     """
-    fields: dict[str, str] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise argparse.ArgumentTypeError(f"--spawn part {part!r} is not KEY=VALUE")
-        fields[key.strip()] = value.strip()
+    try:
+        fields = parse_key_values(text.split(","), "--spawn part")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if "model" not in fields:
         raise argparse.ArgumentTypeError("--spawn needs model=NAME")
     try:
@@ -84,11 +84,6 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
     return spec, count
 
 
-def default_state_dir(hive_id: str) -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return str(Path(base) / "apiary" / f"hive-{hive_id}")
-
-
 def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run a hive: spawns and supervises workers.")
     p.add_argument(
@@ -104,7 +99,7 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         default="",
-        help="worker table and worker logs (default ~/.local/state/apiary/hive-ID)",
+        help="worker table and worker logs (default $XDG_STATE_HOME/apiary/hive-ID)",
     )
     p.add_argument(
         "--heartbeat-interval",
@@ -169,7 +164,9 @@ def settings_from(args: argparse.Namespace) -> SupervisorSettings:
 
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
-    store = WorkerStore(Path(args.state_dir or default_state_dir(args.hive_id)))
+    store = WorkerStore(
+        Path(args.state_dir) if args.state_dir else default_state_dir(f"hive-{args.hive_id}")
+    )
     try:
         store.lock()
     except StateDirBusy as exc:
@@ -228,7 +225,7 @@ async def run(args: argparse.Namespace) -> int:
     for spec, count in args.spawn:
         try:
             await supervisor.ensure(service.prepare(spec), count)
-        except SpawnRefused as refused:
+        except StatusError as refused:
             log.error("cannot spawn", spec=str(spec), error=refused.message)
 
     await stop.wait()

@@ -12,6 +12,7 @@ import grpc
 import psutil
 import structlog
 
+from apiary.errors import StatusError
 from apiary.protoutil import timestamp
 from apiary.serving import Context
 from apiary.validation import name_problem
@@ -35,13 +36,6 @@ log = structlog.get_logger("hive.service")
 MAX_SLOTS = 256
 
 
-class SpawnRefused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class HiveService(hive_pb2_grpc.HiveServicer):
     def __init__(self, supervisor: Supervisor, catalog: Catalog) -> None:
         self.supervisor = supervisor
@@ -49,26 +43,26 @@ class HiveService(hive_pb2_grpc.HiveServicer):
 
     def prepare(self, spec: WorkerSpec) -> WorkerSpec:
         """Check a spawn against what this hive can do, and fill in what the hive knows
-        (the model file from the catalog). Raises SpawnRefused."""
+        (the model file from the catalog). Raises StatusError."""
         problem = name_problem("model", spec.model) or name_problem("backend", spec.backend)
         for tag in spec.tags:
             problem = problem or name_problem("tag", tag)
         if problem:
-            raise SpawnRefused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             cls = backend_class(spec.backend)
         except KeyError as exc:
-            raise SpawnRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0])) from None
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc.args[0])) from None
         described = describe_backend(spec.backend)
         if not described.available:
-            raise SpawnRefused(
+            raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"backend {spec.backend!r} is not available on hive {self.supervisor.hive_id}: "
                 f"{described.unavailable_reason}",
             )
         limit = min(MAX_SLOTS, cls.MAX_SLOTS)
         if not 1 <= spec.slots <= limit:
-            raise SpawnRefused(
+            raise StatusError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"slots must be 1..{limit} for backend {spec.backend!r} (got {spec.slots})",
             )
@@ -77,7 +71,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             try:
                 entry = self.catalog.get(spec.model)
             except NotInCatalog as exc:
-                raise SpawnRefused(
+                raise StatusError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{exc}; pull it first: apiary model pull SOURCE --name {spec.model} "
                     f"--hive {self.supervisor.hive_id}",
@@ -88,9 +82,9 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             # later in a worker process.
             cls.from_options(spec.model, options)
         except BackendOptionError as exc:
-            raise SpawnRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if spec.restart_policy not in common_pb2.RestartPolicy.values():
-            raise SpawnRefused(
+            raise StatusError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown restart policy {spec.restart_policy}"
             )
         return dataclasses.replace(spec, backend_options=options)
@@ -110,7 +104,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                     tags=list(request.tags),
                 )
             )
-        except SpawnRefused as refused:
+        except StatusError as refused:
             await context.abort(refused.code, refused.message)
         worker = await self.supervisor.spawn(spec)
         if request.wait_ready:

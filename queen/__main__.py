@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import structlog
 
 from apiary import logs
 from apiary.metrics import publish
+from apiary.paths import default_state_dir
 from apiary.protoutil import enum_parser
 from apiary.security import SecurityError, security_from_args
 from apiary.serving import add_server_args, stop_event_on_signals, write_port_file
@@ -21,11 +21,6 @@ from queen.autospawn import SpawnPlan, parse_plan
 from queen.server import QueenConfig, create_server
 
 log = structlog.get_logger("queen")
-
-
-def default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return str(Path(base) / "apiary" / "queen")
 
 
 def plan(text: str) -> SpawnPlan:
@@ -91,7 +86,7 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         help="spawn on demand any model a healthy hive has in its model catalog",
     )
     p.add_argument(
-        "--state-dir", default="", help="request history (default ~/.local/state/apiary/queen)"
+        "--state-dir", default="", help="request history (default $XDG_STATE_HOME/apiary/queen)"
     )
     add_server_args(p)
     return p
@@ -105,7 +100,7 @@ async def run(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
         max_prompt_bytes=args.max_prompt_bytes,
         max_streams_per_client=args.max_streams_per_client,
-        state_dir=Path(args.state_dir or default_state_dir()),
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir("queen"),
         policy=args.policy,
         hive_ttl_intervals=args.hive_ttl,
         breaker_failures=args.breaker_failures,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
+from apiary.options import parse_key_values
 from apiary.protoutil import naming
 from protos.v1 import common_pb2, hive_pb2
 from queen.channels import Channels
@@ -37,13 +38,7 @@ def parse_plan(text: str) -> SpawnPlan:
     model, sep, backend = head.partition("=")
     if not sep or not model or not backend:
         raise ValueError(f"--autospawn {text!r} is not MODEL=BACKEND[,KEY=VALUE...]")
-    parsed: dict[str, str] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--autospawn option {option!r} is not KEY=VALUE")
-        parsed[key] = value
-    return SpawnPlan(model, backend, parsed)
+    return SpawnPlan(model, backend, parse_key_values(options, "--autospawn option"))
 
 
 class Autospawner:

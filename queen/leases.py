@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from apiary.errors import StatusError
 from protos.v1 import worker_pb2
 from queen.channels import Channels
 from queen.registry import Lease, Outcome
@@ -24,12 +25,6 @@ log = structlog.get_logger("queen.leases")
 
 DEFAULT_TTL = 30.0
 MAX_TTL = 3600.0
-
-
-class LeaseRefused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -57,16 +52,14 @@ class LeaseManager:
         except grpc.aio.AioRpcError as exc:
             fault = exc.code() == grpc.StatusCode.UNAVAILABLE
             self.scheduler.release(lease, Outcome(ok=False if fault else None, worker_fault=fault))
-            raise LeaseRefused(exc.code(), f"worker {lease.worker_id}: {exc.details()}") from None
+            raise StatusError(exc.code(), f"worker {lease.worker_id}: {exc.details()}") from None
         if (
             not isinstance(first, worker_pb2.LeaseUpdate)
             or first.state != worker_pb2.LEASE_STATE_HELD
         ):
             stream.cancel()
             self.scheduler.release(lease, Outcome(ok=None))
-            raise LeaseRefused(
-                grpc.StatusCode.UNAVAILABLE, f"worker {lease.worker_id} did not hold"
-            )
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {lease.worker_id} did not hold")
         self.active[direct.id] = direct
         direct.task = asyncio.get_running_loop().create_task(self._follow(direct, stream))
         return direct

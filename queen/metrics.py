@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from apiary.metrics import SnapshotCollector
-from apiary.protoutil import health_name, state_name
-from queen.registry import READY_STATES, Registry
+from apiary.protoutil import READY_STATES, health_name, state_name
+from queen.registry import Registry
 from queen.scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

@@ -16,14 +16,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from apiary.clock import Clock
-from apiary.protoutil import timestamp
+from apiary.protoutil import READY_STATES, timestamp
 from protos.v1 import common_pb2, queen_pb2
 from queen.selection import Judge, Pool, SpeedScale, Verdict, score
 from queen.stats import WorkerStatsTracker
 
 S = common_pb2
 Q = queen_pb2
-READY_STATES = frozenset({S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY})
 DEGRADED_AFTER_INTERVALS = 2
 MAX_POOLS_PER_MODEL = 32
 # After (re)starting, the queen waits this many heartbeat intervals for hives before it calls a

@@ -19,7 +19,8 @@ import grpc
 import structlog
 
 from apiary.clock import Clock
-from apiary.protoutil import naming, timestamp
+from apiary.errors import StatusError
+from apiary.protoutil import READY_STATES, naming, timestamp
 from apiary.security import bearer
 from apiary.serving import Context
 from apiary.validation import infer_request_problem, name_problem
@@ -28,7 +29,7 @@ from queen.autospawn import Autospawner
 from queen.channels import Channels
 from queen.events import EventBus
 from queen.history import History
-from queen.leases import DEFAULT_TTL, MAX_TTL, LeaseManager, LeaseRefused
+from queen.leases import DEFAULT_TTL, MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
 from queen.registry import Lease, Outcome, Registry
 from queen.scheduler import ModelGone, QueueFull, Scheduler
@@ -83,15 +84,6 @@ class HiveWatch:
             on_lost()
 
 
-class RequestFailed(Exception):
-    """Ends a request with a gRPC status; raised inside the routing loop, answered once."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass
 class Cluster:
     """What the client-facing services share."""
@@ -123,7 +115,7 @@ def tags_problem(tags: list[str]) -> str | None:
     return None
 
 
-def model_problem(c: Cluster, model: str) -> RequestFailed | None:
+def model_problem(c: Cluster, model: str) -> StatusError | None:
     """NOT_FOUND for an unserved model (unless autospawn will); UNAVAILABLE if all failed."""
     registry = c.registry
     if not registry.has_model(model):
@@ -134,14 +126,14 @@ def model_problem(c: Cluster, model: str) -> RequestFailed | None:
             # A queen that just (re)started has not heard every hive yet: wait for them.
             return None
         if not registry.models():
-            return RequestFailed(
+            return StatusError(
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown model {model!r}: no workers are registered yet; "
                 "start one with `apiary worker spawn`",
             )
         spawnable = c.autospawn.spawnable()
         extra = f"; autospawn offers: {naming(spawnable)}" if spawnable else ""
-        return RequestFailed(
+        return StatusError(
             grpc.StatusCode.NOT_FOUND,
             f"unknown model {model!r}; models served: {naming(registry.models())}{extra}",
         )
@@ -153,7 +145,7 @@ def model_problem(c: Cluster, model: str) -> RequestFailed | None:
     ]
     if not alive:
         reasons = "; ".join(sorted({w.record.failure_reason or "failed" for w in workers}))
-        return RequestFailed(
+        return StatusError(
             grpc.StatusCode.UNAVAILABLE,
             f"every worker of model {model!r} has failed and none is restarting: {reasons}",
         )
@@ -168,7 +160,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
 
     # ---- admission --------------------------------------------------------
 
-    def _tags_problem(self, model: str, tags: list[str]) -> RequestFailed | None:
+    def _tags_problem(self, model: str, tags: list[str]) -> StatusError | None:
         if not tags or not self.c.registry.has_model(model):
             return None
         if self.c.registry.pool_size(model, frozenset(tags)):
@@ -179,7 +171,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                 for w in self.c.registry.workers_of_model(model)
             }
         )
-        return RequestFailed(
+        return StatusError(
             grpc.StatusCode.NOT_FOUND,
             f"no worker of model {model!r} carries tags {', '.join(sorted(tags))}; "
             f"tag sets present: {naming(present)}",
@@ -187,7 +179,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
 
     def _admit(
         self, request: common_pb2.InferRequest | queen_pb2.LeaseRequest
-    ) -> RequestFailed | None:
+    ) -> StatusError | None:
         tags = list(request.required_tags)
         if isinstance(request, S.InferRequest):
             problem = infer_request_problem(request, self.c.max_tokens_cap, self.c.max_prompt_bytes)
@@ -197,7 +189,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         if not problem and request.policy not in S.RoutingPolicy.values():
             problem = f"unknown routing policy {request.policy}"
         if problem:
-            return RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            return StatusError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return model_problem(self.c, request.model) or self._tags_problem(request.model, tags)
 
     # ---- Infer ------------------------------------------------------------
@@ -251,7 +243,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         try:
             async for chunk in route.run():
                 yield chunk
-        except RequestFailed as failed:
+        except StatusError as failed:
             await route.finish(ok=False, error=f"{failed.code.name}: {failed.message}")
             await context.abort(failed.code, failed.message)
         except asyncio.CancelledError:
@@ -295,7 +287,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             await context.abort(code, str(exc))
         try:
             direct = await self.c.leases.hold(lease, ttl)
-        except LeaseRefused as exc:
+        except StatusError as exc:
             await context.abort(exc.code, str(exc))
         return Q.LeaseResponse(
             lease_id=direct.id,
@@ -330,7 +322,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             )
             for entry in registry.workers_of_model(name):
                 state = entry.record.state
-                if state in (S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY):
+                if state in READY_STATES:
                     state = S.WORKER_STATE_BUSY if entry.in_flight else S.WORKER_STATE_IDLE
                 if state == S.WORKER_STATE_IDLE:
                     info.idle += 1
@@ -414,19 +406,19 @@ class _Route:
                 request.model, timeout, tried, request.policy, frozenset(request.required_tags)
             )
         except TimeoutError:
-            raise RequestFailed(
+            raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no free worker of model {request.model!r} before the deadline; "
                 f"{self.c.scheduler.queue_depth(request.model)} other request(s) waiting",
             ) from None
         except QueueFull as exc:
-            raise RequestFailed(
+            raise StatusError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"queen queue is full: {exc}; retry later"
             ) from None
         except ModelGone as exc:
             # Unknown after all (e.g. once a restarted queen has heard every hive): say so.
             unknown = model_problem(self.c, request.model)
-            raise unknown or RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            raise unknown or StatusError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def run(self) -> AsyncIterator[common_pb2.InferChunk]:
         c, request = self.c, self.request
@@ -485,13 +477,13 @@ class _Route:
                 outcome = Outcome(ok=False, worker_fault=fault)
                 if self.sent:
                     # Never retried: a second worker would repeat what the client already has.
-                    raise RequestFailed(
+                    raise StatusError(
                         grpc.StatusCode.UNAVAILABLE,
                         f"worker {lease.worker_id} failed after {self.sent} token chunk(s) were "
                         f"delivered ({code.name}: {exc.details()}); the stream is incomplete",
                     ) from None
                 if code not in RETRYABLE:
-                    raise RequestFailed(code, exc.details() or code.name) from None
+                    raise StatusError(code, exc.details() or code.name) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     outcome = Outcome(ok=None)  # a stale view of its slots, not a failure
                 last_error = f"worker {lease.worker_id}: {code.name}: {exc.details()}"
@@ -519,7 +511,7 @@ class _Route:
             ):
                 break
             await asyncio.sleep(backoff)
-        raise RequestFailed(
+        raise StatusError(
             grpc.StatusCode.UNAVAILABLE,
             f"no worker of model {request.model!r} could serve the request after "
             f"{self.attempts} attempt(s); last error: {last_error}",

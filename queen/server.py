@@ -10,6 +10,7 @@ import grpc
 import structlog
 
 from apiary.clock import Clock, SystemClock
+from apiary.paths import default_state_dir
 from apiary.security import Security, method_table
 from apiary.serving import RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
@@ -55,7 +56,7 @@ class QueenConfig:
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     # Concurrent Infer streams one client token may hold (0 = no limit; needs tokens).
     max_streams_per_client: int = 64
-    state_dir: Path = field(default_factory=lambda: Path.home() / ".local/state/apiary/queen")
+    state_dir: Path = field(default_factory=lambda: default_state_dir("queen"))
     policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_LEAST_LOADED
     hive_ttl_intervals: float = 10.0
     breaker_failures: int = 3

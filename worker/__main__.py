@@ -11,11 +11,12 @@ import grpc
 import structlog
 
 from apiary import logs
+from apiary.options import parse_key_values
 from apiary.security import Security, TlsFiles, TokenSet
 from apiary.serving import host_port, set_serving, stop_event_on_signals
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import hive_pb2, hive_pb2_grpc
-from worker.backends import BackendOptionError, backend_names, create_backend
+from worker.backends import backend_names, create_backend
 from worker.server import SERVICE_NAMES, WorkerIdentity, WorkerService, create_server
 
 log = structlog.get_logger("worker")
@@ -51,16 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-ca", default="", help="CA to verify the hive with")
     p.add_argument("--tls-client-ca", default="", help="require client certificates (mTLS)")
     return p.parse_args(argv)
-
-
-def parse_options(pairs: list[str]) -> dict[str, str]:
-    options: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise BackendOptionError(f"backend option {pair!r} is not KEY=VALUE")
-        options[key] = value
-    return options
 
 
 async def report_ready(hive: str, request: hive_pb2.ReportReadyRequest, security: Security) -> bool:
@@ -116,9 +107,9 @@ async def report_loading(
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     try:
-        options = parse_options(args.option)
+        options = parse_key_values(args.option, "backend option")
         backend = create_backend(args.backend, args.model, options)
-    except (KeyError, BackendOptionError) as exc:
+    except (KeyError, ValueError) as exc:
         message = exc.args[0] if exc.args else str(exc)
         log.error("bad backend configuration", error=message)
         if args.hive:

@@ -28,7 +28,8 @@ from apiary.cli.output import (
     worker_details,
     worker_rows,
 )
-from apiary.protoutil import enum_parser, health_name, parse_state, state_name
+from apiary.options import parse_key_values
+from apiary.protoutil import READY_STATES, enum_parser, health_name, parse_state, state_name
 from apiary.security import Security, TlsFiles
 from protos.v1 import (
     common_pb2,
@@ -158,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     by_health = collections.Counter(health_name(h.health) for h in hives)
     by_state = collections.Counter(state_name(w.state) for w in workers)
     slots = sum(w.slots_total for w in workers)
-    used = sum(w.slots_total - w.slots_available for w in workers if w.state in READY)
+    used = sum(w.slots_total - w.slots_available for w in workers if w.state in READY_STATES)
     done = sum(w.requests_completed for w in workers)
     failed = sum(w.requests_failed for w in workers)
     rate = f"{done / (done + failed):.1%}" if done + failed else "-"
@@ -169,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"capacity  {used}/{slots} slots in use")
     print(f"queued    {queued}")
     print(f"requests  {done} completed, {failed} failed (success {rate})")
-    top = sorted((w for w in workers if w.state in READY), key=lambda w: -w.stats.score)[:5]
+    top = sorted((w for w in workers if w.state in READY_STATES), key=lambda w: -w.stats.score)[:5]
     if top:
         print("top       " + ", ".join(f"{w.id} ({w.stats.score:.2f})" for w in top))
     print()
@@ -177,9 +178,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(worker_rows(workers) if workers else "no workers", end="\n\n")
     print(model_rows(models) if models else "no models")
     return 0
-
-
-READY = (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
 
 
 def _counts(counter: collections.Counter[str]) -> str:
@@ -304,12 +302,10 @@ def cmd_worker_get(args: argparse.Namespace) -> int:
 
 
 def cmd_worker_spawn(args: argparse.Namespace) -> int:
-    options: dict[str, str] = {}
-    for pair in args.option:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CliError(f"--option {pair!r} is not KEY=VALUE")
-        options[key] = value
+    try:
+        options = parse_key_values(args.option, "--option")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     request = queen_pb2.QueenSpawnWorkerRequest(
         hive_id=args.hive,
         model=args.model,

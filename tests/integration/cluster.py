@@ -24,6 +24,7 @@ from typing import TypeVar
 import grpc
 import psutil
 
+from apiary.protoutil import READY_STATES
 from apiary.security import Security, TlsFiles
 from protos.v1 import common_pb2, hive_pb2_grpc, queen_pb2, queen_pb2_grpc
 
@@ -207,11 +208,7 @@ class Cluster:
 
         async def ready() -> list[common_pb2.WorkerRecord] | None:
             reply = await admin.ListWorkers(queen_pb2.ListWorkersRequest(model=model), timeout=1)
-            ready = [
-                w
-                for w in reply.workers
-                if w.state in (common_pb2.WORKER_STATE_IDLE, common_pb2.WORKER_STATE_BUSY)
-            ]
+            ready = [w for w in reply.workers if w.state in READY_STATES]
             return ready if len(ready) >= count else None
 
         return await eventually(ready, timeout)

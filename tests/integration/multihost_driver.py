@@ -20,11 +20,11 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from apiary.protoutil import READY_STATES
 from apiary.security import Security, TlsFiles
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 
 S = common_pb2
-READY = (S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY)
 
 
 async def until(check: Any, timeout: float, interval: float = 0.05) -> float:
@@ -60,7 +60,8 @@ async def main() -> None:
 
     async def ready_workers() -> list[S.WorkerRecord]:
         listed = (await admin.ListWorkers(queen_pb2.ListWorkersRequest(), timeout=2)).workers
-        return [w for w in listed if w.state in READY and w.hive_health == S.HIVE_HEALTH_HEALTHY]
+        healthy = S.HIVE_HEALTH_HEALTHY
+        return [w for w in listed if w.state in READY_STATES and w.hive_health == healthy]
 
     async def all_ready() -> bool:
         return len(await ready_workers()) == 4

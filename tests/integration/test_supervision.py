@@ -12,6 +12,7 @@ import grpc
 import psutil
 import pytest
 
+from apiary.protoutil import READY_STATES
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 from tests.integration.cluster import Cluster, Proc, eventually
 
@@ -191,7 +192,7 @@ async def test_sigkilled_hive_restarts_and_readopts_its_workers(cluster: Cluster
     async def relearned() -> list[common_pb2.WorkerRecord] | None:
         listed = (await admin.ListWorkers(queen_pb2.ListWorkersRequest())).workers
         victim = next((w for w in listed if w.id == victim_id), None)
-        ready = [w for w in listed if w.state in (S.WORKER_STATE_IDLE, S.WORKER_STATE_BUSY)]
+        ready = [w for w in listed if w.state in READY_STATES]
         return list(listed) if victim and victim.restart_count == 1 and len(ready) == 3 else None
 
     after = await eventually(relearned, timeout=20)
