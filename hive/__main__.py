@@ -30,9 +30,12 @@ from hive.catalog import Catalog
 from hive.heartbeat import HeartbeatLoop
 from hive.metrics import hive_metrics
 from hive.policy import RestartSettings
+from hive.records import hive_stats, worker_records
 from hive.service import HiveService
+from hive.spec import WorkerSpec
+from hive.states import LifecycleSettings
 from hive.store import StateDirBusy, WorkerStore
-from hive.supervisor import Supervisor, SupervisorSettings, WorkerSpec
+from hive.supervisor import Supervisor, SupervisorSettings
 from hive.worker_client import WorkerClient
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc, queen_pb2
 from worker.backends import backend_names, describe_backend
@@ -148,15 +151,17 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> SupervisorSettings:
     return SupervisorSettings(
-        stop_grace=args.stop_grace,
-        term_grace=args.term_grace,
+        lifecycle=LifecycleSettings(
+            stop_grace=args.stop_grace,
+            term_grace=args.term_grace,
+            load_timeout=args.load_timeout,
+            idle_timeout=args.idle_timeout,
+            restart=RestartSettings(
+                initial_backoff=args.restart_backoff, max_backoff=args.restart_backoff_max
+            ),
+        ),
         health_interval=args.health_interval,
         health_timeout=args.health_timeout,
-        load_timeout=args.load_timeout,
-        idle_timeout=args.idle_timeout,
-        restart=RestartSettings(
-            initial_backoff=args.restart_backoff, max_backoff=args.restart_backoff_max
-        ),
         default_policy=args.restart_policy,
         worker_host=args.worker_host,
     )
@@ -202,9 +207,9 @@ async def run(args: argparse.Namespace) -> int:
         args.queen,
         args.hive_id,
         address,
-        supervisor.records,
+        lambda: worker_records(supervisor),
         args.heartbeat_interval,
-        stats=supervisor.stats,
+        stats=lambda: hive_stats(supervisor),
         sample=supervisor.sample_resources,
         backends=[n for n in backend_names() if describe_backend(n).available],
         catalog=lambda: [

@@ -19,6 +19,11 @@ log = structlog.get_logger("hive.launcher")
 _POLL_SECONDS = 0.05
 
 
+# The environment marker by which a hive finds Apiary workers among all processes.
+WORKER_ID_ENV = "APIARY_WORKER_ID"
+WORKER_TOKEN_ENV = "APIARY_WORKER_TOKEN"
+
+
 @dataclass(frozen=True)
 class ProcessIdentity:
     """A pid alone can be recycled; (pid, create_time) names one process for its whole life."""
@@ -27,10 +32,34 @@ class ProcessIdentity:
     create_time: float
 
 
+@dataclass
+class Launched:
+    """A worker process: our child (`process` set) or adopted after a hive restart (None)."""
+
+    identity: ProcessIdentity | None
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.identity is not None:
+            return self.identity.pid
+        return self.process.pid if self.process is not None else 0
+
+
 class Launcher:
-    async def start(
-        self, argv: Sequence[str], env: Mapping[str, str], log_path: Path
-    ) -> tuple[asyncio.subprocess.Process, ProcessIdentity | None]:
+    def __init__(self) -> None:
+        # psutil handles kept between samples: cpu_percent() measures since the last call.
+        self._sampled: dict[ProcessIdentity, psutil.Process] = {}
+
+    def worker_env(self, worker_id: str, token: str) -> dict[str, str]:
+        """The hive's environment plus the worker's marker (and token: never on a command line)."""
+        env = dict(os.environ)
+        env[WORKER_ID_ENV] = worker_id
+        if token:
+            env[WORKER_TOKEN_ENV] = token
+        return env
+
+    async def start(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Launched:
         """Start `argv` in its own session (so it and its children form one group).
 
         Output goes to `log_path`, not to the hive's stderr: a worker outlives a hive
@@ -46,7 +75,40 @@ class Launcher:
                 stderr=out,
                 start_new_session=True,
             )
-        return proc, self.identity(proc.pid)
+        return Launched(self.identity(proc.pid), proc)
+
+    async def wait_exit(self, launched: Launched) -> int | None:
+        """The exit code, the moment the process ends (None: not our child, code unknown)."""
+        if launched.process is not None:
+            return await launched.process.wait()
+        if launched.identity is not None:
+            await self.wait_gone(launched.identity)
+        return None
+
+    def owns(self, ident: ProcessIdentity, worker_id: str) -> bool:
+        """True if `ident` is alive and is the worker process `worker_id` (by its marker)."""
+        if not self.matches(ident):
+            return False
+        try:
+            return psutil.Process(ident.pid).environ().get(WORKER_ID_ENV) == worker_id
+        except psutil.Error:
+            return False
+
+    def sample(self, ident: ProcessIdentity) -> tuple[float, int]:
+        """(cpu % since the last sample, rss bytes); zeros when the process is gone."""
+        proc = self._sampled.get(ident)
+        try:
+            if proc is None:
+                proc = self._sampled[ident] = psutil.Process(ident.pid)
+                proc.cpu_percent(None)  # prime: the first reading is always 0
+            with proc.oneshot():
+                return proc.cpu_percent(None), proc.memory_info().rss
+        except psutil.Error:
+            self._sampled.pop(ident, None)
+            return 0.0, 0
+
+    def forget(self, ident: ProcessIdentity) -> None:
+        self._sampled.pop(ident, None)
 
     def identity(self, pid: int) -> ProcessIdentity | None:
         try:

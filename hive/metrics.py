@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from apiary.metrics import SnapshotCollector
 from apiary.protoutil import state_name
+from hive.records import hive_stats
 from hive.supervisor import Supervisor
 
 
@@ -41,7 +42,7 @@ def _snapshot(supervisor: Supervisor) -> Iterable[Metric]:
         counter.add_metric([], value)
         yield counter
     uptime = GaugeMetricFamily("apiary_hive_uptime_seconds", "Seconds since the hive started")
-    uptime.add_metric([], supervisor.stats().uptime_seconds)
+    uptime.add_metric([], hive_stats(supervisor).uptime_seconds)
     yield uptime
     rss = GaugeMetricFamily(
         "apiary_hive_worker_rss_bytes", "Resident memory per worker", labels=["worker"]

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import psutil
 
-from hive.supervisor import WORKER_ID_ENV, Supervisor
+from hive.launcher import WORKER_ID_ENV
+from hive.supervisor import Supervisor
 from protos.v1 import hive_pb2
 
 

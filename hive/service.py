@@ -18,8 +18,11 @@ from apiary.serving import Context
 from apiary.validation import name_problem
 from hive import processes
 from hive.catalog import AlreadyExists, Catalog, CatalogEntry, CatalogError, NotInCatalog
-from hive.launcher import ProcessIdentity
-from hive.supervisor import WORKER_ID_ENV, Supervisor, WorkerConflict, WorkerNotFound, WorkerSpec
+from hive.launcher import WORKER_ID_ENV, ProcessIdentity
+from hive.records import worker_record, worker_records
+from hive.spec import WorkerSpec
+from hive.states import Conflict
+from hive.supervisor import Supervisor, WorkerNotFound
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
 from worker.backends import (
     BackendDescription,
@@ -121,12 +124,12 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"worker {worker.id} failed to start: {worker.failure_reason}",
                 )
-        return hive_pb2.SpawnWorkerResponse(worker=self.supervisor.record(worker))
+        return hive_pb2.SpawnWorkerResponse(worker=worker_record(self.supervisor, worker))
 
     async def ListWorkers(
         self, request: hive_pb2.ListHiveWorkersRequest, context: Context
     ) -> hive_pb2.ListHiveWorkersResponse:
-        return hive_pb2.ListHiveWorkersResponse(workers=self.supervisor.records())
+        return hive_pb2.ListHiveWorkersResponse(workers=worker_records(self.supervisor))
 
     async def GetWorker(
         self, request: hive_pb2.GetHiveWorkerRequest, context: Context
@@ -135,7 +138,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             worker = self.supervisor.get(request.worker_id)
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        return hive_pb2.GetHiveWorkerResponse(worker=self.supervisor.record(worker))
+        return hive_pb2.GetHiveWorkerResponse(worker=worker_record(self.supervisor, worker))
 
     async def StopWorker(
         self, request: hive_pb2.StopWorkerRequest, context: Context
@@ -152,7 +155,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             )
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        return hive_pb2.StopWorkerResponse(worker=self.supervisor.record(worker))
+        return hive_pb2.StopWorkerResponse(worker=worker_record(self.supervisor, worker))
 
     async def ReportReady(
         self, request: hive_pb2.ReportReadyRequest, context: Context
@@ -162,12 +165,12 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "address is required unless load_error is set"
             )
         try:
-            self.supervisor.report_ready(
+            await self.supervisor.report_ready(
                 request.worker_id, request.address, request.pid, request.load_error
             )
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        except WorkerConflict as exc:
+        except Conflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return hive_pb2.ReportReadyResponse()
 
@@ -180,7 +183,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             )
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        except WorkerConflict as exc:
+        except Conflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return hive_pb2.ReportLoadingResponse()
 

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -16,11 +17,78 @@ class StateDirBusy(Exception):
     """Another live hive owns this state directory."""
 
 
+@dataclass
+class WorkerRow:
+    """One worker as the table on disk keeps it: enough to find, check and re-adopt it."""
+
+    id: str
+    model: str
+    backend: str
+    slots: int
+    device: str
+    backend_options: dict[str, str] = field(default_factory=dict)
+    restart_policy: int = 0
+    tags: list[str] = field(default_factory=list)
+    pid: int = 0
+    create_time: float = 0.0
+    address: str = ""
+    # LOADING, IDLE, STOPPING or FAILED (BUSY is written as IDLE: it flips too often to matter).
+    state: str = "LOADING"
+    started_at: float = 0.0
+    restart_count: int = 0
+    failure_reason: str = ""
+    restart_pending: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: object) -> WorkerRow:
+        """Raises ValueError naming what is wrong: the file is input like any other."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a row must be an object, not {type(data).__name__}")
+        try:
+            options = data.get("backend_options", {})
+            if not isinstance(options, dict):
+                raise ValueError("backend_options must be an object")
+            return cls(
+                id=_text(data["id"]),
+                model=_text(data["model"]),
+                backend=_text(data["backend"]),
+                slots=int(data["slots"]),
+                device=_text(data.get("device", "cpu")),
+                backend_options={str(k): str(v) for k, v in options.items()},
+                restart_policy=int(data.get("restart_policy", 0)),
+                tags=[str(t) for t in data.get("tags", [])],
+                pid=int(data.get("pid", 0)),
+                create_time=float(data.get("create_time", 0.0)),
+                address=_text(data.get("address", "")),
+                state=_text(data.get("state", "LOADING")),
+                started_at=float(data.get("started_at", 0.0)),
+                restart_count=int(data.get("restart_count", 0)),
+                failure_reason=_text(data.get("failure_reason", "")),
+                restart_pending=bool(data.get("restart_pending", False)),
+            )
+        except KeyError as exc:
+            raise ValueError(f"row has no {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value
+
+
 class WorkerStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.path = state_dir / "workers.json"
         self._lock_file: TextIO | None = None
+
+    def log_path(self, worker_id: str) -> Path:
+        return self.state_dir / "logs" / f"{worker_id}.log"
 
     def lock(self) -> None:
         """Claim the state dir for this process; two hives sharing one would fight over workers."""
@@ -47,7 +115,12 @@ class WorkerStore:
             self._lock_file.close()
             self._lock_file = None
 
-    def load(self) -> list[dict[str, Any]]:
+    def load(self) -> list[WorkerRow]:
+        """The rows on disk; unreadable rows are skipped (see load_rows for why)."""
+        return [row for row in self.load_rows() if isinstance(row, WorkerRow)]
+
+    def load_rows(self) -> list[WorkerRow | ValueError]:
+        """Each row, or the ValueError that says why it could not be read."""
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -61,14 +134,20 @@ class WorkerStore:
         if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
             return []
         workers = data.get("workers", [])
-        return [w for w in workers if isinstance(w, dict)] if isinstance(workers, list) else []
+        rows: list[WorkerRow | ValueError] = []
+        for item in workers if isinstance(workers, list) else []:
+            try:
+                rows.append(WorkerRow.from_json(item))
+            except ValueError as exc:
+                rows.append(exc)
+        return rows
 
-    def save(self, workers: list[dict[str, Any]]) -> None:
+    def save(self, rows: list[WorkerRow]) -> None:
         """Write-then-rename, so a crash mid-write leaves the previous table whole."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump({"version": FORMAT_VERSION, "workers": workers}, f)
+            json.dump({"version": FORMAT_VERSION, "workers": [r.to_json() for r in rows]}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
