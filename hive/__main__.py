@@ -8,7 +8,6 @@ import socket
 import sys
 from pathlib import Path
 
-import grpc
 import structlog
 
 from apiary import logs
@@ -17,41 +16,23 @@ from apiary.metrics import publish
 from apiary.options import parse_key_values
 from apiary.paths import default_state_dir
 from apiary.protoutil import enum_parser
-from apiary.security import SecurityError, method_table, security_from_args
+from apiary.security import SecurityError, security_from_args
 from apiary.serving import (
-    RunningServer,
     add_server_args,
-    host_port,
-    start_server,
     stop_event_on_signals,
     write_port_file,
 )
-from hive.catalog import Catalog
-from hive.heartbeat import HeartbeatLoop
 from hive.metrics import hive_metrics
 from hive.policy import RestartSettings
-from hive.records import hive_stats, worker_records
-from hive.service import HiveService
+from hive.server import HiveConfig, create_server
 from hive.spec import WorkerSpec
 from hive.states import LifecycleSettings
 from hive.store import StateDirBusy, WorkerStore
-from hive.supervisor import Supervisor, SupervisorSettings
-from hive.worker_client import WorkerClient
-from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc, queen_pb2
-from worker.backends import backend_names, describe_backend
+from hive.supervisor import SupervisorSettings
+from protos.v1 import common_pb2
 
 log = structlog.get_logger("hive")
 
-SERVICE_NAMES = (hive_pb2.DESCRIPTOR.services_by_name["Hive"].full_name,)
-# Workers call back with the worker token; everything else on a hive is for admins (and the
-# queen, which forwards admin calls with the admin token).
-METHODS = method_table(
-    **{
-        "apiary.v1.Hive": frozenset({"admin"}),
-        "apiary.v1.Hive/ReportReady": frozenset({"worker"}),
-        "apiary.v1.Hive/ReportLoading": frozenset({"worker"}),
-    }
-)
 DEFAULT_QUEEN = "127.0.0.1:7070"
 parse_policy = enum_parser(common_pb2.RestartPolicy, "RESTART_POLICY_", "restart policy")
 
@@ -167,6 +148,18 @@ def settings_from(args: argparse.Namespace) -> SupervisorSettings:
     )
 
 
+def config_from(args: argparse.Namespace) -> HiveConfig:
+    return HiveConfig(
+        hive_id=args.hive_id,
+        queen=args.queen,
+        listen=args.listen,
+        advertise=args.advertise,
+        heartbeat_interval=args.heartbeat_interval,
+        models_dir=Path(args.models_dir) if args.models_dir else None,
+        supervisor=settings_from(args),
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     store = WorkerStore(
@@ -174,75 +167,29 @@ async def run(args: argparse.Namespace) -> int:
     )
     try:
         store.lock()
-    except StateDirBusy as exc:
-        log.error("hive cannot start", error=str(exc))
-        return 1
-    try:
         security = security_from_args(args)
-    except SecurityError as exc:
+        hive = await create_server(config_from(args), store, security)
+    except (StateDirBusy, SecurityError, OSError) as exc:
         log.error("hive cannot start", error=str(exc))
+        store.unlock()
         return 1
-    supervisor = Supervisor(
-        args.hive_id, "", store, settings_from(args), client=WorkerClient(security),
-        security=security,
-    )  # fmt: skip
-    catalog = Catalog(Path(args.models_dir) if args.models_dir else store.state_dir / "models")
-    service = HiveService(supervisor, catalog)
-
-    def register(server: grpc.aio.Server) -> None:
-        hive_pb2_grpc.add_HiveServicer_to_server(service, server)
-
-    try:
-        running: RunningServer = await start_server(
-            args.listen, register, SERVICE_NAMES, security=security, methods=METHODS
-        )
-    except (OSError, SecurityError) as exc:
-        log.error("hive cannot start", error=str(exc))
-        return 1
-    address = args.advertise or host_port(args.listen, running.port)
-    supervisor.hive_address = host_port(args.listen, running.port)
-    # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
-    await supervisor.adopt()
-    heartbeat = HeartbeatLoop(
-        args.queen,
-        args.hive_id,
-        address,
-        lambda: worker_records(supervisor),
-        args.heartbeat_interval,
-        stats=lambda: hive_stats(supervisor),
-        sample=supervisor.sample_resources,
-        backends=[n for n in backend_names() if describe_backend(n).available],
-        catalog=lambda: [
-            queen_pb2.CatalogEntry(model=e.name, backend=e.backend)
-            for e in catalog.cached_entries()
-        ],
-        security=security,
-    )
-    supervisor.on_change = heartbeat.poke
-    tasks = [
-        asyncio.create_task(heartbeat.run(), name="heartbeat"),
-        asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
-    ]
-    metrics = publish(args.listen, args.metrics_port, hive_metrics(supervisor), log)
+    metrics = publish(args.listen, args.metrics_port, hive_metrics(hive.supervisor), log)
     if args.port_file:
-        write_port_file(args.port_file, running.port)
-    log.info("hive listening", address=address, queen=args.queen, state_dir=str(store.state_dir))
+        write_port_file(args.port_file, hive.running.port)
+    log.info(
+        "hive listening",
+        address=hive.heartbeat.hive_address,
+        queen=args.queen,
+        state_dir=str(store.state_dir),
+    )
     for spec, count in args.spawn:
         try:
-            await supervisor.ensure(service.prepare(spec), count)
+            await hive.supervisor.ensure(hive.service.prepare(spec), count)
         except StatusError as refused:
             log.error("cannot spawn", spec=str(spec), error=refused.message)
-
     await stop.wait()
-    log.info("hive stopping", workers=len(supervisor.workers))
-    tasks[1].cancel()
-    # Workers go STOPPING first (the queen stops routing to them), then finish in-flight work.
-    await supervisor.stop_all()
-    await heartbeat.leave()
-    tasks[0].cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await supervisor.close()
-    await running.stop(1.0)
+    log.info("hive stopping", workers=len(hive.supervisor.workers))
+    await hive.stop()
     store.unlock()
     if metrics is not None:
         metrics.stop()

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 from protos.v1 import common_pb2
 
-P = common_pb2
-DEFAULT_POLICY = P.RESTART_POLICY_ON_FAILURE
+DEFAULT_POLICY = common_pb2.RESTART_POLICY_ON_FAILURE
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,9 @@ class RestartDecision:
 
 
 def wants_restart(policy: common_pb2.RestartPolicy.ValueType, clean_exit: bool) -> bool:
-    if policy == P.RESTART_POLICY_NEVER:
+    if policy == common_pb2.RESTART_POLICY_NEVER:
         return False
-    if policy == P.RESTART_POLICY_ALWAYS:
+    if policy == common_pb2.RESTART_POLICY_ALWAYS:
         return True
     # on-failure (and unspecified, which means the default)
     return not clean_exit

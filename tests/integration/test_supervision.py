@@ -16,7 +16,6 @@ from apiary.protoutil import READY_STATES
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 from tests.integration.cluster import Cluster, Proc, eventually
 
-S = common_pb2
 FAST = ("--restart-backoff", "0.1", "--term-grace", "0.5")
 
 
@@ -52,13 +51,13 @@ async def test_worker_that_exits_at_once_is_restarted_then_stopped_as_a_crash_lo
     looped = await wait_worker(
         cluster, hive, lambda w: "crash loop" in w.failure_reason, timeout=30
     )
-    assert looped.state == S.WORKER_STATE_FAILED
+    assert looped.state == common_pb2.WORKER_STATE_FAILED
     assert looped.restart_count == 4  # 5 failures: the first start and 4 restarts
     assert looped.failure_reason.startswith("exited with code 3; crash loop: 5 failures in 300s")
     # Restarts stopped: it stays this way.
     await asyncio.sleep(1.0)
     (still,) = await hive_workers(cluster, hive)
-    assert (still.restart_count, still.state, still.pid) == (4, S.WORKER_STATE_FAILED, 0)
+    assert (still.restart_count, still.state, still.pid) == (4, common_pb2.WORKER_STATE_FAILED, 0)
     # The queen shows the reason too.
     got = await cluster.admin_stub(queen).GetWorker(queen_pb2.GetWorkerRequest(worker_id=still.id))
     assert "crash loop" in got.worker.failure_reason
@@ -80,7 +79,7 @@ async def test_worker_that_crashes_after_n_requests_comes_back_with_the_same_id(
     pids = {w.id: w.pid for w in workers}
 
     restarted = await wait_worker(
-        cluster, hive, lambda w: w.restart_count == 1 and w.state == S.WORKER_STATE_IDLE
+        cluster, hive, lambda w: w.restart_count == 1 and w.state == common_pb2.WORKER_STATE_IDLE
     )
     assert restarted.id in pids and restarted.pid != pids[restarted.id]
     assert not psutil.pid_exists(pids[restarted.id])
@@ -94,10 +93,9 @@ async def test_hung_worker_fails_health_checks_and_is_killed(cluster: Cluster) -
         queen, "h1", "model=demo,restart=never,fault_hang_after=0.5", extra=FAST
     )
     (worker,) = await cluster.wait_workers(queen, "demo", 1)
-    started = time.monotonic()
+    # The timing (3 checks in a row, SIGTERM, SIGKILL) is proven on a fake clock in
+    # tests/unit/test_hive_supervisor.py; here: a really hung process is found and killed.
     failed = await wait_worker(cluster, hive, lambda w: "not restarting" in w.failure_reason)
-    # 0.5 s to hang, 3 checks 0.2 s apart each timing out after 0.5 s, SIGTERM ignored 0.5 s.
-    assert time.monotonic() - started < 6
     assert failed.failure_reason.startswith("failed 3 health checks in a row: DEADLINE_EXCEEDED")
     assert failed.failure_reason.endswith("not restarting (restart policy never)")
     assert not psutil.pid_exists(worker.pid)
@@ -108,7 +106,7 @@ async def test_worker_stuck_loading_is_killed_after_the_load_timeout(cluster: Cl
     hive = cluster.start_hive(
         queen, "h1", "model=demo,restart=never,load_delay=600", extra=(*FAST, "--load-timeout", "1")
     )
-    loading = await wait_worker(cluster, hive, lambda w: w.state == S.WORKER_STATE_LOADING)
+    loading = await wait_worker(cluster, hive, lambda w: w.state == common_pb2.WORKER_STATE_LOADING)
     failed = await wait_worker(cluster, hive, lambda w: "not restarting" in w.failure_reason)
     assert failed.failure_reason.startswith("still LOADING after 1s (load timeout)")
     assert not psutil.pid_exists(loading.pid)
@@ -149,7 +147,7 @@ async def test_graceful_stop_lets_the_stream_finish_and_force_does_not(cluster: 
     hive_stub = cluster.hive_stub(hive)
 
     stream = asyncio.create_task(collect(stub, tokens=20))  # ~1 s
-    first = await wait_worker(cluster, hive, lambda w: w.state == S.WORKER_STATE_BUSY)
+    first = await wait_worker(cluster, hive, lambda w: w.state == common_pb2.WORKER_STATE_BUSY)
     began = time.monotonic()
     stopped = await hive_stub.StopWorker(hive_pb2.StopWorkerRequest(worker_id=first.id), timeout=15)
     assert stopped.worker.id == first.id
@@ -185,7 +183,10 @@ async def test_sigkilled_hive_restarts_and_readopts_its_workers(cluster: Cluster
     hive = cluster.start_hive(queen, "h1", "model=demo,count=3", extra=FAST, port=port)
     # The queen's rows from before the hive died are still there; wait for the new hive's word.
     await wait_worker(
-        cluster, hive, lambda w: w.id == victim_id and w.state == S.WORKER_STATE_IDLE, timeout=20
+        cluster,
+        hive,
+        lambda w: w.id == victim_id and w.state == common_pb2.WORKER_STATE_IDLE,
+        timeout=20,
     )
     admin = cluster.admin_stub(queen)
 
@@ -207,18 +208,20 @@ async def test_sigkilled_hive_restarts_and_readopts_its_workers(cluster: Cluster
     stub = cluster.queen_stub(queen)
     assert all(len(r) == 4 for r in await asyncio.gather(*(collect(stub) for _ in range(6))))
 
-    # An adopted worker (not the hive's child) still has its death seen at once.
+    # An adopted worker (not the hive's child) still has its death seen at once: through its
+    # pidfd (an exit of unknown status), not after health checks failed.
     adopted = next(w for w in after if w.id != victim_id)
     os.kill(adopted.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    await wait_worker(
-        cluster, hive, lambda w: w.id == adopted.id and w.state == S.WORKER_STATE_FAILED, 5
+    dead = await wait_worker(
+        cluster, hive, lambda w: w.id == adopted.id and w.state == common_pb2.WORKER_STATE_FAILED
     )
-    assert time.monotonic() - killed_at < 1.0
+    assert dead.failure_reason.startswith("exited (status unknown"), dead.failure_reason
     await wait_worker(
         cluster,
         hive,
-        lambda w: w.id == adopted.id and w.restart_count == 1 and w.state == S.WORKER_STATE_IDLE,
+        lambda w: (
+            w.id == adopted.id and w.restart_count == 1 and w.state == common_pb2.WORKER_STATE_IDLE
+        ),
     )
 
 

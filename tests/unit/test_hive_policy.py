@@ -12,7 +12,7 @@ from hive.policy import (
     loading_expired,
     wants_restart,
 )
-from protos.v1 import common_pb2 as P
+from protos.v1 import common_pb2
 
 NO_JITTER = RestartSettings(jitter=0.0)
 
@@ -24,7 +24,7 @@ def test_backoff_doubles_to_the_cap() -> None:
     for _ in range(9):
         tracker.started(now)
         now += 0.5
-        decision = tracker.failed(now, P.RESTART_POLICY_ON_FAILURE, clean_exit=False)
+        decision = tracker.failed(now, common_pb2.RESTART_POLICY_ON_FAILURE, clean_exit=False)
         assert decision.restart
         delays.append(decision.delay)
         now += decision.delay
@@ -37,7 +37,7 @@ def test_jitter_stays_within_bounds_and_varies() -> None:
     for seed in range(50):
         tracker = RestartTracker(settings, random.Random(seed))
         tracker.started(0)
-        delay = tracker.failed(1, P.RESTART_POLICY_ON_FAILURE, False).delay
+        delay = tracker.failed(1, common_pb2.RESTART_POLICY_ON_FAILURE, False).delay
         assert 0.8 <= delay <= 1.2
         delays.add(round(delay, 6))
     assert len(delays) > 10
@@ -46,12 +46,12 @@ def test_jitter_stays_within_bounds_and_varies() -> None:
 def test_backoff_resets_after_staying_up() -> None:
     tracker = RestartTracker(NO_JITTER)
     tracker.started(0)
-    assert tracker.failed(1, P.RESTART_POLICY_ON_FAILURE, False).delay == 1
+    assert tracker.failed(1, common_pb2.RESTART_POLICY_ON_FAILURE, False).delay == 1
     tracker.started(2)
-    assert tracker.failed(3, P.RESTART_POLICY_ON_FAILURE, False).delay == 2
+    assert tracker.failed(3, common_pb2.RESTART_POLICY_ON_FAILURE, False).delay == 2
     tracker.started(5)
     # Up for 60 s: healthy again, back to the first delay.
-    assert tracker.failed(65, P.RESTART_POLICY_ON_FAILURE, False).delay == 1
+    assert tracker.failed(65, common_pb2.RESTART_POLICY_ON_FAILURE, False).delay == 1
 
 
 def test_crash_loop_stops_restarts_within_the_window_only() -> None:
@@ -59,23 +59,23 @@ def test_crash_loop_stops_restarts_within_the_window_only() -> None:
     decisions = []
     for t in (0, 10, 20, 30, 40):
         tracker.started(t)
-        decisions.append(tracker.failed(t + 1, P.RESTART_POLICY_ALWAYS, False))
+        decisions.append(tracker.failed(t + 1, common_pb2.RESTART_POLICY_ALWAYS, False))
     assert [d.restart for d in decisions] == [True, True, True, True, False]
     assert decisions[-1].reason.startswith("crash loop: 5 failures in 300s")
 
     spread = RestartTracker(NO_JITTER)
     for t in (0, 100, 200, 300, 400, 500):  # never 5 inside any 300 s window
         spread.started(t)
-        assert spread.failed(t + 1, P.RESTART_POLICY_ALWAYS, False).restart
+        assert spread.failed(t + 1, common_pb2.RESTART_POLICY_ALWAYS, False).restart
 
 
 def test_policies() -> None:
-    assert not wants_restart(P.RESTART_POLICY_NEVER, clean_exit=False)
-    assert wants_restart(P.RESTART_POLICY_ON_FAILURE, clean_exit=False)
-    assert not wants_restart(P.RESTART_POLICY_ON_FAILURE, clean_exit=True)
-    assert wants_restart(P.RESTART_POLICY_UNSPECIFIED, clean_exit=False)
-    assert wants_restart(P.RESTART_POLICY_ALWAYS, clean_exit=True)
-    decision = RestartTracker(NO_JITTER).failed(0, P.RESTART_POLICY_NEVER, False)
+    assert not wants_restart(common_pb2.RESTART_POLICY_NEVER, clean_exit=False)
+    assert wants_restart(common_pb2.RESTART_POLICY_ON_FAILURE, clean_exit=False)
+    assert not wants_restart(common_pb2.RESTART_POLICY_ON_FAILURE, clean_exit=True)
+    assert wants_restart(common_pb2.RESTART_POLICY_UNSPECIFIED, clean_exit=False)
+    assert wants_restart(common_pb2.RESTART_POLICY_ALWAYS, clean_exit=True)
+    decision = RestartTracker(NO_JITTER).failed(0, common_pb2.RESTART_POLICY_NEVER, False)
     assert not decision.restart and decision.reason == "not restarting (restart policy never)"
 
 

@@ -1,0 +1,113 @@
+"""Wiring a hive: the worker table, the Hive service, the heartbeat loop and the health monitor."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+
+from apiary.security import Security, method_table
+from apiary.serving import RunningServer, host_port, start_server
+from hive.catalog import Catalog
+from hive.heartbeat import HeartbeatLoop
+from hive.records import hive_stats, worker_records
+from hive.service import HiveService
+from hive.store import WorkerStore
+from hive.supervisor import Supervisor, SupervisorSettings
+from hive.worker_client import WorkerClient
+from protos.v1 import hive_pb2, hive_pb2_grpc, queen_pb2
+from worker.backends import backend_names, describe_backend
+
+log = structlog.get_logger("hive")
+
+SERVICE_NAMES = (hive_pb2.DESCRIPTOR.services_by_name["Hive"].full_name,)
+# Workers call back with the worker token; everything else on a hive is for admins (and the
+# queen, which forwards admin calls with the admin token).
+METHODS = method_table(
+    **{
+        "apiary.v1.Hive": frozenset({"admin"}),
+        "apiary.v1.Hive/ReportReady": frozenset({"worker"}),
+        "apiary.v1.Hive/ReportLoading": frozenset({"worker"}),
+    }
+)
+
+
+@dataclass
+class HiveConfig:
+    hive_id: str
+    queen: str
+    listen: str
+    # The address the queen dials (default: the listen address with the bound port).
+    advertise: str = ""
+    heartbeat_interval: float = 1.0
+    models_dir: Path | None = None
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+
+
+@dataclass
+class Hive:
+    running: RunningServer
+    supervisor: Supervisor
+    service: HiveService
+    heartbeat: HeartbeatLoop
+    tasks: list[asyncio.Task[None]]
+
+    async def stop(self) -> None:
+        """Workers go STOPPING first (the queen stops routing to them), finish their streams,
+        then the hive says it is leaving and stops serving."""
+        self.tasks[1].cancel()  # no health checks on workers being stopped
+        await self.supervisor.stop_all()
+        await self.heartbeat.leave()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.supervisor.close()
+        await self.running.stop(1.0)
+
+
+def available_backends() -> list[str]:
+    return [name for name in backend_names() if describe_backend(name).available]
+
+
+async def create_server(config: HiveConfig, store: WorkerStore, security: Security) -> Hive:
+    """Serve, re-adopt the workers of a previous run, then start heartbeating."""
+    supervisor = Supervisor(
+        config.hive_id, "", store, config.supervisor, client=WorkerClient(security),
+        security=security,
+    )  # fmt: skip
+    catalog = Catalog(config.models_dir or store.state_dir / "models")
+    service = HiveService(supervisor, catalog)
+
+    def register(server: grpc.aio.Server) -> None:
+        hive_pb2_grpc.add_HiveServicer_to_server(service, server)
+
+    running = await start_server(
+        config.listen, register, SERVICE_NAMES, security=security, methods=METHODS
+    )
+    supervisor.hive_address = host_port(config.listen, running.port)
+    # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
+    await supervisor.adopt()
+    heartbeat = HeartbeatLoop(
+        config.queen,
+        config.hive_id,
+        config.advertise or supervisor.hive_address,
+        lambda: worker_records(supervisor),
+        config.heartbeat_interval,
+        stats=lambda: hive_stats(supervisor),
+        sample=supervisor.sample_resources,
+        backends=available_backends(),
+        catalog=lambda: [
+            queen_pb2.CatalogEntry(model=e.name, backend=e.backend)
+            for e in catalog.cached_entries()
+        ],
+        security=security,
+    )
+    supervisor.on_change = heartbeat.poke
+    tasks = [
+        asyncio.create_task(heartbeat.run(), name="heartbeat"),
+        asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
+    ]
+    return Hive(running, supervisor, service, heartbeat, tasks)

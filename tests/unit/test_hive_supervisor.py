@@ -1,0 +1,225 @@
+"""The Supervisor carrying out the lifecycle, on a fake clock with a fake launcher: no processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from hive.records import worker_record
+from hive.spec import WorkerSpec
+from hive.states import LifecycleSettings, Phase
+from hive.store import WorkerRow
+from hive.supervisor import ManagedWorker, Supervisor, SupervisorSettings
+from protos.v1 import common_pb2
+from tests.fakes import FakeClock, settle
+from tests.unit.hive_fakes import FakeLauncher, FakeWorkerClient, MemoryStore
+
+ADDRESS = "127.0.0.1:6000"
+
+
+@dataclass
+class Hive:
+    supervisor: Supervisor
+    clock: FakeClock
+    launcher: FakeLauncher
+    client: FakeWorkerClient
+    store: MemoryStore
+
+    async def ready(self, spec: WorkerSpec | None = None, keep: bool = False) -> ManagedWorker:
+        worker = await self.supervisor.spawn(spec or WorkerSpec("demo", "echo"), keep=keep)
+        assert worker.launched is not None
+        await self.supervisor.report_ready(worker.id, ADDRESS, worker.launched.pid, "")
+        return worker
+
+    def kill(self, worker: ManagedWorker, code: int = -9) -> None:
+        assert worker.identity is not None
+        self.launcher.kill(worker.identity, code)
+
+
+def make_hive(store: MemoryStore | None = None) -> Hive:
+    clock, launcher, client = FakeClock(), FakeLauncher(), FakeWorkerClient()
+    store = store or MemoryStore()
+    settings = SupervisorSettings(
+        lifecycle=LifecycleSettings(stop_grace=10, term_grace=3, load_timeout=120),
+        default_policy=common_pb2.RESTART_POLICY_ON_FAILURE,
+    )
+    supervisor = Supervisor("h1", "127.0.0.1:7071", store, settings, launcher, client, clock)
+    return Hive(supervisor, clock, launcher, client, store)
+
+
+@pytest.fixture
+async def hive() -> AsyncIterator[Hive]:
+    made = make_hive()
+    try:
+        yield made
+    finally:
+        await made.supervisor.close()
+
+
+async def test_a_crashed_worker_comes_back_after_its_backoff(hive: Hive) -> None:
+    worker = await hive.ready()
+    assert worker.state == common_pb2.WORKER_STATE_IDLE
+    assert hive.store.rows[0].state == "IDLE" and hive.store.rows[0].address == ADDRESS
+    hive.kill(worker)
+    await settle()
+    record = worker_record(hive.supervisor, worker)
+    assert record.state == common_pb2.WORKER_STATE_FAILED and record.failure_reason
+    assert 0.8 <= record.restart_in_seconds <= 1.2
+    assert hive.client.forgotten == [ADDRESS]  # the dead process's channel is closed
+    await hive.clock.run(0.75)
+    assert len(hive.launcher.argvs) == 1
+    await hive.clock.run(0.5)
+    assert len(hive.launcher.argvs) == 2 and worker.life.phase is Phase.LOADING
+    supervisor = hive.supervisor
+    assert (supervisor.spawns, supervisor.crashes, supervisor.restarts_done) == (2, 1, 1)
+    assert worker.life.restart_count == 1 and hive.supervisor.workers[worker.id] is worker
+
+
+async def test_graceful_stop_escalates_on_the_clock_when_the_worker_ignores_it(hive: Hive) -> None:
+    hive.launcher.ignores_sigterm = True
+    worker = await hive.ready()
+    assert worker.identity is not None
+    pid = worker.identity.pid
+    stopping = asyncio.create_task(hive.supervisor.stop(worker.id))
+    await settle()
+    assert hive.client.shutdowns == [(ADDRESS, 10.0)]
+    assert worker.state == common_pb2.WORKER_STATE_STOPPING
+    await hive.clock.run(10.9)
+    assert hive.launcher.signals == []  # still within the grace in-flight streams get
+    await hive.clock.run(0.2)
+    assert hive.launcher.signals == [(pid, signal.SIGTERM)]
+    await hive.clock.run(3.0)
+    assert hive.launcher.signals == [(pid, signal.SIGTERM), (pid, signal.SIGKILL)]
+    assert await asyncio.wait_for(stopping, 1) is worker
+    assert worker.id not in hive.supervisor.workers and hive.store.rows == []
+    assert hive.supervisor.crashes == 0
+
+
+async def test_failed_health_checks_kill_the_worker_and_it_restarts(hive: Hive) -> None:
+    worker = await hive.ready()
+    hive.client.healthy[ADDRESS] = False
+    for _ in range(3):
+        await hive.supervisor.monitor_once()
+    await settle()
+    assert hive.launcher.signals[0][1] == signal.SIGTERM
+    assert worker.life.phase is Phase.RESTART_PENDING
+    assert worker.failure_reason.startswith("failed 3 health checks in a row: DEADLINE_EXCEEDED")
+    assert hive.supervisor.crashes == 1
+
+
+async def test_a_worker_stuck_loading_is_killed_at_the_load_timeout(hive: Hive) -> None:
+    worker = await hive.supervisor.spawn(WorkerSpec("demo", "echo"))
+    await hive.clock.run(119.0)
+    assert hive.launcher.signals == []
+    await hive.clock.run(1.0)
+    assert [sig for _, sig in hive.launcher.signals] == [signal.SIGTERM]
+    assert worker.failure_reason == "still LOADING after 120s (load timeout)"
+    assert worker.settled.is_set()  # a SpawnWorker(wait_ready) gets its answer
+
+
+async def test_idle_workers_are_retired_unless_kept(hive: Hive) -> None:
+    idle = await hive.ready()
+    kept = await hive.ready(keep=True)
+    await hive.clock.run(299.0)
+    await hive.supervisor.monitor_once()
+    assert hive.client.shutdowns == []
+    await hive.clock.run(2.0)
+    await hive.supervisor.monitor_once()
+    assert hive.client.shutdowns == [(ADDRESS, 10.0)]
+    await hive.clock.run(11.5)  # the fake ignores Shutdown; SIGTERM ends it
+    assert idle.id not in hive.supervisor.workers and kept.id in hive.supervisor.workers
+
+
+async def test_a_process_that_cannot_start_is_failed_and_not_restarted(hive: Hive) -> None:
+    hive.launcher.fail_next_start = "No such file or directory"
+    worker = await hive.supervisor.spawn(WorkerSpec("demo", "echo"))
+    assert worker.life.phase is Phase.FAILED and worker.settled.is_set()
+    assert worker.failure_reason == "could not start process: No such file or directory"
+    await hive.clock.run(120.0)
+    assert hive.launcher.argvs == []
+
+
+def phase(worker: ManagedWorker) -> Phase:
+    """The worker's phase now (a call, so type narrowing from earlier asserts does not stick)."""
+    return worker.life.phase
+
+
+def row(worker_id: str, state: str, pid: int, **kwargs: object) -> WorkerRow:
+    return WorkerRow(
+        id=worker_id,
+        model="demo",
+        backend="echo",
+        slots=1,
+        device="cpu",
+        restart_policy=common_pb2.RESTART_POLICY_ON_FAILURE,
+        pid=pid,
+        create_time=2.0,
+        address=f"127.0.0.1:{pid}" if state == "IDLE" else "",
+        state=state,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def test_adoption_of_live_dead_and_foreign_rows() -> None:
+    rows = [
+        row("w-live", "IDLE", 501),
+        row("w-mute", "IDLE", 502),
+        row("w-dead", "IDLE", 503),
+        row("w-foreign", "IDLE", 504),
+        row("w-stopping", "STOPPING", 505),
+        row("w-failed", "FAILED", 0, restart_pending=True, failure_reason="exited with code 1"),
+    ]
+    made = make_hive(MemoryStore(rows))
+    launcher = made.launcher
+    live = launcher.add_orphan(501, "w-live")
+    mute = launcher.add_orphan(502, "w-mute")
+    launcher.add_orphan(504, "someone-else")  # the pid lives on, but it is not our worker
+    stopping = launcher.add_orphan(505, "w-stopping")
+    made.client.healthy["127.0.0.1:502"] = False
+    try:
+        await made.supervisor.adopt()
+        workers = made.supervisor.workers
+        assert set(workers) == {"w-live", "w-mute", "w-dead", "w-foreign", "w-failed"}
+        assert workers["w-live"].life.phase is Phase.IDLE
+        assert workers["w-live"].identity == live and launcher.argvs == []
+        assert (mute.pid, signal.SIGKILL) in launcher.signals
+        assert (stopping.pid, signal.SIGKILL) in launcher.signals
+        assert all(pid != 504 for pid, _ in launcher.signals)  # never signal a stranger
+        for worker_id in ("w-mute", "w-dead", "w-foreign", "w-failed"):
+            assert workers[worker_id].life.phase is Phase.RESTART_PENDING, worker_id
+        assert workers["w-mute"].failure_reason.startswith("did not answer health checks")
+        assert workers["w-dead"].failure_reason == "process was gone when the hive restarted"
+        await made.clock.run(1.5)
+        assert len(launcher.argvs) == 4  # each restarted once, under its own id
+        assert {a[a.index("--worker-id") + 1] for a in launcher.argvs} == {
+            "w-mute",
+            "w-dead",
+            "w-foreign",
+            "w-failed",
+        }
+        # An adopted worker is not our child, and its death is still seen.
+        launcher.kill(live)
+        await settle()
+        assert phase(workers["w-live"]) is Phase.RESTART_PENDING
+        assert workers["w-live"].failure_reason.startswith("exited (status unknown")
+    finally:
+        await made.supervisor.close()
+
+
+async def test_the_table_on_disk_follows_the_lifecycle(hive: Hive) -> None:
+    worker = await hive.ready()
+    saves = hive.store.saves
+    hive.client.busy[ADDRESS] = True
+    await hive.supervisor.monitor_once()
+    assert worker.life.phase is Phase.BUSY
+    assert hive.store.saves == saves  # BUSY/IDLE flips are not worth a write
+    hive.kill(worker, code=1)
+    await settle()
+    (saved,) = hive.store.rows
+    assert (saved.state, saved.restart_pending, saved.pid) == ("FAILED", True, 0)
+    assert saved.failure_reason == "exited with code 1"
+    assert saved == WorkerRow.from_json(saved.to_json())
