@@ -118,6 +118,11 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     p.add_argument("--worker-host", default="127.0.0.1", help="host workers bind to")
     p.add_argument("--models-dir", default="", help="model catalog (default STATE_DIR/models)")
     p.add_argument(
+        "--allow-symlinks",
+        action="store_true",
+        help="let `model pull` of a local path follow a symlink out of the file's directory",
+    )
+    p.add_argument(
         "--spawn",
         action="append",
         default=[],
@@ -156,6 +161,7 @@ def config_from(args: argparse.Namespace) -> HiveConfig:
         advertise=args.advertise,
         heartbeat_interval=args.heartbeat_interval,
         models_dir=Path(args.models_dir) if args.models_dir else None,
+        allow_symlinks=args.allow_symlinks,
         supervisor=settings_from(args),
     )
 

@@ -44,6 +44,8 @@ class HiveConfig:
     advertise: str = ""
     heartbeat_interval: float = 1.0
     models_dir: Path | None = None
+    # Catalog pulls may follow symlinks that lead out of the source's directory.
+    allow_symlinks: bool = False
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
 
 
@@ -78,7 +80,7 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
         config.hive_id, "", store, config.supervisor, client=WorkerClient(security),
         security=security,
     )  # fmt: skip
-    catalog = Catalog(config.models_dir or store.state_dir / "models")
+    catalog = Catalog(config.models_dir or store.state_dir / "models", config.allow_symlinks)
     service = HiveService(supervisor, catalog)
 
     def register(server: grpc.aio.Server) -> None:

@@ -17,7 +17,14 @@ from apiary.protoutil import timestamp
 from apiary.serving import Context
 from apiary.validation import name_problem
 from hive import processes
-from hive.catalog import AlreadyExists, Catalog, CatalogEntry, CatalogError, NotInCatalog
+from hive.catalog import (
+    AlreadyExists,
+    Catalog,
+    CatalogEntry,
+    CatalogError,
+    NoSpace,
+    NotInCatalog,
+)
 from hive.launcher import WORKER_ID_ENV, ProcessIdentity
 from hive.records import worker_record, worker_records
 from hive.spec import WorkerSpec
@@ -270,6 +277,8 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             entry = pulling.result()
         except AlreadyExists as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except NoSpace as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except CatalogError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         log.info("model pulled", model=entry.name, source=entry.source, size=entry.size_bytes)
