@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,35 @@ log = structlog.get_logger("hive.launcher")
 _POLL_SECONDS = 0.05
 
 
-# The environment marker by which a hive finds Apiary workers among all processes.
+# The environment markers by which a hive finds Apiary workers among all processes, and tells
+# its own from another live hive's and from orphans.
 WORKER_ID_ENV = "APIARY_WORKER_ID"
+HIVE_ID_ENV = "APIARY_HIVE_ID"
+HIVE_PROCESS_ENV = "APIARY_HIVE_PROCESS"
 WORKER_TOKEN_ENV = "APIARY_WORKER_TOKEN"
+
+
+def is_secret(name: str) -> bool:
+    """Credentials of the hive's own environment, which its workers must not inherit."""
+    return name.startswith("APIARY_") and ("TOKEN" in name or name.endswith("_KEY"))
+
+
+@dataclass(frozen=True)
+class HiveInstance:
+    """This hive process: its id, and (pid, create time, a nonce) naming this run of it."""
+
+    hive_id: str
+    pid: int
+    create_time: float
+    nonce: str
+
+    @classmethod
+    def current(cls, hive_id: str) -> HiveInstance:
+        return cls(hive_id, os.getpid(), psutil.Process().create_time(), uuid.uuid4().hex[:16])
+
+    @property
+    def marker(self) -> str:
+        return f"{self.pid}:{self.create_time!r}:{self.nonce}"
 
 
 @dataclass(frozen=True)
@@ -47,17 +74,30 @@ class Launched:
 
 
 class Launcher:
-    def __init__(self) -> None:
+    def __init__(self, hive_id: str = "") -> None:
+        self.instance = HiveInstance.current(hive_id)
         # psutil handles kept between samples: cpu_percent() measures since the last call.
         self._sampled: dict[ProcessIdentity, psutil.Process] = {}
 
     def worker_env(self, worker_id: str, token: str) -> dict[str, str]:
-        """The hive's environment plus the worker's marker (and token: never on a command line)."""
-        env = dict(os.environ)
+        """The hive's environment without its secrets, the worker's markers, and the worker's
+        own credential (in the environment, never on a command line)."""
+        env = {k: v for k, v in os.environ.items() if not is_secret(k)}
         env[WORKER_ID_ENV] = worker_id
+        env[HIVE_ID_ENV] = self.instance.hive_id
+        env[HIVE_PROCESS_ENV] = self.instance.marker
         if token:
             env[WORKER_TOKEN_ENV] = token
         return env
+
+    def hive_alive(self, marker: str) -> bool:
+        """True if the hive process a worker's marker names still runs (this one included)."""
+        pid, _, rest = marker.partition(":")
+        create_time, _, _nonce = rest.partition(":")
+        try:
+            return self.matches(ProcessIdentity(int(pid), float(create_time)))
+        except ValueError:
+            return False
 
     async def start(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Launched:
         """Start `argv` in its own session (so it and its children form one group).
@@ -90,9 +130,11 @@ class Launcher:
         if not self.matches(ident):
             return False
         try:
-            return psutil.Process(ident.pid).environ().get(WORKER_ID_ENV) == worker_id
+            env = psutil.Process(ident.pid).environ()
         except psutil.Error:
             return False
+        hive_id = env.get(HIVE_ID_ENV, self.instance.hive_id)
+        return env.get(WORKER_ID_ENV) == worker_id and hive_id == self.instance.hive_id
 
     def sample(self, ident: ProcessIdentity) -> tuple[float, int]:
         """(cpu % since the last sample, rss bytes); zeros when the process is gone."""
@@ -132,7 +174,12 @@ class Launcher:
         try:
             os.killpg(ident.pid, sig)
         except ProcessLookupError:
-            return False
+            # Not a group leader (a worker started by hand, outside its own session): the
+            # process alone, then.
+            try:
+                os.kill(ident.pid, sig)
+            except ProcessLookupError:
+                return False
         except PermissionError as exc:
             log.warning("cannot signal process group", pid=ident.pid, error=str(exc))
             return False

@@ -326,19 +326,28 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         self, request: hive_pb2.KillProcessRequest, context: Context
     ) -> hive_pb2.KillProcessResponse:
         _, info = await self._process(request.pid, context)
+        if info.owner == hive_pb2.PROCESS_OWNER_OTHER_HIVE:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"pid {info.pid} is worker {info.worker_id} of hive {info.hive_id or '?'}, which "
+                "is running: only that hive stops its workers (retire it through the queen)",
+            )
         if info.known:
             # One of ours: a forced stop, so the table and the queen stay true.
             await asyncio.shield(self.supervisor.stop(info.worker_id, force=True))
         else:
             ident = ProcessIdentity(info.pid, info.create_time)
             launcher = self.supervisor.launcher
-            if launcher.signal_group(ident, signal.SIGKILL):
-                try:
-                    await asyncio.wait_for(launcher.wait_gone(ident), 5.0)
-                except TimeoutError:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE, f"pid {info.pid} survived SIGKILL for 5s"
-                    )
+            launcher.signal_group(ident, signal.SIGKILL)
+            try:
+                # Success is the process gone, not a signal sent.
+                await asyncio.wait_for(launcher.wait_gone(ident), 5.0)
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"pid {info.pid} is still running 5s after SIGKILL "
+                    "(another user's process, or stuck in the kernel)",
+                )
         log.info("process killed", pid=info.pid, worker_id=info.worker_id, known=info.known)
         return hive_pb2.KillProcessResponse(process=info)
 

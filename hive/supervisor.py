@@ -131,7 +131,7 @@ class Supervisor:
         self.hive_address = hive_address
         self.store = store
         self.settings = settings or SupervisorSettings()
-        self.launcher = launcher or Launcher()
+        self.launcher = launcher or Launcher(hive_id)
         self.client = client or WorkerClient()
         self.clock = clock or SystemClock()
         self.on_change = on_change

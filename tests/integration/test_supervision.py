@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -264,6 +266,46 @@ async def test_process_operations_find_orphans_and_refuse_strangers(cluster: Clu
             await stub.KillProcess(hive_pb2.KillProcessRequest(pid=pid))
         assert err.value.code() == code, pid
     assert psutil.pid_exists(os.getpid())
+
+
+async def test_process_operations_are_scoped_to_the_hive_that_launched_them(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A credential in the hive's environment must not reach its workers.
+    monkeypatch.setenv("APIARY_SOMETHING_TOKEN", "hive-secret")
+    queen = cluster.start_queen()
+    first = cluster.start_hive(queen, "h1", "model=one")
+    second = cluster.start_hive(queen, "h2", "model=two")
+    (one,) = await cluster.wait_workers(queen, "one", 1)
+    environ = psutil.Process(one.pid).environ()
+    assert "APIARY_SOMETHING_TOKEN" not in environ
+    assert environ["APIARY_HIVE_ID"] == "h1" and environ["APIARY_WORKER_ID"] == one.id
+
+    stub = cluster.hive_stub(second)
+    listed = (await stub.ListProcesses(hive_pb2.ListProcessesRequest())).processes
+    theirs = next(p for p in listed if p.pid == one.pid)
+    assert theirs.owner == hive_pb2.PROCESS_OWNER_OTHER_HIVE and not theirs.known
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.KillProcess(hive_pb2.KillProcessRequest(pid=one.pid))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "of hive h1, which is running" in (err.value.details() or "")
+    assert psutil.pid_exists(one.pid)
+    own = await cluster.hive_stub(first).GetProcess(hive_pb2.GetProcessRequest(pid=one.pid))
+    assert own.process.owner == hive_pb2.PROCESS_OWNER_THIS_HIVE and own.process.known
+
+    # A worker process started by hand, outside a session of its own: killpg cannot reach it,
+    # and the kill is reported only once the process is really gone.
+    by_hand = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**cluster.env(), "APIARY_WORKER_ID": "w-by-hand"},
+    )
+    try:
+        killed = await stub.KillProcess(hive_pb2.KillProcessRequest(pid=by_hand.pid), timeout=10)
+        assert killed.process.owner == hive_pb2.PROCESS_OWNER_ORPHAN
+        assert by_hand.wait(5) == -signal.SIGKILL
+    finally:
+        by_hand.kill()
+        by_hand.wait()
 
 
 async def test_backend_catalog_and_hive_metrics(cluster: Cluster) -> None:
