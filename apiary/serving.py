@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -93,20 +94,39 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 unary, safe_decode, handler.response_serializer
             )
         if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: Context) -> Any:
-                if isinstance(request, _Undecodable):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}"
-                    )
-                async for response in inner_stream(request, context):
-                    yield response
-
             return grpc.unary_stream_rpc_method_handler(
-                stream, safe_decode, handler.response_serializer
+                _guarded_stream(handler.unary_stream, message),
+                safe_decode,
+                handler.response_serializer,
             )
         return handler  # client-streaming methods: none in our API
+
+
+def _guarded_stream(inner: Callable[..., Any], message: str) -> Callable[..., Any]:
+    """A server-streaming handler of the same shape as `inner`, refusing undecodable requests.
+
+    grpc.aio allows two shapes: an async generator (ours), or a coroutine that writes with
+    context.write() (grpc.health.v1's Watch); the wrapper must be the one `inner` is.
+    """
+
+    async def refuse_undecodable(request: Any, context: Context) -> None:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
+
+    if inspect.isasyncgenfunction(inner):
+
+        async def generator(request: Any, context: Context) -> Any:
+            await refuse_undecodable(request, context)
+            async for response in inner(request, context):
+                yield response
+
+        return generator
+
+    async def writer(request: Any, context: Context) -> Any:
+        await refuse_undecodable(request, context)
+        return await inner(request, context)
+
+    return writer
 
 
 @dataclass

@@ -60,6 +60,8 @@ class Hive:
     async def stop(self) -> None:
         """Workers go STOPPING first (the queen stops routing to them), finish their streams,
         then the hive says it is leaving and stops serving."""
+        # Health watchers (and load balancers) hear it first.
+        await self.running.health.enter_graceful_shutdown()
         self.tasks[1].cancel()  # no health checks on workers being stopped
         await self.supervisor.stop_all()
         await self.heartbeat.leave()
