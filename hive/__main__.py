@@ -56,7 +56,9 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
         raise argparse.ArgumentTypeError(f"--spawn count/slots must be integers: {exc}") from None
     restart = fields.pop("restart", "")
     tags = [t for t in fields.pop("tags", "").split("+") if t]
+    idle_retire = fields.pop("idle_retire", "0").lower() in ("1", "true", "yes")
     spec = WorkerSpec(
+        idle_retire=idle_retire,
         model=fields.pop("model"),
         backend=fields.pop("backend", "echo"),
         slots=slots,
@@ -105,7 +107,15 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
         "--idle-timeout",
         type=float,
         default=300.0,
-        help="retire workers idle this long (0 = never)",
+        help="retire workers idle this long (0 = never); --spawn workers are kept unless "
+        "their entry says idle_retire=1",
+    )
+    p.add_argument(
+        "--failed-ttl",
+        type=float,
+        default=600.0,
+        help="drop FAILED workers that will not restart from the table after this long "
+        "(0 = keep them)",
     )
     p.add_argument(
         "--restart-policy",
@@ -142,6 +152,7 @@ def settings_from(args: argparse.Namespace) -> SupervisorSettings:
             term_grace=args.term_grace,
             load_timeout=args.load_timeout,
             idle_timeout=args.idle_timeout,
+            failed_ttl=args.failed_ttl,
             restart=RestartSettings(
                 initial_backoff=args.restart_backoff, max_backoff=args.restart_backoff_max
             ),
@@ -190,9 +201,10 @@ async def run(args: argparse.Namespace) -> int:
     )
     for spec, count in args.spawn:
         try:
-            await hive.supervisor.ensure(hive.service.prepare(spec), count)
+            hive.supervisor.boot.append((hive.service.prepare(spec), count))
         except StatusError as refused:
             log.error("cannot spawn", spec=str(spec), error=refused.message)
+    await hive.supervisor.keep_boot_workers()
     await stop.wait()
     log.info("hive stopping", workers=len(hive.supervisor.workers))
     await hive.stop()

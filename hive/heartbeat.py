@@ -40,7 +40,9 @@ class HeartbeatLoop:
         backends: Sequence[str] = (),
         catalog: Callable[[], list[queen_pb2.CatalogEntry]] = list,
         security: Security | None = None,
+        problems: Callable[[], list[str]] = list,
     ) -> None:
+        self.problems = problems
         security = security or Security()
         self.backends = list(backends)
         self.catalog = catalog
@@ -88,6 +90,7 @@ class HeartbeatLoop:
             workers=[] if leaving else self.workers(),
             leaving=leaving,
             sequence=self.sequence,
+            problems=self.problems(),
         )
         try:
             reply = await self._stub.Heartbeat(beat, timeout=max(self.interval * 2, 1.0))

@@ -26,6 +26,8 @@ WORKER_ID_ENV = "APIARY_WORKER_ID"
 HIVE_ID_ENV = "APIARY_HIVE_ID"
 HIVE_PROCESS_ENV = "APIARY_HIVE_PROCESS"
 WORKER_TOKEN_ENV = "APIARY_WORKER_TOKEN"
+# What the worker was spawned as (JSON), so a hive whose table is lost can rebuild its row.
+WORKER_SPEC_ENV = "APIARY_WORKER_SPEC"
 
 
 def is_secret(name: str) -> bool:
@@ -59,6 +61,16 @@ class ProcessIdentity:
     create_time: float
 
 
+@dataclass(frozen=True)
+class FoundWorker:
+    """A live worker process found by its markers (not through the table)."""
+
+    identity: ProcessIdentity
+    worker_id: str
+    spec: str  # the JSON it was spawned with
+    address: str  # where it listens ('' if not yet)
+
+
 @dataclass
 class Launched:
     """A worker process: our child (`process` set) or adopted after a hive restart (None)."""
@@ -79,13 +91,15 @@ class Launcher:
         # psutil handles kept between samples: cpu_percent() measures since the last call.
         self._sampled: dict[ProcessIdentity, psutil.Process] = {}
 
-    def worker_env(self, worker_id: str, token: str) -> dict[str, str]:
+    def worker_env(self, worker_id: str, token: str, spec: str = "") -> dict[str, str]:
         """The hive's environment without its secrets, the worker's markers, and the worker's
         own credential (in the environment, never on a command line)."""
         env = {k: v for k, v in os.environ.items() if not is_secret(k)}
         env[WORKER_ID_ENV] = worker_id
         env[HIVE_ID_ENV] = self.instance.hive_id
         env[HIVE_PROCESS_ENV] = self.instance.marker
+        if spec:
+            env[WORKER_SPEC_ENV] = spec
         if token:
             env[WORKER_TOKEN_ENV] = token
         return env
@@ -135,6 +149,30 @@ class Launcher:
             return False
         hive_id = env.get(HIVE_ID_ENV, self.instance.hive_id)
         return env.get(WORKER_ID_ENV) == worker_id and hive_id == self.instance.hive_id
+
+    def own_workers(self) -> list[FoundWorker]:
+        """Worker processes any run of this hive id launched, found by their markers."""
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                with proc.oneshot():
+                    env = proc.environ()
+                    worker_id = env.get(WORKER_ID_ENV, "")
+                    if not worker_id or env.get(HIVE_ID_ENV) != self.instance.hive_id:
+                        continue
+                    if proc.status() == psutil.STATUS_ZOMBIE:
+                        continue
+                    ident = ProcessIdentity(proc.pid, proc.create_time())
+                    listening = [
+                        c.laddr
+                        for c in proc.net_connections(kind="inet")
+                        if c.status == psutil.CONN_LISTEN
+                    ]
+            except psutil.Error:
+                continue
+            address = f"{listening[0].ip}:{listening[0].port}" if listening else ""
+            found.append(FoundWorker(ident, worker_id, env.get(WORKER_SPEC_ENV, ""), address))
+        return found
 
     def sample(self, ident: ProcessIdentity) -> tuple[float, int]:
         """(cpu % since the last sample, rss bytes); zeros when the process is gone."""

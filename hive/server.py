@@ -108,6 +108,7 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
             for e in catalog.cached_entries()
         ],
         security=security,
+        problems=lambda: [supervisor.persist_error] if supervisor.persist_error else [],
     )
     supervisor.on_change = heartbeat.poke
     tasks = [

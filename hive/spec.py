@@ -16,6 +16,8 @@ class WorkerSpec:
     backend_options: dict[str, str] = field(default_factory=dict)
     restart_policy: common_pb2.RestartPolicy.ValueType = common_pb2.RESTART_POLICY_UNSPECIFIED
     tags: list[str] = field(default_factory=list)
+    # A boot (--spawn) worker opted into idle retirement; others from boot are kept.
+    idle_retire: bool = False
 
     def same_as(self, other: WorkerSpec) -> bool:
         def key(spec: WorkerSpec) -> tuple[object, ...]:

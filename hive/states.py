@@ -132,6 +132,9 @@ class LifecycleSettings:
     load_timeout: float = 120.0
     # 0 = never retire idle workers.
     idle_timeout: float = 300.0
+    # A FAILED worker nothing will restart keeps its row (for `worker list --state failed`)
+    # this long, then goes (0 = keep forever).
+    failed_ttl: float = 600.0
     restart: RestartSettings = field(default_factory=RestartSettings)
 
 
@@ -164,6 +167,8 @@ class Lifecycle:
     restart_at: float | None = None
     stage: Stage = Stage.NONE
     stage_deadline: float | None = None
+    # When it became FAILED for good (nothing runs, no restart coming): its row's TTL starts.
+    failed_since: float | None = None
     health: HealthTracker = field(init=False)
 
     def __post_init__(self) -> None:
@@ -182,6 +187,7 @@ class Lifecycle:
         self.failure_reason = ""
         self.restart_at = None
         self.stage, self.stage_deadline = Stage.NONE, None
+        self.failed_since = None
         self.health = HealthTracker(self.settings.health_failures)
         self.loading_since = now
         if restart:
@@ -200,6 +206,7 @@ class Lifecycle:
         self.phase = Phase.FAILED
         self.alive = False
         self.failure_reason = f"could not start process: {error}"
+        self.failed_since = now
         return [*CHANGED, Log("error", "cannot start worker", (("error", error),))]
 
     def ready(self, now: float, address: str) -> list[Action]:
@@ -265,12 +272,20 @@ class Lifecycle:
 
     def wake_at(self) -> float | None:
         """When tick() is next due (None: nothing is waiting on time)."""
-        due = [t for t in (self.stage_deadline, self.restart_at, self._load_deadline()) if t]
+        deadlines = (
+            self.stage_deadline, self.restart_at, self._load_deadline(), self._failed_deadline()
+        )  # fmt: skip
+        due = [t for t in deadlines if t]
         return min(due) if due else None
 
     def _load_deadline(self) -> float | None:
         if self.phase is Phase.LOADING and self.alive and self.settings.load_timeout > 0:
             return self.loading_since + self.settings.load_timeout
+        return None
+
+    def _failed_deadline(self) -> float | None:
+        if self.failed_since is not None and self.settings.failed_ttl > 0:
+            return self.failed_since + self.settings.failed_ttl
         return None
 
     def tick(self, now: float) -> list[Action]:
@@ -285,6 +300,12 @@ class Lifecycle:
             # LOADING -> FAILED: stuck loading (a hung download, a deadlocked engine).
             timeout = self.settings.load_timeout
             return self._fail_and_kill(now, f"still LOADING after {timeout:g}s (load timeout)")
+        failed = self._failed_deadline()
+        if failed is not None and now >= failed and self.phase is Phase.FAILED:
+            # FAILED -> GONE: kept long enough to be seen; it no longer clutters the table.
+            self.phase = Phase.GONE
+            ttl = self.settings.failed_ttl
+            return [Remove(), *CHANGED, Log("info", "failed worker removed", (("after", ttl),))]
         return []
 
     def _escalate(self, now: float) -> list[Action]:
@@ -304,6 +325,7 @@ class Lifecycle:
     def stop(self, now: float, force: bool = False, grace: float | None = None) -> list[Action]:
         """Stop the worker for good: no restart; the row goes once the process is gone."""
         self.restart_at = None
+        self.failed_since = None
         if not self.alive:
             # FAILED/RESTART_PENDING -> GONE: nothing runs; drop the row now.
             self.phase = Phase.GONE
@@ -361,6 +383,7 @@ class Lifecycle:
         if not decision.restart:
             # FAILED stays: the policy says no, or it is crash-looping.
             self.failure_reason = f"{self.failure_reason}; {decision.reason}"
+            self.failed_since = now
             return [Log("warning", "worker will not be restarted", (("reason", decision.reason),))]
         # FAILED -> RESTART_PENDING: back after a backoff that grows with each failure.
         self.phase = Phase.RESTART_PENDING
@@ -399,7 +422,10 @@ class Lifecycle:
         self.alive = False
         self.address = ""
         self.phase = Phase.FAILED
-        return self._after_failure(now, clean_exit=False) if restart_pending else []
+        if restart_pending:
+            return self._after_failure(now, clean_exit=False)
+        self.failed_since = now
+        return []
 
 
 def _exit(code: int | None) -> tuple[tuple[str, object], ...]:

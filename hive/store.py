@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,6 +15,14 @@ FORMAT_VERSION = 1
 
 class StateDirBusy(Exception):
     """Another live hive owns this state directory."""
+
+
+class TableUnreadable(Exception):
+    """The table on disk is not JSON we wrote; it was moved aside to `saved_as`."""
+
+    def __init__(self, path: Path, saved_as: Path | None, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.saved_as, self.reason = path, saved_as, reason
 
 
 @dataclass
@@ -38,6 +46,8 @@ class WorkerRow:
     restart_count: int = 0
     failure_reason: str = ""
     restart_pending: bool = False
+    # Never retired for idleness (the hive keeps it from boot).
+    keep: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +78,7 @@ class WorkerRow:
                 restart_count=int(data.get("restart_count", 0)),
                 failure_reason=_text(data.get("failure_reason", "")),
                 restart_pending=bool(data.get("restart_pending", False)),
+                keep=bool(data.get("keep", False)),
             )
         except KeyError as exc:
             raise ValueError(f"row has no {exc.args[0]!r}") from None
@@ -116,31 +127,40 @@ class WorkerStore:
             self._lock_file = None
 
     def load(self) -> list[WorkerRow]:
-        """The rows on disk; unreadable rows are skipped (see load_rows for why)."""
+        """The rows on disk (unreadable rows skipped: their workers are found by their
+        markers). Raises TableUnreadable, having moved the bad file aside."""
         return [row for row in self.load_rows() if isinstance(row, WorkerRow)]
 
     def load_rows(self) -> list[WorkerRow | ValueError]:
         """Each row, or the ValueError that says why it could not be read."""
         try:
             data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+                raise ValueError(f"not a version {FORMAT_VERSION} worker table")
+            workers = data.get("workers")
+            if not isinstance(workers, list):
+                raise ValueError("no list of workers")
         except FileNotFoundError:
             return []
-        except (OSError, ValueError):
-            # A torn file cannot happen (we replace atomically), but a hand-edited one can.
-            broken = self.path.with_suffix(".broken")
-            with contextlib.suppress(OSError):
-                self.path.replace(broken)
-            return []
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-            return []
-        workers = data.get("workers", [])
+        except (OSError, ValueError) as exc:
+            # A torn file cannot happen (we replace atomically), but a hand-edited or a
+            # corrupted one can: keep it for a person to look at, and start over.
+            raise TableUnreadable(self.path, self._set_aside(), str(exc)) from None
         rows: list[WorkerRow | ValueError] = []
-        for item in workers if isinstance(workers, list) else []:
+        for item in workers:
             try:
                 rows.append(WorkerRow.from_json(item))
             except ValueError as exc:
                 rows.append(exc)
         return rows
+
+    def _set_aside(self) -> Path | None:
+        broken = self.path.with_name(f"{self.path.name}.broken-{int(time.time())}")
+        try:
+            self.path.replace(broken)
+        except OSError:
+            return None
+        return broken
 
     def save(self, rows: list[WorkerRow]) -> None:
         """Write-then-rename, so a crash mid-write leaves the previous table whole."""

@@ -10,6 +10,8 @@ itself; the OS is behind `Launcher`, the workers' RPCs behind `WorkerClient`.
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import signal
 import sys
 import uuid
@@ -18,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import structlog
 
 from apiary.clock import Clock, SystemClock
+from apiary.errors import StatusError
 from apiary.protoutil import naming
 from apiary.security import Security, tls_args
 from hive.launcher import Launched, Launcher, ProcessIdentity
@@ -46,7 +50,7 @@ from hive.states import (
     Signal,
     adoption,
 )
-from hive.store import WorkerRow, WorkerStore
+from hive.store import TableUnreadable, WorkerRow, WorkerStore
 from hive.worker_client import WorkerClient
 from protos.v1 import common_pb2
 
@@ -58,6 +62,22 @@ UNSETTLED = frozenset({Phase.LOADING, Phase.ADOPTING})
 
 class WorkerNotFound(KeyError):
     pass
+
+
+def spec_json(spec: WorkerSpec, keep: bool) -> str:
+    """What a worker process carries of its spec, for a hive that lost its table."""
+    return json.dumps(
+        {
+            "model": spec.model,
+            "backend": spec.backend,
+            "slots": spec.slots,
+            "device": spec.device,
+            "backend_options": spec.backend_options,
+            "restart_policy": int(spec.restart_policy),
+            "tags": spec.tags,
+            "keep": keep,
+        }
+    )
 
 
 @dataclass
@@ -142,6 +162,11 @@ class Supervisor:
         self.started = self.clock.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._persisted: list[WorkerRow] | None = None
+        # Why the table could not be saved last time ('' when it could): heartbeats carry it.
+        self.persist_error = ""
+        self._persist_errno = 0
+        # Workers the hive keeps from boot (--spawn): spec, count. Their count is kept.
+        self.boot: list[tuple[WorkerSpec, int]] = []
 
     def get(self, worker_id: str) -> ManagedWorker:
         try:
@@ -175,21 +200,45 @@ class Supervisor:
         return worker
 
     async def spawn(self, spec: WorkerSpec, keep: bool = False) -> ManagedWorker:
+        """Start a worker; raises StatusError if its row cannot be saved (nothing then runs)."""
         if spec.restart_policy == common_pb2.RESTART_POLICY_UNSPECIFIED:
             spec.restart_policy = self.settings.default_policy
         worker = self._new_worker(f"w-{uuid.uuid4().hex[:12]}", spec, keep)
+        if self._save():  # the row first: a process nobody recorded would be orphaned
+            self._remove(worker)
+            self._save()
+            raise self._unsaved(f"worker {worker.id} was not started")
         await self._carry_out(worker, worker.life.start(self.clock.monotonic()))
+        if self.persist_error and worker.alive():
+            await self.stop(worker.id, force=True)
+            raise self._unsaved(f"worker {worker.id} was stopped: it could not be recorded")
         return worker
 
-    async def ensure(self, spec: WorkerSpec, count: int) -> None:
-        """Have `count` workers of `spec` (boot-time --spawn): re-adopted ones count."""
-        have = sum(
-            1
+    def _unsaved(self, consequence: str) -> StatusError:
+        full = self._persist_errno in (errno.ENOSPC, errno.EDQUOT)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE
+        return StatusError(code, f"{self.persist_error}; {consequence}")
+
+    async def ensure(self, spec: WorkerSpec, count: int, keep: bool = True) -> None:
+        """Have `count` workers of `spec` (boot-time --spawn): re-adopted ones count, and are
+        kept from idle retirement like new ones unless `keep` is off."""
+        have = [
+            w
             for w in self.workers.values()
-            if w.spec.same_as(spec) and w.life.phase is not Phase.STOPPING
-        )
-        for _ in range(count - have):
-            await self.spawn(WorkerSpec(**vars(spec)))
+            if w.spec.same_as(spec) and w.life.phase not in (Phase.STOPPING, Phase.GONE)
+        ]
+        for worker in have:
+            worker.keep = keep
+        for _ in range(count - len(have)):
+            await self.spawn(WorkerSpec(**vars(spec)), keep=keep)
+
+    async def keep_boot_workers(self) -> None:
+        """Bring each --spawn entry back to its count (a worker retired, or its row expired)."""
+        for spec, count in self.boot:
+            try:
+                await self.ensure(spec, count, keep=not spec.idle_retire)
+            except StatusError as refused:
+                log.error("cannot keep boot workers", model=spec.model, error=refused.message)
 
     # ---- carrying out actions ---------------------------------------------
 
@@ -227,17 +276,14 @@ class Supervisor:
         worker.launched = None
         worker.started_at = self.clock.time()
         worker.load_progress, worker.status_detail = 0.0, "starting"
-        token = self.security.tokens.worker
+        env = self.launcher.worker_env(
+            worker.id, self.security.tokens.worker, spec_json(worker.spec, worker.keep)
+        )
         try:
-            launched = await self.launcher.start(
-                self.worker_argv(worker),
-                self.launcher.worker_env(worker.id, token),
-                worker.log_path,
-            )
+            launched = await self.launcher.start(self.worker_argv(worker), env, worker.log_path)
         except OSError as exc:
-            await self._carry_out(
-                worker, worker.life.launch_failed(self.clock.monotonic(), str(exc))
-            )
+            failed = worker.life.launch_failed(self.clock.monotonic(), str(exc))
+            await self._carry_out(worker, failed)
             return
         self.spawns += 1
         worker.launched = launched
@@ -372,6 +418,7 @@ class Supervisor:
         while True:
             try:
                 await self.monitor_once()
+                await self.keep_boot_workers()
             except Exception:
                 # The monitor must never die silently: log and keep going.
                 log.exception("monitor step failed")
@@ -403,14 +450,26 @@ class Supervisor:
     # ---- persistence ------------------------------------------------------
 
     def _changed(self) -> None:
-        rows = [self._row(w) for w in self.workers.values()]
-        if rows != self._persisted:
-            try:
-                self.store.save(rows)
-                self._persisted = rows
-            except OSError as exc:
-                log.error("cannot save worker table", path=str(self.store.path), error=str(exc))
+        self._save()
         self.on_change()
+
+    def _save(self) -> str:
+        """Write the table if it changed; returns why it could not be ('' if it could)."""
+        rows = [self._row(w) for w in self.workers.values()]
+        if rows == self._persisted:
+            return self.persist_error
+        try:
+            self.store.save(rows)
+        except OSError as exc:
+            error = f"cannot save the worker table {self.store.path}: {exc.strerror or exc}"
+            if error != self.persist_error:
+                log.error("cannot save the worker table", path=str(self.store.path), error=str(exc))
+            self.persist_error, self._persist_errno = error, exc.errno or 0
+            return error
+        if self.persist_error:
+            log.info("worker table saved again", path=str(self.store.path))
+        self._persisted, self.persist_error = rows, ""
+        return ""
 
     def _row(self, worker: ManagedWorker) -> WorkerRow:
         life, ident = worker.life, worker.identity
@@ -434,15 +493,55 @@ class Supervisor:
             restart_count=life.restart_count,
             failure_reason=life.failure_reason,
             restart_pending=life.restart_at is not None,
+            keep=worker.keep,
         )
 
     # ---- adoption after a hive restart --------------------------------------
 
     async def adopt(self) -> None:
-        """After a hive restart: take back live, healthy workers; kill or restart the rest."""
-        rows = self.store.load()
+        """After a hive restart: take back live, healthy workers; kill or restart the rest.
+
+        Workers the table does not name (it was unreadable, or a row was) are found by their
+        markers and adopted too: none is orphaned, and none started twice.
+        """
+        try:
+            rows = self.store.load()
+        except TableUnreadable as exc:
+            log.error(
+                "worker table unreadable; recovering workers from the process table",
+                path=str(exc.path),
+                saved_as=str(exc.saved_as or "(could not be moved)"),
+                error=exc.reason,
+            )
+            rows = []
+        rows += self._recovered({row.id for row in rows})
         await asyncio.gather(*(self._adopt_row(row) for row in rows))
         self._changed()
+
+    def _recovered(self, known: set[str]) -> list[WorkerRow]:
+        """Rows rebuilt from live worker processes of this hive id that `known` lacks."""
+        rows = []
+        for found in self.launcher.own_workers():
+            if found.worker_id in known:
+                continue
+            try:
+                spec = json.loads(found.spec) if found.spec else {}
+                row = WorkerRow.from_json(
+                    {
+                        **(spec if isinstance(spec, dict) else {}),
+                        "id": found.worker_id,
+                        "pid": found.identity.pid,
+                        "create_time": found.identity.create_time,
+                        "address": found.address,
+                        "state": "IDLE" if found.address else "LOADING",
+                    }
+                )
+            except ValueError as exc:
+                log.error("cannot recover worker", worker_id=found.worker_id, error=str(exc))
+                continue
+            log.warning("recovered worker from the process table", worker_id=row.id, pid=row.pid)
+            rows.append(row)
+        return rows
 
     def _restore(self, row: WorkerRow) -> ManagedWorker:
         spec = WorkerSpec(
@@ -454,7 +553,7 @@ class Supervisor:
             restart_policy=row.restart_policy,  # type: ignore[arg-type]
             tags=row.tags,
         )
-        worker = self._new_worker(row.id, spec)
+        worker = self._new_worker(row.id, spec, keep=row.keep)
         life = worker.life
         life.phase, life.address = Phase.ADOPTING, row.address
         life.restart_count, life.failure_reason = row.restart_count, row.failure_reason

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hive.launcher import Launched, Launcher, ProcessIdentity
-from hive.store import WorkerRow, WorkerStore
+from hive.launcher import FoundWorker, Launched, Launcher, ProcessIdentity
+from hive.store import TableUnreadable, WorkerRow, WorkerStore
 from hive.worker_client import WorkerClient
 from protos.v1 import common_pb2
 
@@ -46,8 +48,10 @@ class FakeLauncher(Launcher):
         self.orphans: dict[ProcessIdentity, str] = {}
         self.gone: dict[ProcessIdentity, asyncio.Event] = {}
         self.fail_next_start = ""
+        # Live workers of this hive id found by their markers (not through the table).
+        self.found: list[FoundWorker] = []
 
-    def worker_env(self, worker_id: str, token: str) -> dict[str, str]:
+    def worker_env(self, worker_id: str, token: str, spec: str = "") -> dict[str, str]:
         return {"APIARY_WORKER_ID": worker_id}
 
     async def start(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Launched:
@@ -94,6 +98,9 @@ class FakeLauncher(Launcher):
         elif ident.pid in self.processes:
             await self.processes[ident.pid].wait()
 
+    def own_workers(self) -> list[FoundWorker]:
+        return list(self.found)
+
     def sample(self, ident: ProcessIdentity) -> tuple[float, int]:
         return 1.0, 1 << 20
 
@@ -138,15 +145,27 @@ class FakeWorkerClient(WorkerClient):
 class MemoryStore(WorkerStore):
     """The worker table in memory (it is read back as a restarted hive would)."""
 
-    def __init__(self, rows: list[WorkerRow] | None = None) -> None:
+    def __init__(self, rows: list[WorkerRow] | None = None, unreadable: bool = False) -> None:
         super().__init__(Path("/nonexistent/apiary-test-state"))
         self.rows = list(rows or [])
         self.saves = 0
+        self.unreadable = unreadable
+        # Saving fails with this errno (0: it works), or after this many more saves.
+        self.fail_with = 0
+        self.fail_after: int | None = None
 
     def load(self) -> list[WorkerRow]:
+        if self.unreadable:
+            raise TableUnreadable(self.path, None, "Expecting value: line 1 column 1 (char 0)")
         return list(self.rows)
 
     def save(self, rows: list[WorkerRow]) -> None:
+        if self.fail_after is not None:
+            self.fail_after -= 1
+            if self.fail_after < 0:
+                self.fail_with = errno.ENOSPC
+        if self.fail_with:
+            raise OSError(self.fail_with, os.strerror(self.fail_with))
         self.rows = list(rows)
         self.saves += 1
 

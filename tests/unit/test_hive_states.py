@@ -89,7 +89,7 @@ def test_backoff_doubles_within_jitter_bounds_until_a_crash_loop_stops_it() -> N
     for delay, base in zip(delays, (1, 2, 4, 8), strict=True):
         assert 0.8 * base <= delay <= 1.2 * base
     life.exited(now + 1, 1)  # the fifth failure within 5 minutes
-    assert phase_of(life) is Phase.FAILED and life.wake_at() is None
+    assert phase_of(life) is Phase.FAILED and life.wake_at() == now + 1 + 600  # the row's TTL
     assert life.failure_reason == (
         "exited with code 1; crash loop: 5 failures in 300s; "
         "not restarting (spawn it again once fixed)"
@@ -199,8 +199,26 @@ def test_a_process_that_cannot_start_is_failed_without_restart() -> None:
     life = lifecycle()
     life.start(0.0)
     life.launch_failed(0.0, "No such file or directory")
-    assert phase_of(life) is Phase.FAILED and life.wake_at() is None
+    assert phase_of(life) is Phase.FAILED and life.wake_at() == 600.0  # only its row's TTL
     assert life.exited(1.0, 1) == []  # nothing of ours was running
+
+
+def test_a_failed_row_goes_after_its_ttl_but_not_while_a_restart_is_coming() -> None:
+    never = ready_worker(policy=common_pb2.RESTART_POLICY_NEVER)
+    never.exited(10.0, 1)
+    assert never.tick(609.9) == [] and phase_of(never) is Phase.FAILED
+    assert Remove() in never.tick(610.0) and phase_of(never) is Phase.GONE
+    pending = ready_worker()
+    pending.exited(10.0, 1)
+    assert pending.failed_since is None  # a restart is coming: not FAILED for good
+    killing = ready_worker(settings=LifecycleSettings(health_failures=1, failed_ttl=5))
+    killing.health_checked(1.0, False, "UNAVAILABLE")
+    assert killing.failed_since is None  # the process still runs until it is killed
+    keep = ready_worker(
+        policy=common_pb2.RESTART_POLICY_NEVER, settings=LifecycleSettings(failed_ttl=0)
+    )
+    keep.exited(1.0, 1)
+    assert keep.wake_at() is None  # 0: failed rows stay until removed by hand
 
 
 @pytest.mark.parametrize(

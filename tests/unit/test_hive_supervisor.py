@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
+from apiary.errors import StatusError
+from hive.launcher import FoundWorker
 from hive.records import worker_record
 from hive.spec import WorkerSpec
 from hive.states import LifecycleSettings, Phase
@@ -19,6 +23,7 @@ from tests.fakes import FakeClock, settle
 from tests.unit.hive_fakes import FakeLauncher, FakeWorkerClient, MemoryStore
 
 ADDRESS = "127.0.0.1:6000"
+NEVER = common_pb2.RESTART_POLICY_NEVER
 
 
 @dataclass
@@ -223,3 +228,78 @@ async def test_the_table_on_disk_follows_the_lifecycle(hive: Hive) -> None:
     assert (saved.state, saved.restart_pending, saved.pid) == ("FAILED", True, 0)
     assert saved.failure_reason == "exited with code 1"
     assert saved == WorkerRow.from_json(saved.to_json())
+
+
+async def test_boot_workers_are_kept_from_idle_retirement_and_their_count_is_kept(
+    hive: Hive,
+) -> None:
+    supervisor = hive.supervisor
+    supervisor.boot = [
+        (WorkerSpec("demo", "echo"), 2),
+        (WorkerSpec("spare", "echo", idle_retire=True), 1),
+    ]
+    await supervisor.keep_boot_workers()
+    for worker in list(supervisor.workers.values()):
+        assert worker.launched is not None
+        await supervisor.report_ready(worker.id, ADDRESS, worker.launched.pid, "")
+    kept = {w.id for w in supervisor.workers.values() if w.spec.model == "demo"}
+    assert len(kept) == 2 and all(supervisor.workers[w].keep for w in kept)
+    await hive.clock.run(400.0)
+    await supervisor.monitor_once()
+    await hive.clock.run(12.0)  # the spare one is retired (SIGTERM after its grace)
+    assert {w.spec.model for w in supervisor.workers.values()} == {"demo"}
+    retired = next(iter(kept))
+    stopping = asyncio.create_task(supervisor.stop(retired))  # an operator retires one
+    await hive.clock.run(12.0)
+    await stopping
+    await supervisor.keep_boot_workers()
+    demo = [w for w in supervisor.workers.values() if w.spec.model == "demo"]
+    assert len(demo) == 2 and retired not in {w.id for w in demo}
+
+
+async def test_a_failed_row_is_dropped_after_the_failed_ttl(hive: Hive) -> None:
+    worker = await hive.ready(WorkerSpec("demo", "echo", restart_policy=NEVER))
+    hive.kill(worker, code=1)
+    await settle()
+    assert worker.life.phase is Phase.FAILED and hive.store.rows[0].state == "FAILED"
+    await hive.clock.run(599.0)
+    assert worker.id in hive.supervisor.workers
+    await hive.clock.run(1.0)
+    assert worker.id not in hive.supervisor.workers and hive.store.rows == []
+
+
+async def test_a_spawn_whose_row_cannot_be_saved_starts_nothing(hive: Hive) -> None:
+    hive.store.fail_with = errno.ENOSPC
+    with pytest.raises(StatusError) as refused:
+        await hive.supervisor.spawn(WorkerSpec("demo", "echo"))
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "cannot save the worker table" in refused.value.message
+    assert refused.value.message.endswith("was not started")
+    assert hive.launcher.argvs == [] and hive.supervisor.workers == {}
+    assert "No space left" in hive.supervisor.persist_error  # what heartbeats carry
+    hive.store.fail_with = 0
+    await hive.ready()
+    assert hive.supervisor.persist_error == ""
+
+
+async def test_a_spawn_recorded_halfway_is_stopped(hive: Hive) -> None:
+    hive.store.fail_after = 1  # the row is written, then the disk fills
+    with pytest.raises(StatusError, match="was stopped: it could not be recorded"):
+        await hive.supervisor.spawn(WorkerSpec("demo", "echo"))
+    (pid, sig) = hive.launcher.signals[0]
+    assert sig == signal.SIGKILL and hive.supervisor.workers == {}
+
+
+async def test_workers_missing_from_an_unreadable_table_are_found_by_their_markers() -> None:
+    made = make_hive(MemoryStore(unreadable=True))
+    ident = made.launcher.add_orphan(777, "w-kept")
+    spec = '{"model": "demo", "backend": "echo", "slots": 2, "device": "cpu", "keep": true}'
+    made.launcher.found = [FoundWorker(ident, "w-kept", spec, "127.0.0.1:777")]
+    try:
+        await made.supervisor.adopt()
+        (worker,) = made.supervisor.workers.values()
+        assert (worker.id, worker.identity, worker.spec.slots) == ("w-kept", ident, 2)
+        assert worker.life.phase is Phase.IDLE and worker.keep
+        assert made.launcher.argvs == []  # adopted, not started twice
+    finally:
+        await made.supervisor.close()
