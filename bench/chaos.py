@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apiary.protoutil import READY_STATES
 from apiary.serving import CHANNEL_OPTIONS
 from bench.load import Tally, client
+from harness import Cluster, NotMet, wait_until
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from tests.integration.cluster import Cluster
 
 
 async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, Any]:
@@ -53,15 +53,13 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
         faults: dict[str, float] = {}
 
         async def until(check: Any, limit: float = 20) -> float:
+            """Seconds until `check` held; infinity if it did not within `limit`."""
             start = time.monotonic()
-            while time.monotonic() - start < limit:
-                try:
-                    if await check():
-                        return time.monotonic() - start
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.01)
-            return float("inf")
+            try:
+                await wait_until(check, limit, interval=0.01)
+            except NotMet:
+                return float("inf")
+            return time.monotonic() - start
 
         await asyncio.sleep(seconds * 0.15)
         # 1. A worker.
