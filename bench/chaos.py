@@ -61,7 +61,7 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
                 return float("inf")
             return time.monotonic() - start
 
-        await asyncio.sleep(seconds * 0.15)
+        await asyncio.sleep(seconds * 0.15)  # a phase of steady load before the fault
         # 1. A worker.
         victim = workers[0]
         os.kill(victim.pid, signal.SIGKILL)
@@ -72,7 +72,7 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
 
         faults["worker SIGKILL -> not routed"] = await until(worker_out)
 
-        await asyncio.sleep(seconds * 0.15)
+        await asyncio.sleep(seconds * 0.15)  # a phase of steady load before the fault
         # 2. A whole hive: the hive and its workers, like a machine that lost power.
         lost = hives[1]
         procs = [psutil.Process(lost.pid), *psutil.Process(lost.pid).children()]
@@ -85,7 +85,7 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
 
         faults["hive SIGKILL -> not routed"] = await until(hive_out)
 
-        await asyncio.sleep(seconds * 0.15)
+        await asyncio.sleep(seconds * 0.15)  # a phase of steady load before the fault
         # 3. The queen, started again by us on the same port and state dir.
         port = queen.port
         tally.queen_down = True

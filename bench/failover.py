@@ -53,7 +53,7 @@ async def main() -> None:
             )
             for _ in range(args.clients)
         ]
-        await asyncio.sleep(args.kill_at)
+        await asyncio.sleep(args.kill_at)  # steady load until the kill: the experiment's clock
         victim = workers[0]
         before = (tally.accepted, tally.completed)
         os.kill(victim.pid, signal.SIGKILL)

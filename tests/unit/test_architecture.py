@@ -150,7 +150,6 @@ def test_no_single_letter_module_aliases_and_no_attribute_named_c() -> None:
         uses = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "c"]
         if uses:
             first = min(uses, key=lambda n: n.lineno)
-            offenders.append(
-                f"{where(path, first)}: attribute {ast.unparse(first)} ({len(uses)} uses in the file)"
-            )
+            text = f"attribute {ast.unparse(first)} ({len(uses)} uses in the file)"
+            offenders.append(f"{where(path, first)}: {text}")
     assert not offenders, "names that say nothing:\n" + "\n".join(sorted(offenders, key=by_place))
