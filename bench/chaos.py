@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apiary.protoutil import READY_STATES
 from apiary.serving import CHANNEL_OPTIONS
 from bench.load import Tally, client
+from harness import Cluster, NotMet, wait_until
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from tests.integration.cluster import Cluster
 
 
 async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, Any]:
@@ -53,17 +53,15 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
         faults: dict[str, float] = {}
 
         async def until(check: Any, limit: float = 20) -> float:
+            """Seconds until `check` held; infinity if it did not within `limit`."""
             start = time.monotonic()
-            while time.monotonic() - start < limit:
-                try:
-                    if await check():
-                        return time.monotonic() - start
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.01)
-            return float("inf")
+            try:
+                await wait_until(check, limit, interval=0.01)
+            except NotMet:
+                return float("inf")
+            return time.monotonic() - start
 
-        await asyncio.sleep(seconds * 0.15)
+        await asyncio.sleep(seconds * 0.15)  # a phase of steady load before the fault
         # 1. A worker.
         victim = workers[0]
         os.kill(victim.pid, signal.SIGKILL)
@@ -74,7 +72,7 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
 
         faults["worker SIGKILL -> not routed"] = await until(worker_out)
 
-        await asyncio.sleep(seconds * 0.15)
+        await asyncio.sleep(seconds * 0.15)  # a phase of steady load before the fault
         # 2. A whole hive: the hive and its workers, like a machine that lost power.
         lost = hives[1]
         procs = [psutil.Process(lost.pid), *psutil.Process(lost.pid).children()]
@@ -87,7 +85,7 @@ async def run(seconds: float, clients: int, cap: int, tokens: int) -> dict[str, 
 
         faults["hive SIGKILL -> not routed"] = await until(hive_out)
 
-        await asyncio.sleep(seconds * 0.15)
+        await asyncio.sleep(seconds * 0.15)  # a phase of steady load before the fault
         # 3. The queen, started again by us on the same port and state dir.
         port = queen.port
         tally.queen_down = True

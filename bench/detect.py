@@ -24,16 +24,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apiary.protoutil import READY_STATES
+from harness import Cluster, wait_until
 from protos.v1 import common_pb2, queen_pb2
-from tests.integration.cluster import Cluster
-
-
-async def bounded(check: Any, seconds: float) -> None:
-    deadline = time.perf_counter() + seconds
-    while not await check():
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"not ready within {seconds}s")
-        await asyncio.sleep(0.01)
 
 
 async def _hive_known(admin: Any) -> bool:
@@ -42,6 +34,14 @@ async def _hive_known(admin: Any) -> bool:
 
 async def _ready(admin: Any, request: queen_pb2.GetWorkerRequest) -> bool:
     return (await admin.GetWorker(request)).worker.state in READY_STATES
+
+
+async def _not_routable(admin: Any, request: queen_pb2.GetWorkerRequest) -> bool:
+    try:
+        state = (await admin.GetWorker(request)).worker.state
+    except grpc.aio.AioRpcError:
+        return True  # gone from the registry: not routable either
+    return state not in READY_STATES
 
 
 async def main() -> None:
@@ -56,7 +56,7 @@ async def main() -> None:
             queen, "bench", extra=("--health-interval", "5", "--health-timeout", "2")
         )
         admin = cluster.admin_stub(queen)
-        await bounded(lambda: _hive_known(admin), 30)
+        await wait_until(lambda: _hive_known(admin), 30, interval=0.01)
         rtt: list[float] = []
         detect: list[float] = []
         for i in range(args.kills):
@@ -72,21 +72,15 @@ async def main() -> None:
             )
             worker = spawned.worker
             request = queen_pb2.GetWorkerRequest(worker_id=worker.id)
-            await bounded(functools.partial(_ready, admin, request), 30)
+            await wait_until(functools.partial(_ready, admin, request), 30, interval=0.01)
             t0 = time.perf_counter()
             await admin.GetWorker(request)
             rtt.append(time.perf_counter() - t0)
 
             os.kill(worker.pid, signal.SIGKILL)
             killed = time.perf_counter()
-            give_up = time.perf_counter() + 30  # bounded: a missed kill must not loop forever
-            while time.perf_counter() < give_up:
-                try:
-                    state = (await admin.GetWorker(request)).worker.state
-                except grpc.aio.AioRpcError:
-                    break  # gone from the registry: not routable either
-                if state not in READY_STATES:
-                    break
+            # Polled back to back (interval 0): the poll is the measurement's resolution.
+            await wait_until(functools.partial(_not_routable, admin, request), 30, interval=0)
             detect.append(time.perf_counter() - killed)
             await admin.RetireWorker(queen_pb2.RetireWorkerRequest(worker_id=worker.id), timeout=30)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import Cluster
+from harness.gguf import write_tiny_gguf
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
-from tests.integration.cluster import Cluster
-from tests.tiny_gguf import write_tiny_gguf
 
 PROMPT = "the bees fly to the hive and the queen"
 

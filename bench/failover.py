@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apiary.protoutil import READY_STATES
 from bench.load import Tally, client
+from harness import Cluster, wait_until
 from protos.v1 import queen_pb2
-from tests.integration.cluster import Cluster
 
 
 async def main() -> None:
@@ -53,15 +53,18 @@ async def main() -> None:
             )
             for _ in range(args.clients)
         ]
-        await asyncio.sleep(args.kill_at)
+        await asyncio.sleep(args.kill_at)  # steady load until the kill: the experiment's clock
         victim = workers[0]
         before = (tally.accepted, tally.completed)
         os.kill(victim.pid, signal.SIGKILL)
         killed = time.perf_counter()
         request = queen_pb2.GetWorkerRequest(worker_id=victim.id)
-        while (await admin.GetWorker(request)).worker.state in READY_STATES:
-            await asyncio.sleep(0.001)
-        routed_around = time.perf_counter() - killed
+
+        async def routed_around() -> bool:
+            return (await admin.GetWorker(request)).worker.state not in READY_STATES
+
+        await wait_until(routed_around, 30, interval=0.001)
+        took = time.perf_counter() - killed
         await asyncio.gather(*load)
         history = (await admin.ListRequests(queen_pb2.ListRequestsRequest(limit=10_000))).requests
         retried = sum(
@@ -79,7 +82,7 @@ async def main() -> None:
         )
         print(f"completed after a retry       {retried}")
         print(f"accepted/completed at kill    {before[0]}/{before[1]}")
-        print(f"kill -> not routed            {routed_around * 1000:.1f} ms")
+        print(f"kill -> not routed            {took * 1000:.1f} ms")
         for error, count in sorted(tally.errors.items()):
             print(f"  {count:>4} x {error}")
         print(f"unaccounted                   {tally.accepted - tally.ended}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import Cluster
 from protos.v1 import common_pb2, queen_pb2_grpc, worker_pb2_grpc
-from tests.integration.cluster import ROOT, Cluster
 
 
 @dataclass
@@ -87,28 +86,6 @@ async def drive(
     return result
 
 
-def start_relay(cluster: Cluster, workers: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = cluster.tmp / "relay.port"
-    relay = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "relay.py"),
-            "--port-file",
-            str(port_file),
-            "--workers",
-            ",".join(workers),
-        ],
-        cwd=ROOT,
-        env=cluster.env(),
-    )
-    deadline = time.monotonic() + 15
-    while not port_file.exists():
-        if relay.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("relay did not start")
-        time.sleep(0.01)
-    return relay, f"127.0.0.1:{int(port_file.read_text())}"
-
-
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--workers", type=int, default=2)
@@ -119,7 +96,6 @@ async def main() -> None:
     args = p.parse_args()
 
     cluster = Cluster(heartbeat_interval=1.0)
-    relay = None
     try:
         queen = cluster.start_queen()
         # Slots above the highest concurrency: we measure routing, not queueing.
@@ -127,12 +103,15 @@ async def main() -> None:
             queen, "bench", f"model=bench,backend=echo,count={args.workers},slots=256"
         )
         workers = await cluster.wait_workers(queen, "bench", args.workers)
-        relay, relay_address = start_relay(cluster, [w.address for w in workers])
+        # A process of the cluster's: started the same way, stopped with the rest.
+        relay = cluster.start(
+            "relay", ["bench.relay", "--workers", ",".join(w.address for w in workers)]
+        )
 
         targets: dict[str, list[Any]] = {
             "queen": [queen_pb2_grpc.QueenStub(cluster.channel(queen.address))],
             "direct": [worker_pb2_grpc.WorkerStub(cluster.channel(w.address)) for w in workers],
-            "relay": [queen_pb2_grpc.QueenStub(cluster.channel(relay_address))],
+            "relay": [queen_pb2_grpc.QueenStub(cluster.channel(relay.address))],
         }
         print(
             f"# bench/route.py: {args.workers} echo workers (token delay 0), "
@@ -167,9 +146,6 @@ async def main() -> None:
         print("\n# ratios (a = queen, b = direct, c = bare relay)")
         print("\n".join(summary))
     finally:
-        if relay is not None:
-            relay.terminate()
-            relay.wait(10)
         await cluster.close()
 
 

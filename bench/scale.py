@@ -25,9 +25,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apiary.clock import SystemClock
+from harness import Cluster
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from queen.registry import Lease, Outcome, Registry, RegistrySettings
-from tests.integration.cluster import Cluster
 
 SIZES = (10, 100, 1_000, 10_000)
 PER_HIVE = 8

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.integration.cluster import Cluster
+from harness import Cluster
 
 
 @pytest.fixture

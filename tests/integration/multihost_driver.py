@@ -22,21 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from apiary.protoutil import READY_STATES
 from apiary.security import Security, TlsFiles
+from harness.wait import stays_true, wait_until
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 
-S = common_pb2
 
-
-async def until(check: Any, timeout: float, interval: float = 0.05) -> float:
+async def took(predicate: Any, timeout: float) -> float:
+    """Seconds until `predicate` held (polled every 50 ms)."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if await check():
-                return time.monotonic() - start
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout}s")
+    await wait_until(predicate, timeout, interval=0.05)
+    return time.monotonic() - start
 
 
 async def main() -> None:
@@ -58,15 +52,15 @@ async def main() -> None:
     client = queen_pb2_grpc.QueenStub(security.aio_channel(args.queen, tokens["client"]))
     out: dict[str, Any] = {}
 
-    async def ready_workers() -> list[S.WorkerRecord]:
+    async def ready_workers() -> list[common_pb2.WorkerRecord]:
         listed = (await admin.ListWorkers(queen_pb2.ListWorkersRequest(), timeout=2)).workers
-        healthy = S.HIVE_HEALTH_HEALTHY
+        healthy = common_pb2.HIVE_HEALTH_HEALTHY
         return [w for w in listed if w.state in READY_STATES and w.hive_health == healthy]
 
     async def all_ready() -> bool:
         return len(await ready_workers()) == 4
 
-    out["cluster_ready_after"] = await until(all_ready, 30)
+    out["cluster_ready_after"] = await took(all_ready, 30)
     before = {w.id: w.hive_id for w in await ready_workers()}
 
     async def infer(i: int) -> common_pb2.InferChunk:
@@ -109,21 +103,26 @@ async def main() -> None:
             i += 1
 
     loaders = [asyncio.create_task(load(k)) for k in range(4)]
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: len(results) >= 8, 10)  # the load is flowing before the cut
     subprocess.run(["ip", "-n", args.switch, "link", "set", args.veth, "down"], check=True)
 
     async def cut_off() -> bool:
         hive = (
             await admin.GetHive(queen_pb2.GetHiveRequest(hive_id=args.cut_hive), timeout=2)
         ).hive
-        return hive.health == S.HIVE_HEALTH_UNHEALTHY
+        return hive.health == common_pb2.HIVE_HEALTH_UNHEALTHY
 
-    out["cut_to_unhealthy"] = await until(cut_off, 10)
+    out["cut_to_unhealthy"] = await took(cut_off, 10)
     routable = await ready_workers()
     out["routable_hives_while_cut"] = sorted({w.hive_id for w in routable})
-    await asyncio.sleep(2.0)
+
+    async def cut_hive_stays_out() -> bool:
+        return args.cut_hive not in {w.hive_id for w in await ready_workers()}
+
+    # The load runs on through the partition for a while; the cut hive never comes back.
+    await stays_true(cut_hive_stays_out, 2.0)
     subprocess.run(["ip", "-n", args.switch, "link", "set", args.veth, "up"], check=True)
-    out["restore_to_routable"] = await until(all_ready, 20)
+    out["restore_to_routable"] = await took(all_ready, 20)
     after = {w.id: w.hive_id for w in await ready_workers()}
     out["same_worker_ids"] = after == before
     await asyncio.gather(*loaders)

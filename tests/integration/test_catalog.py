@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import pytest
 
+from harness import Cluster, wait_until
+from harness.gguf import write_tiny_gguf
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
-from tests.integration.cluster import Cluster, eventually
-from tests.tiny_gguf import write_tiny_gguf
 
 
 class FlakyServer(http.server.ThreadingHTTPServer):
@@ -182,7 +182,7 @@ async def test_loading_progress_is_reported_while_a_worker_loads(cluster: Cluste
             seen.append((workers[0].load_progress, workers[0].status_detail))
         return any(0 < p < 1 for p, _ in seen)
 
-    await eventually(partly_loaded, timeout=10, interval=0.05)
+    await wait_until(partly_loaded, timeout=10, interval=0.05)
     detail = next(d for p, d in seen if 0 < p < 1)
     assert "step" in detail
     await cluster.wait_workers(queen, "slow", 1)

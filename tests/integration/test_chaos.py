@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.integration.cluster import ROOT
+from harness import ROOT
 
 
 @pytest.mark.timeout(120)

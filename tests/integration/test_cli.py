@@ -9,13 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from tests.integration.cluster import MARKER_ENV, ROOT, Cluster, Proc
+from harness import MARKER_ENV, ROOT, Cluster, Proc, wait_until
+from harness.gguf import write_tiny_gguf
+from harness.lines import Lines
+from protos.v1 import common_pb2
 
 APIARY = shutil.which("apiary", path=str(Path(sys.executable).parent))
 
@@ -170,14 +173,9 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
     )
     try:
         assert up.stdout is not None
-        lines = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            lines.append(line)
-            if "Ctrl-C here stops everything" in line:
-                break
-        assert any("Apiary is up" in line for line in lines), lines
+        printed = Lines(up.stdout)
+        await wait_until(lambda: printed.has("Ctrl-C here stops everything"), timeout=30)
+        assert printed.has("Apiary is up"), printed.text()
         queen = f"127.0.0.1:{queen_port}"
         out = apiary("infer", "demo", "hello bees", "--max-tokens", "3", "--queen", queen)
         assert out.stdout == "hello bees hello\n", out.stderr
@@ -238,12 +236,12 @@ async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
     )
     assert spawned.returncode == 0, spawned.stderr
     worker_id = json.loads(spawned.stdout)["id"]
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def given_up() -> subprocess.CompletedProcess[str] | None:
         got = apiary("worker", "get", worker_id, queen=live)
-        if "not restarting" in got.stdout:
-            break
-        time.sleep(0.1)
+        return got if "not restarting" in got.stdout else None
+
+    got = await wait_until(given_up, timeout=15, interval=0.1)
     assert "FAILED" in got.stdout
     assert "exited with code 3; not restarting (restart policy never)" in got.stdout
     assert re.search(r"restart policy:\s+never", got.stdout)
@@ -300,27 +298,37 @@ async def test_scheduler_verbs(live: Proc) -> None:
     assert missing.returncode == 1 and "NOT_FOUND: unknown hive 'nope'; hives: h1" in missing.stderr
 
 
-async def test_events_verb_prints_live_events(live: Proc) -> None:
+async def test_events_verb_prints_live_events(cluster: Cluster, live: Proc) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_QUEEN=live.address)
     watcher = subprocess.Popen(
-        [APIARY or "apiary", "events", "--kind", "request-completed", "--timeout", "5"],
+        [APIARY or "apiary", "events", "--kind", "request-completed", "--timeout", "8"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    assert watcher.stdout is not None and watcher.stderr is not None
+    printed = Lines(watcher.stdout)
+    stub = cluster.queen_stub(live)
+    probe = common_pb2.InferRequest(model="demo", prompt="p", max_tokens=1, request_id="probe")
+
+    async def watching() -> bool:
+        """The watcher has subscribed once it prints a probe request completing."""
+        if printed.has("request=probe"):
+            return True
+        [_ async for _ in stub.Infer(probe, timeout=5)]
+        return False
+
+    await wait_until(watching, timeout=10, interval=0.1)
     apiary("infer", "demo", "hello", "--max-tokens", "2", "--request-id", "watched", queen=live)
-    out, err = watcher.communicate(timeout=15)
-    assert watcher.returncode == 0, err
+    assert watcher.wait(15) == 0, watcher.stderr.read()
+    out = printed.finish(5)
     assert "request-completed" in out and "request=watched" in out and "duration=" in out
     bad = apiary("events", "--kind", "nonsense", "--timeout", "1", queen=live)
     assert bad.returncode == 2 and "choose hive-joined, hive-health-changed" in bad.stderr
 
 
 async def test_model_catalog_verbs(live: Proc, tmp_path: Path) -> None:
-    from tests.tiny_gguf import write_tiny_gguf
-
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     pulled = apiary("model", "pull", str(gguf), "--hive", "h1", queen=live)
     assert pulled.returncode == 0, pulled.stderr
@@ -329,12 +337,12 @@ async def test_model_catalog_verbs(live: Proc, tmp_path: Path) -> None:
     assert "tiny" in listed.stdout and "llamacpp" in listed.stdout
     got = json.loads(apiary("model", "get", "tiny", "--json", queen=live).stdout)
     assert got["path"].endswith("tiny.gguf") and len(got["sha256"]) == 64
-    cluster_models = apiary("model", "list", "--json", queen=live)
-    deadline = time.monotonic() + 10
-    while "tiny" not in cluster_models.stdout and time.monotonic() < deadline:
-        time.sleep(0.1)
-        cluster_models = apiary("model", "list", "--json", queen=live)
-    tiny = next(m for m in json.loads(cluster_models.stdout) if m["name"] == "tiny")
+
+    def served() -> dict[str, Any] | None:
+        models = json.loads(apiary("model", "list", "--json", queen=live).stdout)
+        return next((m for m in models if m["name"] == "tiny"), None)
+
+    tiny = await wait_until(served, timeout=10, interval=0.1)
     assert tiny["hives"] == ["h1"]
     removed = apiary("model", "rm", "tiny", queen=live)
     assert removed.returncode == 0 and "deleted tiny" in removed.stdout

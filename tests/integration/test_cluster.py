@@ -12,8 +12,8 @@ import grpc
 import psutil
 import pytest
 
+from harness import Cluster, wait_until
 from protos.v1 import common_pb2, queen_pb2, worker_pb2_grpc
-from tests.integration.cluster import Cluster, eventually
 
 ECHO2 = "model=demo,backend=echo,count=2"
 
@@ -71,7 +71,7 @@ async def test_sigkilled_worker_leaves_routable_set_fast_and_requests_still_succ
         reply = await admin.GetWorker(queen_pb2.GetWorkerRequest(worker_id=victim.id), timeout=1)
         return reply.worker if reply.worker.state == common_pb2.WORKER_STATE_FAILED else None
 
-    failed = await eventually(victim_failed, timeout=5)
+    failed = await wait_until(victim_failed, timeout=5)
     assert time.monotonic() - killed_at < 2.0
     assert failed.failure_reason == "killed by SIGKILL"
     models = await cluster.queen_stub(queen).ListModels(queen_pb2.ListModelsRequest())
@@ -168,14 +168,14 @@ async def test_request_waits_for_busy_worker_then_completes(cluster: Cluster) ->
         models = await stub.ListModels(queen_pb2.ListModelsRequest())
         return models.models[0].busy == 1
 
-    await eventually(busy)
+    await wait_until(busy)
     second = asyncio.create_task(collect(stub, infer("second in line", max_tokens=3)))
 
     async def queued() -> bool:
         models = await stub.ListModels(queen_pb2.ListModelsRequest())
         return models.models[0].queued == 1
 
-    await eventually(queued)
+    await wait_until(queued)
     assert not second.done()
     first_chunks, second_chunks = await asyncio.gather(first, second)
     assert len(first_chunks) == 20
@@ -194,7 +194,7 @@ async def test_deadline_while_waiting_and_full_queue(cluster: Cluster) -> None:
         models = await stub.ListModels(queen_pb2.ListModelsRequest())
         return models.models[0].queued == 1
 
-    await eventually(queued)
+    await wait_until(queued)
     with pytest.raises(grpc.aio.AioRpcError) as full:
         await collect(stub, infer(max_tokens=1))
     assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -204,7 +204,7 @@ async def test_deadline_while_waiting_and_full_queue(cluster: Cluster) -> None:
     await holder
 
     holder = asyncio.create_task(collect(stub, infer(max_tokens=40)))
-    await eventually(lambda: _busy(stub))
+    await wait_until(lambda: _busy(stub))
     with pytest.raises(grpc.aio.AioRpcError) as late:
         await collect(stub, infer(max_tokens=1), timeout=0.3)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -233,7 +233,7 @@ async def test_cancelled_stream_frees_the_slot(cluster: Cluster) -> None:
         models = await stub.ListModels(queen_pb2.ListModelsRequest())
         return models.models[0].idle == 1
 
-    await eventually(idle_again, timeout=5)
+    await wait_until(idle_again, timeout=5)
     assert len(await collect(stub, infer(max_tokens=2))) == 2
 
 
@@ -265,7 +265,7 @@ async def test_silent_hive_becomes_unhealthy_and_is_not_routed_to(cluster: Clust
             reply = await admin.GetHive(queen_pb2.GetHiveRequest(hive_id="h1"), timeout=1)
             return reply.hive if reply.hive.health == common_pb2.HIVE_HEALTH_UNHEALTHY else None
 
-        info = await eventually(unhealthy, timeout=5)
+        info = await wait_until(unhealthy, timeout=5)
         assert "no heartbeat for" in info.health_reason
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(cluster.queen_stub(queen), infer(), timeout=0.5)
@@ -284,7 +284,7 @@ async def test_admin_spawn_and_retire_through_the_queen(cluster: Cluster) -> Non
     async def hive_known() -> bool:
         return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
 
-    await eventually(hive_known)
+    await wait_until(hive_known)
     reply = await admin.SpawnWorker(
         queen_pb2.QueenSpawnWorkerRequest(
             hive_id="h1",
@@ -311,7 +311,7 @@ async def test_admin_spawn_and_retire_through_the_queen(cluster: Cluster) -> Non
         listed = await admin.ListWorkers(queen_pb2.ListWorkersRequest())
         return worker.id not in {w.id for w in listed.workers}
 
-    await eventually(gone)
+    await wait_until(gone)
 
 
 @pytest.mark.parametrize(
@@ -358,7 +358,7 @@ async def test_bad_admin_requests_get_precise_statuses(
     async def hive_known() -> bool:
         return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
 
-    await eventually(hive_known)
+    await wait_until(hive_known)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin.SpawnWorker(request_, timeout=10)
     assert err.value.code().name == code

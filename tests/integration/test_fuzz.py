@@ -23,12 +23,11 @@ from google.protobuf.message_factory import GetMessageClass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import Cluster, Proc
 from protos.v1 import hive_pb2, queen_pb2, worker_pb2
-from tests.integration.cluster import Cluster, Proc
 
 # One cluster (and one event loop) for the whole module: hypothesis sends many requests.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-F = FieldDescriptor
 # Destructive on purpose (they stop what they name); tested with targeted inputs elsewhere.
 SKIP = {
     "apiary.v1.Worker.Shutdown",
@@ -38,16 +37,16 @@ SKIP = {
     "apiary.v1.QueenAdmin.SpawnWorker",
 }
 INT_RANGES = {
-    F.TYPE_INT32: (-(2**31), 2**31 - 1),
-    F.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    F.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
-    F.TYPE_UINT32: (0, 2**32 - 1),
-    F.TYPE_FIXED32: (0, 2**32 - 1),
-    F.TYPE_INT64: (-(2**63), 2**63 - 1),
-    F.TYPE_SINT64: (-(2**63), 2**63 - 1),
-    F.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
-    F.TYPE_UINT64: (0, 2**64 - 1),
-    F.TYPE_FIXED64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
 texts = st.one_of(
     st.text(max_size=40),
@@ -59,17 +58,17 @@ texts = st.one_of(
 
 
 def scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
-    if field.type == F.TYPE_STRING:
+    if field.type == FieldDescriptor.TYPE_STRING:
         return texts
-    if field.type == F.TYPE_BYTES:
+    if field.type == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=64)
-    if field.type == F.TYPE_BOOL:
+    if field.type == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
-    if field.type == F.TYPE_ENUM:
+    if field.type == FieldDescriptor.TYPE_ENUM:
         return st.integers(-3, 40)  # known and unknown values
-    if field.type == F.TYPE_FLOAT:
+    if field.type == FieldDescriptor.TYPE_FLOAT:
         return st.floats(width=32)
-    if field.type == F.TYPE_DOUBLE:
+    if field.type == FieldDescriptor.TYPE_DOUBLE:
         return st.floats()
     low, high = INT_RANGES[field.type]
     return st.one_of(st.integers(low, high), st.integers(-3, 3).filter(lambda v: low <= v <= high))

@@ -9,11 +9,8 @@ from typing import Any
 import grpc
 import pytest
 
-from protos.v1 import common_pb2, queen_pb2, worker_pb2_grpc
-from tests.integration.cluster import Cluster, eventually
-
-S = common_pb2
-Q = queen_pb2
+from harness import Cluster, wait_until
+from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc, worker_pb2_grpc
 
 
 def infer(tokens: int = 4, **kw: Any) -> common_pb2.InferRequest:
@@ -38,10 +35,12 @@ async def test_history_survives_a_queen_crash_and_running_requests_are_marked_fa
     running = asyncio.create_task(collect(stub, infer(tokens=100, request_id="cut-short")))
 
     async def is_running() -> bool:
-        reply = await admin.ListRequests(Q.ListRequestsRequest(status=Q.REQUEST_STATUS_RUNNING))
+        reply = await admin.ListRequests(
+            queen_pb2.ListRequestsRequest(status=queen_pb2.REQUEST_STATUS_RUNNING)
+        )
         return [r.id for r in reply.requests] == ["cut-short"]
 
-    await eventually(is_running)
+    await wait_until(is_running)
     port = queen.port
     queen.signal(signal.SIGKILL)
     queen.wait(5)
@@ -49,27 +48,31 @@ async def test_history_survives_a_queen_crash_and_running_requests_are_marked_fa
         await running
     queen = cluster.start_queen(port)
     admin = cluster.admin_stub(queen)
-    records = {r.id: r for r in (await admin.ListRequests(Q.ListRequestsRequest())).requests}
+    records = {
+        r.id: r for r in (await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests
+    }
     assert set(records) == {"done-0", "done-1", "done-2", "cut-short"}
     for i in range(3):
         done = records[f"done-{i}"]
-        assert done.status == Q.REQUEST_STATUS_COMPLETED and done.completion_tokens == 4
+        assert done.status == queen_pb2.REQUEST_STATUS_COMPLETED and done.completion_tokens == 4
         assert done.worker_id and done.hive_id == "h1" and done.attempts == 1
         assert done.finished_at.ToNanoseconds() >= done.started_at.ToNanoseconds() > 0
     cut = records["cut-short"]
-    assert cut.status == Q.REQUEST_STATUS_FAILED and cut.error == "queen restarted"
-    failed = await admin.ListRequests(Q.ListRequestsRequest(status=Q.REQUEST_STATUS_FAILED))
+    assert cut.status == queen_pb2.REQUEST_STATUS_FAILED and cut.error == "queen restarted"
+    failed = await admin.ListRequests(
+        queen_pb2.ListRequestsRequest(status=queen_pb2.REQUEST_STATUS_FAILED)
+    )
     assert [r.id for r in failed.requests] == ["cut-short"]
-    other_model = await admin.ListRequests(Q.ListRequestsRequest(model="nope"))
+    other_model = await admin.ListRequests(queen_pb2.ListRequestsRequest(model="nope"))
     assert list(other_model.requests) == []
-    newest = await admin.ListRequests(Q.ListRequestsRequest(limit=1))
+    newest = await admin.ListRequests(queen_pb2.ListRequestsRequest(limit=1))
     assert [r.id for r in newest.requests] == ["cut-short"]
 
 
 async def test_events_stream_requests_and_worker_changes(cluster: Cluster) -> None:
     queen = cluster.start_queen()
     admin = cluster.admin_stub(queen)
-    events = admin.WatchEvents(Q.WatchEventsRequest())
+    events = admin.WatchEvents(queen_pb2.WatchEventsRequest())
     seen: list[queen_pb2.Event] = []
 
     async def watch() -> None:
@@ -77,33 +80,50 @@ async def test_events_stream_requests_and_worker_changes(cluster: Cluster) -> No
             seen.append(event)
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(0.2)  # the subscription is in place before anything happens
+    registry = queen_pb2_grpc.QueenRegistryStub(cluster.channel(queen.address))
+
+    async def subscribed() -> bool:
+        """The stream is live once it shows a probe hive joining (and leaving again)."""
+        if any(e.hive_id == "probe" for e in seen):
+            return True
+        await registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id="probe", address="127.0.0.1:1"))
+        await registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id="probe", leaving=True))
+        return False
+
+    await wait_until(subscribed)  # before anything this test watches for happens
     cluster.start_hive(queen, "h1", "model=demo,load_delay=0.3")
     await cluster.wait_workers(queen, "demo", 1)
     await collect(cluster.queen_stub(queen), infer(request_id="r1"))
 
-    def kinds() -> list[str]:
-        return [Q.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in seen]
+    def kinds(hive_id: str = "") -> list[str]:
+        return [
+            queen_pb2.EventKind.Name(e.kind).removeprefix("EVENT_KIND_")
+            for e in seen
+            if e.hive_id == hive_id or not hive_id
+        ]
 
     async def complete() -> bool:
         return "REQUEST_COMPLETED" in kinds()
 
-    await eventually(complete)
+    await wait_until(complete)
     watcher.cancel()
-    order = kinds()
+    order = kinds("h1")
     for kind in ("HIVE_JOINED", "WORKER_JOINED", "WORKER_STATE_CHANGED"):
         assert kind in order
     requests = [e for e in seen if e.request_id == "r1"]
-    assert [Q.EventKind.Name(e.kind) for e in requests] == [
+    assert [queen_pb2.EventKind.Name(e.kind) for e in requests] == [
         "EVENT_KIND_REQUEST_QUEUED",
         "EVENT_KIND_REQUEST_STARTED",
         "EVENT_KIND_REQUEST_COMPLETED",
     ]
     assert requests[-1].duration_seconds > 0 and requests[-1].worker_id
-    changed = next(e for e in seen if e.kind == Q.EVENT_KIND_WORKER_STATE_CHANGED)
-    assert (changed.previous_state, changed.state) == (S.WORKER_STATE_LOADING, S.WORKER_STATE_IDLE)
+    changed = next(e for e in seen if e.kind == queen_pb2.EVENT_KIND_WORKER_STATE_CHANGED)
+    assert (changed.previous_state, changed.state) == (
+        common_pb2.WORKER_STATE_LOADING,
+        common_pb2.WORKER_STATE_IDLE,
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in admin.WatchEvents(Q.WatchEventsRequest(kinds=[999])):  # type: ignore[list-item]
+        async for _ in admin.WatchEvents(queen_pb2.WatchEventsRequest(kinds=[999])):  # type: ignore[list-item]
             pass
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -117,9 +137,9 @@ async def test_direct_lease_reserves_a_slot_until_the_call_ends_or_the_lease_exp
     stub = cluster.queen_stub(queen)
 
     async def model() -> queen_pb2.ModelInfo:
-        return (await stub.ListModels(Q.ListModelsRequest())).models[0]
+        return (await stub.ListModels(queen_pb2.ListModelsRequest())).models[0]
 
-    lease = await stub.Lease(Q.LeaseRequest(model="demo", ttl_seconds=10))
+    lease = await stub.Lease(queen_pb2.LeaseRequest(model="demo", ttl_seconds=10))
     assert (lease.worker_id, lease.address) == (worker.id, worker.address)
     assert (await model()).busy == 1
     # The slot is taken: a routed request has to wait.
@@ -137,26 +157,26 @@ async def test_direct_lease_reserves_a_slot_until_the_call_ends_or_the_lease_exp
     async def idle() -> bool:
         return (await model()).idle == 1
 
-    await eventually(idle, timeout=3)
+    await wait_until(idle, timeout=3)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(direct, infer(lease_id=lease.lease_id))  # a lease is good for one call
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    got = await cluster.admin_stub(queen).GetWorker(Q.GetWorkerRequest(worker_id=worker.id))
+    got = await cluster.admin_stub(queen).GetWorker(queen_pb2.GetWorkerRequest(worker_id=worker.id))
     assert got.worker.requests_completed == 1
 
-    short = await stub.Lease(Q.LeaseRequest(model="demo", ttl_seconds=0.3))
-    await eventually(idle, timeout=3)  # expired unused: the slot came back
+    short = await stub.Lease(queen_pb2.LeaseRequest(model="demo", ttl_seconds=0.3))
+    await wait_until(idle, timeout=3)  # expired unused: the slot came back
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(direct, infer(lease_id=short.lease_id))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    early = await stub.Lease(Q.LeaseRequest(model="demo", ttl_seconds=60))
+    early = await stub.Lease(queen_pb2.LeaseRequest(model="demo", ttl_seconds=60))
     assert (await model()).busy == 1
-    await stub.ReleaseLease(Q.ReleaseLeaseRequest(lease_id=early.lease_id))
-    await eventually(idle, timeout=3)
+    await stub.ReleaseLease(queen_pb2.ReleaseLeaseRequest(lease_id=early.lease_id))
+    await wait_until(idle, timeout=3)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ReleaseLease(Q.ReleaseLeaseRequest(lease_id=early.lease_id))
+        await stub.ReleaseLease(queen_pb2.ReleaseLeaseRequest(lease_id=early.lease_id))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.Lease(Q.LeaseRequest(model="nope"))
+        await stub.Lease(queen_pb2.LeaseRequest(model="nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

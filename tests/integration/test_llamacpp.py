@@ -11,14 +11,11 @@ from typing import Any
 import grpc
 import pytest
 
+from harness import Cluster, Proc, wait_until
+from harness.gguf import write_tiny_gguf
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
-from tests.integration.cluster import Cluster, Proc, eventually
-from tests.tiny_gguf import write_tiny_gguf
 
 pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
-
-S = common_pb2
-Q = queen_pb2
 
 
 def infer(tokens: int = 12, **kw: Any) -> common_pb2.InferRequest:
@@ -43,7 +40,7 @@ async def pull_and_spawn(
     ]
     assert stages[-1].stage == "done" and stages[-1].model.backend == "llamacpp"
     reply = await cluster.admin_stub(queen).SpawnWorker(
-        Q.QueenSpawnWorkerRequest(
+        queen_pb2.QueenSpawnWorkerRequest(
             hive_id="h1",
             model="tiny",
             backend="llamacpp",
@@ -52,7 +49,7 @@ async def pull_and_spawn(
         ),
         timeout=60,
     )
-    assert reply.worker.state == S.WORKER_STATE_IDLE
+    assert reply.worker.state == common_pb2.WORKER_STATE_IDLE
     await cluster.wait_workers(queen, "tiny", 1)
     return reply.worker
 
@@ -68,7 +65,7 @@ async def test_real_tokens_stream_one_by_one_with_counts(cluster: Cluster, tmp_p
         arrivals.append(time.perf_counter())
         chunks.append(chunk)
     last = chunks[-1]
-    assert last.finish_reason == S.FINISH_REASON_LENGTH
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert last.completion_tokens == 24
     assert last.prompt_tokens > 1 and last.time_to_first_token_seconds > 0
     assert len(chunks) >= 12  # streamed piece by piece, not in one message at the end
@@ -99,7 +96,7 @@ async def test_seeded_runs_repeat_and_sampling_and_stop_strings_apply(
     chunks = await collect(stub, infer(seed=7, tokens=40, stop=[stop_at]))
     cut = "".join(c.text for c in chunks)
     assert cut == long[: long.index(stop_at)]
-    assert chunks[-1].finish_reason == S.FINISH_REASON_STOP
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(stub, infer(temperature=11.0))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -117,9 +114,9 @@ async def test_cancelled_stream_frees_the_slot_and_health_stays_answered(
     call.cancel()
 
     async def idle() -> bool:
-        return (await stub.ListModels(Q.ListModelsRequest())).models[0].idle == 1
+        return (await stub.ListModels(queen_pb2.ListModelsRequest())).models[0].idle == 1
 
-    await eventually(idle, timeout=5)
+    await wait_until(idle, timeout=5)
     assert len(await collect(stub, infer(tokens=4, seed=1))) >= 2
     got = await cluster.hive_stub(hive).GetWorker(
         hive_pb2.GetHiveWorkerRequest(worker_id=worker.id)
@@ -131,16 +128,16 @@ async def test_catalog_spawn_refusals(cluster: Cluster, tmp_path: Path) -> None:
     queen = cluster.start_queen()
     hive = cluster.start_hive(queen, "h1")
     admin = cluster.admin_stub(queen)
-    await eventually(lambda: _hive_known(admin))
+    await wait_until(lambda: _hive_known(admin))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin.SpawnWorker(
-            Q.QueenSpawnWorkerRequest(hive_id="h1", model="missing", backend="llamacpp")
+            queen_pb2.QueenSpawnWorkerRequest(hive_id="h1", model="missing", backend="llamacpp")
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "apiary model pull" in (err.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin.SpawnWorker(
-            Q.QueenSpawnWorkerRequest(
+            queen_pb2.QueenSpawnWorkerRequest(
                 hive_id="h1",
                 model="x",
                 backend="llamacpp",
@@ -155,7 +152,7 @@ async def test_catalog_spawn_refusals(cluster: Cluster, tmp_path: Path) -> None:
 
 
 async def _hive_known(admin: Any) -> bool:
-    return bool((await admin.ListHives(Q.ListHivesRequest())).hives)
+    return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
 
 
 async def test_queen_lists_which_hives_have_a_model_and_autospawns_from_catalogs(
@@ -171,14 +168,14 @@ async def test_queen_lists_which_hives_have_a_model_and_autospawns_from_catalogs
     stub = cluster.queen_stub(queen)
 
     async def listed() -> queen_pb2.ModelInfo | None:
-        models = (await stub.ListModels(Q.ListModelsRequest())).models
+        models = (await stub.ListModels(queen_pb2.ListModelsRequest())).models
         return next((m for m in models if m.name == "tiny"), None)
 
-    info = await eventually(listed)
+    info = await wait_until(listed)
     assert list(info.hives) == ["h1"] and info.idle == 0
     results = await asyncio.gather(*(collect(stub, infer(tokens=3, seed=1)) for _ in range(3)))
     assert all(r[-1].completion_tokens == 3 for r in results)
     workers = (
-        await cluster.admin_stub(queen).ListWorkers(Q.ListWorkersRequest(model="tiny"))
+        await cluster.admin_stub(queen).ListWorkers(queen_pb2.ListWorkersRequest(model="tiny"))
     ).workers
     assert len(workers) == 1 and workers[0].backend == "llamacpp"

@@ -9,8 +9,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import Cluster, wait_until
 from protos.v1 import common_pb2
-from tests.integration.cluster import Cluster, eventually
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ async def test_queen_and_hive_metrics(cluster: Cluster) -> None:
         idle = h.get(("apiary_hive_workers", (("model", "demo"), ("state", "IDLE"))))
         return h if idle == 2 else None
 
-    h = await eventually(hive_metrics)
+    h = await wait_until(hive_metrics)
     assert h[("apiary_hive_spawns_total", ())] == 2
     assert h[("apiary_hive_crashes_total", ())] == 0
     assert h[("apiary_hive_uptime_seconds", ())] > 0

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from apiary.certs import init as certs_init
-from tests.integration.cluster import ROOT, Cluster
+from cli.certs import init as certs_init
+from harness import ROOT, Cluster
 from tests.integration.netns import Topology, available
 
 reason = available()
@@ -46,7 +46,7 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
         "--heartbeat-interval",
         str(INTERVAL),
     ]
-    queen = cluster._start(
+    queen = cluster.start(
         "queen",
         [
             "queen",
@@ -64,7 +64,7 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
         host=a["queen"],
     )
     for hive in ("hive1", "hive2"):
-        cluster._start(
+        cluster.start(
             hive,
             [
                 "hive",

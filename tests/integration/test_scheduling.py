@@ -11,11 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
+from harness import Cluster, Proc, wait_until
 from protos.v1 import common_pb2, queen_pb2
-from tests.integration.cluster import Cluster, Proc, eventually
-
-S = common_pb2
-Q = queen_pb2
 
 
 def infer(model: str = "demo", tokens: int = 4, **kw: Any) -> common_pb2.InferRequest:
@@ -27,7 +24,7 @@ async def collect(stub: Any, request: common_pb2.InferRequest, timeout: float = 
 
 
 async def hive_health(cluster: Cluster, queen: Proc, hive_id: str) -> int | None:
-    hives = (await cluster.admin_stub(queen).ListHives(Q.ListHivesRequest())).hives
+    hives = (await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives
     return next((h.health for h in hives if h.id == hive_id), None)
 
 
@@ -38,11 +35,11 @@ async def test_hive_goes_degraded_unhealthy_removed_and_rejoins_with_same_worker
     hive = cluster.start_hive(queen, "h1", "model=demo,count=2")
     before = {w.id for w in await cluster.wait_workers(queen, "demo", 2)}
     events = cluster.admin_stub(queen).WatchEvents(
-        Q.WatchEventsRequest(
+        queen_pb2.WatchEventsRequest(
             kinds=[
-                Q.EVENT_KIND_HIVE_HEALTH_CHANGED,
-                Q.EVENT_KIND_HIVE_REMOVED,
-                Q.EVENT_KIND_HIVE_JOINED,
+                queen_pb2.EVENT_KIND_HIVE_HEALTH_CHANGED,
+                queen_pb2.EVENT_KIND_HIVE_REMOVED,
+                queen_pb2.EVENT_KIND_HIVE_JOINED,
             ]
         )
     )
@@ -55,8 +52,8 @@ async def test_hive_goes_degraded_unhealthy_removed_and_rejoins_with_same_worker
     watcher = asyncio.create_task(watch())
     hive.signal(signal.SIGSTOP)
     try:
-        await eventually(lambda: _has(seen, Q.EVENT_KIND_HIVE_REMOVED), timeout=10)
-        listed = await cluster.admin_stub(queen).ListWorkers(Q.ListWorkersRequest())
+        await wait_until(lambda: _has(seen, queen_pb2.EVENT_KIND_HIVE_REMOVED), timeout=10)
+        listed = await cluster.admin_stub(queen).ListWorkers(queen_pb2.ListWorkersRequest())
         assert list(listed.workers) == []
     finally:
         hive.signal(signal.SIGCONT)
@@ -64,14 +61,14 @@ async def test_hive_goes_degraded_unhealthy_removed_and_rejoins_with_same_worker
     assert after == before
 
     async def rejoined() -> bool:
-        return bool(seen) and seen[-1].kind == Q.EVENT_KIND_HIVE_JOINED
+        return bool(seen) and seen[-1].kind == queen_pb2.EVENT_KIND_HIVE_JOINED
 
-    await eventually(rejoined, timeout=5)
+    await wait_until(rejoined, timeout=5)
     watcher.cancel()
-    healths = [e.health for e in seen if e.kind == Q.EVENT_KIND_HIVE_HEALTH_CHANGED]
-    assert healths[:2] == [S.HIVE_HEALTH_DEGRADED, S.HIVE_HEALTH_UNHEALTHY]
-    removed = [e.kind for e in seen].index(Q.EVENT_KIND_HIVE_REMOVED)
-    assert Q.EVENT_KIND_HIVE_JOINED in [e.kind for e in seen][removed:]
+    healths = [e.health for e in seen if e.kind == queen_pb2.EVENT_KIND_HIVE_HEALTH_CHANGED]
+    assert healths[:2] == [common_pb2.HIVE_HEALTH_DEGRADED, common_pb2.HIVE_HEALTH_UNHEALTHY]
+    removed = [e.kind for e in seen].index(queen_pb2.EVENT_KIND_HIVE_REMOVED)
+    assert queen_pb2.EVENT_KIND_HIVE_JOINED in [e.kind for e in seen][removed:]
 
 
 async def _has(seen: list[queen_pb2.Event], kind: int) -> bool:
@@ -88,16 +85,18 @@ async def test_routing_policy_per_queen_and_per_request(cluster: Cluster) -> Non
     assert len({c[0].worker_id for c in first}) == 2
     # least-loaded (per request) fills the 3-slot worker before the 1-slot one.
     busy = [
-        asyncio.create_task(collect(stub, infer(tokens=20, policy=S.ROUTING_POLICY_LEAST_LOADED)))
+        asyncio.create_task(
+            collect(stub, infer(tokens=20, policy=common_pb2.ROUTING_POLICY_LEAST_LOADED))
+        )
         for _ in range(3)
     ]
     served = [c[0].worker_id for c in await asyncio.gather(*busy)]
     workers = {w.slots_total: w.id for w in await cluster.wait_workers(queen, "demo", 2)}
     assert served.count(workers[3]) >= 2
     for policy in (
-        S.ROUTING_POLICY_SCORE,
-        S.ROUTING_POLICY_LOTTERY,
-        S.ROUTING_POLICY_SHORTEST_QUEUE,
+        common_pb2.ROUTING_POLICY_SCORE,
+        common_pb2.ROUTING_POLICY_LOTTERY,
+        common_pb2.ROUTING_POLICY_SHORTEST_QUEUE,
     ):
         assert len(await collect(stub, infer(policy=policy))) == 4
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -112,7 +111,7 @@ async def test_tags_select_workers_and_filter_listings(cluster: Cluster) -> None
     await cluster.wait_workers(queen, "demo", 2)
     stub = cluster.queen_stub(queen)
     admin = cluster.admin_stub(queen)
-    tagged = (await admin.ListWorkers(Q.ListWorkersRequest(tags=["gpu"]))).workers
+    tagged = (await admin.ListWorkers(queen_pb2.ListWorkersRequest(tags=["gpu"]))).workers
     assert len(tagged) == 1 and sorted(tagged[0].tags) == ["eu", "gpu"]
     for _ in range(4):
         chunks = await collect(stub, infer(required_tags=["gpu"]))
@@ -121,11 +120,15 @@ async def test_tags_select_workers_and_filter_listings(cluster: Cluster) -> None
         await collect(stub, infer(required_tags=["tpu"]))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "tpu" in (err.value.details() or "") and "eu,gpu" in (err.value.details() or "")
-    roomy = (await admin.ListWorkers(Q.ListWorkersRequest(min_free_slots=2))).workers
+    roomy = (await admin.ListWorkers(queen_pb2.ListWorkersRequest(min_free_slots=2))).workers
     assert [w.id for w in roomy] == [tagged[0].id]
-    healthy = await admin.ListWorkers(Q.ListWorkersRequest(hive_health=S.HIVE_HEALTH_HEALTHY))
+    healthy = await admin.ListWorkers(
+        queen_pb2.ListWorkersRequest(hive_health=common_pb2.HIVE_HEALTH_HEALTHY)
+    )
     assert len(healthy.workers) == 2
-    degraded = await admin.ListWorkers(Q.ListWorkersRequest(hive_health=S.HIVE_HEALTH_DEGRADED))
+    degraded = await admin.ListWorkers(
+        queen_pb2.ListWorkersRequest(hive_health=common_pb2.HIVE_HEALTH_DEGRADED)
+    )
     assert list(degraded.workers) == []
 
 
@@ -140,13 +143,13 @@ async def test_failing_worker_is_retried_around_and_its_circuit_opens(cluster: C
     good = {c[0].worker_id for c in results}
     assert len(good) == 1
     bad = next(w.id for w in workers if w.id not in good)
-    got = (await admin.GetWorker(Q.GetWorkerRequest(worker_id=bad))).worker
+    got = (await admin.GetWorker(queen_pb2.GetWorkerRequest(worker_id=bad))).worker
     assert got.circuit_open_seconds > 20
     assert got.stats.consecutive_failures == 3 and got.requests_failed == 3
-    ok = (await admin.GetWorker(Q.GetWorkerRequest(worker_id=good.pop()))).worker
+    ok = (await admin.GetWorker(queen_pb2.GetWorkerRequest(worker_id=good.pop()))).worker
     assert ok.requests_completed == 8 and ok.stats.success_rate == 1.0
     assert ok.stats.tokens_per_second > 0 and ok.stats.p50_duration_seconds > 0
-    history = (await admin.ListRequests(Q.ListRequestsRequest(limit=8))).requests
+    history = (await admin.ListRequests(queen_pb2.ListRequestsRequest(limit=8))).requests
     assert sum(r.attempts for r in history) == 8 + 3  # three of them needed a second attempt
 
 
@@ -158,7 +161,9 @@ async def test_failure_after_first_chunk_is_reported_not_repeated(cluster: Clust
     first = await call.read()
     assert isinstance(first, common_pb2.InferChunk)
     worker = (
-        await cluster.admin_stub(queen).GetWorker(Q.GetWorkerRequest(worker_id=first.worker_id))
+        await cluster.admin_stub(queen).GetWorker(
+            queen_pb2.GetWorkerRequest(worker_id=first.worker_id)
+        )
     ).worker
     os.kill(worker.pid, signal.SIGKILL)
     received = 1
@@ -177,13 +182,13 @@ async def test_autospawn_starts_exactly_one_worker_for_concurrent_requests(
     queen = cluster.start_queen(0, "--autospawn", "lazy=echo,load_delay=0.5")
     cluster.start_hive(queen, "h1")
     admin = cluster.admin_stub(queen)
-    await eventually(lambda: _hive_known(admin))
+    await wait_until(lambda: _hive_known(admin))
     stub = cluster.queen_stub(queen)
     results = await asyncio.gather(*(collect(stub, infer(model="lazy")) for _ in range(6)))
     assert all(len(r) == 4 for r in results)
-    workers = (await admin.ListWorkers(Q.ListWorkersRequest(model="lazy"))).workers
+    workers = (await admin.ListWorkers(queen_pb2.ListWorkersRequest(model="lazy"))).workers
     assert len(workers) == 1
-    hive = (await admin.GetHive(Q.GetHiveRequest(hive_id="h1"))).hive
+    hive = (await admin.GetHive(queen_pb2.GetHiveRequest(hive_id="h1"))).hive
     assert hive.stats.spawns == 1
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(stub, infer(model="unplanned"))
@@ -192,7 +197,7 @@ async def test_autospawn_starts_exactly_one_worker_for_concurrent_requests(
 
 
 async def _hive_known(admin: Any) -> bool:
-    return bool((await admin.ListHives(Q.ListHivesRequest())).hives)
+    return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
 
 
 async def test_drain_lets_streams_finish_stops_new_ones_and_survives_a_queen_restart(
@@ -203,16 +208,16 @@ async def test_drain_lets_streams_finish_stops_new_ones_and_survives_a_queen_res
     workers = await cluster.wait_workers(queen, "demo", 2)
     stub, admin = cluster.queen_stub(queen), cluster.admin_stub(queen)
     streaming = asyncio.create_task(collect(stub, infer(tokens=20)))
-    await eventually(lambda: _busy_worker(admin))
+    await wait_until(lambda: _busy_worker(admin))
     busy_id = await _busy_worker(admin)
     assert busy_id
-    reply = await admin.DrainWorker(Q.DrainWorkerRequest(worker_id=busy_id))
+    reply = await admin.DrainWorker(queen_pb2.DrainWorkerRequest(worker_id=busy_id))
     assert reply.worker.drained
     assert len(await streaming) == 20  # in-flight stream finished
     other = next(w.id for w in workers if w.id != busy_id)
     for _ in range(3):
         assert (await collect(stub, infer()))[0].worker_id == other
-    await admin.DrainHive(Q.DrainHiveRequest(hive_id="h1"))
+    await admin.DrainHive(queen_pb2.DrainHiveRequest(hive_id="h1"))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(stub, infer(), timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -223,18 +228,20 @@ async def test_drain_lets_streams_finish_stops_new_ones_and_survives_a_queen_res
     queen = cluster.start_queen(port)
     admin = cluster.admin_stub(queen)
     await cluster.wait_workers(queen, "demo", 2)
-    hive = (await admin.GetHive(Q.GetHiveRequest(hive_id="h1"))).hive
+    hive = (await admin.GetHive(queen_pb2.GetHiveRequest(hive_id="h1"))).hive
     assert hive.drained
-    await admin.DrainHive(Q.DrainHiveRequest(hive_id="h1", undrain=True))
+    await admin.DrainHive(queen_pb2.DrainHiveRequest(hive_id="h1", undrain=True))
     served = {(await collect(cluster.queen_stub(queen), infer()))[0].worker_id for _ in range(4)}
     assert served == {other}  # the worker drain outlived the restart too
-    await admin.DrainWorker(Q.DrainWorkerRequest(worker_id=busy_id, undrain=True))
+    await admin.DrainWorker(queen_pb2.DrainWorkerRequest(worker_id=busy_id, undrain=True))
     served = {(await collect(cluster.queen_stub(queen), infer()))[0].worker_id for _ in range(4)}
     assert served == {w.id for w in workers}
 
 
 async def _busy_worker(admin: Any) -> str:
-    workers = (await admin.ListWorkers(Q.ListWorkersRequest(state=S.WORKER_STATE_BUSY))).workers
+    workers = (
+        await admin.ListWorkers(queen_pb2.ListWorkersRequest(state=common_pb2.WORKER_STATE_BUSY))
+    ).workers
     return workers[0].id if workers else ""
 
 
@@ -262,12 +269,12 @@ async def test_request_waiting_on_a_frozen_hive_moves_to_another_before_its_firs
             proc.resume()
     assert all(len(r) == 5 for r in results)  # none lost, none failed
     h2_workers = (
-        await cluster.admin_stub(queen).ListWorkers(Q.ListWorkersRequest(hive_id="h2"))
+        await cluster.admin_stub(queen).ListWorkers(queen_pb2.ListWorkersRequest(hive_id="h2"))
     ).workers
     assert {r[0].worker_id for r in results} == {h2_workers[0].id}
     assert took < 3.0  # moved within about 3 heartbeat intervals (0.2 s), not a TCP timeout
     history = (
-        await cluster.admin_stub(queen).ListRequests(Q.ListRequestsRequest(limit=6))
+        await cluster.admin_stub(queen).ListRequests(queen_pb2.ListRequestsRequest(limit=6))
     ).requests
     assert any(r.attempts == 2 for r in history)
 

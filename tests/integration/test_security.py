@@ -13,8 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from apiary.certs import init as certs_init
 from apiary.security import TlsFiles
+from cli.certs import init as certs_init
+from harness import ROOT, Cluster, wait_until
 from protos.v1 import (
     common_pb2,
     hive_pb2,
@@ -24,9 +25,6 @@ from protos.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
-from tests.integration.cluster import ROOT, Cluster
-
-Q = queen_pb2
 
 
 def infer(**kw: Any) -> common_pb2.InferRequest:
@@ -86,9 +84,9 @@ async def test_each_role_may_call_only_its_own_methods(cluster: Cluster, certs: 
     ]:
         client, admin, registry, hive_stub, worker_stub = stubs(token)
         assert await code_of(client.Infer(infer())) == expected
-        assert await code_of(admin.ListHives(Q.ListHivesRequest())) == expected
+        assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) == expected
         assert (
-            await code_of(registry.Heartbeat(Q.HiveHeartbeat(hive_id="x", address="y:1")))
+            await code_of(registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id="x", address="y:1")))
             == expected
         )
         assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) == expected
@@ -97,31 +95,35 @@ async def test_each_role_may_call_only_its_own_methods(cluster: Cluster, certs: 
 
     client, admin, registry, hive_stub, worker_stub = stubs(tokens["client"])
     assert len(await collect(client, infer())) == 3
-    assert await code_of(client.ListModels(Q.ListModelsRequest())) is None
-    assert await code_of(admin.ListHives(Q.ListHivesRequest())) == P
-    assert await code_of(registry.Heartbeat(Q.HiveHeartbeat(hive_id="x", address="y:1"))) == P
+    assert await code_of(client.ListModels(queen_pb2.ListModelsRequest())) is None
+    assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) == P
+    assert (
+        await code_of(registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id="x", address="y:1"))) == P
+    )
     assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) == P
     # A worker knows only the worker token: a client reaches it with a lease, or not at all.
     assert await code_of(worker_stub.Infer(infer())) == U
-    lease = await client.Lease(Q.LeaseRequest(model="demo"))
+    lease = await client.Lease(queen_pb2.LeaseRequest(model="demo"))
     direct = worker_pb2_grpc.WorkerStub(cluster.channel(lease.address, tokens["client"]))
     assert len(await collect(direct, infer(lease_id=lease.lease_id))) == 3
 
     client, admin, registry, hive_stub, worker_stub = stubs(tokens["admin"])
     assert len(await collect(client, infer())) == 3
-    assert await code_of(admin.ListHives(Q.ListHivesRequest())) is None
+    assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) is None
     assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) is None
-    assert await code_of(registry.Heartbeat(Q.HiveHeartbeat(hive_id="x", address="y:1"))) == P
+    assert (
+        await code_of(registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id="x", address="y:1"))) == P
+    )
 
     client, admin, registry, hive_stub, worker_stub = stubs(tokens["hive"])
     assert await code_of(client.Infer(infer())) == P
-    assert await code_of(admin.ListHives(Q.ListHivesRequest())) == P
+    assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) == P
 
     # Health checks need no token (load balancers and probes).
     health = health_pb2_grpc.HealthStub(cluster.channel(queen.address, ""))
     assert (await health.Check(health_pb2.HealthCheckRequest())).status == 1
     # The cluster itself works with tokens: heartbeats, worker callbacks, routing.
-    listed = await cluster.admin_stub(queen).ListWorkers(Q.ListWorkersRequest())
+    listed = await cluster.admin_stub(queen).ListWorkers(queen_pb2.ListWorkersRequest())
     assert len(listed.workers) == 2
     # No process ever logged a token.
     for proc in cluster.procs:
@@ -158,7 +160,7 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
         extra=("--tls-cert", str(certs / "hive.pem"), "--tls-key", str(certs / "hive.key")),
     )
     # A hive claiming another id with that certificate is refused (it has the hive token).
-    cluster.start_hive(
+    impostor = cluster.start_hive(
         queen,
         "impostor",
         extra=("--tls-cert", str(certs / "hive.pem"), "--tls-key", str(certs / "hive.key")),
@@ -169,19 +171,20 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
     )
     await cluster.wait_workers(queen, "demo", 1, timeout=20)
     assert len(await collect(cluster.queen_stub(queen), infer())) == 3
-    await asyncio.sleep(0.5)
-    hives = (await cluster.admin_stub(queen).ListHives(Q.ListHivesRequest())).hives
+    # The impostor has been told no (its heartbeat failed) and is still not in the registry.
+    await wait_until(lambda: "PERMISSION_DENIED" in impostor.log())
+    hives = (await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives
     assert [h.id for h in hives] == ["hive"]
 
     # Without a client certificate the handshake fails (mTLS).
     cluster.tls = TlsFiles(ca=str(certs / "ca.pem"))
     assert await code_of(
-        cluster.queen_stub(queen).ListModels(Q.ListModelsRequest(), timeout=3)
+        cluster.queen_stub(queen).ListModels(queen_pb2.ListModelsRequest(), timeout=3)
     ) == (grpc.StatusCode.UNAVAILABLE)
     # Plain text to a TLS server does not get through either.
     cluster.tls = TlsFiles()
     assert await code_of(
-        cluster.queen_stub(queen).ListModels(Q.ListModelsRequest(), timeout=3)
+        cluster.queen_stub(queen).ListModels(queen_pb2.ListModelsRequest(), timeout=3)
     ) == (grpc.StatusCode.UNAVAILABLE)
 
     # The CLI with TLS and a client token.
@@ -197,7 +200,7 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
         [
             sys.executable,
             "-m",
-            "apiary",
+            "cli",
             "infer",
             "demo",
             "x y",
@@ -213,7 +216,7 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
     )
     assert out.returncode == 0 and out.stdout == "x y\n", out.stderr
     denied = subprocess.run(
-        [sys.executable, "-m", "apiary", "status", "--queen", queen.address],
+        [sys.executable, "-m", "cli", "status", "--queen", queen.address],
         env={**os.environ, **env_cli, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
@@ -253,7 +256,7 @@ def test_servers_refuse_to_listen_beyond_loopback_without_tokens(tmp_path: Path)
 
 
 async def test_insecure_flag_overrides_loudly(cluster: Cluster) -> None:
-    queen = cluster._start(
+    queen = cluster.start(
         "queen",
         ["queen", "--listen", "0.0.0.0:0", "--insecure", "--state-dir", str(cluster.tmp / "q")],
     )
@@ -268,10 +271,14 @@ async def test_limits_per_client_and_per_request(cluster: Cluster, certs: Path) 
     cluster.start_hive(queen, "h1", "model=demo,count=4,token_delay=0.05")
     await cluster.wait_workers(queen, "demo", 4)
     client = queen_pb2_grpc.QueenStub(cluster.channel(queen.address, tokens["client"]))
-    holding = [asyncio.create_task(collect(client, infer(max_tokens=30))) for _ in range(2)]
-    await asyncio.sleep(0.5)
-    assert await code_of(client.Infer(infer())) == grpc.StatusCode.RESOURCE_EXHAUSTED
     other = queen_pb2_grpc.QueenStub(cluster.channel(queen.address, tokens["admin"]))
+    holding = [asyncio.create_task(collect(client, infer(max_tokens=30))) for _ in range(2)]
+
+    async def both_streaming() -> bool:
+        return (await other.ListModels(queen_pb2.ListModelsRequest())).models[0].busy == 2
+
+    await wait_until(both_streaming)
+    assert await code_of(client.Infer(infer())) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(await collect(other, infer())) == 3  # the limit is per token
     await asyncio.gather(*holding)
     assert len(await collect(client, infer())) == 3

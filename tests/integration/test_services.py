@@ -8,8 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from harness import Cluster
 from protos.v1 import common_pb2, hive_pb2, worker_pb2, worker_pb2_grpc
-from tests.integration.cluster import Cluster
 
 
 async def list_services(cluster: Cluster, address: str) -> set[str]:

@@ -15,8 +15,9 @@ import psutil
 import pytest
 
 from apiary.protoutil import READY_STATES
+from harness import Cluster, Proc
+from harness import wait_until as eventually
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
-from tests.integration.cluster import Cluster, Proc, eventually
 
 FAST = ("--restart-backoff", "0.1", "--term-grace", "0.5")
 

@@ -77,24 +77,39 @@ async def stop_child(name: str, proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
+def worker_spec(args: argparse.Namespace) -> tuple[str, str]:
+    """(what the workers run on, in words; the hive's --spawn spec). Names the model if unset."""
+    if args.gguf:
+        path = args.gguf  # checked (and made absolute) in main(), before the loop started
+        args.model = args.model or os.path.splitext(os.path.basename(path))[0]
+        spawn = f"model={args.model},backend=llamacpp,count={args.workers},model_path={path}"
+        return "the llamacpp backend", spawn
+    args.model = args.model or "demo"
+    spawn = (
+        f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
+        f"token_delay={args.token_delay}"
+    )
+    return "the echo backend (for demos and tests)", spawn
+
+
+def banner(args: argparse.Namespace, backend: str) -> str:
+    return (
+        f"\nApiary is up: queen {args.queen_listen}, hive {args.hive_id!r} with "
+        f"{args.workers} '{args.model}' worker(s) on {backend}.\n"
+        "In a second terminal:\n"
+        f"  .venv/bin/apiary infer {args.model} 'hello bees' --max-tokens 20\n"
+        "  .venv/bin/apiary status\n"
+        "Ctrl-C here stops everything.\n"
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     fmt = ["--log-format", args.log_format] if args.log_format else []
     queen = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "queen", "--listen", args.queen_listen, *fmt
     )
-    if args.gguf:
-        path = args.gguf  # checked (and made absolute) in main(), before the loop started
-        args.model = args.model or os.path.splitext(os.path.basename(path))[0]
-        backend = "the llamacpp backend"
-        spawn = f"model={args.model},backend=llamacpp,count={args.workers},model_path={path}"
-    else:
-        args.model = args.model or "demo"
-        backend = "the echo backend (for demos and tests)"
-        spawn = (
-            f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
-            f"token_delay={args.token_delay}"
-        )
+    backend, spawn = worker_spec(args)
     hive = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -117,15 +132,7 @@ async def run(args: argparse.Namespace) -> int:
     await asyncio.wait([ready, exited, stopped], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if ready.done() and ready.result():
-        print(
-            f"\nApiary is up: queen {args.queen_listen}, hive {args.hive_id!r} with "
-            f"{args.workers} '{args.model}' worker(s) on {backend}.\n"
-            "In a second terminal:\n"
-            f"  .venv/bin/apiary infer {args.model} 'hello bees' --max-tokens 20\n"
-            "  .venv/bin/apiary status\n"
-            "Ctrl-C here stops everything.\n",
-            flush=True,
-        )
+        print(banner(args, backend), flush=True)
         await asyncio.wait([exited, stopped], return_when=asyncio.FIRST_COMPLETED)
     if exited.done():
         dead = [name for name, p in children.items() if p.returncode is not None]

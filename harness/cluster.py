@@ -1,4 +1,7 @@
-"""Real queen, hive and worker processes on 127.0.0.1 for integration tests.
+"""Real queen, hive and worker processes on 127.0.0.1, for integration tests and benchmarks.
+
+Tiers are started as processes (`python -m queen`, ...), never imported: the harness sees the
+cluster only through its RPCs, its logs and the OS.
 
 Every process a test starts carries a per-test marker in its environment (and
 workers inherit it), so teardown can find and kill anything left behind even
@@ -14,41 +17,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import psutil
 
 from apiary.protoutil import READY_STATES
 from apiary.security import Security, TlsFiles
+from harness.wait import NotMet, wait_until, wait_until_sync
 from protos.v1 import common_pb2, hive_pb2_grpc, queen_pb2, queen_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MARKER_ENV = "APIARY_TEST_RUN"
-T = TypeVar("T")
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], timeout: float = 10.0, interval: float = 0.02
-) -> T:
-    """Poll `check` until it returns something truthy; fail with its last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        try:
-            last = await check()
-        except grpc.aio.AioRpcError:
-            last = None
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
 
 
 @dataclass
@@ -100,7 +82,7 @@ class Cluster:
         env["PYTHONPATH"] = str(ROOT)
         return env
 
-    def _start(
+    def start(
         self,
         name: str,
         argv: list[str],
@@ -119,17 +101,20 @@ class Cluster:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while not port_file.exists():
+
+        def bound_port() -> int | None:
             if popen.poll() is not None:
                 raise RuntimeError(
                     f"{name} exited with {popen.returncode}:\n{log_path.read_text()}"
                 )
-            if time.monotonic() > deadline:
-                popen.kill()
-                raise RuntimeError(f"{name} did not start within {timeout}s")
-            time.sleep(0.01)
-        proc = Proc(name, popen, int(port_file.read_text()), log_path, host)
+            return int(port_file.read_text()) if port_file.exists() else None
+
+        try:
+            port = wait_until_sync(bound_port, timeout)
+        except NotMet:
+            popen.kill()
+            raise RuntimeError(f"{name} did not start within {timeout}s") from None
+        proc = Proc(name, popen, port, log_path, host)
         port_file.unlink()
         self.procs.append(proc)
         return proc
@@ -147,7 +132,7 @@ class Cluster:
             *self.server_args,
             *extra,
         ]
-        return self._start("queen", argv)
+        return self.start("queen", argv)
 
     def start_hive(
         self,
@@ -182,7 +167,7 @@ class Cluster:
         ]
         for spec in spawn:
             argv += ["--spawn", spec]
-        return self._start(f"hive-{hive_id}", argv)
+        return self.start(f"hive-{hive_id}", argv)
 
     def channel(self, address: str, token: str | None = None) -> grpc.aio.Channel:
         """A channel for the test's own calls, with the cluster's token unless one is given."""
@@ -211,7 +196,7 @@ class Cluster:
             ready = [w for w in reply.workers if w.state in READY_STATES]
             return ready if len(ready) >= count else None
 
-        return await eventually(ready, timeout)
+        return await wait_until(ready, timeout)
 
     def marked_processes(self) -> list[psutil.Process]:
         """Live processes that carry this cluster's marker (ours and our workers)."""

@@ -1,25 +1,14 @@
-"""How the CLI shows things: tables for people, JSON for programs."""
+"""How the CLI shows things to people: tables, detail pages, event lines, progress (the JSON
+form is `cli.emit`'s)."""
 
 from __future__ import annotations
 
-import json
+import collections
 import time
 from collections.abc import Sequence
-from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
-
-from apiary.protoutil import health_name, state_name
+from apiary.protoutil import READY_STATES, health_name, state_name
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
-
-
-def to_json(message: Message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
-
-
-def print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -245,3 +234,60 @@ def progress_bar(update: hive_pb2.PullProgress, width: int = 30) -> str:
     else:
         head = f"[{'?' * width}] {mib(update.bytes_done)}"
     return f"{head} {mib(int(update.bytes_per_second))}/s {update.stage:<24}"
+
+
+def _counts(counter: collections.Counter[str]) -> str:
+    return ", ".join(f"{n} {name.lower()}" for name, n in sorted(counter.items()))
+
+
+def status_text(
+    queen: str,
+    hives: Sequence[queen_pb2.HiveInfo],
+    workers: Sequence[common_pb2.WorkerRecord],
+    models: Sequence[queen_pb2.ModelInfo],
+) -> str:
+    """The cluster at a glance (health, states, capacity, queues, success, top workers), then
+    the hive, worker and model tables."""
+    by_health = collections.Counter(health_name(h.health) for h in hives)
+    by_state = collections.Counter(state_name(w.state) for w in workers)
+    slots = sum(w.slots_total for w in workers)
+    used = sum(w.slots_total - w.slots_available for w in workers if w.state in READY_STATES)
+    done = sum(w.requests_completed for w in workers)
+    failed = sum(w.requests_failed for w in workers)
+    rate = f"{done / (done + failed):.1%}" if done + failed else "-"
+    queued = ", ".join(f"{m.name} {m.queued}" for m in models if m.queued) or "none"
+    lines = [
+        f"queen {queen}",
+        f"hives     {len(hives)}: " + (_counts(by_health) or "none"),
+        f"workers   {len(workers)}: " + (_counts(by_state) or "none"),
+        f"capacity  {used}/{slots} slots in use",
+        f"queued    {queued}",
+        f"requests  {done} completed, {failed} failed (success {rate})",
+    ]
+    top = sorted((w for w in workers if w.state in READY_STATES), key=lambda w: -w.stats.score)[:5]
+    if top:
+        lines.append("top       " + ", ".join(f"{w.id} ({w.stats.score:.2f})" for w in top))
+    lines += [
+        "",
+        hive_rows(hives) if hives else "no hives",
+        "",
+        worker_rows(workers) if workers else "no workers",
+        "",
+        model_rows(models) if models else "no models",
+    ]
+    return "\n".join(lines)
+
+
+def hive_details(reply: queen_pb2.GetHiveResponse) -> str:
+    workers = worker_rows(reply.workers) if reply.workers else "no workers"
+    return f"{hive_rows([reply.hive])}\n\n{workers}"
+
+
+def backend_details(backend: hive_pb2.BackendInfo) -> str:
+    options = [f"  option {name}: {text}" for name, text in sorted(backend.options.items())]
+    return "\n".join([backend_rows([backend]), *options])
+
+
+def infer_summary(last: common_pb2.InferChunk) -> str:
+    reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
+    return f"[{last.completion_tokens} tokens, finish={reason.lower()}]"
