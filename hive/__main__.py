@@ -93,6 +93,29 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
         default=1.0,
         help="seconds; replaced by the interval the queen asks for",
     )
+    add_supervision_args(p)
+    p.add_argument("--worker-host", default="127.0.0.1", help="host workers bind to")
+    p.add_argument("--models-dir", default="", help="model catalog (default STATE_DIR/models)")
+    p.add_argument(
+        "--allow-symlinks",
+        action="store_true",
+        help="let `model pull` of a local path follow a symlink out of the file's directory",
+    )
+    p.add_argument(
+        "--spawn",
+        action="append",
+        default=[],
+        type=parse_spawn,
+        metavar="SPEC",
+        help="keep workers running from boot, e.g. model=demo,backend=echo,count=2,restart=always"
+        " (re-adopted workers count)",
+    )
+    add_server_args(p)
+    return p
+
+
+def add_supervision_args(p: argparse.ArgumentParser) -> None:
+    """How the hive watches, stops, restarts and retires its workers."""
     p.add_argument(
         "--stop-grace",
         type=float,
@@ -125,24 +148,6 @@ def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     )
     p.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay (s)")
     p.add_argument("--restart-backoff-max", type=float, default=60.0, help="cap on it (s)")
-    p.add_argument("--worker-host", default="127.0.0.1", help="host workers bind to")
-    p.add_argument("--models-dir", default="", help="model catalog (default STATE_DIR/models)")
-    p.add_argument(
-        "--allow-symlinks",
-        action="store_true",
-        help="let `model pull` of a local path follow a symlink out of the file's directory",
-    )
-    p.add_argument(
-        "--spawn",
-        action="append",
-        default=[],
-        type=parse_spawn,
-        metavar="SPEC",
-        help="keep workers running from boot, e.g. model=demo,backend=echo,count=2,restart=always"
-        " (re-adopted workers count)",
-    )
-    add_server_args(p)
-    return p
 
 
 def settings_from(args: argparse.Namespace) -> SupervisorSettings:

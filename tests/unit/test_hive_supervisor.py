@@ -286,7 +286,7 @@ async def test_a_spawn_recorded_halfway_is_stopped(hive: Hive) -> None:
     hive.store.fail_after = 1  # the row is written, then the disk fills
     with pytest.raises(StatusError, match="was stopped: it could not be recorded"):
         await hive.supervisor.spawn(WorkerSpec("demo", "echo"))
-    (pid, sig) = hive.launcher.signals[0]
+    (_pid, sig) = hive.launcher.signals[0]
     assert sig == signal.SIGKILL and hive.supervisor.workers == {}
 
 
