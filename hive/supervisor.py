@@ -167,6 +167,7 @@ class Supervisor:
         self._persist_errno = 0
         # Workers the hive keeps from boot (--spawn): spec, count. Their count is kept.
         self.boot: list[tuple[WorkerSpec, int]] = []
+        self._keeping = asyncio.Lock()
 
     def get(self, worker_id: str) -> ManagedWorker:
         try:
@@ -234,11 +235,12 @@ class Supervisor:
 
     async def keep_boot_workers(self) -> None:
         """Bring each --spawn entry back to its count (a worker retired, or its row expired)."""
-        for spec, count in self.boot:
-            try:
-                await self.ensure(spec, count, keep=not spec.idle_retire)
-            except StatusError as refused:
-                log.error("cannot keep boot workers", model=spec.model, error=refused.message)
+        async with self._keeping:  # one reconciliation at a time, or both would spawn
+            for spec, count in self.boot:
+                try:
+                    await self.ensure(spec, count, keep=not spec.idle_retire)
+                except StatusError as refused:
+                    log.error("cannot keep boot workers", model=spec.model, error=refused.message)
 
     # ---- carrying out actions ---------------------------------------------
 

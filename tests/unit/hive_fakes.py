@@ -58,6 +58,7 @@ class FakeLauncher(Launcher):
         if self.fail_next_start:
             error, self.fail_next_start = self.fail_next_start, ""
             raise OSError(error)
+        await asyncio.sleep(0)  # starting a process yields to the loop, as the real one does
         self.argvs.append(list(argv))
         proc = FakeProcess(next(self._pids))
         self.processes[proc.pid] = proc

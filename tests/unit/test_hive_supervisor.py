@@ -303,3 +303,9 @@ async def test_workers_missing_from_an_unreadable_table_are_found_by_their_marke
         assert made.launcher.argvs == []  # adopted, not started twice
     finally:
         await made.supervisor.close()
+
+
+async def test_concurrent_reconciliations_do_not_spawn_twice(hive: Hive) -> None:
+    hive.supervisor.boot = [(WorkerSpec("demo", "echo"), 2)]
+    await asyncio.gather(*(hive.supervisor.keep_boot_workers() for _ in range(3)))
+    assert len(hive.supervisor.workers) == 2
