@@ -90,7 +90,9 @@ class Report:
 
 @dataclass(frozen=True)
 class Remove:
-    """The worker's row goes."""
+    """The worker's row goes (`expired`: a FAILED row outlived its TTL; nobody asked)."""
+
+    expired: bool = False
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,11 @@ class Lifecycle:
             # FAILED -> GONE: kept long enough to be seen; it no longer clutters the table.
             self.phase = Phase.GONE
             ttl = self.settings.failed_ttl
-            return [Remove(), *CHANGED, Log("info", "failed worker removed", (("after", ttl),))]
+            return [
+                Remove(expired=True),
+                *CHANGED,
+                Log("info", "failed worker removed", (("after", ttl),)),
+            ]
         return []
 
     def _escalate(self, now: float) -> list[Action]:

@@ -234,7 +234,9 @@ class Supervisor:
             await self.spawn(WorkerSpec(**vars(spec)), keep=keep)
 
     async def keep_boot_workers(self) -> None:
-        """Bring each --spawn entry back to its count (a worker retired, or its row expired)."""
+        """Bring each --spawn entry to its count: at boot (re-adopted workers count), and when
+        a kept worker that failed for good has its row expire. A worker an operator stops is
+        not replaced: that is how a hive is scaled down."""
         async with self._keeping:  # one reconciliation at a time, or both would spawn
             for spec, count in self.boot:
                 try:
@@ -258,6 +260,8 @@ class Supervisor:
                 changed = True
             elif isinstance(action, Remove):
                 self._remove(worker)
+                if action.expired and worker.keep:
+                    self._track(self.keep_boot_workers())  # a kept worker failed for good
             elif isinstance(action, ForgetAddress):
                 self.client.forget(action.address)
             elif isinstance(action, CountCrash):
@@ -420,7 +424,6 @@ class Supervisor:
         while True:
             try:
                 await self.monitor_once()
-                await self.keep_boot_workers()
             except Exception:
                 # The monitor must never die silently: log and keep going.
                 log.exception("monitor step failed")

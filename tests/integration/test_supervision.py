@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from apiary.protoutil import READY_STATES
-from harness import Cluster, Proc
+from harness import Cluster, Proc, stays_true
 from harness import wait_until as eventually
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
@@ -118,7 +118,10 @@ async def test_worker_stuck_loading_is_killed_after_the_load_timeout(cluster: Cl
 async def test_idle_workers_are_retired_but_busy_ones_are_not(cluster: Cluster) -> None:
     queen = cluster.start_queen()
     hive = cluster.start_hive(
-        queen, "h1", "model=demo,count=2,token_delay=0.1", extra=(*FAST, "--idle-timeout", "1.5")
+        queen,
+        "h1",
+        "model=demo,count=2,token_delay=0.1,idle_retire=1",
+        extra=(*FAST, "--idle-timeout", "1.5"),
     )
     workers = await cluster.wait_workers(queen, "demo", 2)
     stub = cluster.queen_stub(queen)
@@ -140,6 +143,31 @@ async def test_idle_workers_are_retired_but_busy_ones_are_not(cluster: Cluster) 
 
 async def _none_left(cluster: Cluster, hive: Proc) -> bool:
     return not await hive_workers(cluster, hive)
+
+
+async def test_boot_workers_are_never_idle_retired(cluster: Cluster) -> None:
+    """What `make run` starts keeps serving however long nobody asks anything."""
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(
+        queen,
+        "h1",
+        "model=demo,count=2",
+        "model=spare,idle_retire=1",
+        extra=(*FAST, "--idle-timeout", "1"),
+    )
+    kept = {w.id: w.pid for w in await cluster.wait_workers(queen, "demo", 2)}
+
+    async def spare_retired() -> bool:
+        return all(w.model != "spare" for w in await hive_workers(cluster, hive))
+
+    await eventually(spare_retired, timeout=15)
+
+    async def demo_unchanged() -> bool:
+        demo = {w.id: w.pid for w in await hive_workers(cluster, hive) if w.model == "demo"}
+        return demo == kept
+
+    await stays_true(demo_unchanged, seconds=2.0)  # twice the idle timeout, checks every 0.2 s
+    assert len(await collect(cluster.queen_stub(queen))) == 4
 
 
 async def test_graceful_stop_lets_the_stream_finish_and_force_does_not(cluster: Cluster) -> None:

@@ -248,13 +248,19 @@ async def test_boot_workers_are_kept_from_idle_retirement_and_their_count_is_kep
     await supervisor.monitor_once()
     await hive.clock.run(12.0)  # the spare one is retired (SIGTERM after its grace)
     assert {w.spec.model for w in supervisor.workers.values()} == {"demo"}
-    retired = next(iter(kept))
-    stopping = asyncio.create_task(supervisor.stop(retired))  # an operator retires one
+    # One fails for good: once its row expires, the hive brings the count back.
+    failing, other = (supervisor.workers[w] for w in sorted(kept))
+    failing.life.policy = NEVER
+    hive.kill(failing, code=1)
+    await hive.clock.run(601.0)
+    demo = [w for w in supervisor.workers.values() if w.spec.model == "demo"]
+    assert len(demo) == 2 and failing.id not in {w.id for w in demo}
+    assert all(w.keep for w in demo)
+    # An operator stopping one scales the hive down: it is not replaced.
+    stopping = asyncio.create_task(supervisor.stop(other.id))
     await hive.clock.run(12.0)
     await stopping
-    await supervisor.keep_boot_workers()
-    demo = [w for w in supervisor.workers.values() if w.spec.model == "demo"]
-    assert len(demo) == 2 and retired not in {w.id for w in demo}
+    assert len([w for w in supervisor.workers.values() if w.spec.model == "demo"]) == 1
 
 
 async def test_a_failed_row_is_dropped_after_the_failed_ttl(hive: Hive) -> None:
