@@ -9,7 +9,7 @@ delivered, because a second worker would repeat tokens the client already has.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 
 import grpc
@@ -122,10 +122,9 @@ def _after_status(failure: Failure, code: grpc.StatusCode, chunks_sent: int) -> 
     )
 
 
-def every_worker_tried(tried: Iterable[str], addresses: Iterable[str]) -> bool:
+def every_worker_tried(tried: Collection[str], addresses: Iterable[str]) -> bool:
     """Checked before each further attempt: every worker there is failed this request, so say
-    so now, not at the deadline."""
-    tried = set(tried)
+    so now, not at the deadline. `addresses` is read only if something was tried."""
     return bool(tried) and all(address in tried for address in addresses)
 
 

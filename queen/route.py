@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Any
 
@@ -85,10 +85,10 @@ class Route:
             await cluster.clock.sleep(decision.backoff)
         raise retry.gave_up(request.model, self.attempts, last_error)
 
-    def _addresses(self) -> list[str]:
-        return [
-            w.record.address for w in self.cluster.registry.workers_of_model(self.request.model)
-        ]
+    def _addresses(self) -> Iterator[str]:
+        """Lazily: only read once an attempt failed, and only up to a worker not yet tried."""
+        for entry in self.cluster.registry.workers_of_model(self.request.model):
+            yield entry.record.address
 
     def _started(self, slot: Slot) -> None:
         cluster, request = self.cluster, self.request
