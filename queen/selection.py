@@ -64,7 +64,7 @@ class SpeedScale:
 
     Kept lazily: a new maximum is seen at once; when the fastest worker slows down the
     maximum is found again on the next read. That scan is O(n), but it happens on about
-    one release in n (the fastest worker's own), so it costs O(1) per release on average.
+    one slot given back in n (the fastest worker's own), so it costs O(1) per slot on average.
     """
 
     def __init__(self) -> None:
