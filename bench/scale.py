@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apiary.clock import SystemClock
 from harness import Cluster
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen.registry import Lease, Outcome, Registry, RegistrySettings
+from queen.registry import Outcome, Registry, RegistrySettings, Slot
 
 SIZES = (10, 100, 1_000, 10_000)
 PER_HIVE = 8
@@ -62,15 +62,17 @@ def pick_cost(size: int, policy: int, picks: int) -> float:
     registry = Registry(SystemClock(), RegistrySettings(interval=3600.0), seed=1)
     for hive in range(max(size // PER_HIVE, 1)):
         registry.apply_heartbeat(heartbeat(hive, min(PER_HIVE, size)))
-    window: collections.deque[Lease] = collections.deque()
+    window: collections.deque[Slot] = collections.deque()
     in_flight = min(size * 2, 256)  # half the slots of the smallest, a realistic load elsewhere
     rounds = []
     for _ in range(5):
         start = time.perf_counter()
         for n in range(picks):
             if len(window) >= in_flight:
-                registry.release(window.popleft(), Outcome(ok=True, duration=0.5, tokens=8 + n % 5))
-            lease = registry.acquire("m", policy=policy)  # type: ignore[arg-type]
+                registry.give_back(
+                    window.popleft(), Outcome(ok=True, duration=0.5, tokens=8 + n % 5)
+                )
+            lease = registry.take_slot("m", policy=policy)  # type: ignore[arg-type]
             if lease is not None:
                 window.append(lease)
         rounds.append((time.perf_counter() - start) / picks * 1e6)

@@ -30,9 +30,7 @@ def plan(text: str) -> SpawnPlan:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Run the queen: registry and router.")
-    p.add_argument("--listen", default="127.0.0.1:7070", help="host:port (default 127.0.0.1:7070)")
+def add_health_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heartbeat-interval",
         type=float,
@@ -45,12 +43,9 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         default=10.0,
         help="forget an unhealthy hive and its workers after this many intervals (default 10)",
     )
-    p.add_argument(
-        "--policy",
-        type=enum_parser(common_pb2.RoutingPolicy, "ROUTING_POLICY_", "routing policy"),
-        default=common_pb2.ROUTING_POLICY_LEAST_LOADED,
-        help="default routing policy (requests may choose their own)",
-    )
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting for a slot, in all"
     )
@@ -60,6 +55,9 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         "--max-streams-per-client", type=int, default=64,
         help="Infer streams one client token may have open at once (0 = no limit)",
     )  # fmt: skip
+
+
+def add_breaker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--breaker-failures",
         type=int,
@@ -67,6 +65,20 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         help="failures in a row that stop routing to a worker (0 = never)",
     )
     p.add_argument("--breaker-cooldown", type=float, default=10.0, help="seconds it stays out")
+
+
+def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run the queen: registry and router.")
+    p.add_argument("--listen", default="127.0.0.1:7070", help="host:port (default 127.0.0.1:7070)")
+    add_health_args(p)
+    p.add_argument(
+        "--policy",
+        type=enum_parser(common_pb2.RoutingPolicy, "ROUTING_POLICY_", "routing policy"),
+        default=common_pb2.ROUTING_POLICY_LEAST_LOADED,
+        help="default routing policy (requests may choose their own)",
+    )
+    add_limit_args(p)
+    add_breaker_args(p)
     p.add_argument(
         "--autospawn",
         action="append",
@@ -92,9 +104,8 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     return p
 
 
-async def run(args: argparse.Namespace) -> int:
-    stop = stop_event_on_signals()
-    config = QueenConfig(
+def config_of(args: argparse.Namespace) -> QueenConfig:
+    return QueenConfig(
         heartbeat_interval=args.heartbeat_interval,
         max_queue=args.max_queue,
         max_tokens_cap=args.max_tokens_cap,
@@ -109,6 +120,11 @@ async def run(args: argparse.Namespace) -> int:
         autospawn_catalog=args.autospawn_catalog,
         hive_identity_from_cert=args.hive_identity_from_cert,
     )
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = stop_event_on_signals()
+    config = config_of(args)
     try:
         security = security_from_args(args)
         queen = await create_server(args.listen, config, security=security)

@@ -11,15 +11,16 @@ import structlog
 from apiary.protoutil import naming, timestamp
 from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
+from queen.admission import tags_problem
+from queen.cluster import Cluster
 from queen.registry import HiveEntry, WorkerEntry
-from queen.router import Cluster, tags_problem
 
 log = structlog.get_logger("queen.admin")
 
 
 class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
     def __init__(self, cluster: Cluster) -> None:
-        self.c = cluster
+        self.cluster = cluster
         self.registry = cluster.registry
         self.scheduler = cluster.scheduler
         self.channels = cluster.channels
@@ -158,8 +159,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), f"hive {hive.id}: {exc.details()}")
         # The hive's reply is as fresh as a heartbeat: route to the worker from now on.
-        self.registry.apply_worker(reply.worker)
-        self.scheduler.dispatch(reply.worker.model)
+        self.cluster.apply_worker(reply.worker)
         log.info("worker spawned via queen", hive_id=hive.id, worker_id=reply.worker.id)
         return queen_pb2.QueenSpawnWorkerResponse(worker=reply.worker)
 
@@ -185,7 +185,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
     ) -> queen_pb2.DrainHiveResponse:
         hive = await self._hive(request.hive_id, context)
         drained = not request.undrain
-        await self.c.history.set_drain("hive", hive.id, drained)
+        await self.cluster.history.set_drain("hive", hive.id, drained)
         self.registry.drain_hive(hive.id, drained)
         if not drained:
             self.scheduler.dispatch_all()
@@ -197,7 +197,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
     ) -> queen_pb2.DrainWorkerResponse:
         entry = await self._worker(request.worker_id, context)
         drained = not request.undrain
-        await self.c.history.set_drain("worker", entry.id, drained)
+        await self.cluster.history.set_drain("worker", entry.id, drained)
         self.registry.drain_worker(entry.id, drained)
         if not drained:
             self.scheduler.dispatch(entry.record.model)
@@ -210,12 +210,12 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
         unknown = [k for k in request.kinds if k not in queen_pb2.EventKind.values()]
         if unknown:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown event kinds {unknown}")
-        subscriber = self.c.events.subscribe(request.kinds)
+        subscriber = self.cluster.events.subscribe(request.kinds)
         try:
             async for event in subscriber:
                 yield event
         finally:
-            self.c.events.unsubscribe(subscriber)
+            self.cluster.events.unsubscribe(subscriber)
 
     async def ListRequests(
         self, request: queen_pb2.ListRequestsRequest, context: Context
@@ -225,6 +225,6 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown status {request.status}"
             )
         records = await asyncio.to_thread(
-            self.c.history.query, request.status, request.model, request.limit
+            self.cluster.history.query, request.status, request.model, request.limit
         )
         return queen_pb2.ListRequestsResponse(requests=records)

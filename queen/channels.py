@@ -25,6 +25,9 @@ class Channels:
         """A worker is gone or replaced: close its channel, letting calls on it finish."""
         self.workers.discard(address)
 
+    def discard_all(self, addresses: list[str]) -> None:
+        self.workers.discard_all(addresses)
+
     async def close(self) -> None:
         await self.workers.close()
         await self.hives.close()

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterable
 from apiary.protoutil import timestamp
 from protos.v1 import queen_pb2
 
-Q = queen_pb2
 BACKLOG = 10_000
 
 
@@ -34,8 +33,8 @@ class Subscriber:
             self.wake.clear()
             if self.dropped:
                 dropped, self.dropped = self.dropped, 0
-                yield Q.Event(
-                    kind=Q.EVENT_KIND_EVENTS_DROPPED,
+                yield queen_pb2.Event(
+                    kind=queen_pb2.EVENT_KIND_EVENTS_DROPPED,
                     detail=f"{dropped} event(s) dropped: this watcher fell behind",
                 )
             while self.pending:
@@ -59,7 +58,7 @@ class EventBus:
     def emit(self, kind: queen_pb2.EventKind.ValueType, now: float, **fields: object) -> None:
         """Build and publish one event, only if someone is watching (requests are the hot path)."""
         if self._subscribers:
-            self.publish([Q.Event(kind=kind, time=timestamp(now), **fields)])  # type: ignore[arg-type]
+            self.publish([queen_pb2.Event(kind=kind, time=timestamp(now), **fields)])  # type: ignore[arg-type]
 
     def subscribe(self, kinds: Iterable[queen_pb2.EventKind.ValueType] = ()) -> Subscriber:
         sub = Subscriber(kinds, self.backlog)

@@ -19,7 +19,6 @@ from typing import Any
 from apiary.protoutil import timestamp
 from protos.v1 import queen_pb2
 
-Q = queen_pb2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
@@ -71,7 +70,11 @@ class History:
         conn.executescript(SCHEMA)
         cur = conn.execute(
             "UPDATE requests SET status=?, error='queen restarted' WHERE status IN (?, ?)",
-            (Q.REQUEST_STATUS_FAILED, Q.REQUEST_STATUS_QUEUED, Q.REQUEST_STATUS_RUNNING),
+            (
+                queen_pb2.REQUEST_STATUS_FAILED,
+                queen_pb2.REQUEST_STATUS_QUEUED,
+                queen_pb2.REQUEST_STATUS_RUNNING,
+            ),
         )
         self.recovered = cur.rowcount
         conn.close()
@@ -120,7 +123,7 @@ class History:
     def accepted(self, request_id: str, model: str, at: float) -> None:
         self._put(
             "INSERT OR REPLACE INTO requests (id, model, status, accepted_at) VALUES (?, ?, ?, ?)",
-            (request_id, model, Q.REQUEST_STATUS_QUEUED, at),
+            (request_id, model, queen_pb2.REQUEST_STATUS_QUEUED, at),
             wait=False,
         )
 
@@ -130,7 +133,7 @@ class History:
         self._put(
             "UPDATE requests SET status=?, worker_id=?, hive_id=?, started_at=?, attempts=? "
             "WHERE id=?",
-            (Q.REQUEST_STATUS_RUNNING, worker_id, hive_id, at, attempt, request_id),
+            (queen_pb2.REQUEST_STATUS_RUNNING, worker_id, hive_id, at, attempt, request_id),
             wait=False,
         )
 
@@ -138,7 +141,7 @@ class History:
         self, request_id: str, ok: bool, at: float, tokens: int, error: str, attempts: int
     ) -> None:
         """Record the end of a request; returns once it is committed."""
-        status = Q.REQUEST_STATUS_COMPLETED if ok else Q.REQUEST_STATUS_FAILED
+        status = queen_pb2.REQUEST_STATUS_COMPLETED if ok else queen_pb2.REQUEST_STATUS_FAILED
         done = self._put(
             "UPDATE requests SET status=?, finished_at=?, completion_tokens=?, error=?, "
             "attempts=MAX(attempts, ?) WHERE id=?",
@@ -187,7 +190,7 @@ class History:
         finally:
             conn.close()
         return [
-            Q.RequestRecord(
+            queen_pb2.RequestRecord(
                 id=r[0],
                 model=r[1],
                 worker_id=r[2],

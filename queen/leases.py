@@ -18,7 +18,7 @@ import structlog
 from apiary.errors import StatusError
 from protos.v1 import worker_pb2
 from queen.channels import Channels
-from queen.registry import Lease, Outcome
+from queen.registry import Outcome, Slot
 from queen.scheduler import Scheduler
 
 log = structlog.get_logger("queen.leases")
@@ -28,9 +28,11 @@ MAX_TTL = 3600.0
 
 
 @dataclass
-class DirectLease:
+class Lease:
+    """A slot handed to a client to call its worker directly, followed until it ends."""
+
     id: str
-    lease: Lease
+    slot: Slot
     ttl: float
     task: asyncio.Task[None] | None = None
 
@@ -39,32 +41,32 @@ class LeaseManager:
     def __init__(self, scheduler: Scheduler, channels: Channels) -> None:
         self.scheduler = scheduler
         self.channels = channels
-        self.active: dict[str, DirectLease] = {}
+        self.active: dict[str, Lease] = {}
 
-    async def hold(self, lease: Lease, ttl: float) -> DirectLease:
+    async def hold(self, slot: Slot, ttl: float) -> Lease:
         """Ask the worker to hold the slot; on success the lease is followed until it ends."""
-        direct = DirectLease(f"l-{uuid.uuid4().hex}", lease, ttl)
-        stream = self.channels.worker(lease.address).HoldLease(
-            worker_pb2.HoldLeaseRequest(lease_id=direct.id, ttl_seconds=ttl)
+        lease = Lease(f"l-{uuid.uuid4().hex}", slot, ttl)
+        stream = self.channels.worker(slot.address).HoldLease(
+            worker_pb2.HoldLeaseRequest(lease_id=lease.id, ttl_seconds=ttl)
         )
         try:
             first = await stream.read()
         except grpc.aio.AioRpcError as exc:
             fault = exc.code() == grpc.StatusCode.UNAVAILABLE
-            self.scheduler.release(lease, Outcome(ok=False if fault else None, worker_fault=fault))
-            raise StatusError(exc.code(), f"worker {lease.worker_id}: {exc.details()}") from None
+            self.scheduler.give_back(slot, Outcome(ok=False if fault else None, worker_fault=fault))
+            raise StatusError(exc.code(), f"worker {slot.worker_id}: {exc.details()}") from None
         if (
             not isinstance(first, worker_pb2.LeaseUpdate)
             or first.state != worker_pb2.LEASE_STATE_HELD
         ):
             stream.cancel()
-            self.scheduler.release(lease, Outcome(ok=None))
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {lease.worker_id} did not hold")
-        self.active[direct.id] = direct
-        direct.task = asyncio.get_running_loop().create_task(self._follow(direct, stream))
-        return direct
+            self.scheduler.give_back(slot, Outcome(ok=None))
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {slot.worker_id} did not hold")
+        self.active[lease.id] = lease
+        lease.task = asyncio.get_running_loop().create_task(self._follow(lease, stream))
+        return lease
 
-    async def _follow(self, direct: DirectLease, stream: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
+    async def _follow(self, lease: Lease, stream: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
         loop = asyncio.get_running_loop()
         started = 0.0
         outcome = Outcome(ok=None)
@@ -81,24 +83,24 @@ class LeaseManager:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 outcome = Outcome(ok=False, worker_fault=True)
-                log.warning("lost a leased worker", lease_id=direct.id, code=exc.code().name)
+                log.warning("lost a leased worker", lease_id=lease.id, code=exc.code().name)
         except Exception:
             log.exception("lease follower failed; freeing the slot")
         finally:
             stream.cancel()
-            self.active.pop(direct.id, None)
-            self.scheduler.release(direct.lease, outcome)
+            self.active.pop(lease.id, None)
+            self.scheduler.give_back(lease.slot, outcome)
 
     def release(self, lease_id: str) -> bool:
         """Give back a lease early: ends the worker's hold, which frees the slot."""
-        direct = self.active.get(lease_id)
-        if direct is None or direct.task is None:
+        lease = self.active.get(lease_id)
+        if lease is None or lease.task is None:
             return False
-        direct.task.cancel()
+        lease.task.cancel()
         return True
 
     async def close(self) -> None:
-        tasks = [d.task for d in self.active.values() if d.task is not None]
+        tasks = [lease.task for lease in self.active.values() if lease.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

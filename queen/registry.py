@@ -1,10 +1,10 @@
-"""The queen's view of the cluster: hives and workers from heartbeats, and slot leases.
+"""The queen's view of the cluster: hives and workers from heartbeats, and the slots it hands out.
 
 Pure logic: no sockets, no sleeping; time comes from an injected clock and
 events go to a callback the I/O layer wires to the event bus.
 
 Heartbeats are the truth about which workers exist and in what state; the
-queen's own leases are the truth about slots in use (a heartbeat can be up to
+queen's own slot count is the truth about slots in use (a heartbeat can be up to
 an interval old, so it never overwrites them). Picks go through per-pool
 indexes (queen/selection.py), so a pick never scans the fleet.
 """
@@ -21,8 +21,6 @@ from protos.v1 import common_pb2, queen_pb2
 from queen.selection import Judge, Pool, SpeedScale, Verdict, score
 from queen.stats import WorkerStatsTracker
 
-S = common_pb2
-Q = queen_pb2
 DEGRADED_AFTER_INTERVALS = 2
 MAX_POOLS_PER_MODEL = 32
 # After (re)starting, the queen waits this many heartbeat intervals for hives before it calls a
@@ -36,7 +34,7 @@ class RegistrySettings:
     interval: float = 1.0
     # An unhealthy hive (and its workers) is forgotten after this many intervals of silence.
     hive_ttl_intervals: float = 10.0
-    default_policy: common_pb2.RoutingPolicy.ValueType = S.ROUTING_POLICY_LEAST_LOADED
+    default_policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_LEAST_LOADED
     breaker_failures: int = 3
     breaker_cooldown: float = 10.0
 
@@ -51,7 +49,7 @@ class HiveEntry:
     stats: queen_pb2.HiveStats = field(default_factory=queen_pb2.HiveStats)
     worker_ids: set[str] = field(default_factory=set)
     drained: bool = False
-    health: common_pb2.HiveHealth.ValueType = S.HIVE_HEALTH_HEALTHY
+    health: common_pb2.HiveHealth.ValueType = common_pb2.HIVE_HEALTH_HEALTHY
     backends: frozenset[str] = frozenset()
     # Models in the hive's catalog -> the backend each needs.
     catalog: dict[str, str] = field(default_factory=dict)
@@ -61,9 +59,9 @@ class HiveEntry:
 class WorkerEntry:
     record: common_pb2.WorkerRecord
     stats: WorkerStatsTracker = field(default_factory=WorkerStatsTracker)
-    # Slots the queen has leased out on this worker right now.
+    # Slots the queen has handed out on this worker right now.
     in_flight: int = 0
-    # Order of last use (a lease taken or given back); smaller = longer ago.
+    # Order of last use (a slot taken or given back); smaller = longer ago.
     last_used: int = 0
     # Set when the queen could not reach the worker; cleared by the next heartbeat that
     # reports it (the hive would have reported its exit).
@@ -93,8 +91,8 @@ class WorkerEntry:
 
 
 @dataclass(frozen=True)
-class Lease:
-    """One slot on one worker, held by one request."""
+class Slot:
+    """One slot on one worker, held by one request (or one direct lease)."""
 
     worker_id: str
     hive_id: str
@@ -104,7 +102,7 @@ class Lease:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a lease ended. ok=None: it was never used (cancelled, handed back)."""
+    """How a slot's use ended. ok=None: it was never used (cancelled, handed back)."""
 
     ok: bool | None
     duration: float = 0.0
@@ -143,7 +141,7 @@ class Registry:
     # ---- events -----------------------------------------------------------
 
     def _event(self, kind: queen_pb2.EventKind.ValueType, **fields: object) -> None:
-        self.on_event(Q.Event(kind=kind, time=timestamp(self.clock.time()), **fields))  # type: ignore[arg-type]
+        self.on_event(queen_pb2.Event(kind=kind, time=timestamp(self.clock.time()), **fields))  # type: ignore[arg-type]
 
     # ---- heartbeats -------------------------------------------------------
 
@@ -160,7 +158,7 @@ class Registry:
             hive = HiveEntry(beat.hive_id, beat.address, self.clock.time(), now)
             hive.drained = beat.hive_id in self.drained_hives
             self.hives[beat.hive_id] = hive
-            self._event(Q.EVENT_KIND_HIVE_JOINED, hive_id=hive.id, detail=beat.address)
+            self._event(queen_pb2.EVENT_KIND_HIVE_JOINED, hive_id=hive.id, detail=beat.address)
         hive.address = beat.address
         hive.last_seen = now
         hive.resources = beat.resources
@@ -199,7 +197,7 @@ class Registry:
                 del self._by_model[entry.record.model]
                 self._pools.pop(entry.record.model, None)
         self._event(
-            Q.EVENT_KIND_WORKER_REMOVED,
+            queen_pb2.EVENT_KIND_WORKER_REMOVED,
             hive_id=entry.record.hive_id,
             worker_id=worker_id,
             model=entry.record.model,
@@ -222,7 +220,7 @@ class Registry:
             self.workers[record.id] = entry
             self._by_model.setdefault(record.model, set()).add(record.id)
             self._event(
-                Q.EVENT_KIND_WORKER_JOINED,
+                queen_pb2.EVENT_KIND_WORKER_JOINED,
                 hive_id=hive.id,
                 worker_id=record.id,
                 model=record.model,
@@ -230,13 +228,13 @@ class Registry:
             )
         else:
             if entry.record.address != record.address:
-                # A new process behind the same id (restarted, or gone): leases on the old one
-                # can no longer be released against it, so its slots start over.
+                # A new process behind the same id (restarted, or gone): slots on the old one
+                # can no longer be given back to it, so its slots start over.
                 removed.append(entry.record.address)
                 entry.in_flight = 0
             if entry.record.state != record.state:
                 self._event(
-                    Q.EVENT_KIND_WORKER_STATE_CHANGED,
+                    queen_pb2.EVENT_KIND_WORKER_STATE_CHANGED,
                     hive_id=hive.id,
                     worker_id=record.id,
                     model=record.model,
@@ -254,7 +252,7 @@ class Registry:
         if hive is None:
             return []
         removed = [self.forget_worker(wid) for wid in list(hive.worker_ids)]
-        self._event(Q.EVENT_KIND_HIVE_REMOVED, hive_id=hive_id, detail=reason)
+        self._event(queen_pb2.EVENT_KIND_HIVE_REMOVED, hive_id=hive_id, detail=reason)
         return [a for a in removed if a]
 
     # ---- health, breakers, ttl --------------------------------------------
@@ -271,10 +269,10 @@ class Registry:
         age = self.clock.monotonic() - hive.last_seen
         interval = self.settings.interval
         if age >= UNHEALTHY_AFTER_INTERVALS * interval:
-            return S.HIVE_HEALTH_UNHEALTHY
+            return common_pb2.HIVE_HEALTH_UNHEALTHY
         if age >= DEGRADED_AFTER_INTERVALS * interval:
-            return S.HIVE_HEALTH_DEGRADED
-        return S.HIVE_HEALTH_HEALTHY
+            return common_pb2.HIVE_HEALTH_DEGRADED
+        return common_pb2.HIVE_HEALTH_HEALTHY
 
     def hive_health(self, hive: HiveEntry) -> tuple[common_pb2.HiveHealth.ValueType, str]:
         """The hive's health and, unless healthy, why: for operators."""
@@ -282,34 +280,37 @@ class Registry:
         interval = self.settings.interval
         if age >= UNHEALTHY_AFTER_INTERVALS * interval:
             return (
-                S.HIVE_HEALTH_UNHEALTHY,
+                common_pb2.HIVE_HEALTH_UNHEALTHY,
                 f"no heartbeat for {age:.1f}s (unhealthy after {UNHEALTHY_AFTER_INTERVALS} "
                 f"intervals of {interval:g}s; not routed to)",
             )
         if age >= DEGRADED_AFTER_INTERVALS * interval:
             return (
-                S.HIVE_HEALTH_DEGRADED,
+                common_pb2.HIVE_HEALTH_DEGRADED,
                 f"no heartbeat for {age:.1f}s (degraded after {DEGRADED_AFTER_INTERVALS} "
                 f"intervals of {interval:g}s; routed to last)",
             )
-        return S.HIVE_HEALTH_HEALTHY, ""
+        return common_pb2.HIVE_HEALTH_HEALTHY, ""
 
     def _note_health(self, hive: HiveEntry) -> common_pb2.HiveHealth.ValueType:
         health = self.health_of(hive)
         if health != hive.health:
             reason = self.hive_health(hive)[1]
-            if hive.health == S.HIVE_HEALTH_HEALTHY and health == S.HIVE_HEALTH_UNHEALTHY:
+            if (
+                hive.health == common_pb2.HIVE_HEALTH_HEALTHY
+                and health == common_pb2.HIVE_HEALTH_UNHEALTHY
+            ):
                 # Noticed late (a busy loop): it went through degraded on the way; say so, so
                 # watchers always see the same sequence.
                 self._event(
-                    Q.EVENT_KIND_HIVE_HEALTH_CHANGED,
+                    queen_pb2.EVENT_KIND_HIVE_HEALTH_CHANGED,
                     hive_id=hive.id,
-                    health=S.HIVE_HEALTH_DEGRADED,
+                    health=common_pb2.HIVE_HEALTH_DEGRADED,
                     detail=f"missed {DEGRADED_AFTER_INTERVALS} heartbeat intervals",
                 )
             hive.health = health
             self._event(
-                Q.EVENT_KIND_HIVE_HEALTH_CHANGED,
+                queen_pb2.EVENT_KIND_HIVE_HEALTH_CHANGED,
                 hive_id=hive.id,
                 health=health,
                 detail=reason or "heartbeats arrive again",
@@ -334,7 +335,7 @@ class Registry:
                 # Half-open: one more failure opens it again at once.
                 entry.stats.consecutive_failures = self.settings.breaker_failures - 1
                 self._event(
-                    Q.EVENT_KIND_WORKER_CIRCUIT_CLOSED,
+                    queen_pb2.EVENT_KIND_WORKER_CIRCUIT_CLOSED,
                     worker_id=entry.id,
                     hive_id=entry.record.hive_id,
                     model=entry.record.model,
@@ -349,7 +350,11 @@ class Registry:
         hive = self.hives.get(hive_id)
         if hive is not None and hive.drained != drained:
             hive.drained = drained
-            kind = Q.EVENT_KIND_HIVE_DRAINED if drained else Q.EVENT_KIND_HIVE_UNDRAINED
+            kind = (
+                queen_pb2.EVENT_KIND_HIVE_DRAINED
+                if drained
+                else queen_pb2.EVENT_KIND_HIVE_UNDRAINED
+            )
             self._event(kind, hive_id=hive_id)
             for worker_id in hive.worker_ids:
                 self._touch(self.workers[worker_id])
@@ -359,7 +364,11 @@ class Registry:
         entry = self.workers.get(worker_id)
         if entry is not None and entry.drained != drained:
             entry.drained = drained
-            kind = Q.EVENT_KIND_WORKER_DRAINED if drained else Q.EVENT_KIND_WORKER_UNDRAINED
+            kind = (
+                queen_pb2.EVENT_KIND_WORKER_DRAINED
+                if drained
+                else queen_pb2.EVENT_KIND_WORKER_UNDRAINED
+            )
             self._event(
                 kind, worker_id=worker_id, hive_id=entry.record.hive_id, model=entry.record.model
             )
@@ -416,23 +425,23 @@ class Registry:
             if hive is None:
                 return Verdict.DROP
             health = self._note_health(hive)
-            if health == S.HIVE_HEALTH_UNHEALTHY:
+            if health == common_pb2.HIVE_HEALTH_UNHEALTHY:
                 return Verdict.DROP  # until the hive's next heartbeat re-adds it
             if entry.record.address in exclude:
                 return Verdict.SKIP
-            if health == S.HIVE_HEALTH_DEGRADED:
+            if health == common_pb2.HIVE_HEALTH_DEGRADED:
                 return Verdict.LATER
             return Verdict.TAKE
 
         return judge
 
-    def acquire(
+    def take_slot(
         self,
         model: str,
         exclude: Iterable[str] = (),
-        policy: common_pb2.RoutingPolicy.ValueType = S.ROUTING_POLICY_UNSPECIFIED,
+        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: Iterable[str] = (),
-    ) -> Lease | None:
+    ) -> Slot | None:
         """Take a slot on the best free worker of `model` carrying `tags`, or None.
 
         `exclude` holds worker addresses already tried for this request.
@@ -449,12 +458,12 @@ class Registry:
         self._use_counter += 1
         entry.last_used = self._use_counter
         self._touch(entry)
-        return Lease(entry.id, entry.record.hive_id, entry.record.address, model)
+        return Slot(entry.id, entry.record.hive_id, entry.record.address, model)
 
-    def release(self, lease: Lease, outcome: Outcome) -> None:
-        """Give the slot back and count the outcome; a lease on a worker since gone is dropped."""
-        entry = self.workers.get(lease.worker_id)
-        if entry is None or entry.record.address != lease.address:
+    def give_back(self, slot: Slot, outcome: Outcome) -> None:
+        """Give the slot back and count the outcome; a slot on a worker since gone is dropped."""
+        entry = self.workers.get(slot.worker_id)
+        if entry is None or entry.record.address != slot.address:
             return
         entry.in_flight = max(entry.in_flight - 1, 0)
         self._use_counter += 1
@@ -467,7 +476,7 @@ class Registry:
         if outcome.worker_fault and threshold and entry.stats.consecutive_failures >= threshold:
             if not entry.breaker_until:
                 self._event(
-                    Q.EVENT_KIND_WORKER_CIRCUIT_OPENED,
+                    queen_pb2.EVENT_KIND_WORKER_CIRCUIT_OPENED,
                     worker_id=entry.id,
                     hive_id=entry.record.hive_id,
                     model=entry.record.model,
@@ -523,7 +532,9 @@ class Registry:
         out = common_pb2.WorkerRecord()
         out.CopyFrom(entry.record)
         if out.state in READY_STATES:
-            out.state = S.WORKER_STATE_BUSY if entry.in_flight else S.WORKER_STATE_IDLE
+            out.state = (
+                common_pb2.WORKER_STATE_BUSY if entry.in_flight else common_pb2.WORKER_STATE_IDLE
+            )
             out.slots_available = entry.free_slots
         stats = entry.stats
         out.requests_completed = stats.completed

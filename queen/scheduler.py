@@ -1,4 +1,4 @@
-"""Waiting for a slot: a bounded FIFO per model in front of the registry's leases.
+"""Waiting for a slot: a bounded FIFO per model in front of the registry's slots.
 
 A freed slot is handed straight to the oldest waiter that it suits, so a new
 request never overtakes one that has been waiting for the same kind of worker.
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos.v1 import common_pb2
-from queen.registry import Lease, Outcome, Registry
+from queen.registry import Outcome, Registry, Slot
 
 
 class QueueFull(Exception):
@@ -25,7 +25,7 @@ class ModelGone(Exception):
 
 @dataclass(eq=False)
 class _Waiter:
-    future: asyncio.Future[Lease]
+    future: asyncio.Future[Slot]
     exclude: frozenset[str]
     policy: common_pb2.RoutingPolicy.ValueType
     tags: frozenset[str]
@@ -48,33 +48,33 @@ class Scheduler:
     def queue_depth(self, model: str) -> int:
         return len(self._waiters.get(model, ()))
 
-    def try_acquire(
+    def try_take_slot(
         self,
         model: str,
         exclude: frozenset[str] = frozenset(),
         policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: frozenset[str] = frozenset(),
-    ) -> Lease | None:
-        """A lease at once, or None, without queueing (and without overtaking waiters)."""
+    ) -> Slot | None:
+        """A slot at once, or None, without queueing (and without overtaking waiters)."""
         if self._waiters.get(model):
             return None
-        return self.registry.acquire(model, exclude, policy, tags)
+        return self.registry.take_slot(model, exclude, policy, tags)
 
-    async def acquire(
+    async def take_slot(
         self,
         model: str,
         timeout: float | None,
         exclude: frozenset[str] = frozenset(),
         policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: frozenset[str] = frozenset(),
-    ) -> Lease:
-        """A lease on a free worker of `model`, waiting up to `timeout` seconds.
+    ) -> Slot:
+        """A slot on a free worker of `model`, waiting up to `timeout` seconds.
 
         Raises TimeoutError, QueueFull or ModelGone.
         """
-        lease = self.try_acquire(model, exclude, policy, tags)
-        if lease is not None:
-            return lease
+        slot = self.try_take_slot(model, exclude, policy, tags)
+        if slot is not None:
+            return slot
         if self.queued >= self.max_queue:
             raise QueueFull(f"{self.queued} requests are already queued (limit {self.max_queue})")
         waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude, policy, tags)
@@ -93,7 +93,7 @@ class Scheduler:
                 and not waiter.future.exception()
             ):
                 # A slot was handed to us just as we gave up: pass it on, never leak it.
-                self.release(waiter.future.result(), Outcome(ok=None))
+                self.give_back(waiter.future.result(), Outcome(ok=None))
             waiter.future.cancel()
             raise
         finally:
@@ -103,10 +103,10 @@ class Scheduler:
             if not queue and self._waiters.get(model) is queue:
                 del self._waiters[model]
 
-    def release(self, lease: Lease, outcome: Outcome) -> None:
+    def give_back(self, slot: Slot, outcome: Outcome) -> None:
         """Return a slot, count how it went, and wake a waiter it suits."""
-        self.registry.release(lease, outcome)
-        self.dispatch(lease.model)
+        self.registry.give_back(slot, outcome)
+        self.dispatch(slot.model)
 
     def dispatch(self, model: str) -> None:
         """Hand free slots of `model` to its waiters, oldest first."""
@@ -127,10 +127,10 @@ class Scheduler:
             if waiter.future.done():
                 queue.remove(waiter)
                 continue
-            lease = self.registry.acquire(model, waiter.exclude, waiter.policy, waiter.tags)
-            if lease is not None:
+            slot = self.registry.take_slot(model, waiter.exclude, waiter.policy, waiter.tags)
+            if slot is not None:
                 queue.remove(waiter)
-                waiter.future.set_result(lease)
+                waiter.future.set_result(slot)
 
     def fail(self, model: str, message: str) -> None:
         """End every wait for `model` with ModelGone(message) (e.g. its autospawn failed)."""

@@ -26,8 +26,6 @@ from typing import Protocol
 
 from protos.v1 import common_pb2
 
-P = common_pb2
-
 
 class Verdict(enum.Enum):
     TAKE = 1
@@ -66,7 +64,7 @@ class SpeedScale:
 
     Kept lazily: a new maximum is seen at once; when the fastest worker slows down the
     maximum is found again on the next read. That scan is O(n), but it happens on about
-    one release in n (the fastest worker's own), so it costs O(1) per release on average.
+    one slot given back in n (the fastest worker's own), so it costs O(1) per slot on average.
     """
 
     def __init__(self) -> None:
@@ -277,7 +275,9 @@ class SampleIndex:
 
 Index = LevelIndex | SampleIndex
 # Policies whose levels depend on the speed scale.
-SPEED_POLICIES = frozenset({P.ROUTING_POLICY_SCORE, P.ROUTING_POLICY_SHORTEST_QUEUE})
+SPEED_POLICIES = frozenset(
+    {common_pb2.ROUTING_POLICY_SCORE, common_pb2.ROUTING_POLICY_SHORTEST_QUEUE}
+)
 # Steps the score (0..1) and the queue length per unit of speed are quantised to.
 SCORE_STEPS = 1000
 QUEUE_STEPS = 64
@@ -285,15 +285,15 @@ MAX_QUEUE_LEVEL = 1 << 16
 
 
 def make_index(policy: int, scale: SpeedScale, rng: random.Random) -> Index:
-    if policy == P.ROUTING_POLICY_LOTTERY:
+    if policy == common_pb2.ROUTING_POLICY_LOTTERY:
         return SampleIndex(scale, rng)
-    if policy == P.ROUTING_POLICY_LRU:
+    if policy == common_pb2.ROUTING_POLICY_LRU:
         return LevelIndex(lambda w: 0, best_first_descending=False)
-    if policy == P.ROUTING_POLICY_SCORE:
+    if policy == common_pb2.ROUTING_POLICY_SCORE:
         return LevelIndex(
             lambda w: round(score(w, scale) * SCORE_STEPS), best_first_descending=True
         )
-    if policy == P.ROUTING_POLICY_SHORTEST_QUEUE:
+    if policy == common_pb2.ROUTING_POLICY_SHORTEST_QUEUE:
         return LevelIndex(
             lambda w: min(round(w.in_flight / scale.of(w) * QUEUE_STEPS), MAX_QUEUE_LEVEL),
             best_first_descending=False,

@@ -13,7 +13,7 @@ import structlog
 from apiary import logs
 from apiary.options import parse_key_values
 from apiary.security import Security, TlsFiles, TokenSet
-from apiary.serving import host_port, set_serving, stop_event_on_signals
+from apiary.serving import RunningServer, host_port, set_serving, stop_event_on_signals
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import hive_pb2, hive_pb2_grpc
 from worker.backends import backend_names, create_backend
@@ -104,24 +104,20 @@ async def report_loading(
             await asyncio.sleep(0.25)
 
 
-async def run(args: argparse.Namespace) -> int:
-    stop = stop_event_on_signals()
-    try:
-        options = parse_key_values(args.option, "backend option")
-        backend = create_backend(args.backend, args.model, options)
-    except (KeyError, ValueError) as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        log.error("bad backend configuration", error=message)
-        if args.hive:
-            await report_ready(
-                args.hive,
-                hive_pb2.ReportReadyRequest(
-                    worker_id=args.worker_id, pid=os.getpid(), load_error=message
-                ),
-                args.security,
-            )
-        return 2
-    identity = WorkerIdentity(
+async def report_load_error(args: argparse.Namespace, message: str) -> None:
+    """Tell the hive (if any) that this worker will not serve, and why."""
+    if args.hive:
+        await report_ready(
+            args.hive,
+            hive_pb2.ReportReadyRequest(
+                worker_id=args.worker_id, pid=os.getpid(), load_error=message
+            ),
+            args.security,
+        )
+
+
+def identity_of(args: argparse.Namespace, options: dict[str, str]) -> WorkerIdentity:
+    return WorkerIdentity(
         worker_id=args.worker_id,
         hive_id=args.hive_id,
         model=args.model,
@@ -130,49 +126,34 @@ async def run(args: argparse.Namespace) -> int:
         slots=max(args.slots, 1),
         backend_options=options,
     )
-    service = WorkerService(
-        identity,
-        backend,
-        max_tokens_cap=args.max_tokens_cap,
-        stop=stop,
-        stop_grace=args.stop_grace,
-        tokens=args.security.tokens,
-    )
-    running = await create_server(args.listen, service, args.security)
-    address = host_port(args.listen, running.port)
-    log.info("worker listening, loading backend", address=address, model=args.model)
+
+
+async def load(
+    args: argparse.Namespace, service: WorkerService, stop: asyncio.Event
+) -> asyncio.Task[None] | None:
+    """Load the backend, reporting progress; the finished load, or None if asked to stop first."""
 
     def progress(fraction: float, detail: str) -> None:
         # Called by the backend, maybe from its own thread: just remember the latest.
         service.load_progress, service.status_detail = fraction, detail
 
-    loading = asyncio.create_task(backend.load(progress))
+    loading = asyncio.create_task(service.backend.load(progress))
     stopping = asyncio.create_task(stop.wait())
     reporting = asyncio.create_task(report_loading(args, service, loading))
     await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
     reporting.cancel()
     if not loading.done():
         # Asked to stop while loading: do not finish a load nobody wants.
-        log.info("stopped while loading")
         loading.cancel()
-        await running.server.stop(0)
-        return 0
+        return None
     stopping.cancel()
-    load_error = loading.exception()
-    if load_error is not None:
-        log.error("backend failed to load", error=repr(load_error))
-        if args.hive:
-            await report_ready(
-                args.hive,
-                hive_pb2.ReportReadyRequest(
-                    worker_id=args.worker_id,
-                    pid=os.getpid(),
-                    load_error=f"load failed: {load_error}",
-                ),
-                args.security,
-            )
-        await running.server.stop(0)
-        return 3
+    return loading
+
+
+async def serve(
+    args: argparse.Namespace, service: WorkerService, running: RunningServer, address: str
+) -> int:
+    """Loaded: serve until asked to stop (exit code 4 if the hive does not know us)."""
     service.ready = True
     service.load_progress, service.status_detail = 1.0, "ready"
     await set_serving(running, SERVICE_NAMES, True)
@@ -186,12 +167,47 @@ async def run(args: argparse.Namespace) -> int:
             await running.server.stop(0)
             return 4
     log.info("worker ready", address=address)
-    await stop.wait()
-    log.info("worker stopping", in_flight=service.in_flight, grace=service.stop_grace)
+    await service.stop.wait()
+    log.info("worker stopping", in_flight=service.slots.in_flight, grace=service.stop_grace)
     await running.stop(service.stop_grace)
-    await backend.close()
+    await service.backend.close()
     log.info("worker stopped")
     return 0
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = stop_event_on_signals()
+    try:
+        options = parse_key_values(args.option, "backend option")
+        backend = create_backend(args.backend, args.model, options)
+    except (KeyError, ValueError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        log.error("bad backend configuration", error=message)
+        await report_load_error(args, message)
+        return 2
+    service = WorkerService(
+        identity_of(args, options),
+        backend,
+        max_tokens_cap=args.max_tokens_cap,
+        stop=stop,
+        stop_grace=args.stop_grace,
+        tokens=args.security.tokens,
+    )
+    running = await create_server(args.listen, service, args.security)
+    address = host_port(args.listen, running.port)
+    log.info("worker listening, loading backend", address=address, model=args.model)
+    loading = await load(args, service, stop)
+    if loading is None:
+        log.info("stopped while loading")
+        await running.server.stop(0)
+        return 0
+    load_error = loading.exception()
+    if load_error is not None:
+        log.error("backend failed to load", error=repr(load_error))
+        await report_load_error(args, f"load failed: {load_error}")
+        await running.server.stop(0)
+        return 3
+    return await serve(args, service, running, address)
 
 
 def main(argv: list[str] | None = None) -> int:

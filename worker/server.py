@@ -16,6 +16,7 @@ from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.backends import Backend, GenerationRequest
+from worker.slots import Slots
 
 log = structlog.get_logger("worker.server")
 
@@ -23,12 +24,11 @@ SERVICE_NAMES = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,)
 
 
 @dataclass
-class LeaseHold:
-    """A slot the queen reserved (Queen.Lease) for a client that will call us directly."""
+class LeaseSignals:
+    """Wakes a held lease's stream when the client's call starts and when it ends."""
 
     used: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    expired: bool = False
 
 
 @dataclass
@@ -89,8 +89,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.ready = False
         self.load_progress = 0.0
         self.status_detail = "starting"
-        self.in_flight = 0
-        self.holds: dict[str, LeaseHold] = {}
+        self.slots = Slots(identity.worker_id, identity.slots)
+        self.lease_signals: dict[str, LeaseSignals] = {}
         self.completed = 0
         self.failed = 0
         self.started_at = time.time()
@@ -100,47 +100,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
-            if not self.ready:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, "worker is still loading its model"
-                )
-            problem = infer_request_problem(request, self.max_tokens_cap)
-            if not problem and request.model != self.identity.model:
-                problem = (
-                    f"worker {self.identity.worker_id} serves model {self.identity.model!r}, "
-                    f"not {request.model!r}"
-                )
-            if problem:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            hold: LeaseHold | None = None
-            if self.tokens.enabled and not request.lease_id:
-                # Open at the interceptor so a lease holder can call us; everyone else needs
-                # the worker token (the queen and the hive have it).
-                roles = self.tokens.roles_of(bearer(context.invocation_metadata()))
-                if "worker" not in roles:
-                    await context.abort(
-                        grpc.StatusCode.UNAUTHENTICATED
-                        if not roles
-                        else grpc.StatusCode.PERMISSION_DENIED,
-                        "workers serve the queen and their hive (worker token), or a client "
-                        "holding a lease from Queen.Lease",
-                    )
-            if request.lease_id:
-                hold = self.holds.get(request.lease_id)
-                if hold is None or hold.used.is_set() or hold.expired:
-                    await context.abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"lease {request.lease_id!r} is unknown, expired or already used on "
-                        f"worker {self.identity.worker_id}; ask the queen for a new lease",
-                    )
-                hold.used.set()
-            elif self.in_flight + self.unused_holds() >= self.identity.slots:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"worker {self.identity.worker_id} has all {self.identity.slots} slot(s) "
-                    "in use; retry or send to another worker",
-                )
-            self.in_flight += 1
+            await self._check_call(request, context)
+            refusal = self.slots.start(request.lease_id)
+            if refusal is not None:
+                await context.abort(grpc.StatusCode[refusal.code], refusal.message)
+            signals = self.lease_signals.get(request.lease_id) if request.lease_id else None
+            if signals is not None:
+                signals.used.set()
             self.last_activity = time.time()
             ok = False
             try:
@@ -152,51 +118,65 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 log.exception("backend failed during a request")
                 await context.abort(grpc.StatusCode.INTERNAL, f"backend error: {exc}")
             finally:
-                self.in_flight -= 1
+                self.slots.finish()
                 self.last_activity = time.time()
-                if hold is not None:
-                    hold.finished.set()
+                if signals is not None:
+                    signals.finished.set()
                 if ok:
                     self.completed += 1
                 else:
                     self.failed += 1
                     log.info("stream ended early")
 
-    def unused_holds(self) -> int:
-        return sum(1 for h in self.holds.values() if not h.used.is_set())
+    async def _check_call(self, request: common_pb2.InferRequest, context: Context) -> None:
+        """Aborts a call this worker must not serve: loading, invalid, or not allowed."""
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
+        problem = infer_request_problem(request, self.max_tokens_cap)
+        if not problem and request.model != self.identity.model:
+            problem = (
+                f"worker {self.identity.worker_id} serves model {self.identity.model!r}, "
+                f"not {request.model!r}"
+            )
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.tokens.enabled and not request.lease_id:
+            # Open at the interceptor so a lease holder can call us; everyone else needs
+            # the worker token (the queen and the hive have it).
+            roles = self.tokens.roles_of(bearer(context.invocation_metadata()))
+            if "worker" not in roles:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED
+                    if not roles
+                    else grpc.StatusCode.PERMISSION_DENIED,
+                    "workers serve the queen and their hive (worker token), or a client "
+                    "holding a lease from Queen.Lease",
+                )
 
     async def HoldLease(
         self, request: worker_pb2.HoldLeaseRequest, context: Context
     ) -> AsyncIterator[worker_pb2.LeaseUpdate]:
-        if not request.lease_id or request.lease_id in self.holds:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "lease_id is required and must be new"
-            )
-        if request.ttl_seconds <= 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl_seconds must be > 0")
-        if not self.ready or self.stop.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is not serving")
-        if self.in_flight + self.unused_holds() >= self.identity.slots:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"worker {self.identity.worker_id} has no free slot to hold",
-            )
-        hold = LeaseHold()
-        self.holds[request.lease_id] = hold
+        lease_id = request.lease_id
+        serving = self.ready and not self.stop.is_set()
+        refusal = self.slots.reserve(lease_id, request.ttl_seconds, serving)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode[refusal.code], refusal.message)
+        signals = self.lease_signals[lease_id] = LeaseSignals()
         try:
             yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_HELD)
             try:
-                await asyncio.wait_for(hold.used.wait(), request.ttl_seconds)
+                await asyncio.wait_for(signals.used.wait(), request.ttl_seconds)
             except TimeoutError:
-                hold.expired = True
+                self.slots.expire(lease_id)
                 yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_EXPIRED)
                 return
             yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_IN_USE)
-            await hold.finished.wait()
+            await signals.finished.wait()
             yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_DONE)
         finally:
             # Whoever ends the stream (the queen giving the lease back included) frees the slot.
-            self.holds.pop(request.lease_id, None)
+            self.slots.drop(lease_id)
+            self.lease_signals.pop(lease_id, None)
 
     async def _stream(
         self, request: common_pb2.InferRequest
@@ -270,15 +250,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         if request.grace_seconds:
             self.stop_grace = request.grace_seconds
-        log.info("shutdown requested", grace=self.stop_grace, in_flight=self.in_flight)
+        in_flight = self.slots.in_flight
+        log.info("shutdown requested", grace=self.stop_grace, in_flight=in_flight)
         self.stop.set()
-        return worker_pb2.ShutdownResponse(in_flight=self.in_flight)
+        return worker_pb2.ShutdownResponse(in_flight=in_flight)
 
     def record(self) -> common_pb2.WorkerRecord:
         ident = self.identity
         if not self.ready:
             state = common_pb2.WORKER_STATE_LOADING
-        elif self.in_flight:
+        elif self.slots.in_flight:
             state = common_pb2.WORKER_STATE_BUSY
         else:
             state = common_pb2.WORKER_STATE_IDLE
@@ -290,7 +271,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             device=ident.device,
             state=state,
             slots_total=ident.slots,
-            slots_available=max(ident.slots - self.in_flight - self.unused_holds(), 0),
+            slots_available=self.slots.free,
             started_at=timestamp(self.started_at),
             last_activity=timestamp(self.last_activity),
             requests_completed=self.completed,

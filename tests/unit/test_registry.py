@@ -1,13 +1,11 @@
-"""The queen's registry: heartbeats, health by the queen's own clock, leases, drains, breakers."""
+"""The queen's registry: heartbeats, health by the queen's own clock, slots, drains, breakers."""
 
 from __future__ import annotations
 
 from protos.v1 import common_pb2, queen_pb2
-from queen.registry import Lease, Outcome, Registry, RegistrySettings
+from queen.registry import Outcome, Registry, RegistrySettings, Slot
 from tests.fakes import FakeClock
 
-S = common_pb2
-Q = queen_pb2
 OK = Outcome(ok=True, duration=1.0, tokens=10)
 FAULT = Outcome(ok=False, worker_fault=True)
 
@@ -16,7 +14,7 @@ def record(
     worker_id: str,
     hive: str = "h1",
     model: str = "m",
-    state: int = S.WORKER_STATE_IDLE,
+    state: int = common_pb2.WORKER_STATE_IDLE,
     slots: int = 1,
     tags: tuple[str, ...] = (),
 ) -> common_pb2.WorkerRecord:
@@ -47,12 +45,12 @@ def make(**settings: object) -> tuple[Registry, FakeClock, list[queen_pb2.Event]
 
 
 def pick(reg: Registry, model: str = "m", **kw: object) -> str | None:
-    lease = reg.acquire(model, **kw)  # type: ignore[arg-type]
-    return lease.worker_id if lease else None
+    slot = reg.take_slot(model, **kw)  # type: ignore[arg-type]
+    return slot.worker_id if slot else None
 
 
 def kinds(events: list[queen_pb2.Event]) -> list[str]:
-    return [Q.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in events]
+    return [queen_pb2.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in events]
 
 
 def test_heartbeat_registers_unknown_hive_and_indexes_by_model() -> None:
@@ -70,9 +68,9 @@ def test_heartbeat_replaces_the_hives_rows() -> None:
     removed = reg.apply_heartbeat(beat("h1", record("b"), record("c")))
     assert set(reg.workers) == {"b", "c"}
     assert removed == ["addr-a"]
-    reg.apply_heartbeat(beat("h1", record("b", state=S.WORKER_STATE_FAILED)))
+    reg.apply_heartbeat(beat("h1", record("b", state=common_pb2.WORKER_STATE_FAILED)))
     assert kinds(events)[-2:] == ["WORKER_REMOVED", "WORKER_STATE_CHANGED"]
-    assert events[-1].previous_state == S.WORKER_STATE_IDLE
+    assert events[-1].previous_state == common_pb2.WORKER_STATE_IDLE
     reg.apply_heartbeat(beat("h1"))
     assert reg.workers == {} and reg.models() == []
 
@@ -83,20 +81,20 @@ def test_leaving_hive_is_forgotten_at_once() -> None:
     reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
     reg.apply_heartbeat(beat("h1", leaving=True))
     assert set(reg.hives) == {"h2"} and set(reg.workers) == {"b"}
-    assert events[-1].kind == Q.EVENT_KIND_HIVE_REMOVED
+    assert events[-1].kind == queen_pb2.EVENT_KIND_HIVE_REMOVED
 
 
 def test_slot_accounting_is_the_queens_own() -> None:
-    reg, _, _ = make(default_policy=S.ROUTING_POLICY_LRU)
+    reg, _, _ = make(default_policy=common_pb2.ROUTING_POLICY_LRU)
     reg.apply_heartbeat(beat("h1", record("a"), record("b"), record("c")))
-    leases = [reg.acquire("m") for _ in range(3)]
-    assert [lease.worker_id for lease in leases if lease] == ["a", "b", "c"]
-    assert reg.acquire("m") is None
+    slots = [reg.take_slot("m") for _ in range(3)]
+    assert [slot.worker_id for slot in slots if slot] == ["a", "b", "c"]
+    assert reg.take_slot("m") is None
     reg.apply_heartbeat(beat("h1", record("a"), record("b"), record("c")))
-    assert reg.acquire("m") is None  # a heartbeat never overwrites the queen's leases
-    assert leases[1] and leases[0]
-    reg.release(leases[1], OK)
-    reg.release(leases[0], Outcome(ok=False))
+    assert reg.take_slot("m") is None  # a heartbeat never overwrites the queen's slots
+    assert slots[1] and slots[0]
+    reg.give_back(slots[1], OK)
+    reg.give_back(slots[0], Outcome(ok=False))
     # b was given back first, so it is the least recently used.
     assert [pick(reg), pick(reg)] == ["b", "a"]
     assert (reg.workers["b"].stats.completed, reg.workers["a"].stats.failed) == (1, 1)
@@ -108,7 +106,7 @@ def test_least_loaded_prefers_most_free_slots_then_lru() -> None:
     assert [pick(reg) for _ in range(4)] == ["big", "big", "small", "big"]
     assert pick(reg) is None
     view = reg.view(reg.workers["big"])
-    assert (view.state, view.slots_available) == (S.WORKER_STATE_BUSY, 0)
+    assert (view.state, view.slots_available) == (common_pb2.WORKER_STATE_BUSY, 0)
 
 
 def test_only_ready_workers_are_routable() -> None:
@@ -116,13 +114,13 @@ def test_only_ready_workers_are_routable() -> None:
     reg.apply_heartbeat(
         beat(
             "h1",
-            record("l", state=S.WORKER_STATE_LOADING),
-            record("f", state=S.WORKER_STATE_FAILED),
-            record("s", state=S.WORKER_STATE_STOPPING),
+            record("l", state=common_pb2.WORKER_STATE_LOADING),
+            record("f", state=common_pb2.WORKER_STATE_FAILED),
+            record("s", state=common_pb2.WORKER_STATE_STOPPING),
         )
     )
     assert reg.has_model("m") and pick(reg) is None
-    reg.apply_heartbeat(beat("h1", record("l"), record("f", state=S.WORKER_STATE_FAILED)))
+    reg.apply_heartbeat(beat("h1", record("l"), record("f", state=common_pb2.WORKER_STATE_FAILED)))
     assert pick(reg) == "l"
 
 
@@ -132,32 +130,34 @@ def test_hive_health_states_by_the_queens_clock() -> None:
     reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
     h1 = reg.hives["h1"]
     clock.advance(1.9)
-    assert reg.hive_health(h1)[0] == S.HIVE_HEALTH_HEALTHY
+    assert reg.hive_health(h1)[0] == common_pb2.HIVE_HEALTH_HEALTHY
     clock.advance(0.1)
     reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
     health, reason = reg.hive_health(h1)
-    assert health == S.HIVE_HEALTH_DEGRADED and "routed to last" in reason
+    assert health == common_pb2.HIVE_HEALTH_DEGRADED and "routed to last" in reason
     # Degraded: still routable, but after every healthy hive.
     assert [pick(reg), pick(reg)] == ["b", "a"]
     for name in ("a", "b"):
-        lease = Lease(name, "h1" if name == "a" else "h2", f"addr-{name}", "m")
-        reg.release(lease, OK)
+        slot = Slot(name, "h1" if name == "a" else "h2", f"addr-{name}", "m")
+        reg.give_back(slot, OK)
     clock.advance(1.0)
     reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
     health, reason = reg.hive_health(h1)
-    assert health == S.HIVE_HEALTH_UNHEALTHY and "no heartbeat for 3.0s" in reason
+    assert health == common_pb2.HIVE_HEALTH_UNHEALTHY and "no heartbeat for 3.0s" in reason
     assert [pick(reg), pick(reg)] == ["b", None]
     reg.sweep()
     assert [
-        e.health for e in events if e.kind == Q.EVENT_KIND_HIVE_HEALTH_CHANGED and e.hive_id == "h1"
+        e.health
+        for e in events
+        if e.kind == queen_pb2.EVENT_KIND_HIVE_HEALTH_CHANGED and e.hive_id == "h1"
     ] == [
-        S.HIVE_HEALTH_DEGRADED,
-        S.HIVE_HEALTH_UNHEALTHY,
+        common_pb2.HIVE_HEALTH_DEGRADED,
+        common_pb2.HIVE_HEALTH_UNHEALTHY,
     ]
     # Back at its next heartbeat.
     reg.apply_heartbeat(beat("h1", record("a")))
-    assert reg.hive_health(h1)[0] == S.HIVE_HEALTH_HEALTHY and pick(reg) == "a"
-    assert events[-1].health == S.HIVE_HEALTH_HEALTHY
+    assert reg.hive_health(h1)[0] == common_pb2.HIVE_HEALTH_HEALTHY and pick(reg) == "a"
+    assert events[-1].health == common_pb2.HIVE_HEALTH_HEALTHY
 
 
 def test_silent_hive_is_removed_after_the_ttl() -> None:
@@ -168,25 +168,25 @@ def test_silent_hive_is_removed_after_the_ttl() -> None:
     clock.advance(0.1)
     assert reg.sweep() == ["addr-a"]
     assert reg.hives == {} and reg.workers == {} and not reg.has_model("m")
-    assert events[-1].kind == Q.EVENT_KIND_HIVE_REMOVED and "TTL" in events[-1].detail
+    assert events[-1].kind == queen_pb2.EVENT_KIND_HIVE_REMOVED and "TTL" in events[-1].detail
 
 
 def test_circuit_breaker_opens_after_failures_in_a_row_and_half_opens() -> None:
     reg, clock, events = make(breaker_failures=3, breaker_cooldown=5.0, interval=100.0)
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
     for _ in range(3):
-        lease = reg.acquire("m", exclude={"addr-b"})
-        assert lease and lease.worker_id == "a"
-        reg.release(lease, FAULT)
-    assert events[-1].kind == Q.EVENT_KIND_WORKER_CIRCUIT_OPENED
+        slot = reg.take_slot("m", exclude={"addr-b"})
+        assert slot and slot.worker_id == "a"
+        reg.give_back(slot, FAULT)
+    assert events[-1].kind == queen_pb2.EVENT_KIND_WORKER_CIRCUIT_OPENED
     assert reg.view(reg.workers["a"]).circuit_open_seconds == 5.0
     assert [pick(reg), pick(reg)] == ["b", None]
     clock.advance(5.0)
     reg.sweep()
-    assert events[-1].kind == Q.EVENT_KIND_WORKER_CIRCUIT_CLOSED
-    lease = reg.acquire("m")
-    assert lease and lease.worker_id == "a"
-    reg.release(lease, FAULT)  # half-open: one more failure and it is out again
+    assert events[-1].kind == queen_pb2.EVENT_KIND_WORKER_CIRCUIT_CLOSED
+    slot = reg.take_slot("m")
+    assert slot and slot.worker_id == "a"
+    reg.give_back(slot, FAULT)  # half-open: one more failure and it is out again
     assert reg.workers["a"].breaker_until > 0
 
 
@@ -194,9 +194,9 @@ def test_failures_that_are_not_the_workers_fault_do_not_trip_the_breaker() -> No
     reg, _, _ = make(breaker_failures=2)
     reg.apply_heartbeat(beat("h1", record("a")))
     for _ in range(5):
-        lease = reg.acquire("m")
-        assert lease
-        reg.release(lease, Outcome(ok=False))  # e.g. the client's deadline
+        slot = reg.take_slot("m")
+        assert slot
+        reg.give_back(slot, Outcome(ok=False))  # e.g. the client's deadline
     assert reg.workers["a"].breaker_until == 0 and reg.workers["a"].stats.failed == 5
 
 
@@ -257,18 +257,18 @@ def test_exclude_skips_addresses_already_tried() -> None:
 def test_restarted_worker_starts_with_free_slots() -> None:
     reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a")))
-    lease = reg.acquire("m")
-    assert lease is not None
-    failed = record("a", state=S.WORKER_STATE_FAILED)
+    slot = reg.take_slot("m")
+    assert slot is not None
+    failed = record("a", state=common_pb2.WORKER_STATE_FAILED)
     failed.address = ""
     reg.apply_heartbeat(beat("h1", failed))
-    reg.release(lease, FAULT)  # the relay notices later: must not touch the new incarnation
+    reg.give_back(slot, FAULT)  # the relay notices later: must not touch the new incarnation
     restarted = record("a")
     restarted.address = "127.0.0.1:9"
     reg.apply_heartbeat(beat("h1", restarted))
     assert reg.workers["a"].in_flight == 0
-    lease = reg.acquire("m")
-    assert lease and lease.address == "127.0.0.1:9"
+    slot = reg.take_slot("m")
+    assert slot and slot.address == "127.0.0.1:9"
 
 
 def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> None:
@@ -288,12 +288,12 @@ def test_stats_and_score_in_the_view() -> None:
     reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a", slots=2)))
     for duration in (1.0, 2.0, 3.0):
-        lease = reg.acquire("m")
-        assert lease
-        reg.release(lease, Outcome(ok=True, duration=duration, tokens=20))
-    lease = reg.acquire("m")
-    assert lease
-    reg.release(lease, FAULT)
+        slot = reg.take_slot("m")
+        assert slot
+        reg.give_back(slot, Outcome(ok=True, duration=duration, tokens=20))
+    slot = reg.take_slot("m")
+    assert slot
+    reg.give_back(slot, FAULT)
     stats = reg.view(reg.workers["a"]).stats
     assert stats.mean_duration_seconds == 2.0 and stats.p50_duration_seconds == 2.0
     assert stats.success_rate == 0.75 and stats.consecutive_failures == 1

@@ -31,24 +31,24 @@ def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, Scheduler]:
 
 async def test_free_slot_is_granted_at_once() -> None:
     _, sched = setup()
-    lease = await sched.acquire("m", timeout=0)
-    assert lease.worker_id == "w0"
+    slot = await sched.take_slot("m", timeout=0)
+    assert slot.worker_id == "w0"
 
 
 async def test_waiters_are_served_in_arrival_order() -> None:
     _, sched = setup()
-    held = await sched.acquire("m", None)
+    held = await sched.take_slot("m", None)
     order: list[int] = []
 
     async def wait(i: int) -> None:
-        lease = await sched.acquire("m", 5)
+        slot = await sched.take_slot("m", 5)
         order.append(i)
-        sched.release(lease, Outcome(ok=True))
+        sched.give_back(slot, Outcome(ok=True))
 
     tasks = [asyncio.create_task(wait(i)) for i in range(5)]
     await asyncio.sleep(0)
     assert sched.queue_depth("m") == 5
-    sched.release(held, Outcome(ok=True))
+    sched.give_back(held, Outcome(ok=True))
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
     assert sched.queued == 0
@@ -56,12 +56,12 @@ async def test_waiters_are_served_in_arrival_order() -> None:
 
 async def test_new_request_does_not_overtake_waiters() -> None:
     reg, sched = setup()
-    held = await sched.acquire("m", None)
-    waiter = asyncio.create_task(sched.acquire("m", 5))
+    held = await sched.take_slot("m", None)
+    waiter = asyncio.create_task(sched.take_slot("m", 5))
     await asyncio.sleep(0)
-    # Release hands the slot straight to the waiter, so a newcomer finds none free.
-    sched.release(held, Outcome(ok=True))
-    newcomer = asyncio.create_task(sched.acquire("m", 0.05))
+    # Giving it back hands the slot straight to the waiter, so a newcomer finds none free.
+    sched.give_back(held, Outcome(ok=True))
+    newcomer = asyncio.create_task(sched.take_slot("m", 0.05))
     assert (await waiter).worker_id == "w0"
     with pytest.raises(TimeoutError):
         await newcomer
@@ -70,21 +70,21 @@ async def test_new_request_does_not_overtake_waiters() -> None:
 
 async def test_timeout_leaves_no_waiter_and_no_leaked_slot() -> None:
     reg, sched = setup()
-    held = await sched.acquire("m", None)
+    held = await sched.take_slot("m", None)
     with pytest.raises(TimeoutError):
-        await sched.acquire("m", 0.01)
+        await sched.take_slot("m", 0.01)
     assert sched.queued == 0 and sched.queue_depth("m") == 0
-    sched.release(held, Outcome(ok=True))
+    sched.give_back(held, Outcome(ok=True))
     assert reg.workers["w0"].in_flight == 0
 
 
 async def test_cancel_after_handoff_passes_the_slot_on() -> None:
     reg, sched = setup()
-    held = await sched.acquire("m", None)
-    first = asyncio.create_task(sched.acquire("m", 5))
-    second = asyncio.create_task(sched.acquire("m", 5))
+    held = await sched.take_slot("m", None)
+    first = asyncio.create_task(sched.take_slot("m", 5))
+    second = asyncio.create_task(sched.take_slot("m", 5))
     await asyncio.sleep(0)
-    sched.release(held, Outcome(ok=True))  # hands the slot to `first`...
+    sched.give_back(held, Outcome(ok=True))  # hands the slot to `first`...
     first.cancel()  # ...which gives up before it runs
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -94,18 +94,18 @@ async def test_cancel_after_handoff_passes_the_slot_on() -> None:
 
 async def test_queue_is_bounded() -> None:
     _, sched = setup(max_queue=1)
-    await sched.acquire("m", None)
-    waiting = asyncio.create_task(sched.acquire("m", 5))
+    await sched.take_slot("m", None)
+    waiting = asyncio.create_task(sched.take_slot("m", 5))
     await asyncio.sleep(0)
     with pytest.raises(QueueFull):
-        await sched.acquire("m", 5)
+        await sched.take_slot("m", 5)
     waiting.cancel()
 
 
 async def test_waiters_fail_when_every_worker_of_the_model_leaves() -> None:
     reg, sched = setup()
-    await sched.acquire("m", None)
-    waiting = asyncio.create_task(sched.acquire("m", 5))
+    await sched.take_slot("m", None)
+    waiting = asyncio.create_task(sched.take_slot("m", 5))
     await asyncio.sleep(0)
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h"))
     sched.dispatch_all()
@@ -115,8 +115,8 @@ async def test_waiters_fail_when_every_worker_of_the_model_leaves() -> None:
 
 async def test_new_worker_in_heartbeat_serves_waiters() -> None:
     reg, sched = setup()
-    await sched.acquire("m", None)
-    waiting = asyncio.create_task(sched.acquire("m", 5))
+    await sched.take_slot("m", None)
+    waiting = asyncio.create_task(sched.take_slot("m", 5))
     await asyncio.sleep(0)
     workers = [
         common_pb2.WorkerRecord(
@@ -125,7 +125,7 @@ async def test_new_worker_in_heartbeat_serves_waiters() -> None:
             model="m",
             state=common_pb2.WORKER_STATE_IDLE,
             slots_total=1,
-            address=f"a{i[-1]}",  # w0 keeps its address: the same process, still leased
+            address=f"a{i[-1]}",  # w0 keeps its address: the same process, its slot still taken
         )
         for i in ("w0", "w1")
     ]

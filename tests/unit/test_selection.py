@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from protos.v1 import common_pb2 as P
+from protos.v1 import common_pb2
 from queen.selection import Pool, SampleIndex, SpeedScale, Verdict, make_index
 
 
@@ -40,33 +40,33 @@ def test_least_loaded_then_lru() -> None:
         W("b", free_slots=3, last_used=5),
         W("c", free_slots=3, last_used=2),
     )
-    assert pool.pick(P.ROUTING_POLICY_LEAST_LOADED, take) == "c"
+    assert pool.pick(common_pb2.ROUTING_POLICY_LEAST_LOADED, take) == "c"
 
 
 def test_lru() -> None:
     pool = pool_of(W("a", last_used=3), W("b", last_used=1), W("c", last_used=2))
-    assert pool.pick(P.ROUTING_POLICY_LRU, take) == "b"
+    assert pool.pick(common_pb2.ROUTING_POLICY_LRU, take) == "b"
 
 
 def test_shortest_queue_weighs_in_flight_by_speed() -> None:
     fast = W("fast", in_flight=2, speed=100.0, free_slots=2, slots_total=4)
     slow = W("slow", in_flight=1, speed=10.0, free_slots=3, slots_total=4)
     # 2 / 1.0 (fastest) < 1 / 0.1
-    assert pool_of(fast, slow).pick(P.ROUTING_POLICY_SHORTEST_QUEUE, take) == "fast"
+    assert pool_of(fast, slow).pick(common_pb2.ROUTING_POLICY_SHORTEST_QUEUE, take) == "fast"
 
 
 def test_score_combines_free_ratio_success_and_relative_speed() -> None:
     reliable = W("reliable", free_slots=1, slots_total=2, success_rate=1.0, speed=50.0)
     flaky = W("flaky", free_slots=2, slots_total=2, success_rate=0.2, speed=100.0)
     # reliable: 0.25 + 0.3 + 0.1 = 0.65; flaky: 0.5 + 0.06 + 0.2 = 0.76
-    assert pool_of(reliable, flaky).pick(P.ROUTING_POLICY_SCORE, take) == "flaky"
+    assert pool_of(reliable, flaky).pick(common_pb2.ROUTING_POLICY_SCORE, take) == "flaky"
     flaky.success_rate = 0.0
     pool = pool_of(reliable, flaky)
     # flaky: 0.5 + 0 + 0.2 = 0.7 > 0.65 still; make it slow as well
     flaky.speed = 10.0
     pool.update(flaky, True)
     pool.update(reliable, True)
-    assert pool.pick(P.ROUTING_POLICY_SCORE, take) == "reliable"
+    assert pool.pick(common_pb2.ROUTING_POLICY_SCORE, take) == "reliable"
 
 
 def test_lottery_is_weighted_by_relative_speed() -> None:
@@ -82,10 +82,10 @@ def test_lottery_is_weighted_by_relative_speed() -> None:
 @pytest.mark.parametrize(
     "policy",
     [
-        P.ROUTING_POLICY_LRU,
-        P.ROUTING_POLICY_LEAST_LOADED,
-        P.ROUTING_POLICY_SCORE,
-        P.ROUTING_POLICY_SHORTEST_QUEUE,
+        common_pb2.ROUTING_POLICY_LRU,
+        common_pb2.ROUTING_POLICY_LEAST_LOADED,
+        common_pb2.ROUTING_POLICY_SCORE,
+        common_pb2.ROUTING_POLICY_SHORTEST_QUEUE,
     ],
 )
 def test_verdicts_skip_defer_and_drop(policy: int) -> None:
@@ -107,7 +107,7 @@ def test_verdicts_skip_defer_and_drop(policy: int) -> None:
 
 
 def test_lru_order_follows_use_and_re_entry() -> None:
-    index = make_index(P.ROUTING_POLICY_LRU, SpeedScale(), random.Random(1))
+    index = make_index(common_pb2.ROUTING_POLICY_LRU, SpeedScale(), random.Random(1))
     a, b, c = W("a", last_used=1), W("b", last_used=2), W("c", last_used=3)
     for w in (a, b, c):
         index.update(w, True)
@@ -123,7 +123,7 @@ def test_lru_order_follows_use_and_re_entry() -> None:
 
 
 def test_quantised_levels_keep_lru_among_equals() -> None:
-    index = make_index(P.ROUTING_POLICY_LEAST_LOADED, SpeedScale(), random.Random(1))
+    index = make_index(common_pb2.ROUTING_POLICY_LEAST_LOADED, SpeedScale(), random.Random(1))
     workers = [W(f"w{i}", free_slots=2, slots_total=2, last_used=10 - i) for i in range(5)]
     for w in workers:
         index.update(w, True)

@@ -1,0 +1,169 @@
+"""The queen's shared state, and the follow-ups that must happen together when it changes.
+
+Every service gets one `Cluster`. A worker table from a heartbeat, a spawn
+reply or an autospawn goes in through it, so the channels of workers that are
+gone get closed and waiting requests get the new slots, every time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from apiary.clock import Clock
+from protos.v1 import common_pb2, queen_pb2
+from queen.autospawn import Autospawner
+from queen.channels import Channels
+from queen.events import EventBus
+from queen.history import History
+from queen.leases import LeaseManager
+from queen.metrics import QueenMetrics
+from queen.registry import Registry
+from queen.scheduler import Scheduler
+
+log = structlog.get_logger("queen")
+
+# Logged as well as published: what an operator reading the queen's log wants to see.
+LOGGED_EVENTS = frozenset(
+    {
+        queen_pb2.EVENT_KIND_HIVE_JOINED,
+        queen_pb2.EVENT_KIND_HIVE_HEALTH_CHANGED,
+        queen_pb2.EVENT_KIND_HIVE_REMOVED,
+        queen_pb2.EVENT_KIND_WORKER_CIRCUIT_OPENED,
+        queen_pb2.EVENT_KIND_WORKER_CIRCUIT_CLOSED,
+        queen_pb2.EVENT_KIND_HIVE_DRAINED,
+        queen_pb2.EVENT_KIND_HIVE_UNDRAINED,
+    }
+)
+
+
+class HiveWatch:
+    """Lets requests waiting on a worker hear that its hive was lost."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, dict[int, Callable[[], None]]] = {}
+        self._next = 0
+
+    def watch(self, hive_id: str, on_lost: Callable[[], None]) -> int:
+        self._next += 1
+        self._waiting.setdefault(hive_id, {})[self._next] = on_lost
+        return self._next
+
+    def unwatch(self, hive_id: str, key: int) -> None:
+        waiting = self._waiting.get(hive_id)
+        if waiting is not None:
+            waiting.pop(key, None)
+            if not waiting:
+                del self._waiting[hive_id]
+
+    def lost(self, hive_id: str) -> None:
+        for on_lost in self._waiting.pop(hive_id, {}).values():
+            on_lost()
+
+
+def hive_lost(event: queen_pb2.Event) -> bool:
+    """Requests on the hive's workers may be cut off: it is gone or has gone silent."""
+    return event.kind == queen_pb2.EVENT_KIND_HIVE_REMOVED or (
+        event.kind == queen_pb2.EVENT_KIND_HIVE_HEALTH_CHANGED
+        and event.health == common_pb2.HIVE_HEALTH_UNHEALTHY
+    )
+
+
+def log_event(event: queen_pb2.Event) -> None:
+    """'hive health changed', 'worker circuit opened': the kind as words."""
+    words = queen_pb2.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower()
+    log.info(
+        words.replace("_", " "),
+        hive_id=event.hive_id,
+        worker_id=event.worker_id,
+        detail=event.detail,
+    )
+
+
+@dataclass
+class Cluster:
+    """What the queen's services share. Building one connects its parts' callbacks to it."""
+
+    registry: Registry
+    scheduler: Scheduler
+    channels: Channels
+    events: EventBus
+    history: History
+    autospawn: Autospawner
+    leases: LeaseManager
+    clock: Clock
+    max_tokens_cap: int
+    max_prompt_bytes: int
+    max_streams_per_client: int
+    metrics: QueenMetrics
+    hive_watch: HiveWatch = field(default_factory=HiveWatch)
+    # Require a hive's id to be a name in its client certificate (mTLS).
+    hive_identity_from_cert: bool = False
+
+    def __post_init__(self) -> None:
+        # The parts report here; the follow-ups that cross parts happen in this class only.
+        self.registry.on_event = self.on_event
+        self.scheduler.expecting = self.expecting
+        self.autospawn.on_spawned = self.autospawned
+        self.autospawn.on_failure = self.scheduler.fail
+
+    # ---- changes to the worker table ---------------------------------------
+
+    def apply_heartbeat(self, beat: queen_pb2.HiveHeartbeat) -> None:
+        """A hive's whole table: replaces what we knew; waiting requests get any free slot."""
+        self.channels.discard_all(self.registry.apply_heartbeat(beat))
+        self.scheduler.dispatch_all()
+
+    def apply_worker(self, record: common_pb2.WorkerRecord) -> None:
+        """One worker's fresh record from its hive's reply, as good as a heartbeat's."""
+        self.channels.discard_all(self.registry.apply_worker(record))
+        self.scheduler.dispatch(record.model)
+
+    def autospawned(self, record: common_pb2.WorkerRecord) -> None:
+        self.apply_worker(record)
+        self.events.emit(
+            queen_pb2.EVENT_KIND_AUTOSPAWN,
+            self.clock.time(),
+            worker_id=record.id,
+            hive_id=record.hive_id,
+            model=record.model,
+        )
+
+    def expecting(self, model: str) -> bool:
+        """A worker of `model` may yet come: requests for it keep waiting instead of failing."""
+        return self.registry.warming_up() or self.autospawn.expecting(model)
+
+    # ---- events -------------------------------------------------------------
+
+    def on_event(self, event: queen_pb2.Event) -> None:
+        """Every registry event: wakes requests on a lost hive, logs some, publishes all."""
+        if hive_lost(event):
+            self.hive_watch.lost(event.hive_id)
+        if event.kind in LOGGED_EVENTS:
+            log_event(event)
+        self.events.publish([event])
+
+    # ---- the sweep ------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Health transitions, TTL removals and circuit breakers, then hand out freed slots."""
+        self.channels.discard_all(self.registry.sweep())
+        self.scheduler.dispatch_all()
+
+    async def sweep_forever(self) -> None:
+        """Sweep every half heartbeat interval, on the cluster's clock."""
+        while True:
+            await self.clock.sleep(self.registry.interval / 2)
+            try:
+                self.sweep()
+            except Exception:
+                # The sweep must never die silently: log and keep going.
+                log.exception("sweep step failed")
+
+    async def close(self) -> None:
+        await self.leases.close()
+        await self.autospawn.close()
+        await self.channels.close()
+        await self.history.close()

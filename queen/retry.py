@@ -1,0 +1,136 @@
+"""Whether a request whose attempt failed is tried again, and what the failure counts as.
+
+Pure: plain values in, a `Decision` out; the route (queen/route.py) carries it
+out. Before the first chunk reaches the client a failed attempt is retried on
+another worker (up to 3 attempts, backoff 0.1 s doubling, within the client's
+deadline); after it, the stream ends with UNAVAILABLE saying how much was
+delivered, because a second worker would repeat tokens the client already has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, replace
+
+import grpc
+
+from apiary.errors import StatusError
+from queen.registry import Outcome
+
+MAX_ATTEMPTS = 3
+BACKOFF_SECONDS = 0.1
+# Worker answers that are the worker's fault (for statistics and the circuit breaker).
+WORKER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.ABORTED,
+    }
+)
+# Worker answers that mean "try another worker" when no chunk has been sent yet: its faults,
+# and its own slot check refusing a request our (stale) view sent it.
+RETRYABLE = WORKER_FAULTS | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one attempt ended early: the worker's gRPC status, or (code None) its hive lost."""
+
+    worker_id: str
+    address: str
+    code: grpc.StatusCode | None
+    # The status details, or why the hive counts as lost.
+    details: str | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a failed attempt."""
+
+    # How the worker's slot was used, for its statistics and circuit breaker.
+    outcome: Outcome
+    retry: bool
+    # Why the client gets no stream (set exactly when not retrying).
+    error: StatusError | None = None
+    # A failover: counted and logged, whether or not another attempt follows.
+    failover: bool = False
+    # The worker's address, not to be tried again for this request ("" = may be tried again).
+    exclude: str = ""
+    mark_unreachable: bool = False
+    backoff: float = 0.0
+    # What the final error says went wrong last, if every attempt fails.
+    last_error: str = ""
+
+
+def decide(
+    failure: Failure, attempt: int, chunks_sent: int, time_left: float | None, model: str
+) -> Decision:
+    """After attempt number `attempt` (from 1) failed with `chunks_sent` chunks relayed and
+    `time_left` seconds before the client's deadline (None: no deadline)."""
+    code = failure.code
+    if code is None:
+        # No chunk can have been sent: the hive is noticed lost only while awaiting the first.
+        decision = Decision(
+            outcome=Outcome(ok=False, worker_fault=True),
+            retry=True,
+            failover=True,
+            exclude=failure.address,
+            last_error=failure.details or "",
+        )
+    else:
+        decision = _after_status(failure, code, chunks_sent)
+    if not decision.retry:
+        return decision
+    backoff = BACKOFF_SECONDS * 2 ** (attempt - 1)
+    if attempt >= MAX_ATTEMPTS or (time_left is not None and backoff >= time_left):
+        error = gave_up(model, attempt, decision.last_error)
+        return replace(decision, retry=False, error=error)
+    return replace(decision, backoff=backoff)
+
+
+def _after_status(failure: Failure, code: grpc.StatusCode, chunks_sent: int) -> Decision:
+    fault = Outcome(ok=False, worker_fault=code in WORKER_FAULTS)
+    if chunks_sent:
+        # Never retried: a second worker would repeat what the client already has.
+        return Decision(
+            outcome=fault,
+            retry=False,
+            error=StatusError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"worker {failure.worker_id} failed after {chunks_sent} token chunk(s) were "
+                f"delivered ({code.name}: {failure.details}); the stream is incomplete",
+            ),
+        )
+    if code not in RETRYABLE:
+        return Decision(
+            outcome=fault, retry=False, error=StatusError(code, failure.details or code.name)
+        )
+    full = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return Decision(
+        # A full worker: a stale view of its slots, not a failure.
+        outcome=Outcome(ok=None) if full else fault,
+        retry=True,
+        failover=True,
+        # By address, not id: a worker restarted under the same id is a new process. A full
+        # worker is not excluded: it frees in a moment (our view was just ahead of it), and
+        # may be the only one there is.
+        exclude="" if full else failure.address,
+        mark_unreachable=code == grpc.StatusCode.UNAVAILABLE,
+        last_error=f"worker {failure.worker_id}: {code.name}: {failure.details}",
+    )
+
+
+def every_worker_tried(tried: Collection[str], addresses: Iterable[str]) -> bool:
+    """Checked before each further attempt: every worker there is failed this request, so say
+    so now, not at the deadline. `addresses` is read only if something was tried."""
+    return bool(tried) and all(address in tried for address in addresses)
+
+
+def gave_up(model: str, attempts: int, last_error: str) -> StatusError:
+    return StatusError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"no worker of model {model!r} could serve the request after "
+        f"{attempts} attempt(s); last error: {last_error}",
+    )

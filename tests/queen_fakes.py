@@ -1,0 +1,143 @@
+"""The queen's I/O edges faked (worker calls, the client's context) around a Cluster of real
+parts, so the code that waits can be driven by a FakeClock in unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import cast
+
+import grpc
+
+from protos.v1 import common_pb2, queen_pb2, worker_pb2_grpc
+from queen.autospawn import Autospawner
+from queen.channels import Channels
+from queen.cluster import Cluster
+from queen.events import EventBus
+from queen.history import History
+from queen.leases import LeaseManager
+from queen.metrics import QueenMetrics
+from queen.registry import Registry, RegistrySettings
+from queen.scheduler import Scheduler
+from tests.fakes import FakeClock
+
+# The end of a stream as grpc.aio says it (grpc-stubs does not declare it).
+EOF = grpc.aio.EOF  # type: ignore[attr-defined]
+Script = list[common_pb2.InferChunk | grpc.aio.AioRpcError]
+
+
+def rpc_error(code: grpc.StatusCode, details: str = "") -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
+
+
+def chunk(text: str, completion_tokens: int = 0) -> common_pb2.InferChunk:
+    return common_pb2.InferChunk(text=text, completion_tokens=completion_tokens)
+
+
+class FakeCall:
+    """A worker's Infer stream that plays a script: chunks, then EOF or an error."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = list(script)
+        self.cancelled = False
+
+    async def read(self) -> object:
+        await asyncio.sleep(0)
+        if not self.script:
+            return EOF
+        item = self.script.pop(0)
+        if isinstance(item, grpc.aio.AioRpcError):
+            self.script.clear()
+            raise item
+        return item
+
+    def done(self) -> bool:
+        return self.cancelled or not self.script
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+class FakeWorkerStub:
+    def __init__(self, calls: list[FakeCall]) -> None:
+        self.calls = calls
+        self.requests: list[common_pb2.InferRequest] = []
+
+    def Infer(self, request: common_pb2.InferRequest, timeout: float | None = None) -> FakeCall:
+        self.requests.append(request)
+        return self.calls.pop(0)
+
+
+class FakeChannels(Channels):
+    """Workers answer from scripts per address; discarded addresses are remembered."""
+
+    def __init__(self, scripts: dict[str, list[Script]] | None = None) -> None:
+        super().__init__()
+        self.stubs = {
+            address: FakeWorkerStub([FakeCall(s) for s in calls])
+            for address, calls in (scripts or {}).items()
+        }
+        self.discarded: list[str] = []
+
+    def worker(self, address: str) -> worker_pb2_grpc.WorkerAsyncStub:
+        return cast("worker_pb2_grpc.WorkerAsyncStub", self.stubs[address])
+
+    def discard(self, address: str) -> None:
+        self.discarded.append(address)
+
+    def discard_all(self, addresses: list[str]) -> None:
+        self.discarded.extend(addresses)
+
+
+class FakeContext:
+    """What a route asks of the client's call: the time left before its deadline."""
+
+    def __init__(self, remaining: float | None = None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def make_cluster(
+    clock: FakeClock,
+    tmp: Path,
+    channels: Channels | None = None,
+    interval: float = 1.0,
+    hive_ttl_intervals: float = 10.0,
+) -> Cluster:
+    """Real registry, scheduler and events; the history is never opened (nothing is written)."""
+    settings = RegistrySettings(interval=interval, hive_ttl_intervals=hive_ttl_intervals)
+    registry = Registry(clock, settings, seed=1)
+    channels = channels or FakeChannels()
+    scheduler = Scheduler(registry)
+    return Cluster(
+        registry=registry,
+        scheduler=scheduler,
+        channels=channels,
+        events=EventBus(),
+        history=History(tmp / "history.sqlite3"),
+        autospawn=Autospawner(registry, channels, {}),
+        leases=LeaseManager(scheduler, channels),
+        clock=clock,
+        max_tokens_cap=1000,
+        max_prompt_bytes=10_000,
+        max_streams_per_client=0,
+        metrics=QueenMetrics(registry, scheduler),
+    )
+
+
+def record(worker_id: str, hive: str = "h1", model: str = "m") -> common_pb2.WorkerRecord:
+    return common_pb2.WorkerRecord(
+        id=worker_id,
+        hive_id=hive,
+        model=model,
+        state=common_pb2.WORKER_STATE_IDLE,
+        slots_total=1,
+        address=f"addr-{worker_id}",
+    )
+
+
+def beat(hive: str, *workers: common_pb2.WorkerRecord) -> queen_pb2.HiveHeartbeat:
+    return queen_pb2.HiveHeartbeat(hive_id=hive, address=f"{hive}:1", workers=workers)
