@@ -207,7 +207,7 @@ def test_a_failed_row_goes_after_its_ttl_but_not_while_a_restart_is_coming() -> 
     never = ready_worker(policy=common_pb2.RESTART_POLICY_NEVER)
     never.exited(10.0, 1)
     assert never.tick(609.9) == [] and phase_of(never) is Phase.FAILED
-    assert Remove() in never.tick(610.0) and phase_of(never) is Phase.GONE
+    assert Remove(expired=True) in never.tick(610.0) and phase_of(never) is Phase.GONE
     pending = ready_worker()
     pending.exited(10.0, 1)
     assert pending.failed_since is None  # a restart is coming: not FAILED for good
