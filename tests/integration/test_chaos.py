@@ -34,6 +34,8 @@ def test_chaos_under_load() -> None:
     )
     assert ended == result["accepted"]  # every accepted request is accounted for
     took = result["faults_routed_around_seconds"]
-    assert took["worker SIGKILL -> not routed"] < 1.0
-    assert took["hive SIGKILL -> not routed"] < 3 * 0.5 + 0.5  # 3 heartbeat intervals, + slack
-    assert took["queen SIGKILL -> routing again"] < 5.0
+    # Generous bounds (the rules are proven on a fake clock in tests/unit; the figures are
+    # bench/chaos.py's): a worker by its exit, a hive before its TTL (10 intervals of 0.5 s).
+    assert took["worker SIGKILL -> not routed"] < 3.0
+    assert took["hive SIGKILL -> not routed"] < 4.0
+    assert took["queen SIGKILL -> routing again"] < 10.0

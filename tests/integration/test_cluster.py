@@ -65,15 +65,15 @@ async def test_sigkilled_worker_leaves_routable_set_fast_and_requests_still_succ
     admin = cluster.admin_stub(queen)
 
     os.kill(victim.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
 
     async def victim_failed() -> common_pb2.WorkerRecord | None:
         reply = await admin.GetWorker(queen_pb2.GetWorkerRequest(worker_id=victim.id), timeout=1)
         return reply.worker if reply.worker.state == common_pb2.WORKER_STATE_FAILED else None
 
     failed = await wait_until(victim_failed, timeout=5)
-    assert time.monotonic() - killed_at < 2.0
+    # Seen by its hive at once (the timing is bench/detect.py's), not by the hive going silent.
     assert failed.failure_reason == "killed by SIGKILL"
+    assert failed.hive_health == common_pb2.HIVE_HEALTH_HEALTHY
     models = await cluster.queen_stub(queen).ListModels(queen_pb2.ListModelsRequest())
     assert (models.models[0].idle, models.models[0].failed) == (1, 1)
 
