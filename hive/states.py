@@ -398,6 +398,12 @@ class Lifecycle:
 
     # ---- adoption after a hive restart ------------------------------------------
 
+    def restore(self, address: str, restart_count: int, failure_reason: str) -> None:
+        # new -> ADOPTING: a row read back from disk, its process not yet checked.
+        self.phase = Phase.ADOPTING
+        self.address = address
+        self.restart_count, self.failure_reason = restart_count, failure_reason
+
     def adopted(self, now: float, ready: bool) -> list[Action]:
         # ADOPTING -> IDLE (it answered a health check) or LOADING (it will call back, or
         # run into the load timeout): the same process carries on under its old id.

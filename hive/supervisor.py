@@ -559,9 +559,7 @@ class Supervisor:
             tags=row.tags,
         )
         worker = self._new_worker(row.id, spec, keep=row.keep)
-        life = worker.life
-        life.phase, life.address = Phase.ADOPTING, row.address
-        life.restart_count, life.failure_reason = row.restart_count, row.failure_reason
+        worker.life.restore(row.address, row.restart_count, row.failure_reason)
         worker.started_at = row.started_at
         return worker
 

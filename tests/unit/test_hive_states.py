@@ -243,18 +243,18 @@ def test_adoption_decision(saved: str, alive: bool, address: bool, plan: Adoptio
 
 def test_adopted_rows_carry_on_fail_or_restart() -> None:
     life = lifecycle()
-    life.phase = Phase.ADOPTING
+    life.restore("", 0, "")
     life.adopted(0.0, ready=True)
     assert phase_of(life) is Phase.IDLE and life.alive
     gone = lifecycle()
-    gone.phase = Phase.ADOPTING
+    gone.restore("", 0, "")
     actions = gone.not_adopted(0.0, "process was gone when the hive restarted")
     assert CountCrash() in actions and phase_of(gone) is Phase.RESTART_PENDING
     before = lifecycle(settings=LifecycleSettings(restart=RestartSettings(jitter=0.0)))
-    before.phase = Phase.ADOPTING
+    before.restore("", 0, "")
     before.failed_before(0.0, restart_pending=True)
     assert phase_of(before) is Phase.RESTART_PENDING and before.wake_at() == 1.0
     kept = lifecycle()
-    kept.phase = Phase.ADOPTING
+    kept.restore("", 0, "")
     assert kept.failed_before(0.0, restart_pending=False) == []
     assert phase_of(kept) is Phase.FAILED
