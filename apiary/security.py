@@ -1,11 +1,14 @@
-"""Who may call what: per-role bearer tokens, TLS (and mTLS), and the channels that carry them.
+"""Who may call what: bearer tokens per identity, TLS (and mTLS), and the channels that carry them.
 
-Roles:
-  client  Queen.Infer, Lease, ReleaseLease, ListModels
-  admin   everything a client may, QueenAdmin, and the Hive's admin RPCs
-  hive    QueenRegistry (heartbeats)
-  worker  the cluster-internal calls around workers: Worker RPCs (from the hive and the queen)
-          and the ready/loading callbacks workers make to their hive
+A credential is good for its own hop only:
+  client  an application (several, each named): Queen.Infer, Lease, ReleaseLease, ListModels
+  admin   operators, to the queen only: everything a client may, and QueenAdmin
+  hive    a hive, to the queen: QueenRegistry (heartbeats). Each hive has its own token
+          (`hives` in the tokens file), or all share one (`hive`: any holder may join as any hive)
+  queen   the queen, to hives: the Hive calls the queen makes for operators and autospawn
+  worker  one worker's own credential, derived from its hive's token and its id: the queen and
+          its hive call that worker with it, and it calls its hive with it; it is worth
+          nothing at any other worker
 
 Every server installs one AuthInterceptor with a table of method -> roles. With no tokens
 configured nothing is checked, and servers refuse to listen beyond loopback unless told
@@ -15,6 +18,7 @@ configured nothing is checked, and servers refuse to listen beyond loopback unle
 from __future__ import annotations
 
 import argparse
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -29,10 +33,12 @@ import structlog
 
 log = structlog.get_logger("apiary.security")
 
-ROLES = ("client", "admin", "hive", "worker")
+ROLES = ("client", "admin", "hive", "queen", "worker")
 # Method table values: who may call.
 OPEN: frozenset[str] = frozenset({"*open*"})  # no token needed (health checks)
 ANY_ROLE: frozenset[str] = frozenset(ROLES)
+# The name of the identity behind a hive token shared by every hive.
+SHARED_HIVE = "*"
 
 
 class SecurityError(Exception):
@@ -40,28 +46,81 @@ class SecurityError(Exception):
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Who a token names: a role, and within it a name (the client application, the hive id)."""
+
+    role: str
+    name: str
+
+
+def derive_worker_token(hive_token: str, worker_id: str) -> str:
+    """One worker's credential: only its hive (and the queen, which knows every hive's token)
+    can make it, and it opens no other worker."""
+    message = f"apiary/worker/{worker_id}".encode()
+    return hmac.new(hive_token.encode(), message, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
 class TokenSet:
+    # One client token (named "client"); `clients` names one per application.
     client: str = ""
     admin: str = ""
+    # Shared by every hive (small clusters): its holder may heartbeat as any hive id.
     hive: str = ""
+    queen: str = ""
+    # This process's own worker credential (set only in a worker process).
     worker: str = ""
+    clients: Mapping[str, str] = field(default_factory=dict, hash=False)
+    hives: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{r}={'set' if getattr(self, r) else 'unset'}" for r in ROLES)
-        return f"TokenSet({shown})"
+        shown = ", ".join(
+            f"{r}={'set' if getattr(self, r) else 'unset'}"
+            for r in ("client", "admin", "hive", "queen", "worker")
+        )
+        return f"TokenSet({shown}, clients={len(self.clients)}, hives={len(self.hives)})"
 
     @property
     def enabled(self) -> bool:
-        return any(getattr(self, role) for role in ROLES)
+        return bool(
+            self.client or self.admin or self.hive or self.queen or self.worker
+            or self.clients or self.hives
+        )  # fmt: skip
+
+    def _named(self) -> list[tuple[Identity, str]]:
+        pairs = [
+            (Identity("client", "client"), self.client),
+            (Identity("admin", "admin"), self.admin),
+            (Identity("hive", SHARED_HIVE), self.hive),
+            (Identity("queen", "queen"), self.queen),
+            (Identity("worker", "worker"), self.worker),
+        ]
+        pairs += [(Identity("client", name), token) for name, token in self.clients.items()]
+        pairs += [(Identity("hive", name), token) for name, token in self.hives.items()]
+        return [(identity, token) for identity, token in pairs if token]
+
+    def identities(self, token: str) -> frozenset[Identity]:
+        """Every identity this token names, compared in constant time."""
+        if not token:
+            return frozenset()
+        given = token.encode()
+        return frozenset(
+            identity
+            for identity, known in self._named()
+            if hmac.compare_digest(known.encode(), given)
+        )
 
     def roles_of(self, token: str) -> frozenset[str]:
-        """Every role whose token this is, compared in constant time."""
-        return frozenset(
-            role
-            for role in ROLES
-            if getattr(self, role)
-            and hmac.compare_digest(getattr(self, role).encode(), token.encode())
-        )
+        return frozenset(identity.role for identity in self.identities(token))
+
+    def hive_token(self, hive_id: str) -> str:
+        """The token hive `hive_id` authenticates with: its own, else the shared one."""
+        return self.hives.get(hive_id) or self.hive
+
+    def worker_token(self, hive_id: str, worker_id: str) -> str:
+        """The credential of worker `worker_id` of hive `hive_id` ('' without tokens)."""
+        hive_token = self.hive_token(hive_id)
+        return derive_worker_token(hive_token, worker_id) if hive_token else ""
 
 
 @dataclass(frozen=True)
@@ -167,9 +226,10 @@ def add_security_args(p: argparse.ArgumentParser, tls_server: bool = True) -> No
     g.add_argument(
         "--tokens-file",
         default=os.environ.get("APIARY_TOKENS_FILE", ""),
-        help="JSON {role: token} for client/admin/hive/worker (env APIARY_TOKENS_FILE)",
+        help="JSON tokens: client/admin/hive/queen, and `clients`/`hives` maps of name to token"
+        " (env APIARY_TOKENS_FILE)",
     )
-    for role in ROLES:
+    for role in FLAG_ROLES:
         g.add_argument(
             f"--{role}-token",
             default="",
@@ -195,27 +255,63 @@ def add_security_args(p: argparse.ArgumentParser, tls_server: bool = True) -> No
         )
 
 
-def security_from_args(args: argparse.Namespace) -> Security:
-    values: dict[str, str] = {}
-    if args.tokens_file:
-        try:
-            data = json.loads(Path(args.tokens_file).read_text())
-        except (OSError, ValueError) as exc:
-            raise SecurityError(f"cannot read tokens file {args.tokens_file}: {exc}") from None
-        if not isinstance(data, dict) or set(data) - set(ROLES):
+# Roles whose token a server process may be given by flag or environment.
+FLAG_ROLES = ("client", "admin", "hive", "queen")
+NAMED_SECTIONS = {"clients": "client", "hives": "hive"}
+
+
+def load_tokens_file(path: str) -> dict[str, Any]:
+    """The tokens file as TokenSet fields, checked: it is input like any other."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SecurityError(f"cannot read tokens file {path}: {exc}") from None
+    known = (*FLAG_ROLES, "worker", *NAMED_SECTIONS)
+    if not isinstance(data, dict) or set(data) - set(known):
+        raise SecurityError(
+            f"tokens file {path} must be a JSON object whose keys are among {', '.join(known)}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "worker":
+            continue  # older files: worker credentials are derived per worker now
+        if key in NAMED_SECTIONS:
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
+            ):
+                raise SecurityError(f"tokens file {path}: {key!r} must map names to tokens")
+            values[key] = dict(value)
+        elif not isinstance(value, str):
+            raise SecurityError(f"tokens file {path}: {key!r} must be a string")
+        elif value:
+            values[key] = value
+    return values
+
+
+def check_distinct(tokens: TokenSet) -> None:
+    """One token, one identity: a token shared by two would make either able to act as both."""
+    seen: dict[str, Identity] = {}
+    for identity, token in tokens._named():
+        other = seen.setdefault(token, identity)
+        if other != identity:
             raise SecurityError(
-                f"tokens file {args.tokens_file} must be a JSON object whose keys are among "
-                f"{', '.join(ROLES)}"
+                f"the same token is configured for {other.role} {other.name!r} and "
+                f"{identity.role} {identity.name!r}; give each its own (apiary certs init)"
             )
-        values.update({k: str(v) for k, v in data.items()})
-    for role in ROLES:
+
+
+def security_from_args(args: argparse.Namespace) -> Security:
+    values: dict[str, Any] = load_tokens_file(args.tokens_file) if args.tokens_file else {}
+    for role in FLAG_ROLES:
         explicit = getattr(args, f"{role}_token", "") or os.environ.get(
             f"APIARY_{role.upper()}_TOKEN", ""
         )
         if explicit:
             values[role] = explicit
+    tokens = TokenSet(**values)
+    check_distinct(tokens)
     return Security(
-        tokens=TokenSet(**values),
+        tokens=tokens,
         tls=TlsFiles(
             cert=args.tls_cert,
             key=args.tls_key,
