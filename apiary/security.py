@@ -256,7 +256,7 @@ def add_security_args(p: argparse.ArgumentParser, tls_server: bool = True) -> No
 
 
 # Roles whose token a server process may be given by flag or environment.
-FLAG_ROLES = ("client", "admin", "hive", "queen")
+FLAG_ROLES = ("client", "admin", "hive", "queen", "worker")
 NAMED_SECTIONS = {"clients": "client", "hives": "hive"}
 
 
@@ -273,8 +273,6 @@ def load_tokens_file(path: str) -> dict[str, Any]:
         )
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "worker":
-            continue  # older files: worker credentials are derived per worker now
         if key in NAMED_SECTIONS:
             if not isinstance(value, dict) or not all(
                 isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
