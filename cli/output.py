@@ -267,6 +267,7 @@ def status_text(
     top = sorted((w for w in workers if w.state in READY_STATES), key=lambda w: -w.stats.score)[:5]
     if top:
         lines.append("top       " + ", ".join(f"{w.id} ({w.stats.score:.2f})" for w in top))
+    lines += [f"PROBLEM   hive {h.id}: {problem}" for h in hives for problem in h.problems]
     lines += [
         "",
         hive_rows(hives) if hives else "no hives",

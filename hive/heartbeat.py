@@ -41,7 +41,9 @@ class HeartbeatLoop:
         catalog: Callable[[], list[queen_pb2.CatalogEntry]] = list,
         security: Security | None = None,
         problems: Callable[[], list[str]] = list,
+        instance: str = "",
     ) -> None:
+        self.instance = instance
         self.problems = problems
         security = security or Security()
         self.backends = list(backends)
@@ -91,6 +93,7 @@ class HeartbeatLoop:
             leaving=leaving,
             sequence=self.sequence,
             problems=self.problems(),
+            instance=self.instance,
         )
         try:
             reply = await self._stub.Heartbeat(beat, timeout=max(self.interval * 2, 1.0))

@@ -109,6 +109,7 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
         ],
         security=security,
         problems=lambda: [supervisor.persist_error] if supervisor.persist_error else [],
+        instance=supervisor.launcher.instance.nonce,
     )
     supervisor.on_change = heartbeat.poke
     tasks = [

@@ -18,6 +18,7 @@ from apiary.serving import add_server_args, stop_event_on_signals, write_port_fi
 from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
+from queen.beats import DEFAULT_MAX_WORKER_SLOTS, DEFAULT_MAX_WORKERS_PER_HIVE, BeatLimits
 from queen.server import QueenConfig, create_server
 
 log = structlog.get_logger("queen")
@@ -42,6 +43,18 @@ def add_health_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=10.0,
         help="forget an unhealthy hive and its workers after this many intervals (default 10)",
+    )
+    p.add_argument(
+        "--max-workers-per-hive",
+        type=int,
+        default=DEFAULT_MAX_WORKERS_PER_HIVE,
+        help="worker records one heartbeat may carry (more is refused)",
+    )
+    p.add_argument(
+        "--max-worker-slots",
+        type=int,
+        default=DEFAULT_MAX_WORKER_SLOTS,
+        help="slots one worker may report (more is refused)",
     )
 
 
@@ -119,6 +132,7 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         autospawn={p.model: p for p in args.autospawn},
         autospawn_catalog=args.autospawn_catalog,
         hive_identity_from_cert=args.hive_identity_from_cert,
+        beat_limits=BeatLimits(args.max_workers_per_hive, args.max_worker_slots),
     )
 
 
@@ -132,6 +146,11 @@ async def run(args: argparse.Namespace) -> int:
         log.error("queen cannot start", error=str(exc))
         return 1
     log.info("security", tokens=repr(security.tokens), tls=bool(security.tls.cert))
+    if security.tokens.hive:
+        log.warning(
+            "a hive token shared by every hive is configured: whoever holds it can join as "
+            "any hive id; prefer a token per hive (apiary certs add-hive ID)"
+        )
     metrics = publish(args.listen, args.metrics_port, queen.cluster.metrics.prometheus, log)
     if args.port_file:
         write_port_file(args.port_file, queen.running.port)

@@ -42,6 +42,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
             stats=hive.stats,
             drained=hive.drained,
             backends=sorted(hive.backends),
+            problems=hive.problems,
         )
 
     async def _hive(self, hive_id: str, context: Context) -> HiveEntry:

@@ -7,7 +7,7 @@ gone get closed and waiting requests get the new slots, every time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -20,7 +20,7 @@ from queen.events import EventBus
 from queen.history import History
 from queen.leases import LeaseManager
 from queen.metrics import QueenMetrics
-from queen.registry import Registry
+from queen.registry import BeatResult, Registry
 from queen.scheduler import Scheduler
 
 log = structlog.get_logger("queen")
@@ -99,6 +99,8 @@ class Cluster:
     max_streams_per_client: int
     metrics: QueenMetrics
     hive_watch: HiveWatch = field(default_factory=HiveWatch)
+    # Refused records already logged, so a repeating table is not logged every interval.
+    _refusals_told: set[tuple[str, str, str]] = field(default_factory=set)
     # Require a hive's id to be a name in its client certificate (mTLS).
     hive_identity_from_cert: bool = False
 
@@ -111,15 +113,40 @@ class Cluster:
 
     # ---- changes to the worker table ---------------------------------------
 
-    def apply_heartbeat(self, beat: queen_pb2.HiveHeartbeat) -> None:
-        """A hive's whole table: replaces what we knew; waiting requests get any free slot."""
-        self.channels.discard_all(self.registry.apply_heartbeat(beat))
+    def apply_heartbeat(
+        self,
+        beat: queen_pb2.HiveHeartbeat,
+        changed: Sequence[common_pb2.WorkerRecord] | None = None,
+        host_names: frozenset[str] = frozenset(),
+    ) -> None:
+        """A hive's whole table: replaces what we knew; waiting requests get any free slot.
+
+        Raises HiveTaken if another running hive process has the id."""
+        result = self.registry.apply_heartbeat(beat, changed, host_names)
+        self._follow_up(beat.hive_id, result)
         self.scheduler.dispatch_all()
 
     def apply_worker(self, record: common_pb2.WorkerRecord) -> None:
         """One worker's fresh record from its hive's reply, as good as a heartbeat's."""
-        self.channels.discard_all(self.registry.apply_worker(record))
+        self._follow_up(record.hive_id, self.registry.apply_worker(record))
         self.scheduler.dispatch(record.model)
+
+    def _follow_up(self, hive_id: str, result: BeatResult) -> None:
+        self.channels.discard_all(result.removed)
+        for worker_id, reason in result.refused:
+            if (hive_id, worker_id, reason) in self._refusals_told:
+                continue  # said once; a hive repeats its table every interval
+            if len(self._refusals_told) > 10_000:
+                self._refusals_told.clear()  # bounded: a hostile hive may invent ids
+            self._refusals_told.add((hive_id, worker_id, reason))
+            log.warning("worker record refused", hive_id=hive_id, worker_id=worker_id, why=reason)
+            self.events.emit(
+                queen_pb2.EVENT_KIND_WORKER_RECORD_REFUSED,
+                self.clock.time(),
+                hive_id=hive_id,
+                worker_id=worker_id,
+                detail=reason,
+            )
 
     def autospawned(self, record: common_pb2.WorkerRecord) -> None:
         self.apply_worker(record)

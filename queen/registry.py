@@ -12,12 +12,13 @@ indexes (queen/selection.py), so a pick never scans the fleet.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from apiary.clock import Clock
 from apiary.protoutil import READY_STATES, timestamp
 from protos.v1 import common_pb2, queen_pb2
+from queen.beats import host_of, same_host
 from queen.selection import Judge, Pool, SpeedScale, Verdict, score
 from queen.stats import WorkerStatsTracker
 
@@ -53,6 +54,10 @@ class HiveEntry:
     backends: frozenset[str] = frozenset()
     # Models in the hive's catalog -> the backend each needs.
     catalog: dict[str, str] = field(default_factory=dict)
+    # The hive process heartbeating under this id (see HiveHeartbeat.instance).
+    instance: str = ""
+    # What the hive says an operator must fix.
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +105,18 @@ class Slot:
     model: str
 
 
+@dataclass
+class BeatResult:
+    """What applying a hive's report did: channels to close, records not applied and why."""
+
+    removed: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+class HiveTaken(Exception):
+    """Another running hive process heartbeats under this id."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a slot's use ended. ok=None: it was never used (cancelled, handed back)."""
@@ -129,6 +146,8 @@ class Registry:
         # Drains outlive the rows they apply to (a queen restart, a hive rejoining).
         self.drained_hives: set[str] = set()
         self.drained_workers: set[str] = set()
+        # Workers marked unreachable, until a heartbeat of their hive lists them again.
+        self._unreachable: set[str] = set()
         self._by_model: dict[str, set[str]] = {}
         self._pools: dict[str, dict[frozenset[str], Pool]] = {}
         self._use_counter = 0
@@ -145,40 +164,104 @@ class Registry:
 
     # ---- heartbeats -------------------------------------------------------
 
-    def apply_heartbeat(self, beat: queen_pb2.HiveHeartbeat) -> list[str]:
-        """Replace everything known about the hive; stamp it with our clock.
+    def known_record(self, hive_id: str, worker_id: str) -> common_pb2.WorkerRecord | None:
+        """The record `hive_id` last reported for `worker_id` (None: new, or another's)."""
+        entry = self.workers.get(worker_id)
+        return entry.record if entry is not None and entry.record.hive_id == hive_id else None
 
-        Returns the addresses of workers that are gone, so their channels can close.
+    def apply_heartbeat(
+        self,
+        beat: queen_pb2.HiveHeartbeat,
+        changed: Sequence[common_pb2.WorkerRecord] | None = None,
+        host_names: frozenset[str] = frozenset(),
+    ) -> BeatResult:
+        """Replace what is known about the hive; stamp it with our clock.
+
+        `changed`: the records that differ from what we hold (all of them if None), already
+        checked (queen/beats.py). Raises HiveTaken if another live process has the hive's id.
         """
         if beat.leaving:
-            return self.remove_hive(beat.hive_id, "the hive is shutting down")
+            hive = self.hives.get(beat.hive_id)
+            if hive is not None and hive.instance != beat.instance:
+                return BeatResult()  # an older process saying goodbye: not the current one
+            return BeatResult(self.remove_hive(beat.hive_id, "the hive is shutting down"))
+        hive = self._hive_of(beat)
+        result = BeatResult()
+        reported = {record.id for record in beat.workers}
+        for gone in hive.worker_ids - reported:
+            result.removed.append(self.forget_worker(gone))
+        for record in beat.workers if changed is None else changed:
+            refusal = self._refusal(hive, record, host_names)
+            if refusal:
+                result.refused.append((record.id, refusal))
+            else:
+                result.removed.extend(self._upsert(hive, record))
+        self._vouch(hive, reported)
+        result.removed = [a for a in result.removed if a]
+        return result
+
+    def _hive_of(self, beat: queen_pb2.HiveHeartbeat) -> HiveEntry:
         now = self.clock.monotonic()
         hive = self.hives.get(beat.hive_id)
+        if hive is not None and hive.instance != beat.instance:
+            if self.health_of(hive) != common_pb2.HIVE_HEALTH_UNHEALTHY:
+                raise HiveTaken(
+                    f"hive id {beat.hive_id!r} is in use by another running hive process at "
+                    f"{hive.address}; stop that one, or give this hive its own --hive-id "
+                    "(it is accepted once the other misses 3 heartbeats)"
+                )
         if hive is None:
             hive = HiveEntry(beat.hive_id, beat.address, self.clock.time(), now)
             hive.drained = beat.hive_id in self.drained_hives
             self.hives[beat.hive_id] = hive
             self._event(queen_pb2.EVENT_KIND_HIVE_JOINED, hive_id=hive.id, detail=beat.address)
+        hive.instance = beat.instance
         hive.address = beat.address
         hive.last_seen = now
         hive.resources = beat.resources
         hive.stats = beat.stats
         hive.backends = frozenset(beat.backends)
         hive.catalog = {entry.model: entry.backend for entry in beat.catalog}
+        hive.problems = list(beat.problems)
         self._note_health(hive)
+        return hive
 
-        removed: list[str] = []
-        reported = {record.id: record for record in beat.workers}
-        for gone in hive.worker_ids - reported.keys():
-            removed.append(self.forget_worker(gone))
-        for record in reported.values():
-            removed.extend(self._upsert(hive, record))
-        return [a for a in removed if a]
+    def _refusal(
+        self, hive: HiveEntry, record: common_pb2.WorkerRecord, host_names: frozenset[str]
+    ) -> str:
+        """Why a record may not be applied for `hive` ('' if it may)."""
+        owner = self.workers.get(record.id)
+        if owner is not None and owner.record.hive_id != hive.id:
+            if owner.record.hive_id in self.hives:
+                return (
+                    f"worker id {record.id} belongs to hive {owner.record.hive_id}; a hive "
+                    "speaks only for its own workers"
+                )
+        if record.address and not same_host(record.address, hive.address, host_names):
+            return (
+                f"worker {record.id} listens at {record.address}, off its hive's host "
+                f"{host_of(hive.address)}; workers must run on their hive's machine"
+            )
+        return ""
 
-    def apply_worker(self, record: common_pb2.WorkerRecord) -> list[str]:
+    def _vouch(self, hive: HiveEntry, reported: set[str]) -> None:
+        """The hive still lists them: workers we could not reach are worth trying again."""
+        for worker_id in reported & self._unreachable:
+            entry = self.workers.get(worker_id)
+            self._unreachable.discard(worker_id)
+            if entry is not None and entry.record.hive_id == hive.id:
+                entry.unreachable = False
+                self._touch(entry)
+
+    def apply_worker(self, record: common_pb2.WorkerRecord) -> BeatResult:
         """One worker's fresh record from its hive (e.g. a spawn reply), ahead of the heartbeat."""
         hive = self.hives.get(record.hive_id)
-        return self._upsert(hive, record) if hive is not None else []
+        if hive is None:
+            return BeatResult()
+        refusal = self._refusal(hive, record, frozenset())
+        if refusal:
+            return BeatResult(refused=[(record.id, refusal)])
+        return BeatResult([a for a in self._upsert(hive, record) if a])
 
     def forget_worker(self, worker_id: str) -> str:
         """Drop a worker (its hive no longer lists it); returns its address."""
@@ -490,6 +573,7 @@ class Registry:
         entry = self.workers.get(worker_id)
         if entry is not None:
             entry.unreachable = True
+            self._unreachable.add(worker_id)
             self._touch(entry)
 
     # ---- queries ----------------------------------------------------------

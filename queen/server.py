@@ -17,6 +17,7 @@ from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from queen.admin import QueenAdminService
 from queen.autospawn import Autospawner, SpawnPlan
+from queen.beats import BeatLimits
 from queen.channels import Channels
 from queen.cluster import Cluster
 from queen.events import EventBus
@@ -59,6 +60,7 @@ class QueenConfig:
     autospawn: dict[str, SpawnPlan] = field(default_factory=dict)
     autospawn_catalog: bool = False
     hive_identity_from_cert: bool = False
+    beat_limits: BeatLimits = field(default_factory=BeatLimits)
 
     def registry_settings(self) -> RegistrySettings:
         return RegistrySettings(
@@ -131,7 +133,9 @@ async def create_server(
 
     def register(server: grpc.aio.Server) -> None:
         queen_pb2_grpc.add_QueenServicer_to_server(QueenService(cluster), server)
-        queen_pb2_grpc.add_QueenRegistryServicer_to_server(QueenRegistryService(cluster), server)
+        queen_pb2_grpc.add_QueenRegistryServicer_to_server(
+            QueenRegistryService(cluster, security, config.beat_limits), server
+        )
         queen_pb2_grpc.add_QueenAdminServicer_to_server(QueenAdminService(cluster), server)
 
     running = await start_server(

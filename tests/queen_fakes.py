@@ -135,7 +135,7 @@ def record(worker_id: str, hive: str = "h1", model: str = "m") -> common_pb2.Wor
         model=model,
         state=common_pb2.WORKER_STATE_IDLE,
         slots_total=1,
-        address=f"addr-{worker_id}",
+        address=f"{hive}:w{worker_id}",
     )
 
 

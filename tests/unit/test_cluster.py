@@ -58,7 +58,7 @@ async def test_sweep_marks_a_silent_hive_unhealthy_then_removes_it_after_the_ttl
         await clock.run(6.9)
         assert "h1" in cluster.registry.hives and not waiting.done()
         await clock.run(0.1)  # the TTL: forgotten, its channels closed, its waiters told
-        assert cluster.registry.hives == {} and discarded(cluster) == ["addr-a"]
+        assert cluster.registry.hives == {} and discarded(cluster) == ["h1:wa"]
         with pytest.raises(ModelGone):
             await waiting
         assert watcher.pending[-1].kind == queen_pb2.EVENT_KIND_HIVE_REMOVED
@@ -117,7 +117,7 @@ async def test_heartbeat_closes_channels_of_workers_gone_and_serves_waiters(
     waiting = asyncio.create_task(cluster.scheduler.take_slot("m", None))
     await settle()
     cluster.apply_heartbeat(beat("h1", record("b")))
-    assert discarded(cluster) == ["addr-a"]
+    assert discarded(cluster) == ["h1:wa"]
     assert (await waiting).worker_id == "b"
     cluster.scheduler.give_back(slot, Outcome(ok=True))  # a worker since gone: dropped
 
@@ -130,10 +130,10 @@ async def test_a_spawn_reply_replacing_a_worker_closes_its_old_channel(
     waiting = asyncio.create_task(cluster.scheduler.take_slot("m", None))
     await settle()
     restarted = record("a")
-    restarted.address = "addr-a2"  # a new process behind the same id
+    restarted.address = "h1:wa2"  # a new process behind the same id
     cluster.apply_worker(restarted)
-    assert discarded(cluster) == ["addr-a"]
-    assert (await waiting).address == "addr-a2"
+    assert discarded(cluster) == ["h1:wa"]
+    assert (await waiting).address == "h1:wa2"
 
 
 async def test_autospawned_worker_is_applied_and_announced(cluster: Cluster) -> None:

@@ -24,7 +24,7 @@ def record(
         model=model,
         state=state,  # type: ignore[arg-type]
         slots_total=slots,
-        address=f"addr-{worker_id}",
+        address=f"{hive}:w{worker_id}",
         tags=tags,
     )
 
@@ -67,7 +67,7 @@ def test_heartbeat_replaces_the_hives_rows() -> None:
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
     removed = reg.apply_heartbeat(beat("h1", record("b"), record("c")))
     assert set(reg.workers) == {"b", "c"}
-    assert removed == ["addr-a"]
+    assert removed.removed == ["h1:wa"]
     reg.apply_heartbeat(beat("h1", record("b", state=common_pb2.WORKER_STATE_FAILED)))
     assert kinds(events)[-2:] == ["WORKER_REMOVED", "WORKER_STATE_CHANGED"]
     assert events[-1].previous_state == common_pb2.WORKER_STATE_IDLE
@@ -138,7 +138,9 @@ def test_hive_health_states_by_the_queens_clock() -> None:
     # Degraded: still routable, but after every healthy hive.
     assert [pick(reg), pick(reg)] == ["b", "a"]
     for name in ("a", "b"):
-        slot = Slot(name, "h1" if name == "a" else "h2", f"addr-{name}", "m")
+        slot = Slot(
+            name, "h1" if name == "a" else "h2", f"{'h1' if name == 'a' else 'h2'}:w{name}", "m"
+        )
         reg.give_back(slot, OK)
     clock.advance(1.0)
     reg.apply_heartbeat(beat("h2", record("b", hive="h2")))
@@ -166,7 +168,7 @@ def test_silent_hive_is_removed_after_the_ttl() -> None:
     clock.advance(9.9)
     assert reg.sweep() == [] and "h1" in reg.hives
     clock.advance(0.1)
-    assert reg.sweep() == ["addr-a"]
+    assert reg.sweep() == ["h1:wa"]
     assert reg.hives == {} and reg.workers == {} and not reg.has_model("m")
     assert events[-1].kind == queen_pb2.EVENT_KIND_HIVE_REMOVED and "TTL" in events[-1].detail
 
@@ -175,7 +177,7 @@ def test_circuit_breaker_opens_after_failures_in_a_row_and_half_opens() -> None:
     reg, clock, events = make(breaker_failures=3, breaker_cooldown=5.0, interval=100.0)
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
     for _ in range(3):
-        slot = reg.take_slot("m", exclude={"addr-b"})
+        slot = reg.take_slot("m", exclude={"h1:wb"})
         assert slot and slot.worker_id == "a"
         reg.give_back(slot, FAULT)
     assert events[-1].kind == queen_pb2.EVENT_KIND_WORKER_CIRCUIT_OPENED
@@ -249,8 +251,8 @@ def test_unreachable_worker_is_skipped_until_its_hive_reports_it_again() -> None
 def test_exclude_skips_addresses_already_tried() -> None:
     reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
-    assert pick(reg, exclude={"addr-a"}) == "b"
-    assert pick(reg, exclude={"addr-a"}) is None
+    assert pick(reg, exclude={"h1:wa"}) == "b"
+    assert pick(reg, exclude={"h1:wa"}) is None
     assert pick(reg) == "a"
 
 
@@ -264,11 +266,11 @@ def test_restarted_worker_starts_with_free_slots() -> None:
     reg.apply_heartbeat(beat("h1", failed))
     reg.give_back(slot, FAULT)  # the relay notices later: must not touch the new incarnation
     restarted = record("a")
-    restarted.address = "127.0.0.1:9"
+    restarted.address = "h1:9"
     reg.apply_heartbeat(beat("h1", restarted))
     assert reg.workers["a"].in_flight == 0
     slot = reg.take_slot("m")
-    assert slot and slot.address == "127.0.0.1:9"
+    assert slot and slot.address == "h1:9"
 
 
 def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> None:
@@ -276,10 +278,10 @@ def test_spawn_reply_and_retire_update_the_registry_ahead_of_heartbeats() -> Non
     reg.apply_heartbeat(beat("h1", record("a")))
     reg.apply_worker(record("b"))
     assert {w.id for w in reg.workers_of_hive("h1")} == {"a", "b"}
-    assert pick(reg, exclude={"addr-a"}) == "b"
+    assert pick(reg, exclude={"h1:wa"}) == "b"
     reg.apply_worker(record("x", hive="unknown-hive"))  # no hive yet: wait for its heartbeat
     assert "x" not in reg.workers
-    assert reg.forget_worker("a") == "addr-a"
+    assert reg.forget_worker("a") == "h1:wa"
     reg.apply_heartbeat(beat("h1", record("b")))
     assert set(reg.workers) == {"b"}
 

@@ -62,8 +62,8 @@ async def test_unavailable_worker_is_left_for_another_after_a_backoff_on_the_clo
     cluster, clock = setup(
         tmp_path,
         {
-            "addr-a": [[UNAVAILABLE]],
-            "addr-b": [[chunk("x"), chunk("y", completion_tokens=2)]],
+            "h1:wa": [[UNAVAILABLE]],
+            "h1:wb": [[chunk("x"), chunk("y", completion_tokens=2)]],
         },
     )
     r = route(cluster)
@@ -88,7 +88,7 @@ async def test_unavailable_worker_is_left_for_another_after_a_backoff_on_the_clo
 
 async def test_a_full_worker_is_tried_again_after_the_backoff(tmp_path: Path) -> None:
     full = rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "all slots in use")
-    cluster, clock = setup(tmp_path, {"addr-a": [[full], [chunk("ok")]]}, workers=("a",))
+    cluster, clock = setup(tmp_path, {"h1:wa": [[full], [chunk("ok")]]}, workers=("a",))
     r = route(cluster)
     chunks: list[common_pb2.InferChunk] = []
     relay = asyncio.create_task(drain(r, chunks))
@@ -101,7 +101,7 @@ async def test_a_full_worker_is_tried_again_after_the_backoff(tmp_path: Path) ->
 
 
 async def test_when_every_worker_was_tried_the_request_stops_early(tmp_path: Path) -> None:
-    cluster, clock = setup(tmp_path, {"addr-a": [[UNAVAILABLE]]}, workers=("a",))
+    cluster, clock = setup(tmp_path, {"h1:wa": [[UNAVAILABLE]]}, workers=("a",))
     r = route(cluster)
     relay = asyncio.create_task(drain(r, []))
     await settle()
@@ -116,7 +116,7 @@ async def test_when_every_worker_was_tried_the_request_stops_early(tmp_path: Pat
 
 
 async def test_a_failure_after_chunks_is_reported_not_retried(tmp_path: Path) -> None:
-    cluster, clock = setup(tmp_path, {"addr-a": [[chunk("x"), UNAVAILABLE]]})
+    cluster, clock = setup(tmp_path, {"h1:wa": [[chunk("x"), UNAVAILABLE]]})
     chunks: list[common_pb2.InferChunk] = []
     with pytest.raises(StatusError) as failed:
         await drain(route(cluster), chunks)
@@ -127,7 +127,7 @@ async def test_a_failure_after_chunks_is_reported_not_retried(tmp_path: Path) ->
 
 
 async def test_no_retry_when_the_deadline_is_closer_than_the_backoff(tmp_path: Path) -> None:
-    cluster, clock = setup(tmp_path, {"addr-a": [[UNAVAILABLE]]})
+    cluster, clock = setup(tmp_path, {"h1:wa": [[UNAVAILABLE]]})
     with pytest.raises(StatusError) as failed:
         await drain(route(cluster, remaining=0.05), [])
     assert clock.sleeping == 0

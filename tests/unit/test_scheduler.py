@@ -21,7 +21,7 @@ def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, Scheduler]:
             model="m",
             state=common_pb2.WORKER_STATE_IDLE,
             slots_total=1,
-            address=f"a{i}",
+            address=f"h:{i}",
         )
         for i in range(workers)
     ]
@@ -125,7 +125,7 @@ async def test_new_worker_in_heartbeat_serves_waiters() -> None:
             model="m",
             state=common_pb2.WORKER_STATE_IDLE,
             slots_total=1,
-            address=f"a{i[-1]}",  # w0 keeps its address: the same process, its slot still taken
+            address=f"h:{i[-1]}",  # w0 keeps its address: the same process, its slot still taken
         )
         for i in ("w0", "w1")
     ]
