@@ -16,6 +16,7 @@ from grpc_health.v1 import _async as health_aio  # published as grpc_health.v1.h
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from apiary.errors import StatusError
 from apiary.security import Security, add_security_args
 
 # The context every servicer method gets; request/response types are in the method signature.
@@ -61,10 +62,12 @@ class _Undecodable:
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """A request body that does not parse gets INVALID_ARGUMENT saying so.
+    """Every call ends with a status a person can act on, never grpc's UNKNOWN.
 
-    Left to itself grpc.aio answers UNKNOWN ("Unexpected DecodeError") and logs a traceback.
-    The deserializer here never raises; the handler then refuses what it could not decode.
+    A request body that does not parse gets INVALID_ARGUMENT saying so (left to itself
+    grpc.aio answers UNKNOWN "Unexpected DecodeError" and logs a traceback): the deserializer
+    here never raises, and the handler refuses what it could not decode. A StatusError raised
+    anywhere below a handler ends the call with its code and message.
     """
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
@@ -81,17 +84,10 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         message = f"the request body is not a valid message for {details.method}"
         if handler.unary_unary:
-            inner_unary = handler.unary_unary
-
-            async def unary(request: Any, context: Context) -> Any:
-                if isinstance(request, _Undecodable):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}"
-                    )
-                return await inner_unary(request, context)
-
             return grpc.unary_unary_rpc_method_handler(
-                unary, safe_decode, handler.response_serializer
+                _guarded_unary(handler.unary_unary, message),
+                safe_decode,
+                handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -102,29 +98,46 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return handler  # client-streaming methods: none in our API
 
 
+async def _refuse_undecodable(request: Any, context: Context, message: str) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
+
+
+def _guarded_unary(inner: Callable[..., Any], message: str) -> Callable[..., Any]:
+    async def unary(request: Any, context: Context) -> Any:
+        await _refuse_undecodable(request, context, message)
+        try:
+            return await inner(request, context)
+        except StatusError as exc:
+            await context.abort(exc.code, exc.message)
+
+    return unary
+
+
 def _guarded_stream(inner: Callable[..., Any], message: str) -> Callable[..., Any]:
-    """A server-streaming handler of the same shape as `inner`, refusing undecodable requests.
+    """A server-streaming handler of the same shape as `inner` (see _guarded_unary).
 
     grpc.aio allows two shapes: an async generator (ours), or a coroutine that writes with
     context.write() (grpc.health.v1's Watch); the wrapper must be the one `inner` is.
     """
-
-    async def refuse_undecodable(request: Any, context: Context) -> None:
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
-
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: Any, context: Context) -> Any:
-            await refuse_undecodable(request, context)
-            async for response in inner(request, context):
-                yield response
+            await _refuse_undecodable(request, context, message)
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except StatusError as exc:
+                await context.abort(exc.code, exc.message)
 
         return generator
 
     async def writer(request: Any, context: Context) -> Any:
-        await refuse_undecodable(request, context)
-        return await inner(request, context)
+        await _refuse_undecodable(request, context, message)
+        try:
+            return await inner(request, context)
+        except StatusError as exc:
+            await context.abort(exc.code, exc.message)
 
     return writer
 

@@ -16,6 +16,27 @@ from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 
 log = structlog.get_logger("hive.heartbeat")
 
+# What the queen may refuse a heartbeat for, and what an operator should check.
+REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: "the hive's token: --tokens-file or --hive-token",
+    grpc.StatusCode.PERMISSION_DENIED: "that the token (or certificate) is this hive's: "
+    "--hive-id, --tokens-file, --tls-cert",
+    grpc.StatusCode.ALREADY_EXISTS: "that no other running hive uses this --hive-id",
+    grpc.StatusCode.INVALID_ARGUMENT: "the hive's --advertise address, --hive-id and spawn specs",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "that only one hive process heartbeats as this --hive-id",
+}
+
+
+def connection_hint(details: str) -> str:
+    """What to check when the queen cannot be reached, from grpc's own words."""
+    lowered = details.lower()
+    if "handshake" in lowered or "ssl" in lowered or "certificate" in lowered:
+        return (
+            "TLS: --tls-ca names the CA that signed the queen's certificate (and, if the "
+            "queen requires client certificates, --tls-cert/--tls-key)"
+        )
+    return "that the queen runs and --queen is its address"
+
 
 def machine_resources() -> queen_pb2.HiveResources:
     memory = psutil.virtual_memory()
@@ -98,10 +119,7 @@ class HeartbeatLoop:
         try:
             reply = await self._stub.Heartbeat(beat, timeout=max(self.interval * 2, 1.0))
         except grpc.aio.AioRpcError as exc:
-            if self._queen_reachable is not False:
-                log.warning(
-                    "queen unreachable; will keep trying", queen=self.queen, code=exc.code().name
-                )
+            self._say_why(exc)
             self._queen_reachable = False
             return False
         if self._queen_reachable is not True:
@@ -110,6 +128,23 @@ class HeartbeatLoop:
         if reply.interval_seconds > 0:
             self.interval = reply.interval_seconds
         return True
+
+    def _say_why(self, exc: grpc.aio.AioRpcError) -> None:
+        """A refusal is said on every retry (nothing heals it but a fix); an unreachable queen
+        once, until it answers again."""
+        code, details = exc.code(), exc.details() or ""
+        fix = REFUSALS.get(code)
+        if fix is not None:
+            log.error("queen refused the heartbeat", queen=self.queen, code=code.name,
+                      detail=details, check=fix)  # fmt: skip
+        elif self._queen_reachable is not False:
+            log.warning(
+                "queen unreachable; will keep trying",
+                queen=self.queen,
+                code=code.name,
+                detail=details,
+                check=connection_hint(details),
+            )
 
     async def leave(self) -> None:
         """Tell the queen we are going, so it drops our workers now rather than after a timeout."""

@@ -25,6 +25,8 @@ _POLL_SECONDS = 0.05
 WORKER_ID_ENV = "APIARY_WORKER_ID"
 HIVE_ID_ENV = "APIARY_HIVE_ID"
 HIVE_PROCESS_ENV = "APIARY_HIVE_PROCESS"
+# The hive's state dir: with the hive id, what makes a later hive process the same hive.
+HIVE_STATE_ENV = "APIARY_HIVE_STATE"
 WORKER_TOKEN_ENV = "APIARY_WORKER_TOKEN"
 # What the worker was spawned as (JSON), so a hive whose table is lost can rebuild its row.
 WORKER_SPEC_ENV = "APIARY_WORKER_SPEC"
@@ -61,6 +63,14 @@ class ProcessIdentity:
     create_time: float
 
 
+def dial_address(ip: str, port: int) -> str:
+    """Where to reach a socket bound to `ip`: a wildcard or mapped address as its loopback."""
+    ip = ip.removeprefix("::ffff:")
+    if ip in ("0.0.0.0", "::", ""):
+        ip = "127.0.0.1"
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 @dataclass(frozen=True)
 class FoundWorker:
     """A live worker process found by its markers (not through the table)."""
@@ -86,8 +96,9 @@ class Launched:
 
 
 class Launcher:
-    def __init__(self, hive_id: str = "") -> None:
+    def __init__(self, hive_id: str = "", state_dir: str = "") -> None:
         self.instance = HiveInstance.current(hive_id)
+        self.state_dir = state_dir
         # psutil handles kept between samples: cpu_percent() measures since the last call.
         self._sampled: dict[ProcessIdentity, psutil.Process] = {}
 
@@ -98,6 +109,7 @@ class Launcher:
         env[WORKER_ID_ENV] = worker_id
         env[HIVE_ID_ENV] = self.instance.hive_id
         env[HIVE_PROCESS_ENV] = self.instance.marker
+        env[HIVE_STATE_ENV] = self.state_dir
         if spec:
             env[WORKER_SPEC_ENV] = spec
         if token:
@@ -151,7 +163,9 @@ class Launcher:
         return env.get(WORKER_ID_ENV) == worker_id and hive_id == self.instance.hive_id
 
     def own_workers(self) -> list[FoundWorker]:
-        """Worker processes any run of this hive id launched, found by their markers."""
+        """Worker processes an earlier, dead run of this hive id launched (by their markers);
+        not those of another hive that happens to use the same id (another state dir, or
+        still running)."""
         found = []
         for proc in psutil.process_iter():
             try:
@@ -160,6 +174,10 @@ class Launcher:
                     worker_id = env.get(WORKER_ID_ENV, "")
                     if not worker_id or env.get(HIVE_ID_ENV) != self.instance.hive_id:
                         continue
+                    if env.get(HIVE_STATE_ENV) != self.state_dir:
+                        continue  # another hive with the same id (another state dir)
+                    if self.hive_alive(env.get(HIVE_PROCESS_ENV, "")):
+                        continue  # its hive runs: ours to adopt only if our table says so
                     if proc.status() == psutil.STATUS_ZOMBIE:
                         continue
                     ident = ProcessIdentity(proc.pid, proc.create_time())
@@ -170,7 +188,7 @@ class Launcher:
                     ]
             except psutil.Error:
                 continue
-            address = f"{listening[0].ip}:{listening[0].port}" if listening else ""
+            address = dial_address(listening[0].ip, listening[0].port) if listening else ""
             found.append(FoundWorker(ident, worker_id, env.get(WORKER_SPEC_ENV, ""), address))
         return found
 

@@ -151,7 +151,7 @@ class Supervisor:
         self.hive_address = hive_address
         self.store = store
         self.settings = settings or SupervisorSettings()
-        self.launcher = launcher or Launcher(hive_id)
+        self.launcher = launcher or Launcher(hive_id, str(store.state_dir))
         self.client = client or WorkerClient()
         self.clock = clock or SystemClock()
         self.on_change = on_change
