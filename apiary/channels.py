@@ -29,10 +29,12 @@ class ChannelCache:
     def __len__(self) -> int:
         return len(self._channels)
 
-    def get(self, address: str) -> grpc.aio.Channel:
+    def get(self, address: str, token: str | None = None) -> grpc.aio.Channel:
+        """The channel to `address`, made on first use with `token` (default: the cache's)."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self.security.aio_channel(address, self.token, CHANNEL_OPTIONS)
+            token = self.token if token is None else token
+            channel = self.security.aio_channel(address, token, CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
 

@@ -122,6 +122,11 @@ class TokenSet:
         hive_token = self.hive_token(hive_id)
         return derive_worker_token(hive_token, worker_id) if hive_token else ""
 
+    def is_worker(self, hive_id: str, worker_id: str, token: str) -> bool:
+        """`token` is that worker's own credential (constant-time)."""
+        expected = self.worker_token(hive_id, worker_id)
+        return bool(expected) and hmac.compare_digest(expected.encode(), token.encode())
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -166,7 +171,7 @@ class Security:
     tls: TlsFiles = field(default_factory=TlsFiles)
     insecure: bool = False
 
-    def check_listen(self, listen: str) -> None:
+    def check_listen(self, listen: str, flag: str = "--listen") -> None:
         """Refuse to serve beyond loopback without tokens (unless --insecure, said loudly)."""
         host = listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
         if self.tokens.enabled or is_loopback(host):
@@ -179,10 +184,10 @@ class Security:
             )
             return
         raise SecurityError(
-            f"refusing to listen on {listen} without tokens: anyone who can reach it could use "
-            "it. Set tokens (--tokens-file FILE, or --client-token/--admin-token/--hive-token/"
-            "--worker-token, or APIARY_*_TOKEN; `apiary certs init` writes a tokens file), "
-            "listen on 127.0.0.1, or pass --insecure if you really mean it"
+            f"refusing to listen on {listen} ({flag}) without tokens: anyone who can reach it "
+            "could use it. Set tokens (--tokens-file FILE, or --client-token/--admin-token/"
+            "--hive-token/--queen-token, or APIARY_*_TOKEN; `apiary certs init` writes a tokens "
+            "file), listen on 127.0.0.1, or pass --insecure if you really mean it"
         )
 
     def interceptor(self, table: Mapping[str, frozenset[str]]) -> AuthInterceptor:
@@ -256,7 +261,7 @@ def add_security_args(p: argparse.ArgumentParser, tls_server: bool = True) -> No
 
 
 # Roles whose token a server process may be given by flag or environment.
-FLAG_ROLES = ("client", "admin", "hive", "queen", "worker")
+FLAG_ROLES = ("client", "admin", "hive", "queen")
 NAMED_SECTIONS = {"clients": "client", "hives": "hive"}
 
 
@@ -273,6 +278,8 @@ def load_tokens_file(path: str) -> dict[str, Any]:
         )
     values: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "worker":
+            continue  # older files: worker credentials are derived per worker now
         if key in NAMED_SECTIONS:
             if not isinstance(value, dict) or not all(
                 isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
@@ -296,6 +303,34 @@ def check_distinct(tokens: TokenSet) -> None:
                 f"the same token is configured for {other.role} {other.name!r} and "
                 f"{identity.role} {identity.name!r}; give each its own (apiary certs init)"
             )
+
+
+def check_queen_tokens(tokens: TokenSet) -> None:
+    """With tokens on, the queen needs its own (to call hives) and hives' (to know them)."""
+    if tokens.enabled and not tokens.queen:
+        raise SecurityError(
+            "tokens are configured but there is no queen token (the queen's credential toward "
+            "hives): add \"queen\" to the tokens file (`apiary certs init` writes one)"
+        )
+    if tokens.enabled and not (tokens.hive or tokens.hives):
+        raise SecurityError(
+            "tokens are configured but no hive token: no hive could join; add one per hive "
+            "(`apiary certs add-hive DIR ID`)"
+        )
+
+
+def check_hive_tokens(tokens: TokenSet, hive_id: str) -> None:
+    """With tokens on, a hive needs its own token and the queen's (to know its caller)."""
+    if tokens.enabled and not tokens.hive_token(hive_id):
+        raise SecurityError(
+            f"tokens are configured but none is this hive's ({hive_id!r}): give it its "
+            "ID.tokens.json from `apiary certs add-hive DIR ID` (or --hive-token)"
+        )
+    if tokens.enabled and not tokens.queen:
+        raise SecurityError(
+            "tokens are configured but there is no queen token: the hive could not tell its "
+            "queen's calls from anyone's; use the ID.tokens.json `apiary certs` wrote for it"
+        )
 
 
 def security_from_args(args: argparse.Namespace) -> Security:

@@ -10,7 +10,7 @@ import grpc
 
 from apiary.options import parse_key_values
 from apiary.protoutil import parse_state
-from cli.connect import admin, channel, client, hive_stub
+from cli.connect import admin, channel, client
 from cli.emit import Emitter
 from cli.errors import CliError
 from cli.output import (
@@ -93,7 +93,7 @@ def cmd_status(args: argparse.Namespace, out: Emitter) -> int:
 
 def cmd_model_list(args: argparse.Namespace, out: Emitter) -> int:
     if args.hive:
-        catalog = hive_stub(args).ListModels(hive_pb2.ListCatalogRequest(), timeout=args.timeout)
+        catalog = admin(args).ListCatalog(on_hive(args), timeout=args.timeout)
         text = catalog_rows(catalog.models) if catalog.models else "no models in the catalog"
         out.result(catalog.models, text)
         return 0
@@ -103,8 +103,8 @@ def cmd_model_list(args: argparse.Namespace, out: Emitter) -> int:
 
 
 def cmd_model_get(args: argparse.Namespace, out: Emitter) -> int:
-    request = hive_pb2.GetCatalogModelRequest(name=args.name)
-    model = hive_stub(args).GetModel(request, timeout=args.timeout).model
+    request = queen_pb2.HiveModelRequest(hive_id=args.hive, name=args.name)
+    model = admin(args).GetCatalogModel(request, timeout=args.timeout).model
     out.result(model, catalog_details(model))
     return 0
 
@@ -114,9 +114,10 @@ def cmd_model_pull(args: argparse.Namespace, out: Emitter) -> int:
     if "://" not in source:
         source = os.path.abspath(source)  # a path on the hive's machine, as the operator typed it
     name = args.name or os.path.splitext(os.path.basename(source.rstrip("/")))[0]
-    request = hive_pb2.PullModelRequest(source=source, name=name, sha256=args.sha256)
+    pull = hive_pb2.PullModelRequest(source=source, name=name, sha256=args.sha256)
+    request = queen_pb2.HivePullRequest(hive_id=args.hive, pull=pull)
     last: hive_pb2.PullProgress | None = None
-    for update in hive_stub(args).PullModel(request, timeout=args.timeout):
+    for update in admin(args).PullModel(request, timeout=args.timeout):
         last = update
         out.aside("\r" + progress_bar(update), end="")
     out.aside("")
@@ -127,8 +128,8 @@ def cmd_model_pull(args: argparse.Namespace, out: Emitter) -> int:
 
 
 def cmd_model_rm(args: argparse.Namespace, out: Emitter) -> int:
-    request = hive_pb2.DeleteCatalogModelRequest(name=args.name)
-    model = hive_stub(args).DeleteModel(request, timeout=args.timeout).model
+    request = queen_pb2.HiveModelRequest(hive_id=args.hive, name=args.name)
+    model = admin(args).DeleteCatalogModel(request, timeout=args.timeout).model
     out.result(model, f"deleted {model.name} ({model.file})")
     return 0
 
@@ -226,43 +227,47 @@ def cmd_worker_drain(args: argparse.Namespace, out: Emitter) -> int:
     return 0
 
 
-# ---- processes and backends (on a hive) -----------------------------------
+# ---- processes and backends (on a hive, through the queen) -----------------
+
+
+def on_hive(args: argparse.Namespace) -> queen_pb2.HiveRequest:
+    """The --hive a verb acts on (empty: the queen picks the only one, or says which exist)."""
+    return queen_pb2.HiveRequest(hive_id=args.hive)
+
+
+def on_process(args: argparse.Namespace) -> queen_pb2.HiveProcessRequest:
+    return queen_pb2.HiveProcessRequest(hive_id=args.hive, pid=args.pid)
 
 
 def cmd_process_list(args: argparse.Namespace, out: Emitter) -> int:
-    reply = hive_stub(args).ListProcesses(hive_pb2.ListProcessesRequest(), timeout=args.timeout)
+    reply = admin(args).ListProcesses(on_hive(args), timeout=args.timeout)
     procs = reply.processes
     out.result(procs, process_rows(procs) if procs else "no Apiary worker processes")
     return 0
 
 
 def cmd_process_get(args: argparse.Namespace, out: Emitter) -> int:
-    reply = hive_stub(args).GetProcess(
-        hive_pb2.GetProcessRequest(pid=args.pid), timeout=args.timeout
-    )
+    reply = admin(args).GetProcess(on_process(args), timeout=args.timeout)
     out.result(reply.process, process_details(reply.process))
     return 0
 
 
 def cmd_process_kill(args: argparse.Namespace, out: Emitter) -> int:
-    reply = hive_stub(args).KillProcess(
-        hive_pb2.KillProcessRequest(pid=args.pid), timeout=args.timeout
-    )
+    reply = admin(args).KillProcess(on_process(args), timeout=args.timeout)
     process = reply.process
     out.result(process, f"killed pid {process.pid} (worker {process.worker_id})")
     return 0
 
 
 def cmd_backend_list(args: argparse.Namespace, out: Emitter) -> int:
-    reply = hive_stub(args).ListBackends(hive_pb2.ListBackendsRequest(), timeout=args.timeout)
+    reply = admin(args).ListBackends(on_hive(args), timeout=args.timeout)
     out.result(reply.backends, backend_rows(reply.backends))
     return 0
 
 
 def cmd_backend_get(args: argparse.Namespace, out: Emitter) -> int:
-    reply = hive_stub(args).GetBackend(
-        hive_pb2.GetBackendRequest(name=args.name), timeout=args.timeout
-    )
+    request = queen_pb2.HiveBackendRequest(hive_id=args.hive, name=args.name)
+    reply = admin(args).GetBackend(request, timeout=args.timeout)
     out.result(reply.backend, backend_details(reply.backend))
     return 0
 

@@ -1,5 +1,6 @@
-"""How client verbs reach the cluster: the queen's address, channels with the CLI's token and
-TLS files, and a hive found through the queen."""
+"""How client verbs reach the cluster: the queen's address, and channels with the CLI's token
+and TLS files. Verbs that act on a hive go through the queen too: one address, and the
+operator's credential stays between the operator and the queen."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import os
 import grpc
 
 from apiary.security import Security, TlsFiles
-from cli.errors import CliError
-from protos.v1 import hive_pb2_grpc, queen_pb2, queen_pb2_grpc
+from protos.v1 import queen_pb2_grpc
 
 QUEEN_ENV = "APIARY_QUEEN"
 DEFAULT_QUEEN = "127.0.0.1:7070"
@@ -32,17 +32,3 @@ def admin(args: argparse.Namespace) -> queen_pb2_grpc.QueenAdminStub:
 
 def client(args: argparse.Namespace) -> queen_pb2_grpc.QueenStub:
     return queen_pb2_grpc.QueenStub(channel(args, args.queen))
-
-
-def hive_stub(args: argparse.Namespace) -> hive_pb2_grpc.HiveStub:
-    """The named hive (or the only one), found through the queen's registry."""
-    stub = admin(args)
-    hive_id = args.hive
-    if not hive_id:
-        hives = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
-        if len(hives) != 1:
-            names = ", ".join(h.id for h in hives) or "none"
-            raise CliError(f"--hive is required: the cluster has {len(hives)} hives ({names})")
-        hive_id = hives[0].id
-    hive = stub.GetHive(queen_pb2.GetHiveRequest(hive_id=hive_id), timeout=args.timeout).hive
-    return hive_pb2_grpc.HiveStub(channel(args, hive.address))

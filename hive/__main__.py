@@ -16,7 +16,7 @@ from apiary.metrics import publish
 from apiary.options import parse_key_values
 from apiary.paths import default_state_dir
 from apiary.protoutil import enum_parser
-from apiary.security import SecurityError, security_from_args
+from apiary.security import SecurityError, check_hive_tokens, security_from_args
 from apiary.serving import (
     add_server_args,
     stop_event_on_signals,
@@ -190,6 +190,8 @@ async def run(args: argparse.Namespace) -> int:
     try:
         store.lock()
         security = security_from_args(args)
+        check_hive_tokens(security.tokens, args.hive_id)
+        security.check_listen(f"{args.worker_host}:0", flag="--worker-host")
         hive = await create_server(config_from(args), store, security)
     except (StateDirBusy, SecurityError, OSError) as exc:
         log.error("hive cannot start", error=str(exc))

@@ -80,7 +80,8 @@ class HeartbeatLoop:
         self._wake = asyncio.Event()
         self._stopping = False
         self._queen_reachable: bool | None = None
-        self._channel = security.aio_channel(queen, security.tokens.hive, CHANNEL_OPTIONS)
+        token = security.tokens.hive_token(hive_id)  # its own, else the one all hives share
+        self._channel = security.aio_channel(queen, token, CHANNEL_OPTIONS)
         self._stub = queen_pb2_grpc.QueenRegistryStub(self._channel)
 
     def poke(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from apiary.security import Security, method_table
+from apiary.security import OPEN, Security, method_table
 from apiary.serving import RunningServer, host_port, start_server
 from hive.catalog import Catalog
 from hive.heartbeat import HeartbeatLoop
@@ -24,13 +24,14 @@ from worker.backends import backend_names, describe_backend
 log = structlog.get_logger("hive")
 
 SERVICE_NAMES = (hive_pb2.DESCRIPTOR.services_by_name["Hive"].full_name,)
-# Workers call back with the worker token; everything else on a hive is for admins (and the
-# queen, which forwards admin calls with the admin token).
+# Everything on a hive is for its queen (which calls with its own credential, for operators
+# and autospawn). Workers report with their own credential, which names one worker: the
+# handlers check it against the worker id in the request, so these are open here.
 METHODS = method_table(
     **{
-        "apiary.v1.Hive": frozenset({"admin"}),
-        "apiary.v1.Hive/ReportReady": frozenset({"worker"}),
-        "apiary.v1.Hive/ReportLoading": frozenset({"worker"}),
+        "apiary.v1.Hive": frozenset({"queen"}),
+        "apiary.v1.Hive/ReportReady": OPEN,
+        "apiary.v1.Hive/ReportLoading": OPEN,
     }
 )
 
@@ -79,7 +80,8 @@ def available_backends() -> list[str]:
 async def create_server(config: HiveConfig, store: WorkerStore, security: Security) -> Hive:
     """Serve, re-adopt the workers of a previous run, then start heartbeating."""
     supervisor = Supervisor(
-        config.hive_id, "", store, config.supervisor, client=WorkerClient(security),
+        config.hive_id, "", store, config.supervisor,
+        client=WorkerClient(security, config.hive_id),
         security=security,
     )  # fmt: skip
     catalog = Catalog(config.models_dir or store.state_dir / "models", config.allow_symlinks)

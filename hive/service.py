@@ -14,6 +14,7 @@ import structlog
 
 from apiary.errors import StatusError
 from apiary.protoutil import timestamp
+from apiary.security import bearer
 from apiary.serving import Context
 from apiary.validation import name_problem
 from hive import processes
@@ -164,9 +165,20 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
         return hive_pb2.StopWorkerResponse(worker=worker_record(self.supervisor, worker))
 
+    async def _check_worker(self, worker_id: str, context: Context) -> None:
+        """A report must come with that worker's own credential: checked before anything."""
+        tokens, hive_id = self.supervisor.security.tokens, self.supervisor.hive_id
+        token = bearer(context.invocation_metadata())
+        if tokens.enabled and not tokens.is_worker(hive_id, worker_id, token):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a worker reports with its own credential (APIARY_WORKER_TOKEN, set by its hive)",
+            )
+
     async def ReportReady(
         self, request: hive_pb2.ReportReadyRequest, context: Context
     ) -> hive_pb2.ReportReadyResponse:
+        await self._check_worker(request.worker_id, context)
         if not request.load_error and not request.address:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "address is required unless load_error is set"
@@ -184,6 +196,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
     async def ReportLoading(
         self, request: hive_pb2.ReportLoadingRequest, context: Context
     ) -> hive_pb2.ReportLoadingResponse:
+        await self._check_worker(request.worker_id, context)
         try:
             self.supervisor.report_loading(
                 request.worker_id, request.pid, request.progress, request.detail[:200]

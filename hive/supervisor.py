@@ -283,7 +283,9 @@ class Supervisor:
         worker.started_at = self.clock.time()
         worker.load_progress, worker.status_detail = 0.0, "starting"
         env = self.launcher.worker_env(
-            worker.id, self.security.tokens.worker, spec_json(worker.spec, worker.keep)
+            worker.id,
+            self.security.tokens.worker_token(self.hive_id, worker.id),
+            spec_json(worker.spec, worker.keep),
         )
         try:
             launched = await self.launcher.start(self.worker_argv(worker), env, worker.log_path)
@@ -319,6 +321,8 @@ class Supervisor:
         ]  # fmt: skip
         for key, value in sorted(spec.backend_options.items()):
             argv += ["--option", f"{key}={value}"]
+        if self.security.insecure:
+            argv.append("--insecure")  # the operator said so to the hive
         return argv + tls_args(self.security.tls)
 
     async def _watch(self, worker: ManagedWorker, launched: Launched) -> None:
@@ -331,7 +335,7 @@ class Supervisor:
         await self._carry_out(worker, worker.life.exited(self.clock.monotonic(), code))
 
     async def _ask_shutdown(self, worker: ManagedWorker, ask: AskShutdown) -> None:
-        accepted = await self.client.shutdown(ask.address, ask.grace)
+        accepted = await self.client.shutdown(worker.id, ask.address, ask.grace)
         now = self.clock.monotonic()
         await self._carry_out(worker, worker.life.shutdown_answered(now, accepted, ask.grace))
 
@@ -436,8 +440,8 @@ class Supervisor:
 
     async def _check(self, worker: ManagedWorker) -> None:
         address, timeout = worker.life.address, self.settings.health_timeout
-        ok, error = await self.client.check(address, timeout)
-        status = await self.client.status(address, timeout) if ok else None
+        ok, error = await self.client.check(worker.id, address, timeout)
+        status = await self.client.status(worker.id, address, timeout) if ok else None
         if worker.life.address != address:
             return  # a different process now: this answer is about the old one
         now = self.clock.monotonic()
@@ -582,7 +586,7 @@ class Supervisor:
             return
         reason = row.failure_reason or "not in a state to adopt after the hive restarted"
         if plan is Adoption.CHECK_HEALTH:
-            ok, error = await self.client.check(row.address, self.settings.health_timeout)
+            ok, error = await self.client.check(row.id, row.address, self.settings.health_timeout)
             if ok:
                 await self._attach(worker, ident, ready=True)
                 return

@@ -13,7 +13,7 @@ from apiary import logs
 from apiary.metrics import publish
 from apiary.paths import default_state_dir
 from apiary.protoutil import enum_parser
-from apiary.security import SecurityError, security_from_args
+from apiary.security import SecurityError, check_queen_tokens, security_from_args
 from apiary.serving import add_server_args, stop_event_on_signals, write_port_file
 from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2
@@ -141,6 +141,7 @@ async def run(args: argparse.Namespace) -> int:
     config = config_of(args)
     try:
         security = security_from_args(args)
+        check_queen_tokens(security.tokens)
         queen = await create_server(args.listen, config, security=security)
     except (OSError, SecurityError) as exc:
         log.error("queen cannot start", error=str(exc))

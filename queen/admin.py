@@ -13,12 +13,13 @@ from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
 from queen.admission import tags_problem
 from queen.cluster import Cluster
+from queen.hive_calls import HiveCalls
 from queen.registry import HiveEntry, WorkerEntry
 
 log = structlog.get_logger("queen.admin")
 
 
-class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
+class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.registry = cluster.registry
@@ -121,28 +122,10 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
         entry = await self._worker(request.worker_id, context)
         return queen_pb2.GetWorkerResponse(worker=self.registry.view(entry))
 
-    async def _routable_hive(self, hive_id: str, context: Context) -> HiveEntry:
-        """The named hive (or the only one), refusing an unhealthy one."""
-        if not hive_id:
-            if len(self.registry.hives) != 1:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"hive_id is required when the cluster has {len(self.registry.hives)} hives; "
-                    f"hives: {naming(self.registry.hives)}",
-                )
-            hive_id = next(iter(self.registry.hives))
-        hive = await self._hive(hive_id, context)
-        health, reason = self.registry.hive_health(hive)
-        if health == common_pb2.HIVE_HEALTH_UNHEALTHY:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"hive {hive.id} is unhealthy: {reason}"
-            )
-        return hive
-
     async def SpawnWorker(
         self, request: queen_pb2.QueenSpawnWorkerRequest, context: Context
     ) -> queen_pb2.QueenSpawnWorkerResponse:
-        hive = await self._routable_hive(request.hive_id, context)
+        hive = await self.routable_hive(request.hive_id, context)
         forward = hive_pb2.SpawnWorkerRequest(
             model=request.model,
             backend=request.backend,
@@ -168,7 +151,7 @@ class QueenAdminService(queen_pb2_grpc.QueenAdminServicer):
         self, request: queen_pb2.RetireWorkerRequest, context: Context
     ) -> queen_pb2.RetireWorkerResponse:
         entry = await self._worker(request.worker_id, context)
-        hive = await self._routable_hive(entry.record.hive_id, context)
+        hive = await self.routable_hive(entry.record.hive_id, context)
         try:
             reply = await self.channels.hive(hive.address).StopWorker(
                 hive_pb2.StopWorkerRequest(worker_id=request.worker_id, force=request.force),

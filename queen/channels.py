@@ -1,6 +1,13 @@
-"""The queen's channels to workers (relayed Infer, leases) and to hives (forwarded admin calls)."""
+"""The queen's channels to workers (relayed Infer, leases) and to hives (forwarded admin calls).
+
+Each carries the credential for that hop only: a worker is called with its own credential
+(derived from its hive's token and its id: worth nothing at any other worker), a hive with
+the queen's. The admin token an operator sent the queen never leaves the queen.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from apiary.channels import ChannelCache
 from apiary.security import Security
@@ -8,15 +15,20 @@ from protos.v1 import hive_pb2_grpc, worker_pb2_grpc
 
 
 class Channels:
-    """Workers are called with the worker token, hives (forwarded admin calls) with admin's."""
-
     def __init__(self, security: Security | None = None) -> None:
         security = security or Security()
-        self.workers = ChannelCache(security, security.tokens.worker)
-        self.hives = ChannelCache(security, security.tokens.admin)
+        self.tokens = security.tokens
+        self.workers = ChannelCache(security)
+        self.hives = ChannelCache(security, security.tokens.queen)
+        # (hive id, worker id) of the worker at an address; set by the cluster.
+        self.worker_at: Callable[[str], tuple[str, str] | None] = lambda address: None
+
+    def worker_token(self, address: str) -> str:
+        named = self.worker_at(address)
+        return self.tokens.worker_token(*named) if named is not None else ""
 
     def worker(self, address: str) -> worker_pb2_grpc.WorkerAsyncStub:
-        return worker_pb2_grpc.WorkerStub(self.workers.get(address))
+        return worker_pb2_grpc.WorkerStub(self.workers.get(address, self.worker_token(address)))
 
     def hive(self, address: str) -> hive_pb2_grpc.HiveAsyncStub:
         return hive_pb2_grpc.HiveStub(self.hives.get(address))

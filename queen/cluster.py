@@ -107,6 +107,7 @@ class Cluster:
     def __post_init__(self) -> None:
         # The parts report here; the follow-ups that cross parts happen in this class only.
         self.registry.on_event = self.on_event
+        self.channels.worker_at = self.registry.worker_at
         self.scheduler.expecting = self.expecting
         self.autospawn.on_spawned = self.autospawned
         self.autospawn.on_failure = self.scheduler.fail

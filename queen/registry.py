@@ -164,6 +164,14 @@ class Registry:
 
     # ---- heartbeats -------------------------------------------------------
 
+    def worker_at(self, address: str) -> tuple[str, str] | None:
+        """(hive id, worker id) of the worker listening at `address` (O(workers): it runs
+        once per new channel, not per call)."""
+        for entry in self.workers.values():
+            if entry.record.address == address:
+                return entry.record.hive_id, entry.id
+        return None
+
     def known_record(self, hive_id: str, worker_id: str) -> common_pb2.WorkerRecord | None:
         """The record `hive_id` last reported for `worker_id` (None: new, or another's)."""
         entry = self.workers.get(worker_id)

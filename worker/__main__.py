@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-key", default="")
     p.add_argument("--tls-ca", default="", help="CA to verify the hive with")
     p.add_argument("--tls-client-ca", default="", help="require client certificates (mTLS)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback without tokens (its hive passes it on)",
+    )
     return p.parse_args(argv)
 
 
@@ -217,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args.security = Security(
         tokens=TokenSet(worker=os.environ.get(WORKER_TOKEN_ENV, "")),
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_ca),
-        # A worker binds where its hive tells it to; the hive made that choice.
-        insecure=True,
+        # Beyond loopback without tokens only if its hive was told --insecure (and says so).
+        insecure=args.insecure,
     )
     structlog.contextvars.bind_contextvars(worker_id=args.worker_id, hive_id=args.hive_id)
     return asyncio.run(run(args))

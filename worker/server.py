@@ -129,7 +129,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     log.info("stream ended early")
 
     async def _check_call(self, request: common_pb2.InferRequest, context: Context) -> None:
-        """Aborts a call this worker must not serve: loading, invalid, or not allowed."""
+        """Aborts a call this worker must not serve: not allowed, loading, or invalid.
+
+        Who may call comes first, before anything about this worker is looked up or said.
+        """
+        await self._check_caller(request, context)
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
         problem = infer_request_problem(request, self.max_tokens_cap)
@@ -140,18 +144,26 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if self.tokens.enabled and not request.lease_id:
-            # Open at the interceptor so a lease holder can call us; everyone else needs
-            # the worker token (the queen and the hive have it).
-            roles = self.tokens.roles_of(bearer(context.invocation_metadata()))
-            if "worker" not in roles:
+
+    async def _check_caller(self, request: common_pb2.InferRequest, context: Context) -> None:
+        """Open at the interceptor so a lease holder can call us; everyone else needs this
+        worker's own credential (its queen and its hive have it)."""
+        if not self.tokens.enabled:
+            return
+        if request.lease_id:
+            if not self.slots.usable(request.lease_id):
                 await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED
-                    if not roles
-                    else grpc.StatusCode.PERMISSION_DENIED,
-                    "workers serve the queen and their hive (worker token), or a client "
-                    "holding a lease from Queen.Lease",
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "this lease is not valid here (unknown, expired or used); ask the queen for "
+                    "a new lease",
                 )
+            return
+        if "worker" not in self.tokens.roles_of(bearer(context.invocation_metadata())):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong credentials: workers serve their queen and hive, or a client "
+                "holding a lease from Queen.Lease",
+            )
 
     async def HoldLease(
         self, request: worker_pb2.HoldLeaseRequest, context: Context

@@ -45,6 +45,11 @@ class Slots:
     def _full(self) -> bool:
         return self.in_flight + self.unused_holds() >= self.total
 
+    def usable(self, lease_id: str) -> bool:
+        """A lease this worker holds and no call has used or outlived: a client's credential."""
+        hold = self.holds.get(lease_id)
+        return hold is not None and not hold.used and not hold.expired
+
     def start(self, lease_id: str = "") -> Refusal | None:
         """Take a slot for a call (the lease's slot if it names one), or say why not."""
         if lease_id:

@@ -121,12 +121,14 @@ class FakeWorkerClient(WorkerClient):
         self.accepts_shutdown = True
         self.forgotten: list[str] = []
 
-    async def check(self, address: str, timeout: float) -> tuple[bool, str]:
+    async def check(self, worker_id: str, address: str, timeout: float) -> tuple[bool, str]:
         if self.healthy.get(address, True):
             return True, ""
         return False, "DEADLINE_EXCEEDED: Deadline Exceeded"
 
-    async def status(self, address: str, timeout: float) -> common_pb2.WorkerRecord | None:
+    async def status(
+        self, worker_id: str, address: str, timeout: float
+    ) -> common_pb2.WorkerRecord | None:
         record = common_pb2.WorkerRecord(
             state=common_pb2.WORKER_STATE_BUSY
             if self.busy.get(address)
@@ -135,7 +137,9 @@ class FakeWorkerClient(WorkerClient):
         record.last_activity.seconds = int(self.last_activity.get(address, 0))
         return record
 
-    async def shutdown(self, address: str, grace: float, timeout: float = 1.0) -> bool:
+    async def shutdown(
+        self, worker_id: str, address: str, grace: float, timeout: float = 1.0
+    ) -> bool:
         self.shutdowns.append((address, grace))
         return self.accepts_shutdown
 
