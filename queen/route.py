@@ -103,6 +103,8 @@ class Route:
         self._held: Slot | None = None
         self._call: Any = None
         self.recorded = False
+        # Suspended at a yield: grpc.aio is sending a chunk to the client (else we await).
+        self.sending = False
         self.started = time.perf_counter()
         self.first_chunk_after: float | None = None
 
@@ -115,16 +117,17 @@ class Route:
             async with aclosing(self.run()) as chunks:
                 async for chunk in chunks:
                     chunk.request_id = echo
+                    self.sending = True
                     yield chunk
+                    self.sending = False
                     if chunk.text:
                         self.delivered += 1
         except StatusError as failed:
             status = endings.status_of_error(failed.code.name)
             await self.finish(status, f"{failed.code.name}: {failed.message}")
             raise
-        except (asyncio.CancelledError, GeneratorExit) as gone:
-            # The call is over; nothing may be awaited now (a closing generator cannot).
-            log.info("call ended before the request", ended_at=type(gone).__name__)
+        except (asyncio.CancelledError, GeneratorExit):
+            # The call is over: record without awaiting (nobody may drive a closing generator).
             self.ended()
             raise
         except Exception as exc:
@@ -309,10 +312,19 @@ class Route:
         """The call ended before the request did: record how (unless the request was already
         recorded) and give back the slot and the worker call. Awaits nothing, so a done-callback
         or a generator closed with GeneratorExit can call it; calling it again does nothing."""
-        status, error = endings.call_ended(
-            self.context.time_remaining(), self.attempts, self.delivered
-        )
-        self.record(status, error, wait=False)
+        if not self.recorded:
+            status, error = endings.call_ended(
+                self.context.time_remaining(), self.attempts, self.delivered
+            )
+            # Named here: a done-callback runs outside the handler's bound log context.
+            log.info(
+                "call ended before the request",
+                request_id=self.request.request_id,
+                client_request_id=self.caller.reference,
+                status=endings.label(status),
+                waiting_for="the client" if self.sending else "a worker or a slot",
+            )
+            self.record(status, error, wait=False)
         self._let_go(Outcome(ok=None))
 
     def record(

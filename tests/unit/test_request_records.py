@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from apiary.errors import StatusError
 from apiary.security import TokenSet
@@ -229,7 +230,11 @@ async def test_a_generator_dropped_at_a_yield_is_recorded_once_by_the_done_callb
     stream = infer(service, context, request_id="r")
     await anext(stream)
     await anext(stream)  # the first chunk's yield returned: it was sent
-    context.done()
+    with capture_logs() as logs:
+        context.done()
+    assert [(e["event"], e["waiting_for"]) for e in logs] == [
+        ("call ended before the request", "the client")
+    ]
     row = rows(cluster).only()
     assert row["status"] == queen_pb2.REQUEST_STATUS_CANCELLED and row["tokens"] == 1
     assert row["error"] == "CANCELLED: the call was cancelled after 1 token chunk(s) were delivered"
