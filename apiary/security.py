@@ -310,7 +310,7 @@ def check_queen_tokens(tokens: TokenSet) -> None:
     if tokens.enabled and not tokens.queen:
         raise SecurityError(
             "tokens are configured but there is no queen token (the queen's credential toward "
-            "hives): add \"queen\" to the tokens file (`apiary certs init` writes one)"
+            'hives): add "queen" to the tokens file (`apiary certs init` writes one)'
         )
     if tokens.enabled and not (tokens.hive or tokens.hives):
         raise SecurityError(

@@ -168,7 +168,8 @@ def event_line(event: queen_pb2.Event) -> str:
     kind = label(queen_pb2.EventKind.Name(event.kind), "EVENT_KIND_")
     parts = [when, f"{kind:<22}"]
     for key, value in (("hive", event.hive_id), ("worker", event.worker_id),
-                       ("model", event.model), ("request", event.request_id)):  # fmt: skip
+                       ("model", event.model), ("request", event.request_id),
+                       ("ref", event.client_request_id)):  # fmt: skip
         if value:
             parts.append(f"{key}={value}")
     if event.state:
@@ -191,13 +192,14 @@ def request_rows(records: Sequence[queen_pb2.RequestRecord]) -> str:
         return f"{seconds * 1000:.0f}ms"
 
     rows = [
-        (r.id, r.model, label(queen_pb2.RequestStatus.Name(r.status), "REQUEST_STATUS_"),
+        (r.id, r.client_request_id or "-", r.client or "-", r.model,
+         label(queen_pb2.RequestStatus.Name(r.status), "REQUEST_STATUS_"),
          r.worker_id or "-", r.hive_id or "-", age(r.accepted_at.seconds) + " ago", took(r),
          r.completion_tokens, r.attempts, r.error)
         for r in records
     ]  # fmt: skip
-    headers = ("REQUEST", "MODEL", "STATUS", "WORKER", "HIVE", "ACCEPTED", "TOOK", "TOKENS",
-               "ATTEMPTS", "ERROR")  # fmt: skip
+    headers = ("REQUEST", "CLIENT REF", "CLIENT", "MODEL", "STATUS", "WORKER", "HIVE", "ACCEPTED",
+               "TOOK", "TOKENS", "ATTEMPTS", "ERROR")  # fmt: skip
     return table(headers, rows)
 
 

@@ -19,6 +19,7 @@ from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
 from queen.beats import DEFAULT_MAX_WORKER_SLOTS, DEFAULT_MAX_WORKERS_PER_HIVE, BeatLimits
+from queen.leases import DEFAULT_MAX_TTL
 from queen.server import QueenConfig, create_server
 
 log = structlog.get_logger("queen")
@@ -64,9 +65,22 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP)
     p.add_argument("--max-prompt-bytes", type=int, default=DEFAULT_MAX_PROMPT_BYTES)
+    # Per client: the name its token has in the tokens file; with no tokens, its host.
     p.add_argument(
         "--max-streams-per-client", type=int, default=64,
-        help="Infer streams one client token may have open at once (0 = no limit)",
+        help="Infer streams one client may have open at once (0 = no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-queued-per-client", type=int, default=256,
+        help="requests of one client waiting for a slot at once (0 = no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-leases-per-client", type=int, default=64,
+        help="active direct leases (Queen.Lease) one client may hold (0 = no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-lease-ttl", type=float, default=DEFAULT_MAX_TTL,
+        help=f"the longest ttl_seconds a lease may ask for (default {DEFAULT_MAX_TTL:g})",
     )  # fmt: skip
 
 
@@ -124,6 +138,9 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         max_tokens_cap=args.max_tokens_cap,
         max_prompt_bytes=args.max_prompt_bytes,
         max_streams_per_client=args.max_streams_per_client,
+        max_queued_per_client=args.max_queued_per_client,
+        max_leases_per_client=args.max_leases_per_client,
+        max_lease_ttl=args.max_lease_ttl,
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir("queen"),
         policy=args.policy,
         hive_ttl_intervals=args.hive_ttl,
@@ -172,10 +189,22 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def args_problem(args: argparse.Namespace) -> str:
+    if args.heartbeat_interval <= 0:
+        return "--heartbeat-interval must be > 0"
+    if args.max_lease_ttl <= 0:
+        return "--max-lease-ttl must be > 0"
+    for flag in ("max_streams_per_client", "max_queued_per_client", "max_leases_per_client"):
+        if getattr(args, flag) < 0:
+            return f"--{flag.replace('_', '-')} must be >= 0 (0 = no limit)"
+    return ""
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m queen") -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.heartbeat_interval <= 0:
-        print("--heartbeat-interval must be > 0", file=sys.stderr)
+    problem = args_problem(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     logs.configure("queen", args.log_format)
     return asyncio.run(run(args))

@@ -1,9 +1,13 @@
 """Durable request history in SQLite (WAL), written by one thread with group commit.
 
-Every request the queen accepts gets a row. The final state of a request is
-committed before its RPC ends, so a queen crash never loses a finished record;
-rows still queued or running when the queen starts again are marked failed
-with the reason "queen restarted". Drains live here too, so they survive restarts.
+Every request the queen accepts gets a row, keyed by the queen's own id (a client's
+request_id is kept beside it, as client_request_id, and can overwrite nothing). The final
+state of a request that ends normally or with an error is committed before its RPC ends,
+so a queen crash never loses it. A request whose call was cancelled (or whose deadline
+passed) is recorded without waiting: its end is queued here at once, and close() writes
+everything queued before it returns. Rows still queued or running when the queen starts
+again are marked failed with the reason "queen restarted". Drains live here too, so they
+survive restarts.
 """
 
 from __future__ import annotations
@@ -31,11 +35,18 @@ CREATE TABLE IF NOT EXISTS requests (
     finished_at REAL NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    client_request_id TEXT NOT NULL DEFAULT '',
+    client TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (accepted_at);
 CREATE TABLE IF NOT EXISTS drains (kind TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (kind, id));
 """
+# Columns added since the first schema, added to an older file when it is opened.
+ADDED_COLUMNS = {
+    "client_request_id": "TEXT NOT NULL DEFAULT ''",
+    "client": "TEXT NOT NULL DEFAULT ''",
+}
 MAX_LIMIT = 10_000
 _STOP = object()
 
@@ -68,6 +79,10 @@ class History:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.executescript(SCHEMA)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                conn.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
         cur = conn.execute(
             "UPDATE requests SET status=?, error='queen restarted' WHERE status IN (?, ?)",
             (
@@ -97,17 +112,8 @@ class History:
                         break
                 stop = _STOP in batch
                 ops = [op for op in batch if isinstance(op, _Op)]
-                error: Exception | None = None
-                try:
-                    conn.execute("BEGIN")
-                    for op in ops:
-                        conn.execute(op.sql, op.params)
-                    conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    error = exc
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                for op in ops:
+                errors = _commit(conn, ops)
+                for op, error in zip(ops, errors, strict=True):
                     if op.done is not None and self._loop is not None:
                         self._loop.call_soon_threadsafe(_settle, op.done, error)
                 if stop:
@@ -120,10 +126,14 @@ class History:
         self._ops.put(_Op(sql, params, done))
         return done
 
-    def accepted(self, request_id: str, model: str, at: float) -> None:
+    def accepted(
+        self, request_id: str, model: str, at: float, client: str = "", client_request_id: str = ""
+    ) -> None:
+        # A plain INSERT: the id is the queen's own (a uuid), so no row is ever replaced.
         self._put(
-            "INSERT OR REPLACE INTO requests (id, model, status, accepted_at) VALUES (?, ?, ?, ?)",
-            (request_id, model, queen_pb2.REQUEST_STATUS_QUEUED, at),
+            "INSERT INTO requests (id, model, status, accepted_at, client, client_request_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (request_id, model, queen_pb2.REQUEST_STATUS_QUEUED, at, client, client_request_id),
             wait=False,
         )
 
@@ -137,19 +147,25 @@ class History:
             wait=False,
         )
 
-    async def finished(
-        self, request_id: str, ok: bool, at: float, tokens: int, error: str, attempts: int
-    ) -> None:
-        """Record the end of a request; returns once it is committed."""
-        status = queen_pb2.REQUEST_STATUS_COMPLETED if ok else queen_pb2.REQUEST_STATUS_FAILED
-        done = self._put(
+    def finish(
+        self,
+        request_id: str,
+        status: queen_pb2.RequestStatus.ValueType,
+        at: float,
+        tokens: int,
+        error: str,
+        attempts: int,
+        wait: bool = True,
+    ) -> asyncio.Future[None] | None:
+        """Queue the end of a request. With `wait` (on the event loop), the future settles once
+        it is committed; without, nothing is awaited (a call that is over records its end from
+        a done-callback or a closing generator) and close() still writes it."""
+        return self._put(
             "UPDATE requests SET status=?, finished_at=?, completion_tokens=?, error=?, "
             "attempts=MAX(attempts, ?) WHERE id=?",
             (status, at, tokens, error[:500], attempts, request_id),
-            wait=True,
+            wait=wait,
         )
-        assert done is not None
-        await asyncio.shield(done)
 
     async def set_drain(self, kind: str, target: str, drained: bool) -> None:
         sql = (
@@ -181,7 +197,8 @@ class History:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = (
             "SELECT id, model, worker_id, hive_id, status, accepted_at, started_at, finished_at, "
-            f"completion_tokens, error, attempts FROM requests {where} "
+            "completion_tokens, error, attempts, client_request_id, client "
+            f"FROM requests {where} "
             "ORDER BY accepted_at DESC LIMIT ?"
         )
         conn = self._connect()
@@ -202,15 +219,50 @@ class History:
                 completion_tokens=r[8],
                 error=r[9],
                 attempts=r[10],
+                client_request_id=r[11],
+                client=r[12],
             )
             for r in rows
         ]
 
     async def close(self) -> None:
+        """Write everything queued so far, then stop the writer."""
         if self._thread is not None:
             self._ops.put(_STOP)
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
+
+
+def _commit(conn: sqlite3.Connection, ops: list[_Op]) -> list[Exception | None]:
+    """Commit the ops as one transaction; if that fails, each on its own, so one bad op
+    cannot take the other requests' records down with it. Returns each op's error."""
+    try:
+        _run(conn, ops)
+        return [None] * len(ops)
+    except sqlite3.Error as exc:
+        if len(ops) == 1:
+            return [exc]
+    return [_one(conn, op) for op in ops]
+
+
+def _one(conn: sqlite3.Connection, op: _Op) -> Exception | None:
+    try:
+        _run(conn, [op])
+    except sqlite3.Error as exc:
+        return exc
+    return None
+
+
+def _run(conn: sqlite3.Connection, ops: list[_Op]) -> None:
+    try:
+        conn.execute("BEGIN")
+        for op in ops:
+            conn.execute(op.sql, op.params)
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _settle(done: asyncio.Future[None], error: Exception | None) -> None:

@@ -3,14 +3,16 @@
 The queen takes a slot in its registry, asks the worker to hold it (a
 HoldLease stream), and hands the client the worker's address and a lease id.
 The stream tells the queen when the client's call starts and ends, or that
-the lease expired unused; either way the slot comes back at once.
+the lease expired unused; either way the slot comes back at once, and the
+lease's `on_end` runs (the client's lease count goes down).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -24,7 +26,13 @@ from queen.scheduler import Scheduler
 log = structlog.get_logger("queen.leases")
 
 DEFAULT_TTL = 30.0
-MAX_TTL = 3600.0
+# The longest lease a client may ask for unless the queen is told otherwise (--max-lease-ttl):
+# a held slot serves no one else, so an idle lease should not keep it for long.
+DEFAULT_MAX_TTL = 300.0
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass
@@ -35,6 +43,8 @@ class Lease:
     slot: Slot
     ttl: float
     task: asyncio.Task[None] | None = None
+    # Called once when the lease ends, however it ends.
+    on_end: Callable[[], None] = field(default=_nothing)
 
 
 class LeaseManager:
@@ -43,9 +53,10 @@ class LeaseManager:
         self.channels = channels
         self.active: dict[str, Lease] = {}
 
-    async def hold(self, slot: Slot, ttl: float) -> Lease:
-        """Ask the worker to hold the slot; on success the lease is followed until it ends."""
-        lease = Lease(f"l-{uuid.uuid4().hex}", slot, ttl)
+    async def hold(self, slot: Slot, ttl: float, on_end: Callable[[], None] = _nothing) -> Lease:
+        """Ask the worker to hold the slot; on success the lease is followed until it ends,
+        and then `on_end` is called (on failure, StatusError, and it is not)."""
+        lease = Lease(f"l-{uuid.uuid4().hex}", slot, ttl, on_end=on_end)
         stream = self.channels.worker(slot.address).HoldLease(
             worker_pb2.HoldLeaseRequest(lease_id=lease.id, ttl_seconds=ttl)
         )
@@ -55,6 +66,11 @@ class LeaseManager:
             fault = exc.code() == grpc.StatusCode.UNAVAILABLE
             self.scheduler.give_back(slot, Outcome(ok=False if fault else None, worker_fault=fault))
             raise StatusError(exc.code(), f"worker {slot.worker_id}: {exc.details()}") from None
+        except BaseException:
+            # The Lease call itself was cancelled while the worker answered: no lease, no slot.
+            stream.cancel()
+            self.scheduler.give_back(slot, Outcome(ok=None))
+            raise
         if (
             not isinstance(first, worker_pb2.LeaseUpdate)
             or first.state != worker_pb2.LEASE_STATE_HELD
@@ -90,6 +106,7 @@ class LeaseManager:
             stream.cancel()
             self.active.pop(lease.id, None)
             self.scheduler.give_back(lease.slot, outcome)
+            lease.on_end()
 
     def release(self, lease_id: str) -> bool:
         """Give back a lease early: ends the worker's hold, which frees the slot."""

@@ -21,7 +21,11 @@ class QueenMetrics:
         self.prometheus = CollectorRegistry()
         r = self.prometheus
         self.requests = Counter(
-            "apiary_requests", "Requests the queen finished", ["model", "status"], registry=r
+            "apiary_requests",
+            "Requests the queen finished, by status: completed, failed, cancelled (the call was "
+            "cancelled), deadline_exceeded",
+            ["model", "status"],
+            registry=r,
         )
         self.ttft = Histogram(
             "apiary_time_to_first_token_seconds",
@@ -48,9 +52,9 @@ class QueenMetrics:
         r.register(SnapshotCollector(lambda: self._snapshot(registry, scheduler)))
 
     def finished(
-        self, model: str, ok: bool, seconds: float, ttft: float | None, tokens: int
+        self, model: str, status: str, seconds: float, ttft: float | None, tokens: int
     ) -> None:
-        self.requests.labels(model, "completed" if ok else "failed").inc()
+        self.requests.labels(model, status).inc()
         self.duration.labels(model).observe(seconds)
         if ttft is not None:
             self.ttft.labels(model).observe(ttft)

@@ -1,12 +1,21 @@
 """One request's way through the cluster: a slot, an attempt, the relay of its chunks, and on
-failure what queen/retry.py decides; then the request's record (history, events, metrics)."""
+failure what queen/retry.py decides; then the request's record (history, events, metrics).
+
+The record is made exactly once, however the request ends: completed, failed with a status,
+or cut short by its call (cancelled, deadline passed; queen/endings.py says which). grpc.aio
+ends a handler's generator in two ways when the call goes: CancelledError where it awaits
+(the worker's next chunk, a free slot), or, when it was suspended at a yield (sending to the
+client), by dropping it, which closes it with GeneratorExit; and it calls the call's
+done-callbacks. Every one of these paths records without awaiting (`ended()`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -15,14 +24,50 @@ import structlog
 from apiary.errors import StatusError
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2
-from queen import retry
+from queen import endings, retry
 from queen.admission import model_problem
 from queen.cluster import Cluster
+from queen.quotas import Quota
 from queen.registry import Outcome, Slot
 from queen.retry import Decision, Failure
 from queen.scheduler import ModelGone, QueueFull
 
 log = structlog.get_logger("queen.route")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the client (its token's name, or its host without tokens) and the
+    client's own reference for it (its request_id, or '')."""
+
+    client: str = ""
+    reference: str = ""
+
+
+async def wait_for_slot(
+    cluster: Cluster,
+    queued: Quota,
+    client: str,
+    model: str,
+    timeout: float | None,
+    exclude: frozenset[str] = frozenset(),
+    policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
+    tags: frozenset[str] = frozenset(),
+) -> Slot:
+    """A slot for one of `client`'s requests; a wait counts against the client's quota of
+    waiting requests (StatusError RESOURCE_EXHAUSTED beyond it). Otherwise raises what
+    Scheduler.take_slot raises."""
+    scheduler = cluster.scheduler
+    slot = scheduler.try_take_slot(model, exclude, policy, tags)
+    if slot is not None:
+        return slot
+    refused = queued.acquire(client)
+    if refused is not None:
+        raise StatusError(grpc.StatusCode[refused.code], refused.message)
+    try:
+        return await scheduler.take_slot(model, timeout, exclude, policy, tags)
+    finally:
+        queued.release(client)
 
 
 class HiveLost(Exception):
@@ -33,19 +78,64 @@ class Route:
     """Carries out one request's attempts; the decisions are queen/retry.py's."""
 
     def __init__(
-        self, cluster: Cluster, request: common_pb2.InferRequest, context: Context
+        self,
+        cluster: Cluster,
+        request: common_pb2.InferRequest,
+        context: Context,
+        caller: Caller = Caller(),
+        queued: Quota | None = None,
     ) -> None:
         self.cluster = cluster
+        # As the workers get it: request_id is the queen's own id.
         self.request = request
         self.context = context
+        self.caller = caller
+        self.queued = queued or Quota("requests waiting", "", 0, "")
         self.attempts = 0
+        # Chunks relayed from workers; those with text that reached the client (their yield
+        # returned, so grpc.aio has sent them); the worker's own count, once it says it.
         self.sent = 0
+        self.delivered = 0
         self.tokens = 0
+        # The current (or last) attempt's slot, kept for the record; the slot and worker call
+        # this route still holds, given back exactly once (`_let_go`).
         self.slot: Slot | None = None
+        self._held: Slot | None = None
+        self._call: Any = None
+        self.recorded = False
+        # Suspended at a yield: grpc.aio is sending a chunk to the client (else we await).
+        self.sending = False
         self.started = time.perf_counter()
         self.first_chunk_after: float | None = None
 
-    async def run(self) -> AsyncIterator[common_pb2.InferChunk]:
+    async def serve(self) -> AsyncGenerator[common_pb2.InferChunk, None]:
+        """The request from its acceptance to its record: its chunks (each carrying the
+        client's reference, else the queen's id), or StatusError."""
+        self._accepted()
+        echo = self.caller.reference or self.request.request_id
+        try:
+            async with aclosing(self.run()) as chunks:
+                async for chunk in chunks:
+                    chunk.request_id = echo
+                    self.sending = True
+                    yield chunk
+                    self.sending = False
+                    if chunk.text:
+                        self.delivered += 1
+        except StatusError as failed:
+            status = endings.status_of_error(failed.code.name)
+            await self.finish(status, f"{failed.code.name}: {failed.message}")
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # The call is over: record without awaiting (nobody may drive a closing generator).
+            self.ended()
+            raise
+        except Exception as exc:
+            await self.finish(queen_pb2.REQUEST_STATUS_FAILED, f"INTERNAL: queen error: {exc}")
+            raise
+        await self.finish(queen_pb2.REQUEST_STATUS_COMPLETED, "")
+
+    async def run(self) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The chunks of the first attempt that gets going; StatusError if none does."""
         cluster, request = self.cluster, self.request
         loop = asyncio.get_running_loop()
@@ -55,12 +145,13 @@ class Route:
         tried: set[str] = set()
         last_error = ""
         while not retry.every_worker_tried(tried, self._addresses()):
-            slot = self.slot = await self._take_slot(deadline, frozenset(tried))
+            slot = self.slot = self._held = await self._take_slot(deadline, frozenset(tried))
             self._started(slot)
             began = time.perf_counter()
             outcome = Outcome(ok=None)
             timeout = None if deadline is None else max(deadline - loop.time(), 0.001)
-            call = cluster.channels.worker(slot.address).Infer(request, timeout=timeout)
+            worker = cluster.channels.worker(slot.address)
+            call = self._call = worker.Infer(request, timeout=timeout)
             try:
                 async with aclosing(self._relay(call, slot)) as chunks:
                     async for chunk in chunks:
@@ -76,19 +167,43 @@ class Route:
                 # Before the slot goes back: a waiter must not get a worker we cannot reach.
                 self._note_failure(failure, decision, tried)
             finally:
-                if not call.done():
-                    call.cancel()
-                cluster.scheduler.give_back(slot, outcome)
+                self._let_go(outcome)
             if decision.error is not None:
                 raise decision.error
             last_error = decision.last_error
             await cluster.clock.sleep(decision.backoff)
         raise retry.gave_up(request.model, self.attempts, last_error)
 
+    def _let_go(self, outcome: Outcome) -> None:
+        """End the worker call and give the slot back, once, whoever gets here first."""
+        call, self._call = self._call, None
+        if call is not None and not call.done():
+            call.cancel()
+        slot, self._held = self._held, None
+        if slot is not None:
+            self.cluster.scheduler.give_back(slot, outcome)
+
     def _addresses(self) -> Iterator[str]:
         """Lazily: only read once an attempt failed, and only up to a worker not yet tried."""
         for entry in self.cluster.registry.workers_of_model(self.request.model):
             yield entry.record.address
+
+    def _emit(self, kind: queen_pb2.EventKind.ValueType, **fields: object) -> None:
+        self.cluster.events.emit(
+            kind,
+            self.cluster.clock.time(),
+            request_id=self.request.request_id,
+            client_request_id=self.caller.reference,
+            model=self.request.model,
+            **fields,
+        )
+
+    def _accepted(self) -> None:
+        cluster, request, caller = self.cluster, self.request, self.caller
+        cluster.history.accepted(
+            request.request_id, request.model, cluster.clock.time(), caller.client, caller.reference
+        )
+        self._emit(queen_pb2.EVENT_KIND_REQUEST_QUEUED)
 
     def _started(self, slot: Slot) -> None:
         cluster, request = self.cluster, self.request
@@ -96,13 +211,8 @@ class Route:
         cluster.history.started(
             request.request_id, slot.worker_id, slot.hive_id, cluster.clock.time(), self.attempts
         )
-        cluster.events.emit(
-            queen_pb2.EVENT_KIND_REQUEST_STARTED,
-            cluster.clock.time(),
-            request_id=request.request_id,
-            model=request.model,
-            worker_id=slot.worker_id,
-            hive_id=slot.hive_id,
+        self._emit(
+            queen_pb2.EVENT_KIND_REQUEST_STARTED, worker_id=slot.worker_id, hive_id=slot.hive_id
         )
 
     async def _relay(self, call: Any, slot: Slot) -> AsyncGenerator[common_pb2.InferChunk, None]:
@@ -173,9 +283,10 @@ class Route:
             None if deadline is None else max(deadline - asyncio.get_running_loop().time(), 0.0)
         )
         try:
-            return await scheduler.take_slot(
-                request.model, timeout, tried, request.policy, frozenset(request.required_tags)
-            )
+            return await wait_for_slot(
+                self.cluster, self.queued, self.caller.client, request.model, timeout, tried,
+                request.policy, frozenset(request.required_tags),
+            )  # fmt: skip
         except TimeoutError:
             raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -191,28 +302,57 @@ class Route:
             unknown = model_problem(self.cluster, request.model)
             raise unknown or StatusError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
-    async def finish(self, ok: bool, error: str) -> None:
-        """The request's record: its event, metrics and history row."""
-        cluster, request_id = self.cluster, self.request.request_id
-        slot = self.slot
-        kind = queen_pb2.EVENT_KIND_REQUEST_COMPLETED if ok else queen_pb2.EVENT_KIND_REQUEST_FAILED
-        cluster.events.emit(
-            kind,
-            cluster.clock.time(),
-            request_id=request_id,
-            model=self.request.model,
+    async def finish(self, status: queen_pb2.RequestStatus.ValueType, error: str) -> None:
+        """The request's record, its history row committed before this returns."""
+        committed = self.record(status, error, wait=True)
+        if committed is not None:
+            await asyncio.shield(committed)
+
+    def ended(self) -> None:
+        """The call ended before the request did: record how (unless the request was already
+        recorded) and give back the slot and the worker call. Awaits nothing, so a done-callback
+        or a generator closed with GeneratorExit can call it; calling it again does nothing."""
+        if not self.recorded:
+            status, error = endings.call_ended(
+                self.context.time_remaining(), self.attempts, self.delivered
+            )
+            # Named here: a done-callback runs outside the handler's bound log context.
+            log.info(
+                "call ended before the request",
+                request_id=self.request.request_id,
+                client_request_id=self.caller.reference,
+                status=endings.label(status),
+                waiting_for="the client" if self.sending else "a worker or a slot",
+            )
+            self.record(status, error, wait=False)
+        self._let_go(Outcome(ok=None))
+
+    def record(
+        self, status: queen_pb2.RequestStatus.ValueType, error: str, wait: bool
+    ) -> asyncio.Future[None] | None:
+        """The request's event, metrics and history row, the first time only; with `wait`,
+        a future that settles once the row is committed."""
+        if self.recorded:
+            return None
+        self.recorded = True
+        cluster, slot = self.cluster, self.slot
+        took = time.perf_counter() - self.started
+        # Completed: the worker's count. Ended early: the token chunks the client was sent.
+        tokens = self.tokens if status == queen_pb2.REQUEST_STATUS_COMPLETED else self.delivered
+        self._emit(
+            endings.event_kind(status),
             worker_id=slot.worker_id if slot else "",
             hive_id=slot.hive_id if slot else "",
-            duration_seconds=time.perf_counter() - self.started,
+            duration_seconds=took,
             detail=error,
         )
         cluster.metrics.finished(
-            self.request.model, ok, time.perf_counter() - self.started, self.first_chunk_after,
-            self.tokens,
-        )  # fmt: skip
-        await cluster.history.finished(
-            request_id, ok, cluster.clock.time(), self.tokens, error, self.attempts
+            self.request.model, endings.label(status), took, self.first_chunk_after, tokens
         )
+        return cluster.history.finish(
+            self.request.request_id, status, cluster.clock.time(), tokens, error, self.attempts,
+            wait=wait,
+        )  # fmt: skip
 
 
 def failure_of(exc: Exception, slot: Slot) -> Failure:

@@ -23,8 +23,9 @@ from queen.cluster import Cluster
 from queen.events import EventBus
 from queen.heartbeats import QueenRegistryService
 from queen.history import History
-from queen.leases import LeaseManager
+from queen.leases import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
+from queen.quotas import Quotas
 from queen.registry import Registry, RegistrySettings
 from queen.scheduler import Scheduler
 from queen.service import QueenService
@@ -50,8 +51,13 @@ class QueenConfig:
     max_queue: int = 1024
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
-    # Concurrent Infer streams one client token may hold (0 = no limit; needs tokens).
+    # Per client (its token's name; its host without tokens), 0 = no limit: open Infer
+    # streams, requests waiting for a slot, active direct leases.
     max_streams_per_client: int = 64
+    max_queued_per_client: int = 256
+    max_leases_per_client: int = 64
+    # The longest ttl_seconds a Queen.Lease may ask for.
+    max_lease_ttl: float = DEFAULT_MAX_TTL
     state_dir: Path = field(default_factory=lambda: default_state_dir("queen"))
     policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_LEAST_LOADED
     hive_ttl_intervals: float = 10.0
@@ -69,6 +75,13 @@ class QueenConfig:
             default_policy=self.policy,
             breaker_failures=self.breaker_failures,
             breaker_cooldown=self.breaker_cooldown,
+        )
+
+    def quotas(self) -> Quotas:
+        return Quotas.of(
+            max_streams=self.max_streams_per_client,
+            max_queued=self.max_queued_per_client,
+            max_leases=self.max_leases_per_client,
         )
 
 
@@ -132,7 +145,9 @@ async def create_server(
     cluster = build_cluster(config, clock or SystemClock(), security)
 
     def register(server: grpc.aio.Server) -> None:
-        queen_pb2_grpc.add_QueenServicer_to_server(QueenService(cluster), server)
+        queen_pb2_grpc.add_QueenServicer_to_server(
+            QueenService(cluster, security.tokens, config.quotas(), config.max_lease_ttl), server
+        )
         queen_pb2_grpc.add_QueenRegistryServicer_to_server(
             QueenRegistryService(cluster, security, config.beat_limits), server
         )

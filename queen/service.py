@@ -1,154 +1,194 @@
 """The Queen service: admits requests, routes each Infer (queen/route.py), hands out direct
-leases, and lists the models served."""
+leases, and lists the models served. What each client may hold at once is counted per
+client (queen/quotas.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 import grpc
 import structlog
 
 from apiary.errors import StatusError
 from apiary.protoutil import READY_STATES, timestamp
-from apiary.security import bearer
+from apiary.security import TokenSet, bearer
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from queen.admission import admit
 from queen.cluster import Cluster
-from queen.leases import DEFAULT_TTL, MAX_TTL
-from queen.registry import Registry
-from queen.route import Route
+from queen.leases import DEFAULT_MAX_TTL, DEFAULT_TTL
+from queen.leases import Lease as DirectLease
+from queen.quotas import Quotas, References, Refusal, peer_host
+from queen.registry import Registry, Slot
+from queen.route import Caller, Route, wait_for_slot
 from queen.scheduler import ModelGone, QueueFull
 
+# Identities that may call the Queen service, and so have a name to be counted under.
+CALLER_ROLES = frozenset({"client", "admin"})
 
-class StreamCounts:
-    """Open Infer streams per client token, so one client cannot take every slot."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit  # 0: no limit
-        self.open: dict[str, int] = {}
-
-    def full(self, client: str) -> bool:
-        return bool(self.limit) and self.open.get(client, 0) >= self.limit
-
-    def opened(self, client: str) -> None:
-        self.open[client] = self.open.get(client, 0) + 1
-
-    def closed(self, client: str) -> None:
-        self.open[client] -= 1
-        if not self.open[client]:
-            del self.open[client]
+def refused(refusal: Refusal) -> StatusError:
+    return StatusError(grpc.StatusCode[refusal.code], refusal.message)
 
 
 class QueenService(queen_pb2_grpc.QueenServicer):
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        tokens: TokenSet | None = None,
+        quotas: Quotas | None = None,
+        max_lease_ttl: float = DEFAULT_MAX_TTL,
+    ) -> None:
         self.cluster = cluster
-        # Only clients with tokens are counted.
-        self.streams = StreamCounts(cluster.max_streams_per_client)
+        self.tokens = tokens or TokenSet()
+        self.quotas = quotas or Quotas.of(max_streams=cluster.max_streams_per_client)
+        self.references = References()
+        self.max_lease_ttl = max_lease_ttl
+
+    def client_of(self, context: Context) -> str:
+        """Whom a call counts against: the name of its token's client (the single `client`
+        token is "client", the admin token "admin"). With no tokens configured no caller has
+        a name, so the peer's host stands in: every program on one machine is one client."""
+        if self.tokens.enabled:
+            names = sorted(
+                identity.name
+                for identity in self.tokens.identities(bearer(context.invocation_metadata()))
+                if identity.role in CALLER_ROLES
+            )
+            if names:
+                return names[0]
+        return peer_host(context.peer())
 
     # ---- Infer ------------------------------------------------------------
 
     async def Infer(
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
-        request_id = request.request_id or uuid.uuid4().hex
-        with structlog.contextvars.bound_contextvars(request_id=request_id, model=request.model):
-            refused = admit(self.cluster, request)
-            if refused is not None:
-                await context.abort(refused.code, refused.message)
-            if request.lease_id:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "lease_id is for calling a worker directly, not the queen",
-                )
-            client = bearer(context.invocation_metadata())
-            if client and self.streams.full(client):
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this client already has {self.streams.limit} streams open (the limit per "
-                    "token); wait for one to finish",
-                )
-            if client:
-                self.streams.opened(client)
+        # Always the queen's own id: a client's request_id is only its reference.
+        request_id = uuid.uuid4().hex
+        client, reference = self.client_of(context), request.request_id
+        with structlog.contextvars.bound_contextvars(
+            request_id=request_id, client=client, client_request_id=reference, model=request.model
+        ):
+            problem = self._infer_problem(request, client)
+            if problem is not None:
+                await context.abort(problem.code, problem.message)
+            forward = common_pb2.InferRequest()
+            forward.CopyFrom(request)
+            forward.request_id = request_id
+            route = Route(self.cluster, forward, context, Caller(client, reference),
+                          self.quotas.queued)  # fmt: skip
+            close = self._closer(route)
+            # However grpc.aio ends the call, this runs; the generator may never resume.
+            # (grpc-stubs declares DoneCallback a class; any callable of the context will do.)
+            context.add_done_callback(lambda _: close())  # type: ignore[arg-type]
             try:
-                async for chunk in self._infer(request, request_id, context):
-                    yield chunk
+                async with aclosing(route.serve()) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            except StatusError as failed:
+                await context.abort(failed.code, failed.message)
             finally:
-                if client:
-                    self.streams.closed(client)
+                close()
 
-    async def _infer(
-        self, request: common_pb2.InferRequest, request_id: str, context: Context
-    ) -> AsyncIterator[common_pb2.InferChunk]:
-        cluster = self.cluster
-        forward = common_pb2.InferRequest()
-        forward.CopyFrom(request)
-        forward.request_id = request_id
-        route = Route(cluster, forward, context)
-        cluster.history.accepted(request_id, request.model, cluster.clock.time())
-        cluster.events.emit(
-            queen_pb2.EVENT_KIND_REQUEST_QUEUED,
-            cluster.clock.time(),
-            request_id=request_id,
-            model=request.model,
-        )
-        try:
-            async for chunk in route.run():
-                yield chunk
-        except StatusError as failed:
-            await route.finish(ok=False, error=f"{failed.code.name}: {failed.message}")
-            await context.abort(failed.code, failed.message)
-        except asyncio.CancelledError:
-            await asyncio.shield(route.finish(ok=False, error="CANCELLED: the client went away"))
-            raise
-        await route.finish(ok=True, error="")
+    def _infer_problem(self, request: common_pb2.InferRequest, client: str) -> StatusError | None:
+        """Why the request is not taken; None if it is (then its stream and reference are
+        counted, until its route's closer runs)."""
+        problem = admit(self.cluster, request)
+        if problem is not None:
+            return problem
+        if request.lease_id:
+            return StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "lease_id is for calling a worker directly, not the queen",
+            )
+        taken = self.references.claim(client, request.request_id)
+        if taken is not None:
+            return refused(taken)
+        full = self.quotas.streams.acquire(client)
+        if full is not None:
+            self.references.drop(client, request.request_id)
+            return refused(full)
+        return None
+
+    def _closer(self, route: Route) -> Callable[[], None]:
+        """Once the call is over: the request recorded (if it was not), its slot given back,
+        its stream and reference no longer counted. Runs once, from whichever path is first."""
+        closed = False
+
+        def close() -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            route.ended()
+            self.quotas.streams.release(route.caller.client)
+            self.references.drop(route.caller.client, route.caller.reference)
+
+        return close
 
     # ---- Lease ------------------------------------------------------------
 
     async def Lease(
         self, request: queen_pb2.LeaseRequest, context: Context
     ) -> queen_pb2.LeaseResponse:
-        refused = admit(self.cluster, request)
-        if refused is not None:
-            await context.abort(refused.code, refused.message)
-        if not 0 <= request.ttl_seconds <= MAX_TTL:
+        problem = admit(self.cluster, request)
+        if problem is not None:
+            await context.abort(problem.code, problem.message)
+        if not 0 <= request.ttl_seconds <= self.max_lease_ttl:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds must be within 0..{MAX_TTL:g}"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"ttl_seconds must be within 0..{self.max_lease_ttl:g} (the queen's "
+                "--max-lease-ttl)",
             )
-        ttl = request.ttl_seconds or DEFAULT_TTL
+        ttl = request.ttl_seconds or min(DEFAULT_TTL, self.max_lease_ttl)
         try:
-            slot = await self.cluster.scheduler.take_slot(
-                request.model,
-                context.time_remaining(),
-                frozenset(),
-                request.policy,
-                frozenset(request.required_tags),
-            )
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no free worker of model {request.model!r} before the deadline",
-            )
-        except (QueueFull, ModelGone) as exc:
-            code = (
-                grpc.StatusCode.RESOURCE_EXHAUSTED
-                if isinstance(exc, QueueFull)
-                else grpc.StatusCode.UNAVAILABLE
-            )
-            await context.abort(code, str(exc))
-        try:
-            lease = await self.cluster.leases.hold(slot, ttl)
+            lease = await self._lease(request, ttl, self.client_of(context), context)
         except StatusError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, exc.message)
         return queen_pb2.LeaseResponse(
             lease_id=lease.id,
-            worker_id=slot.worker_id,
-            address=slot.address,
+            worker_id=lease.slot.worker_id,
+            address=lease.slot.address,
             expires_at=timestamp(self.cluster.clock.time() + ttl),
             ttl_seconds=ttl,
         )
+
+    async def _lease(
+        self, request: queen_pb2.LeaseRequest, ttl: float, client: str, context: Context
+    ) -> DirectLease:
+        """A held slot, counted against the client's leases until the lease ends."""
+        leases = self.quotas.leases
+        full = leases.acquire(client)
+        if full is not None:
+            raise refused(full)
+        try:
+            slot = await self._lease_slot(request, client, context)
+            return await self.cluster.leases.hold(slot, ttl, on_end=lambda: leases.release(client))
+        except BaseException:
+            leases.release(client)  # no lease came of it
+            raise
+
+    async def _lease_slot(
+        self, request: queen_pb2.LeaseRequest, client: str, context: Context
+    ) -> Slot:
+        try:
+            return await wait_for_slot(
+                self.cluster, self.quotas.queued, client, request.model,
+                context.time_remaining(), frozenset(), request.policy,
+                frozenset(request.required_tags),
+            )  # fmt: skip
+        except TimeoutError:
+            raise StatusError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no free worker of model {request.model!r} before the deadline",
+            ) from None
+        except QueueFull as exc:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except ModelGone as exc:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def ReleaseLease(
         self, request: queen_pb2.ReleaseLeaseRequest, context: Context

@@ -314,7 +314,7 @@ async def test_events_verb_prints_live_events(cluster: Cluster, live: Proc) -> N
 
     async def watching() -> bool:
         """The watcher has subscribed once it prints a probe request completing."""
-        if printed.has("request=probe"):
+        if printed.has("ref=probe"):
             return True
         [_ async for _ in stub.Infer(probe, timeout=5)]
         return False
@@ -323,7 +323,7 @@ async def test_events_verb_prints_live_events(cluster: Cluster, live: Proc) -> N
     apiary("infer", "demo", "hello", "--max-tokens", "2", "--request-id", "watched", queen=live)
     assert watcher.wait(15) == 0, watcher.stderr.read()
     out = printed.finish(5)
-    assert "request-completed" in out and "request=watched" in out and "duration=" in out
+    assert "request-completed" in out and "ref=watched" in out and "duration=" in out
     bad = apiary("events", "--kind", "nonsense", "--timeout", "1", queen=live)
     assert bad.returncode == 2 and "choose hive-joined, hive-health-changed" in bad.stderr
 

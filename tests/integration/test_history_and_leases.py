@@ -38,7 +38,7 @@ async def test_history_survives_a_queen_crash_and_running_requests_are_marked_fa
         reply = await admin.ListRequests(
             queen_pb2.ListRequestsRequest(status=queen_pb2.REQUEST_STATUS_RUNNING)
         )
-        return [r.id for r in reply.requests] == ["cut-short"]
+        return [r.client_request_id for r in reply.requests] == ["cut-short"]
 
     await wait_until(is_running)
     port = queen.port
@@ -48,9 +48,10 @@ async def test_history_survives_a_queen_crash_and_running_requests_are_marked_fa
         await running
     queen = cluster.start_queen(port)
     admin = cluster.admin_stub(queen)
-    records = {
-        r.id: r for r in (await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests
-    }
+    listed = (await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests
+    # Keyed by the client's references; the queen's own ids are its own, one per request.
+    records = {r.client_request_id: r for r in listed}
+    assert len({r.id for r in listed}) == 4 and "done-0" not in {r.id for r in listed}
     assert set(records) == {"done-0", "done-1", "done-2", "cut-short"}
     for i in range(3):
         done = records[f"done-{i}"]
@@ -62,11 +63,11 @@ async def test_history_survives_a_queen_crash_and_running_requests_are_marked_fa
     failed = await admin.ListRequests(
         queen_pb2.ListRequestsRequest(status=queen_pb2.REQUEST_STATUS_FAILED)
     )
-    assert [r.id for r in failed.requests] == ["cut-short"]
+    assert [r.client_request_id for r in failed.requests] == ["cut-short"]
     other_model = await admin.ListRequests(queen_pb2.ListRequestsRequest(model="nope"))
     assert list(other_model.requests) == []
     newest = await admin.ListRequests(queen_pb2.ListRequestsRequest(limit=1))
-    assert [r.id for r in newest.requests] == ["cut-short"]
+    assert [r.client_request_id for r in newest.requests] == ["cut-short"]
 
 
 async def test_events_stream_requests_and_worker_changes(cluster: Cluster) -> None:
@@ -110,13 +111,14 @@ async def test_events_stream_requests_and_worker_changes(cluster: Cluster) -> No
     order = kinds("h1")
     for kind in ("HIVE_JOINED", "WORKER_JOINED", "WORKER_STATE_CHANGED"):
         assert kind in order
-    requests = [e for e in seen if e.request_id == "r1"]
+    requests = [e for e in seen if e.client_request_id == "r1"]
     assert [queen_pb2.EventKind.Name(e.kind) for e in requests] == [
         "EVENT_KIND_REQUEST_QUEUED",
         "EVENT_KIND_REQUEST_STARTED",
         "EVENT_KIND_REQUEST_COMPLETED",
     ]
     assert requests[-1].duration_seconds > 0 and requests[-1].worker_id
+    assert len({e.request_id for e in requests}) == 1 and requests[0].request_id != "r1"
     changed = next(e for e in seen if e.kind == queen_pb2.EVENT_KIND_WORKER_STATE_CHANGED)
     assert (changed.previous_state, changed.state) == (
         common_pb2.WORKER_STATE_LOADING,

@@ -36,6 +36,8 @@ PURE_MODULES = (
     "queen/selection.py",
     "queen/stats.py",
     "queen/retry.py",
+    "queen/quotas.py",
+    "queen/endings.py",
     "worker/slots.py",
 )
 IMPURE = frozenset({"asyncio", "psutil", "os", "grpc", "time", "socket", "subprocess", "threading"})
