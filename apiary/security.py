@@ -5,7 +5,8 @@ A credential is good for its own hop only:
   admin   operators, to the queen only: everything a client may, and QueenAdmin
   hive    a hive, to the queen: QueenRegistry (heartbeats). Each hive has its own token
           (`hives` in the tokens file), or all share one (`hive`: any holder may join as any hive)
-  queen   the queen, to hives: the Hive calls the queen makes for operators and autospawn
+  queen   the queen, to one hive: the Hive calls it makes for operators and autospawn, with a
+          credential derived from that hive's token (worth nothing at any other hive)
   worker  one worker's own credential, derived from its hive's token and its id: the queen and
           its hive call that worker with it, and it calls its hive with it; it is worth
           nothing at any other worker
@@ -53,11 +54,20 @@ class Identity:
     name: str
 
 
+def _derive(hive_token: str, purpose: str) -> str:
+    return hmac.new(hive_token.encode(), f"apiary/{purpose}".encode(), hashlib.sha256).hexdigest()
+
+
 def derive_worker_token(hive_token: str, worker_id: str) -> str:
     """One worker's credential: only its hive (and the queen, which knows every hive's token)
     can make it, and it opens no other worker."""
-    message = f"apiary/worker/{worker_id}".encode()
-    return hmac.new(hive_token.encode(), message, hashlib.sha256).hexdigest()
+    return _derive(hive_token, f"worker/{worker_id}")
+
+
+def derive_queen_token(hive_token: str) -> str:
+    """The queen's credential toward one hive: a hive (or whoever pretends to be one) that
+    receives it can use it nowhere else."""
+    return _derive(hive_token, "queen")
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,21 @@ class TokenSet:
         """The credential of worker `worker_id` of hive `hive_id` ('' without tokens)."""
         hive_token = self.hive_token(hive_id)
         return derive_worker_token(hive_token, worker_id) if hive_token else ""
+
+    def queen_token(self, hive_id: str) -> str:
+        """What the queen presents to hive `hive_id` ('' without tokens)."""
+        hive_token = self.hive_token(hive_id)
+        return derive_queen_token(hive_token) if hive_token else ""
+
+    def as_hive(self, hive_id: str) -> TokenSet:
+        """The tokens a hive process keeps: its own, and its queen's credential toward it
+        (a hive given the whole tokens file keeps nothing of anyone else's)."""
+        own = self.hive_token(hive_id)
+        if not own:
+            return TokenSet()
+        if self.hives.get(hive_id):
+            return TokenSet(hives={hive_id: own}, queen=derive_queen_token(own))
+        return TokenSet(hive=own, queen=derive_queen_token(own))
 
     def is_worker(self, hive_id: str, worker_id: str, token: str) -> bool:
         """`token` is that worker's own credential (constant-time)."""
@@ -261,7 +286,7 @@ def add_security_args(p: argparse.ArgumentParser, tls_server: bool = True) -> No
 
 
 # Roles whose token a server process may be given by flag or environment.
-FLAG_ROLES = ("client", "admin", "hive", "queen")
+FLAG_ROLES = ("client", "admin", "hive")
 NAMED_SECTIONS = {"clients": "client", "hives": "hive"}
 
 
@@ -306,12 +331,8 @@ def check_distinct(tokens: TokenSet) -> None:
 
 
 def check_queen_tokens(tokens: TokenSet) -> None:
-    """With tokens on, the queen needs its own (to call hives) and hives' (to know them)."""
-    if tokens.enabled and not tokens.queen:
-        raise SecurityError(
-            "tokens are configured but there is no queen token (the queen's credential toward "
-            'hives): add "queen" to the tokens file (`apiary certs init` writes one)'
-        )
+    """With tokens on, the queen needs the hives' (to know them, and to derive its own
+    credential toward each hive and each worker)."""
     if tokens.enabled and not (tokens.hive or tokens.hives):
         raise SecurityError(
             "tokens are configured but no hive token: no hive could join; add one per hive "
@@ -320,16 +341,11 @@ def check_queen_tokens(tokens: TokenSet) -> None:
 
 
 def check_hive_tokens(tokens: TokenSet, hive_id: str) -> None:
-    """With tokens on, a hive needs its own token and the queen's (to know its caller)."""
+    """With tokens on, a hive needs its own token (everything else derives from it)."""
     if tokens.enabled and not tokens.hive_token(hive_id):
         raise SecurityError(
             f"tokens are configured but none is this hive's ({hive_id!r}): give it its "
             "ID.tokens.json from `apiary certs add-hive DIR ID` (or --hive-token)"
-        )
-    if tokens.enabled and not tokens.queen:
-        raise SecurityError(
-            "tokens are configured but there is no queen token: the hive could not tell its "
-            "queen's calls from anyone's; use the ID.tokens.json `apiary certs` wrote for it"
         )
 
 

@@ -1,7 +1,7 @@
 """`apiary certs`: a CA, host certificates and tokens for a cluster, and more of them later.
 
   init DIR          a CA, a certificate per --host (and for clients), tokens.json for the queen
-                    and NAME.tokens.json for each hive (its own token and the queen's only)
+                    and NAME.tokens.json for each hive (its own token only)
   add-hive DIR ID   a hive's own token (and certificate, with --address)
   add-client DIR N  a named client token (limits apply per client)
   add-host DIR N    a certificate signed by the existing CA
@@ -158,10 +158,11 @@ def _token() -> str:
 
 
 def _hive_file(directory: Path, tokens: dict[str, object], hive_id: str) -> Path:
-    """What one hive's machine needs: its own token, and the queen's to know its caller."""
+    """What one hive's machine needs: its own token (the queen's credential toward it, and its
+    workers', derive from it)."""
     hives = tokens["hives"]
     assert isinstance(hives, dict)
-    own = {QUEEN: tokens[QUEEN], "hives": {hive_id: hives[hive_id]}}
+    own = {"hives": {hive_id: hives[hive_id]}}
     return _write_secret(directory / f"{hive_id}.tokens.json", own)
 
 
@@ -183,7 +184,6 @@ def init(directory: Path, hosts: list[tuple[str, list[str]]], force: bool = Fals
     hive_ids = [name for name, _ in hosts if name not in (QUEEN, CLIENT)]
     tokens: dict[str, object] = {
         "admin": _token(),
-        QUEEN: _token(),
         "clients": {CLIENT: _token()},
         "hives": {hive_id: _token() for hive_id in hive_ids},
     }

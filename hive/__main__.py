@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import socket
 import sys
 from pathlib import Path
@@ -191,6 +192,8 @@ async def run(args: argparse.Namespace) -> int:
         store.lock()
         security = security_from_args(args)
         check_hive_tokens(security.tokens, args.hive_id)
+        # Only what is this hive's: anything else in its tokens file stays unused.
+        security = dataclasses.replace(security, tokens=security.tokens.as_hive(args.hive_id))
         security.check_listen(f"{args.worker_host}:0", flag="--worker-host")
         hive = await create_server(config_from(args), store, security)
     except (StateDirBusy, SecurityError, OSError) as exc:

@@ -137,7 +137,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
             tags=request.tags,
         )
         try:
-            reply = await self.channels.hive(hive.address).SpawnWorker(
+            reply = await self.channels.hive(hive.id, hive.address).SpawnWorker(
                 forward, timeout=context.time_remaining()
             )
         except grpc.aio.AioRpcError as exc:
@@ -153,7 +153,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         entry = await self._worker(request.worker_id, context)
         hive = await self.routable_hive(entry.record.hive_id, context)
         try:
-            reply = await self.channels.hive(hive.address).StopWorker(
+            reply = await self.channels.hive(hive.id, hive.address).StopWorker(
                 hive_pb2.StopWorkerRequest(worker_id=request.worker_id, force=request.force),
                 timeout=context.time_remaining(),
             )

@@ -118,7 +118,9 @@ class Autospawner:
                 model=plan.model, backend=plan.backend, backend_options=plan.backend_options
             )
             try:
-                reply = await self.channels.hive(hive.address).SpawnWorker(request, timeout=30)
+                reply = await self.channels.hive(hive.id, hive.address).SpawnWorker(
+                    request, timeout=30
+                )
             except grpc.aio.AioRpcError as exc:
                 raise RuntimeError(f"hive {hive.id}: {exc.details()}") from None
             self.spawns += 1

@@ -2,7 +2,8 @@
 
 Each carries the credential for that hop only: a worker is called with its own credential
 (derived from its hive's token and its id: worth nothing at any other worker), a hive with
-the queen's. The admin token an operator sent the queen never leaves the queen.
+the queen's credential toward that hive (derived from its token: worth nothing elsewhere).
+The admin token an operator sent the queen never leaves the queen.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class Channels:
         security = security or Security()
         self.tokens = security.tokens
         self.workers = ChannelCache(security)
-        self.hives = ChannelCache(security, security.tokens.queen)
+        self.hives = ChannelCache(security)
         # (hive id, worker id) of the worker at an address; set by the cluster.
         self.worker_at: Callable[[str], tuple[str, str] | None] = lambda address: None
 
@@ -30,8 +31,10 @@ class Channels:
     def worker(self, address: str) -> worker_pb2_grpc.WorkerAsyncStub:
         return worker_pb2_grpc.WorkerStub(self.workers.get(address, self.worker_token(address)))
 
-    def hive(self, address: str) -> hive_pb2_grpc.HiveAsyncStub:
-        return hive_pb2_grpc.HiveStub(self.hives.get(address))
+    def hive(self, hive_id: str, address: str) -> hive_pb2_grpc.HiveAsyncStub:
+        """Hive `hive_id`, with the queen's credential toward that hive only."""
+        channel = self.hives.get(address, self.tokens.queen_token(hive_id))
+        return hive_pb2_grpc.HiveStub(channel)
 
     def discard(self, address: str) -> None:
         """A worker is gone or replaced: close its channel, letting calls on it finish."""

@@ -52,7 +52,7 @@ class HiveCalls:
         self, hive_id: str, context: Context
     ) -> tuple[HiveEntry, hive_pb2_grpc.HiveAsyncStub]:
         hive = await self.routable_hive(hive_id, context)
-        return hive, self.cluster.channels.hive(hive.address)
+        return hive, self.cluster.channels.hive(hive.id, hive.address)
 
     @staticmethod
     async def relay(hive: HiveEntry, call: Awaitable[Reply], context: Context) -> Reply:

@@ -49,7 +49,7 @@ async def main() -> None:
     )
     security = Security(tls=tls)
     admin = queen_pb2_grpc.QueenAdminStub(security.aio_channel(args.queen, tokens["admin"]))
-    client = queen_pb2_grpc.QueenStub(security.aio_channel(args.queen, tokens["client"]))
+    client = queen_pb2_grpc.QueenStub(security.aio_channel(args.queen, tokens["clients"]["client"]))
     out: dict[str, Any] = {}
 
     async def ready_workers() -> list[common_pb2.WorkerRecord]:
@@ -81,7 +81,7 @@ async def main() -> None:
         out["wrong_token"] = "OK"
     except grpc.aio.AioRpcError as exc:
         out["wrong_token"] = code(exc)
-    client_admin = queen_pb2_grpc.QueenAdminStub(security.aio_channel(args.queen, tokens["client"]))
+    client_admin = queen_pb2_grpc.QueenAdminStub(security.aio_channel(args.queen, tokens["clients"]["client"]))
     try:
         await client_admin.ListHives(queen_pb2.ListHivesRequest(), timeout=5)
         out["client_on_admin"] = "OK"

@@ -37,8 +37,6 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
     certs = tmp_path / "certs"
     certs_init(certs, [("queen", [a["queen"]]), ("hive1", [a["hive1"]]), ("hive2", [a["hive2"]])])
     common = [
-        "--tokens-file",
-        str(certs / "tokens.json"),
         "--tls-ca",
         str(certs / "ca.pem"),
         "--tls-client-ca",
@@ -58,6 +56,8 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
             str(certs / "queen.pem"),
             "--tls-key",
             str(certs / "queen.key"),
+            "--tokens-file",
+            str(certs / "tokens.json"),
             *common,
         ],
         prefix=net.exec_prefix("queen"),
@@ -84,6 +84,9 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
                 str(certs / f"{hive}.key"),
                 "--spawn",
                 "model=demo,count=2,token_delay=0.02",
+                # Each machine gets only its own credential.
+                "--tokens-file",
+                str(certs / f"{hive}.tokens.json"),
                 *common,
             ],
             prefix=net.exec_prefix(hive),

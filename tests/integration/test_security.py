@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from apiary.security import TlsFiles
+from apiary.security import TlsFiles, derive_queen_token
 from cli.certs import init as certs_init
 from harness import ROOT, Cluster, wait_until
 from protos.v1 import (
@@ -38,12 +38,24 @@ async def collect(stub: Any, request: common_pb2.InferRequest, timeout: float = 
 
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
-    certs_init(tmp_path / "certs", [("queen", ["127.0.0.1"]), ("hive", ["127.0.0.1"])])
+    certs_init(
+        tmp_path / "certs",
+        [("queen", ["127.0.0.1"]), ("h1", ["127.0.0.1"]), ("impostor", ["127.0.0.1"])],
+    )
     return tmp_path / "certs"
 
 
 def tokens_of(certs: Path) -> dict[str, str]:
-    return dict(json.loads((certs / "tokens.json").read_text()))
+    """Every credential by role: admin, client, h1 (a hive), queen (toward h1)."""
+    data = json.loads((certs / "tokens.json").read_text())
+    h1 = data["hives"]["h1"]
+    return {
+        "admin": data["admin"],
+        "client": data["clients"]["client"],
+        "h1": h1,
+        "impostor": data["hives"]["impostor"],
+        "queen": derive_queen_token(h1),
+    }
 
 
 async def code_of(call: Any) -> grpc.StatusCode | None:
@@ -100,24 +112,31 @@ async def test_each_role_may_call_only_its_own_methods(cluster: Cluster, certs: 
     assert (
         await code_of(registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id="x", address="y:1"))) == P
     )
-    assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) == P
+    assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) == U
     # A worker knows only the worker token: a client reaches it with a lease, or not at all.
     assert await code_of(worker_stub.Infer(infer())) == U
     lease = await client.Lease(queen_pb2.LeaseRequest(model="demo"))
     direct = worker_pb2_grpc.WorkerStub(cluster.channel(lease.address, tokens["client"]))
     assert len(await collect(direct, infer(lease_id=lease.lease_id))) == 3
 
+    # The admin token is for the queen only: a hive does not take it (the queen forwards).
     client, admin, registry, hive_stub, worker_stub = stubs(tokens["admin"])
     assert len(await collect(client, infer())) == 3
     assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) is None
-    assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) is None
+    assert await code_of(admin.ListProcesses(queen_pb2.HiveRequest(hive_id="h1"))) is None
+    assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) == U
     assert (
         await code_of(registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id="x", address="y:1"))) == P
     )
 
-    client, admin, registry, hive_stub, worker_stub = stubs(tokens["hive"])
+    client, admin, registry, hive_stub, worker_stub = stubs(tokens["h1"])
     assert await code_of(client.Infer(infer())) == P
     assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) == P
+    assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) == P
+    # The queen's credential toward h1 opens h1, and nothing at the queen.
+    client, admin, registry, hive_stub, worker_stub = stubs(tokens["queen"])
+    assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) is None
+    assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) == U
 
     # Health checks need no token (load balancers and probes).
     health = health_pb2_grpc.HealthStub(cluster.channel(queen.address, ""))
@@ -155,15 +174,16 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
     )
     cluster.start_hive(
         queen,
-        "hive",  # the name in hive.pem: the queen checks it (--hive-identity-from-cert)
+        "h1",  # the name in h1.pem: the queen checks it (--hive-identity-from-cert)
         "model=demo",
-        extra=("--tls-cert", str(certs / "hive.pem"), "--tls-key", str(certs / "hive.key")),
+        extra=("--tls-cert", str(certs / "h1.pem"), "--tls-key", str(certs / "h1.key")),
     )
-    # A hive claiming another id with that certificate is refused (it has the hive token).
+    # A hive with its own valid token but h1's certificate is refused: its id must be a name
+    # in its certificate.
     impostor = cluster.start_hive(
         queen,
         "impostor",
-        extra=("--tls-cert", str(certs / "hive.pem"), "--tls-key", str(certs / "hive.key")),
+        extra=("--tls-cert", str(certs / "h1.pem"), "--tls-key", str(certs / "h1.key")),
     )
     cluster.token = tokens["admin"]
     cluster.tls = TlsFiles(
@@ -174,7 +194,8 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
     # The impostor has been told no (its heartbeat failed) and is still not in the registry.
     await wait_until(lambda: "PERMISSION_DENIED" in impostor.log())
     hives = (await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives
-    assert [h.id for h in hives] == ["hive"]
+    assert [h.id for h in hives] == ["h1"]
+    assert "is not a name in this hive's client certificate" in impostor.log()
 
     # Without a client certificate the handshake fails (mTLS).
     cluster.tls = TlsFiles(ca=str(certs / "ca.pem"))
@@ -243,7 +264,7 @@ def test_servers_refuse_to_listen_beyond_loopback_without_tokens(tmp_path: Path)
         timeout=30,
     )
     assert refused.returncode == 1
-    assert "refusing to listen on 0.0.0.0:0 without tokens" in refused.stderr
+    assert "refusing to listen on 0.0.0.0:0 (--listen) without tokens" in refused.stderr
     assert "--tokens-file" in refused.stderr
     hive = subprocess.run(
         [sys.executable, "-m", "hive", "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path / "h")],
@@ -253,6 +274,16 @@ def test_servers_refuse_to_listen_beyond_loopback_without_tokens(tmp_path: Path)
         timeout=30,
     )
     assert hive.returncode == 1 and "refusing to listen" in hive.stderr
+    workers = subprocess.run(
+        [sys.executable, "-m", "hive", "--worker-host", "0.0.0.0", "--state-dir",
+         str(tmp_path / "w")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert workers.returncode == 1
+    assert "refusing to listen on 0.0.0.0:0 (--worker-host) without tokens" in workers.stderr
 
 
 async def test_insecure_flag_overrides_loudly(cluster: Cluster) -> None:
@@ -271,7 +302,7 @@ async def test_limits_per_client_and_per_request(cluster: Cluster, certs: Path) 
     cluster.start_hive(queen, "h1", "model=demo,count=4,token_delay=0.05")
     await cluster.wait_workers(queen, "demo", 4)
     client = queen_pb2_grpc.QueenStub(cluster.channel(queen.address, tokens["client"]))
-    other = queen_pb2_grpc.QueenStub(cluster.channel(queen.address, tokens["admin"]))
+    other = queen_pb2_grpc.QueenStub(cluster.channel(queen.address, tokens["admin"]))  # "admin"
     holding = [asyncio.create_task(collect(client, infer(max_tokens=30))) for _ in range(2)]
 
     async def both_streaming() -> bool:
