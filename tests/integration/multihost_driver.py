@@ -81,7 +81,8 @@ async def main() -> None:
         out["wrong_token"] = "OK"
     except grpc.aio.AioRpcError as exc:
         out["wrong_token"] = code(exc)
-    client_admin = queen_pb2_grpc.QueenAdminStub(security.aio_channel(args.queen, tokens["clients"]["client"]))
+    as_client = security.aio_channel(args.queen, tokens["clients"]["client"])
+    client_admin = queen_pb2_grpc.QueenAdminStub(as_client)
     try:
         await client_admin.ListHives(queen_pb2.ListHivesRequest(), timeout=5)
         out["client_on_admin"] = "OK"

@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import pytest
 
-from apiary.security import ROLES
 from harness import Cluster, Proc, stays_true, wait_until
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 
@@ -274,8 +273,8 @@ async def test_a_stream_cut_by_its_worker_records_the_tokens_delivered(cluster: 
 
 
 def named_clients(cluster: Cluster) -> dict[str, str]:
-    """A tokens file with one token per role and two named clients; the cluster uses it."""
-    tokens: dict[str, Any] = {role: secrets.token_urlsafe(16) for role in ROLES}
+    """A tokens file with admin and (shared) hive tokens and two named clients."""
+    tokens: dict[str, Any] = {role: secrets.token_urlsafe(16) for role in ("admin", "hive")}
     tokens["clients"] = {"shop": secrets.token_urlsafe(16), "search": secrets.token_urlsafe(16)}
     path = Path(cluster.tmp) / "tokens.json"
     path.write_text(json.dumps(tokens))
