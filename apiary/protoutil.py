@@ -21,14 +21,27 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+class NamedEnum(Protocol):
+    def Name(self, number: Any) -> str: ...
+
+
+def enum_name(enum: NamedEnum, value: int, prefix: str) -> str:
+    """'IDLE' for WORKER_STATE_IDLE; 'UNKNOWN(9)' for a value a newer peer sent that this
+    build does not know (listings and metrics must not break on it)."""
+    try:
+        return enum.Name(value).removeprefix(prefix)
+    except ValueError:
+        return f"UNKNOWN({value})"
+
+
 def state_name(state: common_pb2.WorkerState.ValueType) -> str:
     """'IDLE' for WORKER_STATE_IDLE: what people read and type."""
-    return common_pb2.WorkerState.Name(state).removeprefix("WORKER_STATE_")
+    return enum_name(common_pb2.WorkerState, state, "WORKER_STATE_")
 
 
 def health_name(health: common_pb2.HiveHealth.ValueType) -> str:
     """'HEALTHY' for HIVE_HEALTH_HEALTHY ('-' when unset)."""
-    return common_pb2.HiveHealth.Name(health).removeprefix("HIVE_HEALTH_") if health else "-"
+    return enum_name(common_pb2.HiveHealth, health, "HIVE_HEALTH_") if health else "-"
 
 
 def parse_state(name: str) -> common_pb2.WorkerState.ValueType:

@@ -7,7 +7,7 @@ import collections
 import time
 from collections.abc import Sequence
 
-from apiary.protoutil import READY_STATES, health_name, state_name
+from apiary.protoutil import READY_STATES, enum_name, health_name, state_name
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
 
@@ -46,7 +46,9 @@ def label(enum_name: str, prefix: str) -> str:
 
 
 def policy_name(policy: common_pb2.RestartPolicy.ValueType) -> str:
-    return label(common_pb2.RestartPolicy.Name(policy), "RESTART_POLICY_") if policy else "-"
+    return (
+        label(enum_name(common_pb2.RestartPolicy, policy, ""), "RESTART_POLICY_") if policy else "-"
+    )
 
 
 def worker_flags(w: common_pb2.WorkerRecord) -> str:
@@ -165,7 +167,7 @@ def backend_rows(backends: Sequence[hive_pb2.BackendInfo]) -> str:
 def event_line(event: queen_pb2.Event) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(event.time.seconds))
     when += f".{event.time.nanos // 1_000_000:03d}"
-    kind = label(queen_pb2.EventKind.Name(event.kind), "EVENT_KIND_")
+    kind = label(enum_name(queen_pb2.EventKind, event.kind, ""), "EVENT_KIND_")
     parts = [when, f"{kind:<22}"]
     for key, value in (("hive", event.hive_id), ("worker", event.worker_id),
                        ("model", event.model), ("request", event.request_id),
@@ -193,7 +195,7 @@ def request_rows(records: Sequence[queen_pb2.RequestRecord]) -> str:
 
     rows = [
         (r.id, r.client_request_id or "-", r.client or "-", r.model,
-         label(queen_pb2.RequestStatus.Name(r.status), "REQUEST_STATUS_"),
+         label(enum_name(queen_pb2.RequestStatus, r.status, ""), "REQUEST_STATUS_"),
          r.worker_id or "-", r.hive_id or "-", age(r.accepted_at.seconds) + " ago", took(r),
          r.completion_tokens, r.attempts, r.error)
         for r in records
@@ -292,5 +294,5 @@ def backend_details(backend: hive_pb2.BackendInfo) -> str:
 
 
 def infer_summary(last: common_pb2.InferChunk) -> str:
-    reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
+    reason = enum_name(common_pb2.FinishReason, last.finish_reason, "FINISH_REASON_")
     return f"[{last.completion_tokens} tokens, finish={reason.lower()}]"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from apiary.clock import Clock
+from apiary.protoutil import enum_name
 from protos.v1 import common_pb2, queen_pb2
 from queen.autospawn import Autospawner
 from queen.channels import Channels
@@ -73,7 +74,7 @@ def hive_lost(event: queen_pb2.Event) -> bool:
 
 def log_event(event: queen_pb2.Event) -> None:
     """'hive health changed', 'worker circuit opened': the kind as words."""
-    words = queen_pb2.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower()
+    words = enum_name(queen_pb2.EventKind, event.kind, "EVENT_KIND_").lower()
     log.info(
         words.replace("_", " "),
         hive_id=event.hive_id,
