@@ -43,6 +43,8 @@ class Lease:
     slot: Slot
     ttl: float
     task: asyncio.Task[None] | None = None
+    # Who took it: only they (or an admin) may give it back.
+    owner: str = ""
     # Called once when the lease ends, however it ends.
     on_end: Callable[[], None] = field(default=_nothing)
 
@@ -53,10 +55,12 @@ class LeaseManager:
         self.channels = channels
         self.active: dict[str, Lease] = {}
 
-    async def hold(self, slot: Slot, ttl: float, on_end: Callable[[], None] = _nothing) -> Lease:
+    async def hold(
+        self, slot: Slot, ttl: float, on_end: Callable[[], None] = _nothing, owner: str = ""
+    ) -> Lease:
         """Ask the worker to hold the slot; on success the lease is followed until it ends,
         and then `on_end` is called (on failure, StatusError, and it is not)."""
-        lease = Lease(f"l-{uuid.uuid4().hex}", slot, ttl, on_end=on_end)
+        lease = Lease(f"l-{uuid.uuid4().hex}", slot, ttl, owner=owner, on_end=on_end)
         stream = self.channels.worker(slot.address).HoldLease(
             worker_pb2.HoldLeaseRequest(lease_id=lease.id, ttl_seconds=ttl)
         )
@@ -108,10 +112,12 @@ class LeaseManager:
             self.scheduler.give_back(lease.slot, outcome)
             lease.on_end()
 
-    def release(self, lease_id: str) -> bool:
-        """Give back a lease early: ends the worker's hold, which frees the slot."""
+    def release(self, lease_id: str, by: str | None = None) -> bool:
+        """Give back a lease early: ends the worker's hold, which frees the slot. With `by`,
+        only the lease's owner may (someone else is told it does not exist: a lease id names
+        nothing to anyone else)."""
         lease = self.active.get(lease_id)
-        if lease is None or lease.task is None:
+        if lease is None or lease.task is None or (by is not None and by != lease.owner):
             return False
         lease.task.cancel()
         return True

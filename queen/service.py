@@ -166,7 +166,9 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             raise refused(full)
         try:
             slot = await self._lease_slot(request, client, context)
-            return await self.cluster.leases.hold(slot, ttl, on_end=lambda: leases.release(client))
+            return await self.cluster.leases.hold(
+                slot, ttl, on_end=lambda: leases.release(client), owner=client
+            )
         except BaseException:
             leases.release(client)  # no lease came of it
             raise
@@ -193,7 +195,9 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def ReleaseLease(
         self, request: queen_pb2.ReleaseLeaseRequest, context: Context
     ) -> queen_pb2.ReleaseLeaseResponse:
-        if not self.cluster.leases.release(request.lease_id):
+        roles = self.tokens.roles_of(bearer(context.invocation_metadata()))
+        by = None if "admin" in roles else self.client_of(context)  # operators: anyone's
+        if not self.cluster.leases.release(request.lease_id, by):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"no active lease {request.lease_id!r} (it ended, expired or never existed)",
