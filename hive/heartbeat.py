@@ -54,7 +54,8 @@ class HeartbeatLoop:
         queen: str,
         hive_id: str,
         hive_address: str,
-        workers: Callable[[], list[common_pb2.WorkerRecord]],
+        # The worker table: records, and samples of what changes every beat.
+        workers: Callable[[], tuple[list[common_pb2.WorkerRecord], list[common_pb2.WorkerSample]]],
         interval: float = 1.0,
         stats: Callable[[], queen_pb2.HiveStats] = queen_pb2.HiveStats,
         sample: Callable[[], None] = lambda: None,
@@ -104,6 +105,7 @@ class HeartbeatLoop:
     async def send_once(self, leaving: bool = False) -> bool:
         self.sequence += 1
         self.sample()
+        records, samples = ([], []) if leaving else self.workers()
         beat = queen_pb2.HiveHeartbeat(
             stats=self.stats(),
             backends=self.backends,
@@ -111,7 +113,8 @@ class HeartbeatLoop:
             hive_id=self.hive_id,
             address=self.hive_address,
             resources=machine_resources(),
-            workers=[] if leaving else self.workers(),
+            workers=records,
+            samples=samples,
             leaving=leaving,
             sequence=self.sequence,
             problems=self.problems(),

@@ -48,6 +48,31 @@ def worker_records(supervisor: Supervisor) -> list[common_pb2.WorkerRecord]:
     return [worker_record(supervisor, w) for w in supervisor.workers.values()]
 
 
+def heartbeat_table(
+    supervisor: Supervisor,
+) -> tuple[list[common_pb2.WorkerRecord], list[common_pb2.WorkerSample]]:
+    """The table as a heartbeat carries it: records that change only when a worker does, and
+    samples of what changes all the time (so the queen re-checks only real changes)."""
+    records, samples = [], []
+    for worker in supervisor.workers.values():
+        record = worker_record(supervisor, worker)
+        samples.append(
+            common_pb2.WorkerSample(
+                id=record.id,
+                cpu_percent=record.cpu_percent,
+                rss_bytes=record.rss_bytes,
+                requests_completed=record.requests_completed,
+                requests_failed=record.requests_failed,
+                last_activity=record.last_activity,
+            )
+        )
+        record.cpu_percent, record.rss_bytes = 0.0, 0
+        record.requests_completed, record.requests_failed = 0, 0
+        record.ClearField("last_activity")
+        records.append(record)
+    return records, samples
+
+
 def hive_stats(supervisor: Supervisor) -> queen_pb2.HiveStats:
     return queen_pb2.HiveStats(
         spawns=supervisor.spawns,

@@ -13,7 +13,7 @@ from apiary.security import OPEN, Security, method_table
 from apiary.serving import RunningServer, host_port, start_server
 from hive.catalog import Catalog
 from hive.heartbeat import HeartbeatLoop
-from hive.records import hive_stats, worker_records
+from hive.records import heartbeat_table, hive_stats
 from hive.service import HiveService
 from hive.store import WorkerStore
 from hive.supervisor import Supervisor, SupervisorSettings
@@ -100,7 +100,7 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
         config.queen,
         config.hive_id,
         config.advertise or supervisor.hive_address,
-        lambda: worker_records(supervisor),
+        lambda: heartbeat_table(supervisor),
         config.heartbeat_interval,
         stats=lambda: hive_stats(supervisor),
         sample=supervisor.sample_resources,

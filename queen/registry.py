@@ -11,6 +11,7 @@ indexes (queen/selection.py), so a pick never scans the fleet.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ class WorkerEntry:
     unreachable: bool = False
     drained: bool = False
     breaker_until: float = 0.0
+    # What changes every beat (cpu, memory, last activity), apart from the record.
+    sample: common_pb2.WorkerSample | None = None
 
     @property
     def id(self) -> str:
@@ -205,8 +208,17 @@ class Registry:
             else:
                 result.removed.extend(self._upsert(hive, record))
         self._vouch(hive, reported)
+        self._take_samples(hive, beat.samples)
         result.removed = [a for a in result.removed if a]
         return result
+
+    def _take_samples(self, hive: HiveEntry, samples: Iterable[common_pb2.WorkerSample]) -> None:
+        """Figures for display only (never for routing): kept as they come, for known workers
+        of this hive; numbers that are not finite read as 0 (see view)."""
+        for sample in samples:
+            entry = self.workers.get(sample.id)
+            if entry is not None and entry.record.hive_id == hive.id:
+                entry.sample = sample
 
     def _hive_of(self, beat: queen_pb2.HiveHeartbeat) -> HiveEntry:
         now = self.clock.monotonic()
@@ -628,6 +640,11 @@ class Registry:
                 common_pb2.WORKER_STATE_BUSY if entry.in_flight else common_pb2.WORKER_STATE_IDLE
             )
             out.slots_available = entry.free_slots
+        if entry.sample is not None:
+            sample = entry.sample
+            out.cpu_percent = sample.cpu_percent if math.isfinite(sample.cpu_percent) else 0.0
+            out.rss_bytes = sample.rss_bytes
+            out.last_activity.CopyFrom(sample.last_activity)
         stats = entry.stats
         out.requests_completed = stats.completed
         out.requests_failed = stats.failed
