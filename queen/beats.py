@@ -193,8 +193,11 @@ def record_fine(record: common_pb2.WorkerRecord, hive_id: str, limits: BeatLimit
         names += options.keys()
         values = list(options.values())
     address = record.address
+    joined = "\n".join(names)
     return (
-        _NAMES.fullmatch("\n".join(names) + "\n") is not None
+        # One check for every name: each between separators (and none holding one itself).
+        joined.count("\n") == len(names) - 1
+        and _NAMES.fullmatch(joined + "\n") is not None
         and record.state in VALID_STATES
         and record.restart_policy in VALID_POLICIES
         and (not record.hive_id or record.hive_id == hive_id)
