@@ -243,7 +243,14 @@ class Registry:
         hive.backends = frozenset(beat.backends)
         hive.catalog = {entry.model: entry.backend for entry in beat.catalog}
         hive.problems = list(beat.problems)
-        self._note_health(hive)
+        was = hive.health
+        if was == common_pb2.HIVE_HEALTH_UNHEALTHY and self._note_health(hive) != was:
+            # Picks dropped its workers from the indexes while it was silent; an unchanged
+            # table re-adds nothing by itself, so put them back now.
+            for worker_id in hive.worker_ids:
+                self._touch(self.workers[worker_id])
+        else:
+            self._note_health(hive)
         return hive
 
     def _refusal(

@@ -133,3 +133,15 @@ def test_the_beat_budget_lets_bursts_through_and_slows_a_flood() -> None:
     assert not budget.allow("h1", 0.4) and budget.allow("h1", 0.6)
     flood = sum(budget.allow("h3", t / 20) for t in range(200))  # 20 beats/s for 10 s
     assert flood <= 4 + 2 * 10 + 1
+
+
+def test_a_hive_heard_again_after_going_silent_is_routed_to_with_an_unchanged_table() -> None:
+    reg, clock, _ = registry()
+    steady = beat(record("w1"))
+    reg.apply_heartbeat(steady)
+    clock.advance(3.5)  # silent: unhealthy, and a pick drops its worker from the index
+    assert reg.take_slot("m") is None
+    changed, _ = changed_records(steady, lambda wid: reg.known_record("h1", wid), LIMITS)
+    assert changed == []
+    reg.apply_heartbeat(steady, changed)
+    assert reg.take_slot("m") is not None
