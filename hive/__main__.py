@@ -135,6 +135,13 @@ def add_supervision_args(p: argparse.ArgumentParser) -> None:
         "their entry says idle_retire=1",
     )
     p.add_argument(
+        "--orphan-timeout",
+        type=float,
+        default=60.0,
+        help="a worker whose hive is gone (not restarted within this long) stops by itself; "
+        "at least 3 health intervals (0 = never)",
+    )
+    p.add_argument(
         "--failed-ttl",
         type=float,
         default=600.0,
@@ -167,6 +174,7 @@ def settings_from(args: argparse.Namespace) -> SupervisorSettings:
         health_timeout=args.health_timeout,
         default_policy=args.restart_policy,
         worker_host=args.worker_host,
+        orphan_timeout=args.orphan_timeout,
     )
 
 
@@ -226,7 +234,14 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m hive") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if 0 < args.orphan_timeout < 3 * args.health_interval:
+        # Workers would stop themselves between two health checks of a live hive.
+        parser.error(
+            f"--orphan-timeout {args.orphan_timeout:g} must be at least 3 health intervals "
+            f"({3 * args.health_interval:g}s), or 0"
+        )
     logs.configure("hive", args.log_format)
     structlog.contextvars.bind_contextvars(hive_id=args.hive_id)
     return asyncio.run(run(args))

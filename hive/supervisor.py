@@ -87,6 +87,8 @@ class SupervisorSettings:
     health_timeout: float = 2.0
     default_policy: common_pb2.RestartPolicy.ValueType = DEFAULT_POLICY
     worker_host: str = "127.0.0.1"
+    # A worker stops by itself after this long without its hive asking after it (0 = never).
+    orphan_timeout: float = 60.0
 
 
 @dataclass(eq=False)
@@ -318,6 +320,7 @@ class Supervisor:
             "--slots", str(spec.slots),
             "--listen", f"{self.settings.worker_host}:0",
             "--stop-grace", str(self.settings.lifecycle.stop_grace),
+            "--orphan-timeout", str(self.settings.orphan_timeout),
         ]  # fmt: skip
         for key, value in sorted(spec.backend_options.items()):
             argv += ["--option", f"{key}={value}"]

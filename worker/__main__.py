@@ -17,6 +17,7 @@ from apiary.serving import RunningServer, host_port, set_serving, stop_event_on_
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import hive_pb2, hive_pb2_grpc
 from worker.backends import backend_names, create_backend
+from worker.orphans import stop_when_orphaned
 from worker.server import SERVICE_NAMES, WorkerIdentity, WorkerService, create_server
 
 log = structlog.get_logger("worker")
@@ -51,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-key", default="")
     p.add_argument("--tls-ca", default="", help="CA to verify the hive with")
     p.add_argument("--tls-client-ca", default="", help="require client certificates (mTLS)")
+    p.add_argument(
+        "--orphan-timeout",
+        type=float,
+        default=0.0,
+        help="stop once the hive has not asked after this worker for this long (0 = never)",
+    )
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -172,7 +179,10 @@ async def serve(
             await running.server.stop(0)
             return 4
     log.info("worker ready", address=address)
+    service.heard_from_hive = service.clock.monotonic()
+    watchdog = asyncio.create_task(stop_when_orphaned(service, args.orphan_timeout, service.clock))
     await service.stop.wait()
+    watchdog.cancel()
     log.info("worker stopping", in_flight=service.slots.in_flight, grace=service.stop_grace)
     await running.stop(service.stop_grace)
     await service.backend.close()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
+from apiary.clock import Clock, SystemClock
 from apiary.protoutil import timestamp
 from apiary.security import OPEN, Security, TokenSet, bearer, method_table
 from apiary.serving import Context, RunningServer, start_server
@@ -78,8 +79,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         stop: asyncio.Event | None = None,
         stop_grace: float = 5.0,
         tokens: TokenSet | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.tokens = tokens or TokenSet()
+        self.clock = clock or SystemClock()
+        # When the hive last asked after us (GetStatus, each health interval): a worker that
+        # stops hearing from its hive is an orphan (worker/orphans.py).
+        self.heard_from_hive = self.clock.monotonic()
         self.identity = identity
         # Set by Shutdown (or a signal): the worker's main loop then drains and exits.
         self.stop = stop or asyncio.Event()
@@ -250,6 +256,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def GetStatus(
         self, request: worker_pb2.GetStatusRequest, context: Context
     ) -> worker_pb2.GetStatusResponse:
+        self.heard_from_hive = self.clock.monotonic()
         return worker_pb2.GetStatusResponse(worker=self.record())
 
     async def Shutdown(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from harness import Cluster, Proc, stays_true
@@ -151,3 +152,37 @@ async def test_a_spawn_that_cannot_be_saved_starts_nothing_and_status_says_why(
 async def _hive_known(admin: object) -> bool:
     hives = await admin.ListHives(queen_pb2.ListHivesRequest(), timeout=2)  # type: ignore[attr-defined]
     return bool(hives.hives)
+
+
+async def test_orphans_of_a_hive_that_stays_dead_stop_by_themselves(cluster: Cluster) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(queen, "h1", "model=demo", extra=("--orphan-timeout", "1.5"))
+    (worker,) = await cluster.wait_workers(queen, "demo", 1)
+    hive.signal(signal.SIGKILL)
+    hive.wait(5)
+    assert psutil.pid_exists(worker.pid)
+
+    async def exited() -> bool:
+        return not psutil.pid_exists(worker.pid)
+
+    await eventually(exited, timeout=20)
+    log = (cluster.tmp / "state-h1" / "logs" / f"{worker.id}.log").read_text()
+    assert "no word from the hive: stopping (orphaned)" in log
+
+
+async def test_a_hive_restarted_within_the_orphan_timeout_keeps_its_workers(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen()
+    timeout = ("--orphan-timeout", "2", *FAST)
+    hive = cluster.start_hive(queen, "h1", "model=demo", extra=timeout)
+    (worker,) = await cluster.wait_workers(queen, "demo", 1)
+    hive.signal(signal.SIGKILL)
+    hive.wait(5)
+    hive = cluster.start_hive(queen, "h1", "model=demo", extra=timeout, port=hive.port)
+
+    async def same_worker() -> bool:
+        return await hive_workers(cluster, hive) == {worker.id: worker.pid}
+
+    await eventually(same_worker, timeout=15)
+    await stays_true(same_worker, seconds=3.0)  # past the orphan timeout: adopted, not orphaned
