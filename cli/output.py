@@ -244,6 +244,15 @@ def _counts(counter: collections.Counter[str]) -> str:
     return ", ".join(f"{n} {name.lower()}" for name, n in sorted(counter.items()))
 
 
+def routable_worker(w: common_pb2.WorkerRecord) -> bool:
+    return (
+        w.state in READY_STATES
+        and not w.drained
+        and w.hive_health != common_pb2.HIVE_HEALTH_UNHEALTHY
+        and not w.circuit_open_seconds
+    )
+
+
 def status_text(
     queen: str,
     hives: Sequence[queen_pb2.HiveInfo],
@@ -254,8 +263,10 @@ def status_text(
     the hive, worker and model tables."""
     by_health = collections.Counter(health_name(h.health) for h in hives)
     by_state = collections.Counter(state_name(w.state) for w in workers)
-    slots = sum(w.slots_total for w in workers)
-    used = sum(w.slots_total - w.slots_available for w in workers if w.state in READY_STATES)
+    # Capacity is what can be routed to: not failed, loading, stopping, drained or unreachable.
+    routable = [w for w in workers if routable_worker(w)]
+    slots = sum(w.slots_total for w in routable)
+    used = sum(w.slots_total - w.slots_available for w in routable)
     done = sum(w.requests_completed for w in workers)
     failed = sum(w.requests_failed for w in workers)
     rate = f"{done / (done + failed):.1%}" if done + failed else "-"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from apiary.protoutil import naming, timestamp
+from apiary.protoutil import READY_STATES, naming, timestamp
 from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
 from queen.admission import tags_problem
@@ -38,7 +38,10 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
             first_seen=timestamp(hive.first_seen_wall),
             resources=hive.resources,
             worker_count=len(workers),
-            slots_total=sum(w.record.slots_total for w in workers),
+            # Capacity is what can serve: a FAILED, LOADING or STOPPING worker's slots are not.
+            slots_total=sum(
+                w.record.slots_total for w in workers if w.record.state in READY_STATES
+            ),
             slots_in_use=sum(w.in_flight for w in workers),
             stats=hive.stats,
             drained=hive.drained,

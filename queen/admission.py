@@ -55,6 +55,10 @@ def model_problem(cluster: Cluster, model: str) -> StatusError | None:
         for w in workers
         if w.record.state != common_pb2.WORKER_STATE_FAILED or w.record.restart_in_seconds > 0
     ]
+    if not alive and cluster.autospawn.can_spawn(model):
+        # Failed workers are no capacity: a fresh one is on its way (the request waits).
+        cluster.autospawn.ensure(model)
+        return None
     if not alive:
         reasons = "; ".join(sorted({w.record.failure_reason or "failed" for w in workers}))
         return StatusError(

@@ -18,9 +18,7 @@ def service(clock: FakeClock) -> WorkerService:
 async def test_a_worker_whose_hive_went_quiet_stops_and_one_asked_after_does_not() -> None:
     clock = FakeClock()
     quiet, looked_after = service(clock), service(clock)
-    tasks = [
-        asyncio.create_task(stop_when_orphaned(s, 60.0, clock)) for s in (quiet, looked_after)
-    ]
+    tasks = [asyncio.create_task(stop_when_orphaned(s, 60.0, clock)) for s in (quiet, looked_after)]
     for _ in range(10):  # 10 s steps, for 100 s: the hive asks after one of them every 10 s
         await clock.run(10.0)
         looked_after.heard_from_hive = clock.monotonic()
