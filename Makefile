@@ -30,7 +30,16 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 run: proto
 	$(VENV)/bin/apiary up
 
-test: proto
+# The grpc-js interop test's client (skipped, saying why, where Node.js/npm are missing).
+JS := tests/interop/js
+JS_INSTALLED := $(JS)/node_modules/.installed
+
+$(JS_INSTALLED): $(JS)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd $(JS) && npm ci --no-audit --no-fund --silent) && touch $@; \
+	else echo "npm not found: the grpc-js interop test will be skipped"; fi
+
+test: proto $(JS_INSTALLED)
 	$(PY) -m pytest
 
 lint: proto
@@ -41,4 +50,4 @@ bench: proto
 	$(PY) bench/route.py
 
 clean:
-	rm -rf $(VENV) $(GENERATED) protos/v1/*_pb2*.py protos/v1/*_pb2*.pyi .mypy_cache .pytest_cache
+	rm -rf $(VENV) $(GENERATED) $(JS)/node_modules protos/v1/*_pb2*.py protos/v1/*_pb2*.pyi .mypy_cache .pytest_cache
