@@ -1,8 +1,13 @@
 # The two commands a new user runs: `make run` and `make test`.
+# `make run` installs the core only (a minute or two); `make test` adds the dev tools and the
+# llamacpp extra (llama-cpp-python compiles llama.cpp on its first install: several minutes,
+# then pip reuses the wheel); `APIARY_MODEL=FILE.gguf make run` adds the llamacpp extra too.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+CORE   := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
+LLAMA  := $(VENV)/.installed-llamacpp
 PROTOS := $(wildcard protos/v1/*.proto)
 GENERATED := protos/v1/.generated
 
@@ -10,24 +15,32 @@ GENERATED := protos/v1/.generated
 
 all: test
 
-install: $(INSTALLED)
+install: $(DEV)
 
-$(INSTALLED): pyproject.toml
+# The editable install runs the build step (setup.py) that compiles protos/v1/*.proto.
+$(CORE): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@ $(GENERATED)
+
+$(DEV): $(CORE)
 	$(PY) -m pip install -q -e '.[dev,llamacpp]'
+	touch $(LLAMA) $@
+
+$(LLAMA): $(CORE)
+	$(PY) -m pip install -q -e '.[llamacpp]'
 	touch $@
 
 proto: $(GENERATED)
 
 # The proto path is the import path: `from protos.v1 import queen_pb2`.
-$(GENERATED): $(PROTOS) $(INSTALLED)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m grpc_tools.protoc -I . \
-		--python_out=. --grpc_python_out=. --mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTOS)
+$(GENERATED): $(PROTOS) $(CORE)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 # APIARY_MODEL=path/to/model.gguf make run: the same cluster on a real model (llamacpp).
-run: proto
+run: proto $(if $(APIARY_MODEL),$(LLAMA))
 	$(VENV)/bin/apiary up
 
 # The grpc-js interop test's client (skipped, saying why, where Node.js/npm are missing).
@@ -40,15 +53,16 @@ $(JS_INSTALLED): $(JS)/package-lock.json
 			|| echo "npm ci failed: the grpc-js interop test will be skipped"; \
 	else echo "npm not found: the grpc-js interop test will be skipped"; fi
 
-test: proto $(JS_INSTALLED)
+test: $(DEV) proto $(JS_INSTALLED)
 	$(PY) -m pytest
 
-lint: proto
+lint: $(DEV) proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-bench: proto
+bench: $(DEV) proto
 	$(PY) bench/route.py
 
 clean:
-	rm -rf $(VENV) $(GENERATED) $(JS)/node_modules protos/v1/*_pb2*.py protos/v1/*_pb2*.pyi .mypy_cache .pytest_cache
+	rm -rf $(VENV) $(GENERATED) protos/v1/*_pb2*.py protos/v1/*_pb2*.pyi .mypy_cache \
+		.pytest_cache $(JS)/node_modules build *.egg-info
