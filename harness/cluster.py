@@ -33,6 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER_ENV = "APIARY_TEST_RUN"
 
 
+def with_echo(spec: str) -> str:
+    """Tests and benchmarks run the echo backend: a --spawn spec that names none names it
+    (a hive never guesses a backend for a model outside its catalog)."""
+    return spec if "backend=" in spec else f"{spec},backend=echo"
+
+
 @dataclass
 class Proc:
     name: str
@@ -166,7 +172,7 @@ class Cluster:
             *extra,
         ]
         for spec in spawn:
-            argv += ["--spawn", spec]
+            argv += ["--spawn", with_echo(spec)]
         return self.start(f"hive-{hive_id}", argv)
 
     def channel(self, address: str, token: str | None = None) -> grpc.aio.Channel:

@@ -61,7 +61,7 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
     spec = WorkerSpec(
         idle_retire=idle_retire,
         model=fields.pop("model"),
-        backend=fields.pop("backend", "echo"),
+        backend=fields.pop("backend", ""),  # none: the catalog's, never a guess
         slots=slots,
         device=fields.pop("device", "cpu"),
         restart_policy=parse_policy(restart) if restart else common_pb2.RESTART_POLICY_UNSPECIFIED,

@@ -52,9 +52,25 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         self.supervisor = supervisor
         self.catalog = catalog
 
+    def backend_for(self, model: str) -> str:
+        """The backend a spawn names none for: the one its catalog entry says (a GGUF runs on
+        llamacpp). A model the catalog lacks is refused: the echo backend is never a guess."""
+        try:
+            return self.catalog.get(model).backend
+        except NotInCatalog:
+            models = ", ".join(e.name for e in self.catalog.cached_entries()) or "none"
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {model!r} is not in hive {self.supervisor.hive_id}'s catalog (models: "
+                f"{models}) and no backend was named: pull it (apiary model pull) or name a "
+                f"backend ({', '.join(backend_names())}; echo is for tests)",
+            ) from None
+
     def prepare(self, spec: WorkerSpec) -> WorkerSpec:
         """Check a spawn against what this hive can do, and fill in what the hive knows
-        (the model file from the catalog). Raises StatusError."""
+        (the backend and model file from the catalog). Raises StatusError."""
+        if not spec.backend and not name_problem("model", spec.model):
+            spec = dataclasses.replace(spec, backend=self.backend_for(spec.model))
         problem = name_problem("model", spec.model) or name_problem("backend", spec.backend)
         for tag in spec.tags:
             problem = problem or name_problem("tag", tag)

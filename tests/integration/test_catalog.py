@@ -186,3 +186,22 @@ async def test_loading_progress_is_reported_while_a_worker_loads(cluster: Cluste
     detail = next(d for p, d in seen if 0 < p < 1)
     assert "step" in detail
     await cluster.wait_workers(queen, "slow", 1)
+
+
+async def test_a_spawn_without_a_backend_takes_the_catalogs_and_never_guesses_echo(
+    cluster: Cluster, gguf: Path
+) -> None:
+    queen = cluster.start_queen()
+    hive = cluster.start_hive(queen, "h1")
+    stub = cluster.hive_stub(hive)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.SpawnWorker(hive_pb2.SpawnWorkerRequest(model="capital-of-france"))
+    details = err.value.details() or ""
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not in hive h1's catalog (models: none)" in details and "echo is for tests" in details
+    pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
+    await pull(stub, str(gguf), "tiny")
+    spawned = await stub.SpawnWorker(
+        hive_pb2.SpawnWorkerRequest(model="tiny", wait_ready=True), timeout=60
+    )
+    assert spawned.worker.backend == "llamacpp"

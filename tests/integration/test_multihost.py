@@ -83,7 +83,7 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
                 "--tls-key",
                 str(certs / f"{hive}.key"),
                 "--spawn",
-                "model=demo,count=2,token_delay=0.02",
+                "model=demo,backend=echo,count=2,token_delay=0.02",
                 # Each machine gets only its own credential.
                 "--tokens-file",
                 str(certs / f"{hive}.tokens.json"),
