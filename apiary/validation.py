@@ -24,6 +24,19 @@ def name_problem(kind: str, value: str) -> str | None:
     return None
 
 
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]*")
+
+
+def tag_problem(kind: str, value: str) -> str | None:
+    """None if `value` is a usable worker tag ('gpu', 'region=eu'), else why not."""
+    if not value or len(value) > MAX_NAME_LENGTH or not _TAG.fullmatch(value):
+        return (
+            f"{kind} {value[:40]!r} is not a tag: 1..{MAX_NAME_LENGTH} letters, digits and "
+            ". _ : / @ + = - (starting with a letter or digit), e.g. gpu or region=eu"
+        )
+    return None
+
+
 DEFAULT_MAX_TOKENS_CAP = 4096
 DEFAULT_MAX_PROMPT_BYTES = 64 * 1024
 

@@ -16,7 +16,7 @@ from apiary.errors import StatusError
 from apiary.protoutil import timestamp
 from apiary.security import bearer
 from apiary.serving import Context
-from apiary.validation import name_problem
+from apiary.validation import name_problem, tag_problem
 from hive import processes
 from hive.catalog import (
     AlreadyExists,
@@ -73,7 +73,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             spec = dataclasses.replace(spec, backend=self.backend_for(spec.model))
         problem = name_problem("model", spec.model) or name_problem("backend", spec.backend)
         for tag in spec.tags:
-            problem = problem or name_problem("tag", tag)
+            problem = problem or tag_problem("tag", tag)
         if problem:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:

@@ -7,7 +7,7 @@ import grpc
 
 from apiary.errors import StatusError
 from apiary.protoutil import naming
-from apiary.validation import infer_request_problem, name_problem
+from apiary.validation import infer_request_problem, name_problem, tag_problem
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
 
@@ -18,7 +18,7 @@ def tags_problem(tags: list[str]) -> str | None:
     if len(tags) > MAX_TAGS:
         return f"at most {MAX_TAGS} required tags are allowed (got {len(tags)})"
     for tag in tags:
-        problem = name_problem("tag", tag)
+        problem = tag_problem("tag", tag)
         if problem:
             return problem
     return None

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from apiary.validation import MAX_NAME_LENGTH, name_problem
+from apiary.validation import MAX_NAME_LENGTH, name_problem, tag_problem
 from protos.v1 import common_pb2, queen_pb2
 
 DEFAULT_MAX_WORKERS_PER_HIVE = 1024
@@ -162,7 +162,7 @@ def _record_lists_problem(record: common_pb2.WorkerRecord, where: str) -> str | 
     if len(record.tags) > MAX_TAGS:
         return f"{where}.tags: at most {MAX_TAGS} are allowed"
     for tag in record.tags:
-        if problem := name_problem(f"{where}.tags[]", tag):
+        if problem := tag_problem(f"{where}.tags[]", tag):
             return problem
     if len(record.backend_options) > MAX_OPTIONS:
         return f"{where}.backend_options: at most {MAX_OPTIONS} are allowed"
@@ -178,6 +178,7 @@ def _record_lists_problem(record: common_pb2.WorkerRecord, where: str) -> str | 
 
 
 _NAMES = re.compile(rf"(?:[A-Za-z0-9][A-Za-z0-9._:/@+-]{{0,{MAX_NAME_LENGTH - 1}}}\n)*")
+_TAG_OK = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{{0,{MAX_NAME_LENGTH - 1}}}").fullmatch
 VALID_STATES = frozenset(common_pb2.WorkerState.values())
 VALID_POLICIES = frozenset(common_pb2.RestartPolicy.values())
 
@@ -187,7 +188,7 @@ def record_fine(record: common_pb2.WorkerRecord, hive_id: str, limits: BeatLimit
     thousand changed records a beat); False sends the record to record_problem for the
     message. Never more lenient than record_problem."""
     tags, options = record.tags, record.backend_options
-    names = [record.id, record.model, record.backend, record.device or "cpu", *tags]
+    names = [record.id, record.model, record.backend, record.device or "cpu"]
     values: list[str] = []
     if options:
         names += options.keys()
@@ -198,6 +199,7 @@ def record_fine(record: common_pb2.WorkerRecord, hive_id: str, limits: BeatLimit
         # One check for every name: each between separators (and none holding one itself).
         joined.count("\n") == len(names) - 1
         and _NAMES.fullmatch(joined + "\n") is not None
+        and all(_TAG_OK(tag) for tag in tags)
         and record.state in VALID_STATES
         and record.restart_policy in VALID_POLICIES
         and (not record.hive_id or record.hive_id == hive_id)

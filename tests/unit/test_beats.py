@@ -61,7 +61,7 @@ def test_a_bad_field_is_named(bad: queen_pb2.HiveHeartbeat, named: str) -> None:
 
 
 def test_a_good_beat_passes_and_unchanged_records_are_not_checked_again() -> None:
-    good = beat(record("w1"), record("w2", slots_total=8, tags=["gpu"]))
+    good = beat(record("w1"), record("w2", slots_total=8, tags=["gpu", "region=eu"]))
     assert problem_of(good) is None
     held = {"w1": record("w1")}
     changed, problem = changed_records(good, held.get, LIMITS)
