@@ -47,14 +47,9 @@ def infer_request_problem(
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
 ) -> str | None:
     """Why an InferRequest is malformed, or None. Checked by the queen and again by the worker."""
-    problem = name_problem("model", request.model)
+    problem = name_problem("model", request.model) or input_problem(request, max_prompt_bytes)
     if problem:
         return problem
-    if not request.prompt:
-        return "prompt is required and must not be empty"
-    size = len(request.prompt.encode())
-    if size > max_prompt_bytes:
-        return f"prompt is {size} bytes; this server accepts at most {max_prompt_bytes}"
     if request.max_tokens <= 0:
         return f"max_tokens must be > 0 (got {request.max_tokens})"
     if request.max_tokens > max_tokens_cap:
@@ -62,6 +57,28 @@ def infer_request_problem(
     if len(request.request_id) > MAX_NAME_LENGTH:
         return f"request_id is longer than {MAX_NAME_LENGTH} characters"
     return sampling_problem(request)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_MESSAGES = 512
+
+
+def input_problem(request: common_pb2.InferRequest, max_prompt_bytes: int) -> str | None:
+    """Exactly one of prompt and messages, within the prompt size limit."""
+    if request.prompt and request.messages:
+        return "send either prompt or messages, not both"
+    if not request.prompt and not request.messages:
+        return "prompt (or messages, for a chat) is required and must not be empty"
+    if len(request.messages) > MAX_MESSAGES:
+        return f"at most {MAX_MESSAGES} messages are allowed (got {len(request.messages)})"
+    for i, message in enumerate(request.messages):
+        if message.role not in CHAT_ROLES:
+            return f"messages[{i}].role {message.role[:20]!r} is not one of {', '.join(CHAT_ROLES)}"
+    size = len(request.prompt.encode()) + sum(len(m.content.encode()) for m in request.messages)
+    if size > max_prompt_bytes:
+        what = "prompt" if request.prompt else "the messages"
+        return f"{what} is {size} bytes; this server accepts at most {max_prompt_bytes}"
+    return None
 
 
 MAX_STOP_STRINGS = 8

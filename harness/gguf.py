@@ -21,6 +21,14 @@ WORDS = [
 ]  # fmt: skip
 
 
+# A chat template in the file's metadata, as real instruct models carry (Jinja, rendered by
+# llama-cpp-python): each turn is "[role] content</s>", then "[assistant]" for the reply.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
     """SentencePiece-style: control tokens, 256 byte tokens (any text encodes), letters, words."""
     tokens, scores, types = ["<unk>", "<s>", "</s>"], [0.0, 0.0, 0.0], [2, 3, 3]
@@ -38,7 +46,8 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """`chat_template` None: a model without one (the backend falls back to a named format)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -62,6 +71,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def weights(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.5).astype(np.float32)

@@ -16,8 +16,9 @@ from apiary.security import OPEN, Security, TokenSet, bearer, method_table
 from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.backends import Backend, GenerationRequest
+from worker.backends import Backend
 from worker.slots import Slots
+from worker.stream import render, stream
 
 log = structlog.get_logger("worker.server")
 
@@ -43,31 +44,6 @@ class WorkerIdentity:
     device: str
     slots: int
     backend_options: dict[str, str] = field(default_factory=dict)
-
-
-class StopMatcher:
-    """Cuts a stream of text before the first stop string, holding back only what could still
-    turn out to be the start of one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.buffer = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to send now, whether a stop string was reached)."""
-        self.buffer += text
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buffer = self.buffer[: min(hits)], ""
-            return out, True
-        cut = max(len(self.buffer) - self.hold, 0)
-        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -107,6 +83,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[common_pb2.InferChunk]:
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
             await self._check_call(request, context)
+            try:
+                # The model's own template, before a slot is taken: a chat it refuses is the
+                # client's mistake, said as such.
+                prepared = render(self.backend, request)
+            except ValueError as exc:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"model {self.identity.model!r} cannot take these messages: {exc}",
+                )
             refusal = self.slots.start(request.lease_id)
             if refusal is not None:
                 await context.abort(grpc.StatusCode[refusal.code], refusal.message)
@@ -116,7 +101,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.last_activity = time.time()
             ok = False
             try:
-                async for chunk in self._stream(request):
+                async for chunk in stream(self.backend, request, prepared):
                     yield chunk
                 ok = True
             except Exception as exc:
@@ -195,63 +180,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             # Whoever ends the stream (the queen giving the lease back included) frees the slot.
             self.slots.drop(lease_id)
             self.lease_signals.pop(lease_id, None)
-
-    async def _stream(
-        self, request: common_pb2.InferRequest
-    ) -> AsyncIterator[common_pb2.InferChunk]:
-        """The backend's pieces as chunks: stop strings applied, the last chunk with the counts.
-
-        The last token chunk carries finish_reason when the end is known with it (max_tokens,
-        a stop string); when the backend ends by itself (end of sequence) an empty closing
-        chunk does.
-        """
-        started = time.perf_counter()
-        generation = GenerationRequest(
-            prompt=request.prompt,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature if request.HasField("temperature") else None,
-            top_p=request.top_p if request.HasField("top_p") else None,
-            top_k=request.top_k if request.HasField("top_k") else None,
-            seed=request.seed if request.HasField("seed") else None,
-        )
-        prompt_tokens = self.backend.count_tokens(request.prompt)
-        stops = StopMatcher(list(request.stop))
-        produced = 0
-        index = 0
-        ttft = 0.0
-
-        def chunk(
-            text: str,
-            finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED,
-        ) -> common_pb2.InferChunk:
-            nonlocal index
-            out = common_pb2.InferChunk(text=text, index=index, request_id=request.request_id)
-            index += 1
-            if finish:
-                out.finish_reason = finish
-                out.prompt_tokens = prompt_tokens
-                out.completion_tokens = produced
-                out.time_to_first_token_seconds = ttft
-            return out
-
-        pieces = self.backend.generate(generation)
-        try:
-            async for piece in pieces:
-                if not produced:
-                    ttft = time.perf_counter() - started
-                produced += piece.tokens
-                text, stopped = stops.feed(piece.text)
-                if stopped:
-                    yield chunk(text, common_pb2.FINISH_REASON_STOP)
-                    return
-                if produced >= request.max_tokens:
-                    yield chunk(text + stops.flush(), common_pb2.FINISH_REASON_LENGTH)
-                    return
-                if text:
-                    yield chunk(text)
-            yield chunk(stops.flush(), common_pb2.FINISH_REASON_STOP)
-        finally:
-            await pieces.aclose()  # type: ignore[attr-defined]
 
     async def GetStatus(
         self, request: worker_pb2.GetStatusRequest, context: Context

@@ -179,3 +179,79 @@ async def test_queen_lists_which_hives_have_a_model_and_autospawns_from_catalogs
         await cluster.admin_stub(queen).ListWorkers(queen_pb2.ListWorkersRequest(model="tiny"))
     ).workers
     assert len(workers) == 1 and workers[0].backend == "llamacpp"
+
+
+async def spawn_file(
+    cluster: Cluster, queen: Proc, gguf: Path, model: str, **options: str
+) -> common_pb2.WorkerRecord:
+    reply = await cluster.admin_stub(queen).SpawnWorker(
+        queen_pb2.QueenSpawnWorkerRequest(
+            model=model,
+            backend="llamacpp",
+            wait_ready=True,
+            backend_options={"threads": "1", "context_size": "256", "model_path": str(gguf),
+                             **options},
+        ),
+        timeout=60,
+    )  # fmt: skip
+    return reply.worker
+
+
+def chat(model: str, *turns: tuple[str, str], tokens: int = 8) -> common_pb2.InferRequest:
+    messages = [common_pb2.ChatMessage(role=r, content=c) for r, c in turns]
+    return common_pb2.InferRequest(model=model, messages=messages, max_tokens=tokens, seed=3)
+
+
+async def test_chats_render_with_the_models_own_template_or_a_named_fallback(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1")
+    await wait_until(lambda: _hives(cluster, queen), timeout=10)
+    templated = await spawn_file(cluster, queen, write_tiny_gguf(tmp_path / "t.gguf"), "tmpl")
+    plain = write_tiny_gguf(tmp_path / "p.gguf", chat_template=None)
+    fallback = await spawn_file(cluster, queen, plain, "plain")
+    stub = cluster.queen_stub(queen)
+    turns = (("system", "be sweet"), ("user", "the bees fly to the hive"))
+    chunks = await collect(stub, chat("tmpl", *turns))
+    last = chunks[-1]
+    # The same chat again: the worker's context still holds the prompt's prefix.
+    again = (await collect(stub, chat("tmpl", *turns)))[-1]
+    assert again.cached_prompt_tokens >= last.prompt_tokens - 1
+    # Rendered "<s>[system] be sweet</s>[user] ...</s>[assistant]", <s> and </s> read as the
+    # special tokens they are: fewer tokens than the same text sent as a raw prompt.
+    rendered = "<s>[system] be sweet</s>[user] the bees fly to the hive</s>[assistant]"
+    raw = common_pb2.InferRequest(model="tmpl", prompt=rendered, max_tokens=1)
+    as_text = (await collect(stub, raw))[-1].prompt_tokens
+    assert last.prompt_tokens <= as_text - 1 - 3  # BOS added to text; 3 markers: 1 token each
+    assert last.completion_tokens == 8 == sum(len(c.token_ids) for c in chunks)
+    assert "".join(c.text for c in chunks).strip()
+    logs = {w.id: (cluster.tmp / "state-h1" / "logs" / f"{w.id}.log").read_text()
+            for w in (templated, fallback)}  # fmt: skip
+    assert "chats rendered with the model's chat template" in logs[templated.id]
+    assert "chats rendered with the chatml chat format" in logs[fallback.id]
+    assert (await collect(stub, chat("plain", *turns)))[-1].completion_tokens == 8
+
+
+async def test_a_chat_the_template_refuses_is_the_clients_mistake(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    strict = (
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{{ raise_exception('this model takes no system turn') }}{% endif %}"
+        "{{ m.content }}{% endfor %}"
+    )
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1")
+    await wait_until(lambda: _hives(cluster, queen), timeout=10)
+    await spawn_file(
+        cluster, queen, write_tiny_gguf(tmp_path / "s.gguf", chat_template=strict), "strict"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(cluster.queen_stub(queen), chat("strict", ("system", "x"), ("user", "y")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "this model takes no system turn" in (err.value.details() or "")
+
+
+async def _hives(cluster: Cluster, queen: Proc) -> bool:
+    return bool((await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives)

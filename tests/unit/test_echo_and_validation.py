@@ -11,7 +11,7 @@ from hive.__main__ import parse_spawn
 from protos.v1 import common_pb2
 from worker.backends import BackendOptionError, GenerationRequest, backend_names, create_backend
 from worker.backends.echo import EchoBackend
-from worker.server import StopMatcher
+from worker.completion import Completion
 
 
 async def test_echo_is_deterministic_and_honours_max_tokens() -> None:
@@ -51,7 +51,7 @@ def test_unknown_backend_names_the_known_ones() -> None:
         (common_pb2.InferRequest(prompt="p", max_tokens=1), "model is required"),
         (
             common_pb2.InferRequest(model="m", max_tokens=1),
-            "prompt is required and must not be empty",
+            "prompt (or messages, for a chat) is required and must not be empty",
         ),
         (common_pb2.InferRequest(model="m", prompt="p"), "max_tokens must be > 0 (got 0)"),
         (
@@ -106,22 +106,23 @@ def test_sampling_problems(fields: dict[str, object], problem: str | None) -> No
     ("pieces", "stops", "expected"),
     [
         (["hel", "lo wor", "ld"], [], (["hel", "lo wor", "ld"], False)),
-        # Holds back len("STOP") - 1 characters that might start a stop string.
-        (["hel", "lo", " STOP here"], ["STOP"], (["", "he", "llo "], True)),
-        (["a", "S", "T", "x"], ["STOP"], (["", "", "", "aSTx"], False)),
-        (["ab", "cST", "OP"], ["STOP", "c"], (["", "ab"], True)),
+        # Holds back only what might still start a stop string.
+        (["hel", "lo", " STOP here"], ["STOP"], (["hel", "lo", " "], True)),
+        (["a", "S", "T", "x"], ["STOP"], (["a", "", "", "STx"], False)),
+        (["ab", "cST", "OP"], ["STOP", "c"], (["ab", ""], True)),
     ],
 )
-def test_stop_matcher(
+def test_stop_strings(
     pieces: list[str], stops: list[str], expected: tuple[list[str], bool]
 ) -> None:
-    matcher = StopMatcher(stops)
+    completion = Completion(stops)
     out, hit = [], False
     for piece in pieces:
-        text, hit = matcher.feed(piece)
-        out.append(text)
+        release = completion.feed(piece, [])
+        out.append(release.text)
+        hit = release.stopped
         if hit:
             break
     if not hit:
-        out[-1] += matcher.flush()
+        out[-1] += completion.flush().text
     assert (out, hit) == expected

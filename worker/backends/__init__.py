@@ -8,7 +8,15 @@ import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from worker.backends.base import Backend, BackendOptionError, GenerationRequest, Piece, Progress
+from worker.backends.base import (
+    Backend,
+    BackendOptionError,
+    GenerationRequest,
+    Message,
+    Piece,
+    Progress,
+    Rendered,
+)
 
 # name -> "module:Class". Imported lazily so a hive can list backends without
 # importing heavy engines.
@@ -83,8 +91,10 @@ __all__ = [
     "BackendDescription",
     "BackendOptionError",
     "GenerationRequest",
+    "Message",
     "Piece",
     "Progress",
+    "Rendered",
     "backend_class",
     "backend_names",
     "create_backend",

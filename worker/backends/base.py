@@ -12,7 +12,16 @@ Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
+class Message:
+    """One turn of a chat: role (system, user, assistant, tool) and content."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
+    # Exactly one of prompt (raw text) and messages (a chat the backend renders).
     prompt: str
     max_tokens: int
     # None: the backend's default.
@@ -20,14 +29,30 @@ class GenerationRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    messages: tuple[Message, ...] = ()
+    # The prompt holds a template's special tokens (e.g. <|im_start|>), to be read as such.
+    special: bool = False
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What the model is given: the prompt text, and where a chat turn ends."""
+
+    text: str
+    # Strings that end the completion (a chat template's end of turn), besides the request's.
+    stops: tuple[str, ...] = ()
+    special: bool = False
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Decoded text as it becomes available, and how many tokens it took."""
+    """Decoded text as it becomes available, and the tokens it was decoded from."""
 
     text: str
     tokens: int = 1
+    token_ids: tuple[int, ...] = ()
+    # On the first piece: prompt tokens the backend reused from its cache.
+    cached_prompt_tokens: int = 0
 
 
 class BackendOptionError(ValueError):
@@ -81,6 +106,17 @@ class Backend(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens in `text` by this backend's tokenizer (for prompt token counts)."""
 
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens of the prompt as the model sees it (a rendered chat's included)."""
+        return self.count_tokens(request.prompt)
+
+    def render(self, request: GenerationRequest) -> Rendered:
+        """The prompt the model sees: a raw prompt as is; a chat in a plain documented form
+        (backends with a model's own template override this)."""
+        if not request.messages:
+            return Rendered(request.prompt)
+        return Rendered(plain_chat(request.messages))
+
     async def close(self) -> None:  # noqa: B027 - optional hook; most backends free nothing
         """Free what load() took."""
 
@@ -117,3 +153,8 @@ def parse_float_option(backend: str, options: Mapping[str, str], key: str, defau
             f"backend {backend!r} option {key}={raw!r} must be a finite number >= 0"
         )
     return value
+
+
+def plain_chat(messages: tuple[Message, ...]) -> str:
+    """'role: content' per line, then 'assistant:' for the reply (the echo backend's form)."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"

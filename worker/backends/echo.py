@@ -1,10 +1,18 @@
-"""The `echo` backend: deterministic tokens from the prompt, for tests and benchmarks only."""
+"""The `echo` backend: deterministic tokens from the prompt, for tests and benchmarks only.
+
+What it does, exactly, so tests can assert text:
+- a prompt: its words streamed back, cycling, one word per token (' word' after the first);
+- a chat (messages): rendered as 'role: content' lines then 'assistant:' (that is what
+  prompt_tokens counts), and the words of the last user message streamed back the same way;
+- token ids: a word's id is crc32(word) mod 32000, the same word always the same id.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import ClassVar, Self
 
@@ -15,6 +23,7 @@ from worker.backends.base import (
     Progress,
     parse_float_option,
     parse_int_option,
+    plain_chat,
 )
 
 
@@ -95,17 +104,32 @@ class EchoBackend(Backend):
             os._exit(70)
         if self.fault_fail_requests:
             raise RuntimeError("echo fault_fail_requests: failing on purpose")
-        words = request.prompt.split() or [request.prompt]
+        words = echoed_words(request)
         for i in range(request.max_tokens):
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             else:
                 # Yield to the loop so a long stream never starves other RPCs.
                 await asyncio.sleep(0)
-            yield Piece(echo_token(words, i))
+            word = words[i % len(words)]
+            yield Piece(echo_token(words, i), token_ids=(token_id(word),))
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+
+def echoed_words(request: GenerationRequest) -> list[str]:
+    """A prompt's words, or a chat's last user message's (the whole rendering if none)."""
+    text = request.prompt
+    if request.messages:
+        users = [m.content for m in request.messages if m.role == "user"]
+        text = users[-1] if users else plain_chat(request.messages)
+    return text.split() or [text]
+
+
+def token_id(word: str) -> int:
+    """The made-up, stable id of an echoed word."""
+    return zlib.crc32(word.encode()) % 32000
 
 
 def echo_token(words: list[str], index: int) -> str:

@@ -19,14 +19,20 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Self
 
+import structlog
+
 from worker.backends.base import (
     Backend,
     BackendOptionError,
     GenerationRequest,
     Piece,
     Progress,
+    Rendered,
     parse_int_option,
 )
+from worker.backends.chat_templates import NAMED_FORMATS, formatter_for, render_chat
+
+log = structlog.get_logger("worker.llamacpp")
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
@@ -46,11 +52,21 @@ class LlamaCppBackend(Backend):
         "threads": "CPU threads for decoding (default: the CPUs this process may use)",
         "context_size": "context window in tokens, prompt and completion (default 2048)",
         "gpu_layers": "layers offloaded to the GPU (default 0; -1 = all)",
+        "chat_format": "how chats are rendered: the model's own template by default; for a "
+        "model without one (or to override it): " + ", ".join(NAMED_FORMATS),
     }
 
     def __init__(
-        self, model: str, model_path: str, threads: int, context_size: int, gpu_layers: int
+        self,
+        model: str,
+        model_path: str,
+        threads: int,
+        context_size: int,
+        gpu_layers: int,
+        chat_format: str = "",
     ):
+        self.chat_format = chat_format
+        self._formatter: Any = None
         self.model = model
         self.model_path = model_path
         self.threads = threads
@@ -81,8 +97,15 @@ class LlamaCppBackend(Backend):
             raise BackendOptionError(
                 f"option gpu_layers={gpu_layers_raw!r} is not a whole number"
             ) from None
+        chat_format = options.get("chat_format", "")
+        if chat_format and chat_format not in NAMED_FORMATS:
+            raise BackendOptionError(
+                f"backend 'llamacpp' option chat_format={chat_format!r} is not one of "
+                f"{', '.join(NAMED_FORMATS)}"
+            )
         return cls(
             model,
+            chat_format=chat_format,
             model_path=path,
             threads=threads,
             context_size=parse_int_option(cls.name, options, "context_size", 2048) or 2048,
@@ -92,6 +115,8 @@ class LlamaCppBackend(Backend):
     async def load(self, progress: Progress) -> None:
         loop = asyncio.get_running_loop()
         self.llm = await loop.run_in_executor(self._pool, self._load_blocking, progress)
+        self._formatter, how = formatter_for(self.llm, self.chat_format)
+        log.info("chats rendered with " + how)
         progress(1.0, "loaded")
 
     def _load_blocking(self, progress: Progress) -> Any:
@@ -109,7 +134,19 @@ class LlamaCppBackend(Backend):
             )
 
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode(), add_bos=True))
+        return len(self._tokens(text, special=False))
+
+    def _tokens(self, text: str, special: bool) -> list[int]:
+        """A rendered chat holds its template's special tokens (and its BOS) as text."""
+        return list(self.llm.tokenize(text.encode(), add_bos=not special, special=special))
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self._tokens(request.prompt, request.special))
+
+    def render(self, request: GenerationRequest) -> Rendered:
+        if not request.messages:
+            return Rendered(request.prompt)
+        return render_chat(self._formatter, request.messages)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         loop = asyncio.get_running_loop()
@@ -145,7 +182,8 @@ class LlamaCppBackend(Backend):
         """Runs on the decoding thread."""
         with self._lock:
             llm = self.llm
-            prompt = llm.tokenize(request.prompt.encode(), add_bos=True)
+            prompt = self._tokens(request.prompt, request.special)
+            cached = reusable_prefix(llm, prompt)
             if len(prompt) + request.max_tokens > self.context_size:
                 raise ValueError(
                     f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceed "
@@ -154,9 +192,10 @@ class LlamaCppBackend(Backend):
             seed = request.seed if request.seed is not None else random.getrandbits(32)
             llm.set_seed(seed & 0xFFFFFFFF)
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            eos = llm.token_eos()
+            # The end of the sequence, or of the assistant's turn (chat templates).
+            ends = {llm.token_eos(), llm._model.token_eot()} - {-1}
             produced: list[int] = []
-            pending = 0
+            pending: list[int] = []
             for token in llm.generate(
                 prompt,
                 temp=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
@@ -164,24 +203,36 @@ class LlamaCppBackend(Backend):
                 top_k=DEFAULT_TOP_K if request.top_k is None else request.top_k,
                 reset=True,
             ):
-                if cancelled.is_set() or token == eos:
+                if cancelled.is_set() or token in ends:
                     break
                 raw = llm.detokenize([token], prev_tokens=prompt + produced)
                 produced.append(token)
-                pending += 1
+                pending.append(token)
                 text = utf8.decode(raw)
                 if text:
-                    yield Piece(text, pending)
-                    pending = 0
+                    yield Piece(text, len(pending), tuple(pending), cached)
+                    pending, cached = [], 0
                 if len(produced) >= request.max_tokens:
                     break
             tail = utf8.decode(b"", final=True)
             if tail or pending:
-                yield Piece(tail, pending)
+                yield Piece(tail, len(pending), tuple(pending), cached)
 
     async def close(self) -> None:
         self.llm = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def reusable_prefix(llm: Any, prompt: list[int]) -> int:
+    """Prompt tokens llama-cpp-python's generate() will not evaluate again: the longest common
+    prefix with what its context holds (one is replayed when the whole prompt matches)."""
+    held = list(llm._input_ids) if llm.n_tokens else []
+    common = 0
+    for a, b in zip(held, prompt, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common - 1 if common and common == len(prompt) else common
 
 
 @contextlib.contextmanager
