@@ -145,10 +145,7 @@ class History:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a commit survives a crash of this process (not of the machine's power).
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
+            _configure(conn)
         except BaseException:
             conn.close()
             raise
@@ -173,8 +170,7 @@ class History:
         except sqlite3.DatabaseError as exc:
             if not corrupt(exc):
                 raise
-            self._move_aside(exc)
-            self.recovered = self._prepare()
+            self.recovered = self._prepare()  # on a new file: the unreadable one was moved
         self._ready = True
         if self.recovered:
             log.warning(
@@ -183,10 +179,12 @@ class History:
             )
 
     def _prepare(self) -> int:
-        """Create the schema and fail what a previous queen left unfinished; how many."""
+        """Create the schema and fail what a previous queen left unfinished; how many. A file
+        SQLite cannot read is moved aside (and the error raised)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
+        conn = sqlite3.connect(self.path, isolation_level=None)
         try:
+            _configure(conn)
             conn.executescript(SCHEMA)
             have = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
             for column, kind in ADDED_COLUMNS.items():
@@ -201,6 +199,12 @@ class History:
                 ),
             )
             return cur.rowcount
+        except sqlite3.DatabaseError as exc:
+            if corrupt(exc):
+                # Before closing: the last connection to close deletes the WAL, which is
+                # part of what a person will want to look at.
+                self._move_aside(exc)
+            raise
         finally:
             conn.close()
 
@@ -395,6 +399,13 @@ class History:
             self._ops.put(_STOP)
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL: a commit survives a crash of this process (not of the machine's power).
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
 
 
 def corrupt(error: sqlite3.DatabaseError) -> bool:
