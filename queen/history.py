@@ -12,8 +12,9 @@ survive restarts.
 Routing never depends on the history. A file SQLite finds corrupt when the queen starts is
 moved aside (logged at ERROR with both paths) and a new one begun. A write that fails (a full
 disk) drops its rows: they are counted (`Drops`, the metric apiary_history_rows_dropped_total),
-logged at most once a minute, and the queen says it is degraded until a write succeeds again;
-the requests themselves go on and end as they would have.
+logged at most once a minute, and the queen says it is degraded until a minute has passed
+without a failed write; the requests themselves go on and end as they would have, and writing
+resumes by itself once there is room.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ MAX_LIMIT = 10_000
 _STOP = object()
 # What SQLite says of a file it cannot read as a database (primary result codes).
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
-# At most one log line a minute about rows that could not be written.
+# At most one log line a minute about rows that could not be written; the queen says it is
+# degraded until a minute has passed without a failed write.
 LOG_EVERY = 60.0
+DEGRADED_FOR = 60.0
 
 
 @dataclass
@@ -80,25 +83,42 @@ class _Op:
 
 class Drops:
     """Rows the history could not write: counted, logged at most once a LOG_EVERY, and whether
-    the history is degraded now (its last write failed). Written by the writer thread only."""
+    the history is degraded: its last write failed, or one did within DEGRADED_FOR (a nearly
+    full disk lets some writes through, and a status that flickers to fine would hide that).
+    Written by the writer thread only."""
 
     def __init__(self, path: Path, now: Callable[[], float]) -> None:
         self.path = path
         self.now = now
         self.total = 0
-        self.degraded = False
-        self.problem = ""
+        self.failing = False
+        self.error = ""
+        self._failed_at: float | None = None
         self._unlogged = 0
         self._logged_at: float | None = None
         # A failure was logged and no recovery since: the recovery is logged too.
         self._told = False
 
+    def degraded(self) -> bool:
+        failed_at = self._failed_at
+        return self.failing or (failed_at is not None and self.now() - failed_at < DEGRADED_FOR)
+
+    def problem(self) -> str:
+        """The degradation in words, or ''."""
+        failed_at = self._failed_at
+        if not self.degraded() or failed_at is None:
+            return ""
+        now = "cannot be written" if self.failing else "could not be written"
+        return (
+            f"request history {self.path} {now}: {self.error} ({self.total} row(s) dropped "
+            f"since the queen started, the last {self.now() - failed_at:.0f} s ago)"
+        )
+
     def failed(self, rows: int, error: BaseException) -> None:
+        now = self.now()
         self.total += rows
         self._unlogged += rows
-        self.degraded = True
-        self.problem = f"request history {self.path} cannot be written: {error}"
-        now = self.now()
+        self.failing, self.error, self._failed_at = True, str(error), now
         if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
             log.error(
                 "request history cannot be written; its rows are dropped, requests go on",
@@ -113,9 +133,9 @@ class Drops:
         """A batch was committed; `refused` of its rows were refused on their own (a
         duplicate id: the row's fault, not the file's), and are counted dropped."""
         self.total += refused
-        if not self.degraded:
+        if not self.failing:
             return
-        self.degraded, self.problem = False, ""
+        self.failing = False
         if self._told:
             log.warning(
                 "request history written again",
@@ -340,7 +360,8 @@ class History:
 
     def status(self) -> queen_pb2.QueenStatus:
         """What the history adds to the queen's own status: whether it is degraded, and why."""
-        problems = [self.drops.problem] if self.drops.degraded else []
+        problem = self.drops.problem()
+        problems = [problem] if problem else []
         return queen_pb2.QueenStatus(
             degraded=bool(problems),
             problems=problems,

@@ -121,6 +121,6 @@ def history_metrics(history: History) -> Iterable[Metric]:
     )
     yield GaugeMetricFamily(
         "apiary_history_degraded",
-        "1 while the request history cannot be written (its last write failed), else 0",
-        value=1 if history.drops.degraded else 0,
+        "1 while the request history is degraded (a write failed within the last minute)",
+        value=1 if history.drops.degraded() else 0,
     )

@@ -110,6 +110,11 @@ async def test_a_full_disk_drops_rows_but_not_requests_and_writing_resumes(
     with capture_logs() as logs:
         await record(history, "after")
     assert [e["event"] for e in logs] == ["request history written again"]
+    # Still degraded for a minute after the last failed write, so a flicker is not missed.
+    (problem,) = history.status().problems
+    assert problem.startswith(f"request history {history.path} could not be written: ")
+    assert "row(s) dropped since the queen started, the last 0 s ago" in problem
+    now.seconds += 60
     assert not history.status().degraded and not history.status().problems
     assert metrics.prometheus.get_sample_value("apiary_history_degraded") == 0
     await history.close()
@@ -121,7 +126,8 @@ async def test_a_history_that_cannot_be_set_up_is_tried_again_before_each_write(
 ) -> None:
     state = tmp_path / "state"
     state.write_text("a file where the state directory should be")
-    history = History(state / "history.sqlite3")
+    now = Now()
+    history = History(state / "history.sqlite3", now=now)
     history.open()  # does not raise: routing never depends on the history
     assert history.status().degraded and history.drains() == []
     await record(history, "lost")
@@ -129,6 +135,7 @@ async def test_a_history_that_cannot_be_set_up_is_tried_again_before_each_write(
     state.unlink()
     await record(history, "kept")
     await history.close()
+    now.seconds += 60
     assert ids(history) == {"kept"} and not history.status().degraded
 
 
