@@ -233,6 +233,10 @@ class History:
         under a name of its own, so a new history can begin."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        copy = 1
+        while moved.exists():  # another in the same second: never overwrite one
+            copy += 1
+            moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{copy}")
         for suffix in ("", "-wal", "-shm"):
             source = self.path.with_name(self.path.name + suffix)
             if source.exists():

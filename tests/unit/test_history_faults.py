@@ -77,6 +77,30 @@ async def test_a_corrupt_file_is_moved_aside_and_a_new_history_begins(tmp_path: 
     assert ids(history) == {"q1"} and not history.status().degraded
 
 
+async def test_a_truncated_file_is_moved_aside_and_a_garbage_wal_alone_is_ignored(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "history.sqlite3"
+    history = History(path)
+    history.open()
+    for i in range(2000):
+        history.accepted(f"q{i}", "m" * 50, 1.0)
+    await history.close()
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    truncated = History(path)
+    truncated.open()
+    assert truncated.moved_aside is not None and ids(truncated) == set()
+    await truncated.close()
+    # A WAL SQLite cannot read beside a sound file is SQLite's to ignore: nothing is lost.
+    Path(f"{path}-wal").write_bytes(JUNK)
+    again = History(path)
+    again.open()
+    await record(again, "kept")
+    await again.close()
+    assert again.moved_aside is None and ids(again) == {"kept"}
+
+
 async def test_a_full_disk_drops_rows_but_not_requests_and_writing_resumes(
     tmp_path: Path,
 ) -> None:
