@@ -19,8 +19,9 @@ from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
 from queen.beats import DEFAULT_MAX_WORKER_SLOTS, DEFAULT_MAX_WORKERS_PER_HIVE, BeatLimits
+from queen.endings import DEFAULT_MAX_WAIT
 from queen.leases import DEFAULT_MAX_TTL
-from queen.server import QueenConfig, create_server
+from queen.server import DEFAULT_SHUTDOWN_GRACE, Queen, QueenConfig, create_server
 
 log = structlog.get_logger("queen")
 
@@ -82,6 +83,11 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
         "--max-lease-ttl", type=float, default=DEFAULT_MAX_TTL,
         help=f"the longest ttl_seconds a lease may ask for (default {DEFAULT_MAX_TTL:g})",
     )  # fmt: skip
+    p.add_argument(
+        "--max-wait", type=float, default=DEFAULT_MAX_WAIT,
+        help="the longest a request or lease waits for a free slot, whatever its deadline; "
+        f"then DEADLINE_EXCEEDED (default {DEFAULT_MAX_WAIT:g})",
+    )  # fmt: skip
 
 
 def add_breaker_args(p: argparse.ArgumentParser) -> None:
@@ -127,6 +133,11 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir", default="", help="request history (default $XDG_STATE_HOME/apiary/queen)"
     )
+    p.add_argument(
+        "--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE,
+        help="on SIGTERM/SIGINT, seconds streams in flight get to finish before they are "
+        f"ended (default {DEFAULT_SHUTDOWN_GRACE:g}; a second signal ends them at once)",
+    )  # fmt: skip
     add_server_args(p)
     return p
 
@@ -150,6 +161,8 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         autospawn_catalog=args.autospawn_catalog,
         hive_identity_from_cert=args.hive_identity_from_cert,
         beat_limits=BeatLimits(args.max_workers_per_hive, args.max_worker_slots),
+        shutdown_grace=args.shutdown_grace,
+        max_wait=args.max_wait,
     )
 
 
@@ -181,12 +194,22 @@ async def run(args: argparse.Namespace) -> int:
         state_dir=str(config.state_dir),
     )
     await stop.wait()
-    log.info("queen stopping")
-    await queen.stop(2.0)
+    log.info("queen stopping", shutdown_grace=config.shutdown_grace)
+    stop.clear()
+    hurry = asyncio.get_running_loop().create_task(hurry_on(stop, queen))
+    await queen.stop(config.shutdown_grace)
+    hurry.cancel()
     if metrics is not None:
         metrics.stop()
     log.info("queen stopped")
     return 0
+
+
+async def hurry_on(signalled: asyncio.Event, queen: Queen) -> None:
+    """A second SIGTERM/SIGINT while the queen drains: end the grace now."""
+    await signalled.wait()
+    log.warning("signalled again: ending the streams left now")
+    queen.hurry()
 
 
 def args_problem(args: argparse.Namespace) -> str:
@@ -194,6 +217,10 @@ def args_problem(args: argparse.Namespace) -> str:
         return "--heartbeat-interval must be > 0"
     if args.max_lease_ttl <= 0:
         return "--max-lease-ttl must be > 0"
+    if args.max_wait <= 0:
+        return "--max-wait must be > 0"
+    if args.shutdown_grace < 0:
+        return "--shutdown-grace must be >= 0"
     for flag in ("max_streams_per_client", "max_queued_per_client", "max_leases_per_client"):
         if getattr(args, flag) < 0:
             return f"--{flag.replace('_', '-')} must be >= 0 (0 = no limit)"

@@ -71,7 +71,9 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         self, request: queen_pb2.ListHivesRequest, context: Context
     ) -> queen_pb2.ListHivesResponse:
         hives = sorted(self.registry.hives.values(), key=lambda h: h.id)
-        return queen_pb2.ListHivesResponse(hives=[self.hive_info(h) for h in hives])
+        return queen_pb2.ListHivesResponse(
+            hives=[self.hive_info(h) for h in hives], queen=self.cluster.history.status()
+        )
 
     async def GetHive(
         self, request: queen_pb2.GetHiveRequest, context: Context

@@ -1,4 +1,5 @@
-"""The queen's Prometheus metrics: requests, latency, tokens, queues, workers, heartbeats."""
+"""The queen's Prometheus metrics: requests, latency, tokens, queues, workers, heartbeats, and
+the request history's dropped rows."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections import Counter as Tally
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from apiary.metrics import SnapshotCollector
 from apiary.protoutil import READY_STATES, health_name, state_name
+from queen.history import History
 from queen.registry import Registry
 from queen.scheduler import Scheduler
 
@@ -17,7 +19,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class QueenMetrics:
-    def __init__(self, registry: Registry, scheduler: Scheduler) -> None:
+    def __init__(
+        self, registry: Registry, scheduler: Scheduler, history: History | None = None
+    ) -> None:
         self.prometheus = CollectorRegistry()
         r = self.prometheus
         self.requests = Counter(
@@ -50,6 +54,8 @@ class QueenMetrics:
             ["model"], registry=r,
         )  # fmt: skip
         r.register(SnapshotCollector(lambda: self._snapshot(registry, scheduler)))
+        if history is not None:
+            r.register(SnapshotCollector(lambda: history_metrics(history)))
 
     def finished(
         self, model: str, status: str, seconds: float, ttft: float | None, tokens: int
@@ -103,3 +109,18 @@ class QueenMetrics:
             crashes.add_metric([hive.id], hive.stats.crashes)
         yield restarts
         yield crashes
+
+
+def history_metrics(history: History) -> Iterable[Metric]:
+    """Read from the history's own counts (its writer thread keeps them)."""
+    yield CounterMetricFamily(
+        "apiary_history_rows_dropped",
+        "History rows the queen could not write (a full disk, an unwritable file); the "
+        "requests themselves were unaffected",
+        value=history.drops.total,
+    )
+    yield GaugeMetricFamily(
+        "apiary_history_degraded",
+        "1 while the request history is degraded (a write failed within the last minute)",
+        value=1 if history.drops.degraded() else 0,
+    )

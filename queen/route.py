@@ -7,15 +7,19 @@ ends a handler's generator in two ways when the call goes: CancelledError where 
 (the worker's next chunk, a free slot), or, when it was suspended at a yield (sending to the
 client), by dropping it, which closes it with GeneratorExit; and it calls the call's
 done-callbacks. Every one of these paths records without awaiting (`ended()`).
+
+A stopping queen ends requests too (queen/server.py says when): waits for a slot end at once
+(`Waits.stop`), and streams still running when its grace runs out are cut (`Route.cut`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter as Tally
 from collections.abc import AsyncGenerator, Iterator
-from contextlib import aclosing
-from dataclasses import dataclass
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -34,6 +38,10 @@ from queen.scheduler import ModelGone, QueueFull
 
 log = structlog.get_logger("queen.route")
 
+# The longest a stream's end waits for its history row to be committed (normally well under a
+# millisecond); past it the stream ends all the same.
+COMMIT_WAIT = 5.0
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -44,30 +52,110 @@ class Caller:
     reference: str = ""
 
 
-async def wait_for_slot(
-    cluster: Cluster,
-    queued: Quota,
-    client: str,
-    model: str,
-    timeout: float | None,
-    exclude: frozenset[str] = frozenset(),
-    policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
-    tags: frozenset[str] = frozenset(),
-) -> Slot:
-    """A slot for one of `client`'s requests; a wait counts against the client's quota of
-    waiting requests (StatusError RESOURCE_EXHAUSTED beyond it). Otherwise raises what
-    Scheduler.take_slot raises."""
-    scheduler = cluster.scheduler
-    slot = scheduler.try_take_slot(model, exclude, policy, tags)
-    if slot is not None:
-        return slot
-    refused = queued.acquire(client)
-    if refused is not None:
-        raise StatusError(grpc.StatusCode[refused.code], refused.message)
-    try:
-        return await scheduler.take_slot(model, timeout, exclude, policy, tags)
-    finally:
-        queued.release(client)
+class Stopping(Exception):
+    """The queen is shutting down: no wait for a slot begins, and every wait ends."""
+
+
+@dataclass(eq=False)
+class Waits:
+    """Every wait for a slot (an Infer's attempts, a Lease): counted against the client's
+    quota of waiting requests, at most --max-wait long, and ended when the queen stops."""
+
+    cluster: Cluster
+    queued: Quota = field(default_factory=lambda: Quota("requests waiting", "", 0, ""))
+    max_wait: float = endings.DEFAULT_MAX_WAIT
+    stopping: bool = False
+    # Models being waited for, with how many waits each, so stop() can end them all.
+    _models: Tally[str] = field(default_factory=Tally)
+
+    async def slot(
+        self,
+        client: str,
+        model: str,
+        time_remaining: float | None,
+        exclude: frozenset[str] = frozenset(),
+        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
+        tags: frozenset[str] = frozenset(),
+    ) -> Slot:
+        """A slot for one of `client`'s requests, waiting until its deadline (`time_remaining`
+        seconds; None: none) but at most --max-wait. Raises Stopping; StatusError
+        RESOURCE_EXHAUSTED beyond the client's waits, DEADLINE_EXCEEDED after --max-wait;
+        otherwise what Scheduler.take_slot raises (TimeoutError: the client's deadline)."""
+        if self.stopping:
+            raise Stopping()
+        scheduler = self.cluster.scheduler
+        slot = scheduler.try_take_slot(model, exclude, policy, tags)
+        if slot is not None:
+            return slot
+        refused = self.queued.acquire(client)
+        if refused is not None:
+            raise StatusError(grpc.StatusCode[refused.code], refused.message)
+        timeout, capped = endings.slot_wait(time_remaining, self.max_wait)
+        self._models[model] += 1
+        try:
+            return await scheduler.take_slot(model, timeout, exclude, policy, tags)
+        except TimeoutError:
+            if not capped:
+                raise
+            others = scheduler.queue_depth(model)
+            message = endings.waited_too_long(model, self.max_wait, others)
+            raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
+        except ModelGone:
+            if self.stopping:
+                raise Stopping() from None
+            raise
+        finally:
+            self.queued.release(client)
+            self._models[model] -= 1
+            if not self._models[model]:
+                del self._models[model]
+
+    def stop(self) -> None:
+        """The queen is shutting down: every wait ends (Stopping) and none begins."""
+        self.stopping = True
+        for model in list(self._models):
+            self.cluster.scheduler.fail(model, endings.ended_while_waiting())
+
+
+class InFlight:
+    """The routes whose calls are not over, so a stopping queen can wait for them to finish
+    and cut the rest."""
+
+    def __init__(self) -> None:
+        self.routes: set[Route] = set()
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def add(self, route: Route) -> None:
+        self.routes.add(route)
+        self._none.clear()
+
+    def discard(self, route: Route) -> None:
+        self.routes.discard(route)
+        if not self.routes:
+            self._none.set()
+
+    async def finished(self, timeout: float, hurry: asyncio.Event | None = None) -> bool:
+        """Whether every route ended within `timeout` seconds (or before `hurry` was set)."""
+        waits = [asyncio.ensure_future(self._none.wait())]
+        if hurry is not None:
+            waits.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        return not self.routes
+
+    def cut(self, grace: float) -> int:
+        """End every route still in flight (see Route.cut); how many there were."""
+        routes = list(self.routes)
+        for route in routes:
+            route.cut(grace)
+        return len(routes)
 
 
 class HiveLost(Exception):
@@ -83,14 +171,14 @@ class Route:
         request: common_pb2.InferRequest,
         context: Context,
         caller: Caller = Caller(),
-        queued: Quota | None = None,
+        waits: Waits | None = None,
     ) -> None:
         self.cluster = cluster
         # As the workers get it: request_id is the queen's own id.
         self.request = request
         self.context = context
         self.caller = caller
-        self.queued = queued or Quota("requests waiting", "", 0, "")
+        self.waits = waits or Waits(cluster)
         self.attempts = 0
         # Chunks relayed from workers; those with text that reached the client (their yield
         # returned, so grpc.aio has sent them); the worker's own count, once it says it.
@@ -107,6 +195,8 @@ class Route:
         self.sending = False
         self.started = time.perf_counter()
         self.first_chunk_after: float | None = None
+        # Set once a stopping queen's grace ran out with this request still going: why it ends.
+        self.cut_short: str | None = None
 
     async def serve(self) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The request from its acceptance to its record: its chunks (each carrying the
@@ -226,7 +316,7 @@ class Route:
             if chunk.completion_tokens:
                 self.tokens = chunk.completion_tokens
             yield chunk
-            chunk = await call.read()
+            chunk = await self._read(call)
 
     def _note_failure(self, failure: Failure, decision: Decision, tried: set[str]) -> None:
         """The decision's side effects on this request and on the registry."""
@@ -265,7 +355,7 @@ class Route:
 
         key = self.cluster.hive_watch.watch(slot.hive_id, on_lost)
         try:
-            return await call.read()
+            return await self._read(call)
         except asyncio.CancelledError:
             if not lost:
                 raise  # the request itself was cancelled
@@ -283,10 +373,12 @@ class Route:
             None if deadline is None else max(deadline - asyncio.get_running_loop().time(), 0.0)
         )
         try:
-            return await wait_for_slot(
-                self.cluster, self.queued, self.caller.client, request.model, timeout, tried,
-                request.policy, frozenset(request.required_tags),
+            return await self.waits.slot(
+                self.caller.client, request.model, timeout, tried, request.policy,
+                frozenset(request.required_tags),
             )  # fmt: skip
+        except Stopping:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, endings.ended_while_waiting()) from None
         except TimeoutError:
             raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -302,11 +394,32 @@ class Route:
             unknown = model_problem(self.cluster, request.model)
             raise unknown or StatusError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
+    def cut(self, grace: float) -> None:
+        """The stopping queen's grace ran out: end the request with UNAVAILABLE saying so.
+        Cancelling the worker call wakes a relay waiting on it (see _read); a handler stuck
+        sending to its client is ended by the server's stop, and ended() records the cut."""
+        self.cut_short = endings.cut_by_shutdown(grace, self.attempts, self.delivered)
+        call = self._call
+        if call is not None and not call.done():
+            call.cancel()
+
+    async def _read(self, call: Any) -> object:
+        """The worker's next chunk (or EOF); StatusError UNAVAILABLE once the route is cut."""
+        try:
+            return await call.read()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.cut_short is None or (task is not None and task.cancelling()):
+                raise  # not cut, or the call itself is over: the client left
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, self.cut_short) from None
+
     async def finish(self, status: queen_pb2.RequestStatus.ValueType, error: str) -> None:
         """The request's record, its history row committed before this returns."""
         committed = self.record(status, error, wait=True)
         if committed is not None:
-            await asyncio.shield(committed)
+            # Routing never depends on the history: a disk that hangs delays the end only so long.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(committed), COMMIT_WAIT)
 
     def ended(self) -> None:
         """The call ended before the request did: record how (unless the request was already
@@ -316,6 +429,9 @@ class Route:
             status, error = endings.call_ended(
                 self.context.time_remaining(), self.attempts, self.delivered
             )
+            if self.cut_short is not None:
+                # The server's stop ended the call, after the grace ran out on this request.
+                status, error = queen_pb2.REQUEST_STATUS_FAILED, f"UNAVAILABLE: {self.cut_short}"
             # Named here: a done-callback runs outside the handler's bound log context.
             log.info(
                 "call ended before the request",

@@ -1,4 +1,5 @@
-"""Wiring the queen: the cluster's parts, the three services on one server, the sweep."""
+"""Wiring the queen: the cluster's parts, the three services on one server, the sweep, and
+the way out (`Queen.stop`: a drain, then the stop)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from queen.autospawn import Autospawner, SpawnPlan
 from queen.beats import BeatLimits
 from queen.channels import Channels
 from queen.cluster import Cluster
+from queen.endings import DEFAULT_MAX_WAIT
 from queen.events import EventBus
 from queen.heartbeats import QueenRegistryService
 from queen.history import History
@@ -45,6 +47,13 @@ METHODS = method_table(
 )
 
 
+DEFAULT_SHUTDOWN_GRACE = 30.0
+# Once the grace is over: how long the streams cut then get to end with their status, and
+# then how long the server gives every call left (event watches, a client not reading).
+CUT_WAIT = 2.0
+FINAL_GRACE = 1.0
+
+
 @dataclass
 class QueenConfig:
     heartbeat_interval: float = 1.0
@@ -67,6 +76,10 @@ class QueenConfig:
     autospawn_catalog: bool = False
     hive_identity_from_cert: bool = False
     beat_limits: BeatLimits = field(default_factory=BeatLimits)
+    # How long a stopping queen lets streams in flight finish before it ends them.
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # The longest a request (or lease) waits for a free slot, whatever its deadline.
+    max_wait: float = DEFAULT_MAX_WAIT
 
     def registry_settings(self) -> RegistrySettings:
         return RegistrySettings(
@@ -90,14 +103,42 @@ class Queen:
     running: RunningServer
     cluster: Cluster
     sweeper: asyncio.Task[None]
+    service: QueenService
+    _stopping: asyncio.Task[None] | None = None
+    # Set by a second SIGTERM/SIGINT: the grace ends now.
+    hurried: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def registry(self) -> Registry:
         return self.cluster.registry
 
     async def stop(self, grace: float) -> None:
+        """Drain, then stop (see _stop). Idempotent: a second call waits for the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    def hurry(self) -> None:
+        """End the grace now: streams still in flight are cut at once."""
+        self.hurried.set()
+
+    async def _stop(self, grace: float) -> None:
+        """Health says NOT_SERVING and Infer and Lease are refused at once, and requests
+        waiting for a slot end (UNAVAILABLE, saying so); heartbeats and admin calls go on, so
+        the hives keep the streams' workers known. Streams in flight get `grace` seconds to
+        finish; the rest are cut (UNAVAILABLE, saying so, and recorded so). Then the server
+        stops and the cluster's parts close (the history writes everything queued)."""
+        await self.running.health.enter_graceful_shutdown()
+        self.service.stop()
+        in_flight = self.service.in_flight
+        log.info("queen draining: no new requests", streams=len(in_flight), grace=grace)
+        if not await in_flight.finished(grace, self.hurried):
+            log.warning(
+                "shutdown grace over: ending the streams left", streams=in_flight.cut(grace)
+            )
+            await in_flight.finished(CUT_WAIT)
         self.sweeper.cancel()
-        await self.running.stop(grace)
+        await self.running.stop(FINAL_GRACE)
         await self.cluster.close()
 
 
@@ -105,10 +146,6 @@ def open_history(state_dir: Path, registry: Registry) -> History:
     """The request history, with the drains operators set before this queen started."""
     history = History(state_dir / "history.sqlite3")
     history.open()
-    if history.recovered:
-        log.warning(
-            "requests left unfinished by the previous queen marked failed", count=history.recovered
-        )
     for kind, target in history.drains():
         if kind == "hive":
             registry.drain_hive(target, True)
@@ -121,19 +158,20 @@ def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Clus
     registry = Registry(clock, config.registry_settings())
     channels = Channels(security)
     scheduler = Scheduler(registry, config.max_queue)
+    history = open_history(config.state_dir, registry)
     return Cluster(
         registry=registry,
         scheduler=scheduler,
         channels=channels,
         events=EventBus(),
-        history=open_history(config.state_dir, registry),
+        history=history,
         autospawn=Autospawner(registry, channels, config.autospawn, config.autospawn_catalog),
         leases=LeaseManager(scheduler, channels),
         clock=clock,
         max_tokens_cap=config.max_tokens_cap,
         max_prompt_bytes=config.max_prompt_bytes,
         max_streams_per_client=config.max_streams_per_client,
-        metrics=QueenMetrics(registry, scheduler),
+        metrics=QueenMetrics(registry, scheduler, history),
         hive_identity_from_cert=config.hive_identity_from_cert,
     )
 
@@ -143,11 +181,12 @@ async def create_server(
 ) -> Queen:
     security = security or Security()
     cluster = build_cluster(config, clock or SystemClock(), security)
+    service = QueenService(
+        cluster, security.tokens, config.quotas(), config.max_lease_ttl, config.max_wait
+    )
 
     def register(server: grpc.aio.Server) -> None:
-        queen_pb2_grpc.add_QueenServicer_to_server(
-            QueenService(cluster, security.tokens, config.quotas(), config.max_lease_ttl), server
-        )
+        queen_pb2_grpc.add_QueenServicer_to_server(service, server)
         queen_pb2_grpc.add_QueenRegistryServicer_to_server(
             QueenRegistryService(cluster, security, config.beat_limits), server
         )
@@ -157,4 +196,4 @@ async def create_server(
         listen, register, SERVICE_NAMES, security=security, methods=METHODS
     )
     sweeper = asyncio.get_running_loop().create_task(cluster.sweep_forever(), name="sweep")
-    return Queen(running, cluster, sweeper)
+    return Queen(running, cluster, sweeper, service)

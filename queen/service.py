@@ -1,6 +1,6 @@
 """The Queen service: admits requests, routes each Infer (queen/route.py), hands out direct
 leases, and lists the models served. What each client may hold at once is counted per
-client (queen/quotas.py)."""
+client (queen/quotas.py). Once the queen is stopping it takes no new request."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from apiary.protoutil import READY_STATES, timestamp
 from apiary.security import TokenSet, bearer
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
+from queen import endings
 from queen.admission import admit
 from queen.cluster import Cluster
 from queen.leases import DEFAULT_MAX_TTL, DEFAULT_TTL
 from queen.leases import Lease as DirectLease
 from queen.quotas import Quotas, References, Refusal, peer_host
 from queen.registry import Registry, Slot
-from queen.route import Caller, Route, wait_for_slot
+from queen.route import Caller, InFlight, Route, Stopping, Waits
 from queen.scheduler import ModelGone, QueueFull
 
 # Identities that may call the Queen service, and so have a name to be counted under.
@@ -40,12 +41,24 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         tokens: TokenSet | None = None,
         quotas: Quotas | None = None,
         max_lease_ttl: float = DEFAULT_MAX_TTL,
+        max_wait: float = endings.DEFAULT_MAX_WAIT,
     ) -> None:
         self.cluster = cluster
         self.tokens = tokens or TokenSet()
         self.quotas = quotas or Quotas.of(max_streams=cluster.max_streams_per_client)
         self.references = References()
         self.max_lease_ttl = max_lease_ttl
+        self.waits = Waits(cluster, self.quotas.queued, max_wait)
+        self.in_flight = InFlight()
+
+    def stop(self) -> None:
+        """The queen is stopping: new Infer and Lease calls are refused, and requests waiting
+        for a slot end now (UNAVAILABLE, saying so); streams in flight go on."""
+        self.waits.stop()
+
+    async def _refuse_if_stopping(self, context: Context) -> None:
+        if self.waits.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping())
 
     def client_of(self, context: Context) -> str:
         """Whom a call counts against: the name of its token's client (the single `client`
@@ -66,6 +79,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def Infer(
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
+        await self._refuse_if_stopping(context)
         # Always the queen's own id: a client's request_id is only its reference.
         request_id = uuid.uuid4().hex
         client, reference = self.client_of(context), request.request_id
@@ -78,8 +92,8 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             forward = common_pb2.InferRequest()
             forward.CopyFrom(request)
             forward.request_id = request_id
-            route = Route(self.cluster, forward, context, Caller(client, reference),
-                          self.quotas.queued)  # fmt: skip
+            route = Route(self.cluster, forward, context, Caller(client, reference), self.waits)
+            self.in_flight.add(route)
             close = self._closer(route)
             # However grpc.aio ends the call, this runs; the generator may never resume.
             # (grpc-stubs declares DoneCallback a class; any callable of the context will do.)
@@ -124,6 +138,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                 return
             closed = True
             route.ended()
+            self.in_flight.discard(route)
             self.quotas.streams.release(route.caller.client)
             self.references.drop(route.caller.client, route.caller.reference)
 
@@ -134,6 +149,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def Lease(
         self, request: queen_pb2.LeaseRequest, context: Context
     ) -> queen_pb2.LeaseResponse:
+        await self._refuse_if_stopping(context)
         problem = admit(self.cluster, request)
         if problem is not None:
             await context.abort(problem.code, problem.message)
@@ -177,11 +193,12 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         self, request: queen_pb2.LeaseRequest, client: str, context: Context
     ) -> Slot:
         try:
-            return await wait_for_slot(
-                self.cluster, self.quotas.queued, client, request.model,
-                context.time_remaining(), frozenset(), request.policy,
+            return await self.waits.slot(
+                client, request.model, context.time_remaining(), frozenset(), request.policy,
                 frozenset(request.required_tags),
             )  # fmt: skip
+        except Stopping:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, endings.ended_while_waiting()) from None
         except TimeoutError:
             raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -20,7 +20,7 @@ from queen.cluster import Cluster
 from queen.history import History
 from queen.quotas import Quotas
 from queen.registry import Outcome
-from queen.route import wait_for_slot
+from queen.route import Waits
 from queen.service import QueenService
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeCall, FakeChannels, beat, chunk, make_cluster, record
@@ -321,14 +321,15 @@ async def test_a_cancel_while_awaiting_the_worker_gives_everything_back(cluster:
 
 async def test_waits_count_per_client(cluster: Cluster) -> None:
     quota = Quotas.of(max_queued=1).queued
-    taken = await wait_for_slot(cluster, quota, "shop", "m", None)  # free: no wait, not counted
+    waits = Waits(cluster, quota)
+    taken = await waits.slot("shop", "m", None)  # free: no wait, not counted
     assert quota.held("shop") == 0
-    shop = asyncio.create_task(wait_for_slot(cluster, quota, "shop", "m", None))
+    shop = asyncio.create_task(waits.slot("shop", "m", None))
     await settle()
     with pytest.raises(StatusError) as full:
-        await wait_for_slot(cluster, quota, "shop", "m", None)
+        await waits.slot("shop", "m", None)
     assert "client 'shop' already has 1 requests waiting" in str(full.value)
-    search = asyncio.create_task(wait_for_slot(cluster, quota, "search", "m", None))
+    search = asyncio.create_task(waits.slot("search", "m", None))
     await settle()
     assert (quota.held("shop"), quota.held("search")) == (1, 1)
     cluster.scheduler.give_back(taken, Outcome(ok=None))
