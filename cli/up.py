@@ -34,8 +34,13 @@ def add_up_verb(sub: Subparsers) -> None:
     text = "run a one-machine cluster: queen + hive + echo workers, in the foreground"
     p = sub.add_parser("up", help=text, description=__doc__)
     p.set_defaults(func=cmd_up)
-    p.add_argument("--queen-listen", default=DEFAULT_QUEEN, help="the queen's host:port (0: any)")
-    p.add_argument("--hive-listen", default="127.0.0.1:7071", help="the hive's host:port")
+    p.add_argument(
+        "--queen-listen",
+        default=DEFAULT_QUEEN,
+        metavar="H:P",
+        help="the queen's address (port 0: any)",
+    )
+    p.add_argument("--hive-listen", default="127.0.0.1:7071", metavar="H:P", help="the hive's")
     p.add_argument("--hive-id", default="local", help="the hive's id")
     p.add_argument("--model", default="", help="model name (default: demo, or the GGUF's name)")
     p.add_argument(
@@ -54,6 +59,7 @@ def add_up_verb(sub: Subparsers) -> None:
     p.add_argument(
         "--state-dir",
         default="",
+        metavar="DIR",
         help="the queen's state in DIR/queen, the hive's in DIR/hive-ID "
         "(default: each daemon's own, under $XDG_STATE_HOME/apiary)",
     )
@@ -61,6 +67,7 @@ def add_up_verb(sub: Subparsers) -> None:
         "--metrics-port",
         type=int,
         default=-1,
+        metavar="PORT",
         help="Prometheus metrics: the queen on PORT, the hive on PORT+1 (0: any free ports; "
         "default off)",
     )
