@@ -56,10 +56,23 @@ def run_client(argv: list[str]) -> int:
         return 141
 
 
+def missing_start(argv: list[str]) -> str:
+    """`apiary hive --queen ...`, as a hive was started before `start` was a verb: say what to
+    type now ('' for anything else)."""
+    if len(argv) < 2 or argv[0] not in ("queen", "hive") or not argv[1].startswith("-"):
+        return ""
+    if argv[1] in ("-h", "--help"):
+        return ""
+    return f"to run the {argv[0]}, say `start`: apiary {argv[0]} start {' '.join(argv[1:])}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) >= 2 and (argv[0], argv[1]) in DAEMON_VERBS:
         return run_daemon(argv[0], argv[2:])
+    if missing_start(argv):
+        print(f"error: {missing_start(argv)}", file=sys.stderr)
+        return 2
     if argv[:1] != ["up"]:
         # A client says what failed in one line of its own (cli.errors); grpc's C core would
         # also log a failed TLS handshake on stderr. It reads this once, on import. (`up`

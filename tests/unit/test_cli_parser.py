@@ -8,7 +8,7 @@ from importlib.metadata import version
 
 import pytest
 
-from cli.main import run_client, run_daemon
+from cli.main import missing_start, run_client, run_daemon
 from cli.parser import build_parser
 
 GROUPS = {
@@ -144,3 +144,11 @@ def test_enum_flags_take_labels() -> None:
     assert args.policy == 5
     args = build_parser().parse_args(["events", "--kind", "request-completed"])
     assert args.kind == [15]
+
+
+def test_daemon_flags_without_start_say_what_to_type() -> None:
+    assert missing_start(["hive", "--queen", "q:1"]) == (
+        "to run the hive, say `start`: apiary hive start --queen q:1"
+    )
+    assert missing_start(["queen", "--listen", "0:1"]).endswith("apiary queen start --listen 0:1")
+    assert missing_start(["hive", "--help"]) == missing_start(["hive", "list"]) == ""
