@@ -19,13 +19,16 @@ import ipaddress
 import json
 import os
 import secrets
-import sys
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cli.emit import Emitter
+from cli.errors import CliError
+from cli.parsing import Subparsers, subcommands
 
 VALID_DAYS = 825
 
@@ -228,11 +231,14 @@ def add_host(directory: Path, name: str, addresses: list[str], force: bool = Fal
     return _host_cert(directory, _load_ca(directory), name, addresses)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apiary certs", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    i = sub.add_parser("init", help="a CA, certificates and tokens for a new cluster")
-    i.add_argument("directory")
+def add_certs_verbs(sub: Subparsers) -> None:
+    """`apiary certs VERB` (alone: its help)."""
+    certs = sub.add_parser(
+        "certs", help="a CA, certificates and tokens for a cluster", description=__doc__
+    )
+    verbs = subcommands(certs, "certs_verb")
+    i = verbs.add_parser("init", help="a CA, certificates and tokens for a new cluster")
+    i.add_argument("directory", help="where to write them (created)")
     i.add_argument(
         "--host", action="append", default=[], type=parse_host, metavar="NAME=ADDR[,ADDR]",
         help="a certificate for NAME valid for these IPs/DNS names (default 127.0.0.1,localhost);"
@@ -240,40 +246,38 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     for verb, what in (("add-hive", "a hive id"), ("add-client", "a client application name"),
                        ("add-host", "a host name")):  # fmt: skip
-        a = sub.add_parser(verb, help=f"add {what} to an existing DIR")
-        a.add_argument("directory")
-        a.add_argument("name")
+        a = verbs.add_parser(verb, help=f"add {what} to an existing DIR")
+        a.add_argument("directory", help="what `apiary certs init` wrote")
+        a.add_argument("name", help=what)
         a.add_argument("--address", action="append", default=[], help="IP or DNS name (hosts)")
-    for parser in sub.choices.values():
+    for parser in verbs.choices.values():
         parser.add_argument("--force", action="store_true", help="replace what exists")
-    return p
+        parser.set_defaults(func=cmd_certs)
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     directory = Path(args.directory)
-    if args.verb == "init":
+    if args.certs_verb == "init":
         return init(directory, args.host or [(QUEEN, []), ("hive", [])], args.force)
-    if args.verb == "add-hive":
+    if args.certs_verb == "add-hive":
         written = add_named(directory, "hives", args.name, args.force)
         if args.address:
             written += add_host(directory, args.name, args.address, args.force)
         return written
-    if args.verb == "add-client":
+    if args.certs_verb == "add-client":
         return add_named(directory, "clients", args.name, args.force)
     return add_host(directory, args.name, args.address, args.force)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def cmd_certs(args: argparse.Namespace, out: Emitter) -> int:
     try:
         written = run(args)
     except CertsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(str(exc)) from None
     for path in written:
         print(path)
     print("Keep the .key files and *tokens.json private (they are written mode 0600).")
-    if args.force and args.verb == "init":
+    if args.force and args.certs_verb == "init":
         print(
             "Rotated: give every machine its new ca.pem and certificate, the queen tokens.json, "
             "each hive its ID.tokens.json, and clients their new tokens."

@@ -14,6 +14,7 @@ from cli.connect import admin, channel, client
 from cli.emit import Emitter
 from cli.errors import CliError
 from cli.output import (
+    PullProgressLines,
     backend_details,
     backend_rows,
     catalog_details,
@@ -25,8 +26,8 @@ from cli.output import (
     model_rows,
     process_details,
     process_rows,
-    progress_bar,
     request_rows,
+    status_summary,
     status_text,
     worker_details,
     worker_rows,
@@ -84,8 +85,9 @@ def cmd_status(args: argparse.Namespace, out: Emitter) -> int:
     hives = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
     workers = stub.ListWorkers(queen_pb2.ListWorkersRequest(), timeout=args.timeout).workers
     models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
+    summary = status_summary(args.queen, hives, workers, models)
     out.result(
-        {"hives": hives, "workers": workers, "models": models},
+        {"summary": summary, "hives": hives, "workers": workers, "models": models},
         status_text(args.queen, hives, workers, models),
     )
     return 0
@@ -117,10 +119,15 @@ def cmd_model_pull(args: argparse.Namespace, out: Emitter) -> int:
     pull = hive_pb2.PullModelRequest(source=source, name=name, sha256=args.sha256)
     request = queen_pb2.HivePullRequest(hive_id=args.hive, pull=pull)
     last: hive_pb2.PullProgress | None = None
+    progress = PullProgressLines(live=out.asides_live())
     for update in admin(args).PullModel(request, timeout=args.timeout):
         last = update
-        out.aside("\r" + progress_bar(update), end="")
-    out.aside("")
+        shown = progress.update(update)
+        if shown is not None:
+            out.aside(*shown)
+    finish = progress.finish()
+    if finish is not None:
+        out.aside(*finish)
     if last is not None and last.HasField("model"):
         model = last.model
         out.result(model, f"pulled {model.name} ({model.file}, sha256 {model.sha256[:16]}...)")

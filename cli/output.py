@@ -1,21 +1,73 @@
-"""How the CLI shows things to people: tables, detail pages, event lines, progress (the JSON
-form is `cli.emit`'s)."""
+"""How the CLI shows things to people: tables, detail pages, event lines, progress, the status
+summary (the JSON form is `cli.emit`'s; the summary is shared by both)."""
 
 from __future__ import annotations
 
-import collections
+import os
+import shutil
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
-from apiary.protoutil import READY_STATES, enum_name, health_name, state_name
+from google.protobuf.descriptor import EnumDescriptor
+
+from apiary.protoutil import READY_STATES, health_name, state_name
+from cli.names import enum_text
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
+ELLIPSIS = "…"
+# A column that may be cut keeps at least this many characters (and its header).
+MIN_CUT_WIDTH = 8
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+
+def terminal_width() -> int:
+    """Columns a table must fit in; 0 for no limit. On a terminal, its width; piped, no limit
+    (scripts and `grep` see whole rows) unless COLUMNS is set."""
+    if "COLUMNS" in os.environ or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return 0
+
+
+def fit_widths(widths: list[int], floors: list[int | None], limit: int) -> list[int]:
+    """Narrow the columns that may be cut (a floor; None: never cut), widest first, until a row
+    of `widths` separated by two spaces fits in `limit`, or every such column is at its floor."""
+    fixed = sum(w for w, f in zip(widths, floors, strict=True) if f is None)
+    budget = limit - fixed - 2 * (len(widths) - 1)
+    cuttable = [(w, f) for w, f in zip(widths, floors, strict=True) if f is not None]
+
+    def used(cap: int) -> int:
+        return sum(min(w, max(cap, f)) for w, f in cuttable)
+
+    cap = max((w for w, _ in cuttable), default=0)
+    while cap > 0 and used(cap) > budget:
+        cap -= 1
+    return [w if f is None else min(w, max(cap, f)) for w, f in zip(widths, floors, strict=True)]
+
+
+def clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + ELLIPSIS
+
+
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    cut: Collection[str] = (),
+    width: int | None = None,
+) -> str:
+    """Aligned columns. The columns named in `cut` are shortened (ending in an ellipsis) so
+    rows fit `width` (default: terminal_width(); 0 = no limit); `get` and --json keep the
+    whole text."""
     cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    limit = terminal_width() if width is None else width
+    if limit:
+        floors = [max(len(h), MIN_CUT_WIDTH) if h in cut else None for h in headers]
+        widths = fit_widths(widths, floors, limit)
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        "  ".join(
+            clip(cell, width).ljust(width) for cell, width in zip(row, widths, strict=True)
+        ).rstrip()
         for row in cells
     )
 
@@ -40,15 +92,9 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f}G"
 
 
-def label(enum_name: str, prefix: str) -> str:
-    """'ROUTING_POLICY_LEAST_LOADED' -> 'least-loaded'."""
-    return enum_name.removeprefix(prefix).lower().replace("_", "-")
-
-
 def policy_name(policy: common_pb2.RestartPolicy.ValueType) -> str:
-    return (
-        label(enum_name(common_pb2.RestartPolicy, policy, ""), "RESTART_POLICY_") if policy else "-"
-    )
+    """'on-failure'; '-' when unset (the hive's default applies)."""
+    return enum_text(common_pb2.RestartPolicy.DESCRIPTOR, policy) if policy else "-"
 
 
 def worker_flags(w: common_pb2.WorkerRecord) -> str:
@@ -67,7 +113,7 @@ def state_label(w: common_pb2.WorkerRecord) -> str:
     return state_name(w.state)
 
 
-def worker_rows(workers: Sequence[common_pb2.WorkerRecord]) -> str:
+def worker_rows(workers: Sequence[common_pb2.WorkerRecord], width: int | None = None) -> str:
     rows = [
         (
             w.id, w.hive_id, health_name(w.hive_health), w.model, w.backend,
@@ -79,10 +125,10 @@ def worker_rows(workers: Sequence[common_pb2.WorkerRecord]) -> str:
     ]  # fmt: skip
     headers = ("WORKER", "HIVE", "HIVE HEALTH", "MODEL", "BACKEND", "STATE", "FREE", "PID",
                "ADDRESS", "AGE", "DONE", "FAILED", "TAGS", "FLAGS", "REASON")  # fmt: skip
-    return table(headers, rows)
+    return table(headers, rows, ("ADDRESS", "TAGS", "FLAGS", "REASON"), width)
 
 
-def hive_rows(hives: Sequence[queen_pb2.HiveInfo]) -> str:
+def hive_rows(hives: Sequence[queen_pb2.HiveInfo], width: int | None = None) -> str:
     rows = [
         (
             h.id, h.address, health_name(h.health) + (" (drained)" if h.drained else ""),
@@ -96,13 +142,18 @@ def hive_rows(hives: Sequence[queen_pb2.HiveInfo]) -> str:
     ]  # fmt: skip
     headers = ("HIVE", "ADDRESS", "HEALTH", "BEAT", "WORKERS", "SLOTS USED", "LOAD/CPUS",
                "MEM FREE", "SPAWN/CRASH/RESTART", "UP", "REASON")  # fmt: skip
-    return table(headers, rows)
+    return table(headers, rows, ("ADDRESS", "REASON"), width)
 
 
-def model_rows(models: Sequence[queen_pb2.ModelInfo]) -> str:
+def model_rows(models: Sequence[queen_pb2.ModelInfo], width: int | None = None) -> str:
     return table(
-        ("MODEL", "IDLE", "BUSY", "LOADING", "FAILED", "QUEUED"),
-        [(m.name, m.idle, m.busy, m.loading, m.failed, m.queued) for m in models],
+        ("MODEL", "IDLE", "BUSY", "LOADING", "FAILED", "QUEUED", "HIVES"),
+        [
+            (m.name, m.idle, m.busy, m.loading, m.failed, m.queued, ",".join(m.hives) or "-")
+            for m in models
+        ],
+        ("HIVES",),
+        width,
     )
 
 
@@ -139,6 +190,7 @@ def process_details(process: hive_pb2.WorkerProcess) -> str:
         ("cpu", f"{process.cpu_percent:.0f}%"), ("rss", f"{process.rss_bytes / 2**20:.0f} MiB"),
         ("age", f"{process.age_seconds:.0f}s"),
         ("in table", "yes" if process.known else "no (orphan)"),
+        ("owner", enum_text(hive_pb2.ProcessOwner.DESCRIPTOR, process.owner)),
         ("cmdline", " ".join(process.cmdline)),
     ])  # fmt: skip
 
@@ -155,19 +207,20 @@ def process_rows(processes: Sequence[hive_pb2.WorkerProcess]) -> str:
     )
 
 
-def backend_rows(backends: Sequence[hive_pb2.BackendInfo]) -> str:
+def backend_rows(backends: Sequence[hive_pb2.BackendInfo], width: int | None = None) -> str:
     rows = [
         (b.name, "yes" if b.available else "no", b.version or "-", ",".join(b.devices) or "-",
          "tests/benchmarks only" if b.for_testing else "", b.unavailable_reason)
         for b in backends
     ]  # fmt: skip
-    return table(("BACKEND", "AVAILABLE", "VERSION", "DEVICES", "NOTE", "WHY NOT"), rows)
+    headers = ("BACKEND", "AVAILABLE", "VERSION", "DEVICES", "NOTE", "WHY NOT")
+    return table(headers, rows, ("DEVICES", "WHY NOT"), width)
 
 
 def event_line(event: queen_pb2.Event) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(event.time.seconds))
     when += f".{event.time.nanos // 1_000_000:03d}"
-    kind = label(enum_name(queen_pb2.EventKind, event.kind, ""), "EVENT_KIND_")
+    kind = enum_text(queen_pb2.EventKind.DESCRIPTOR, event.kind)
     parts = [when, f"{kind:<22}"]
     for key, value in (("hive", event.hive_id), ("worker", event.worker_id),
                        ("model", event.model), ("request", event.request_id),
@@ -186,7 +239,7 @@ def event_line(event: queen_pb2.Event) -> str:
     return " ".join(parts)
 
 
-def request_rows(records: Sequence[queen_pb2.RequestRecord]) -> str:
+def request_rows(records: Sequence[queen_pb2.RequestRecord], width: int | None = None) -> str:
     def took(r: queen_pb2.RequestRecord) -> str:
         if not r.finished_at.seconds:
             return "-"
@@ -195,27 +248,28 @@ def request_rows(records: Sequence[queen_pb2.RequestRecord]) -> str:
 
     rows = [
         (r.id, r.client_request_id or "-", r.client or "-", r.model,
-         label(enum_name(queen_pb2.RequestStatus, r.status, ""), "REQUEST_STATUS_"),
+         enum_text(queen_pb2.RequestStatus.DESCRIPTOR, r.status),
          r.worker_id or "-", r.hive_id or "-", age(r.accepted_at.seconds) + " ago", took(r),
          r.completion_tokens, r.attempts, r.error)
         for r in records
     ]  # fmt: skip
     headers = ("REQUEST", "CLIENT REF", "CLIENT", "MODEL", "STATUS", "WORKER", "HIVE", "ACCEPTED",
                "TOOK", "TOKENS", "ATTEMPTS", "ERROR")  # fmt: skip
-    return table(headers, rows)
+    return table(headers, rows, ("CLIENT REF", "CLIENT", "ERROR"), width)
 
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def catalog_rows(models: Sequence[hive_pb2.CatalogModel]) -> str:
+def catalog_rows(models: Sequence[hive_pb2.CatalogModel], width: int | None = None) -> str:
     rows = [
         (m.name, m.backend, m.file, mib(m.size_bytes), m.sha256[:12], age(m.added_at.seconds),
          ",".join(m.used_by) or "-", m.source)
         for m in models
     ]  # fmt: skip
-    return table(("MODEL", "BACKEND", "FILE", "SIZE", "SHA256", "ADDED", "USED BY", "SOURCE"), rows)
+    headers = ("MODEL", "BACKEND", "FILE", "SIZE", "SHA256", "ADDED", "USED BY", "SOURCE")
+    return table(headers, rows, ("FILE", "USED BY", "SOURCE"), width)
 
 
 def catalog_details(model: hive_pb2.CatalogModel) -> str:
@@ -240,8 +294,51 @@ def progress_bar(update: hive_pb2.PullProgress, width: int = 30) -> str:
     return f"{head} {mib(int(update.bytes_per_second))}/s {update.stage:<24}"
 
 
-def _counts(counter: collections.Counter[str]) -> str:
-    return ", ".join(f"{n} {name.lower()}" for name, n in sorted(counter.items()))
+class PullProgressLines:
+    """What `model pull` shows of each progress update: on a terminal one bar redrawn in place;
+    elsewhere (a pipe, a log file) a plain line at each 10 % step, at each new stage, and every
+    `every_seconds` when the size is unknown."""
+
+    def __init__(
+        self, live: bool, every_seconds: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.live = live
+        self.every_seconds = every_seconds
+        self.clock = clock
+        self.drawn = False
+        self.step = -1
+        self.stage = ""
+        self.printed_at = -float("inf")
+
+    def update(self, update: hive_pb2.PullProgress) -> tuple[str, str] | None:
+        """(text, end) to print, or None."""
+        bar = progress_bar(update)
+        if self.live:
+            self.drawn = True
+            return "\r" + bar, ""
+        now = self.clock()
+        if update.bytes_total:
+            step = min(update.bytes_done * 10 // update.bytes_total, 10)
+            due = step > self.step
+        else:
+            step, due = -1, now - self.printed_at >= self.every_seconds
+        if not due and update.stage == self.stage:
+            return None
+        self.step, self.stage, self.printed_at = step, update.stage, now
+        return bar.rstrip(), "\n"
+
+    def finish(self) -> tuple[str, str] | None:
+        """The newline that ends a redrawn bar."""
+        return ("", "\n") if self.drawn else None
+
+
+def count_by(enum: EnumDescriptor, numbers: Sequence[int]) -> dict[str, int]:
+    """{name: count} with every known value (zeros included), and any other value seen."""
+    counts = {enum_text(enum, value.number): 0 for value in enum.values if value.number}
+    for number in numbers:
+        name = enum_text(enum, number)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def routable_worker(w: common_pb2.WorkerRecord) -> bool:
@@ -253,57 +350,100 @@ def routable_worker(w: common_pb2.WorkerRecord) -> bool:
     )
 
 
+def status_summary(
+    queen: str,
+    hives: Sequence[queen_pb2.HiveInfo],
+    workers: Sequence[common_pb2.WorkerRecord],
+    models: Sequence[queen_pb2.ModelInfo],
+) -> dict[str, Any]:
+    """The cluster at a glance, as `status` prints it and as its JSON `summary`."""
+    # Capacity is what can be routed to: not failed, loading, stopping, drained or unreachable.
+    routable = [w for w in workers if routable_worker(w)]
+    done = sum(w.requests_completed for w in workers)
+    failed = sum(w.requests_failed for w in workers)
+    top = sorted((w for w in workers if w.state in READY_STATES), key=lambda w: -w.stats.score)
+    return {
+        "queen": queen,
+        "hives": {
+            "total": len(hives),
+            "by_health": count_by(common_pb2.HiveHealth.DESCRIPTOR, [h.health for h in hives]),
+        },
+        "workers": {
+            "total": len(workers),
+            "by_state": count_by(common_pb2.WorkerState.DESCRIPTOR, [w.state for w in workers]),
+        },
+        "capacity": {
+            "slots_total": sum(w.slots_total for w in routable),
+            "slots_in_use": sum(w.slots_total - w.slots_available for w in routable),
+        },
+        "queued": {m.name: m.queued for m in models},
+        "requests": {
+            "completed": done,
+            "failed": failed,
+            "success_rate": done / (done + failed) if done + failed else None,
+        },
+        "top_workers": [{"id": w.id, "score": w.stats.score} for w in top[:5]],
+        "problems": [{"hive": h.id, "problem": p} for h in hives for p in h.problems],
+    }
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {name.lower()}" for name, n in sorted(counts.items()) if n) or "none"
+
+
+def summary_text(summary: dict[str, Any]) -> list[str]:
+    hives, workers, capacity = summary["hives"], summary["workers"], summary["capacity"]
+    requests = summary["requests"]
+    rate = requests["success_rate"]
+    queued = ", ".join(f"{name} {n}" for name, n in summary["queued"].items() if n) or "none"
+    lines = [
+        f"queen {summary['queen']}",
+        f"hives     {hives['total']}: {counts_text(hives['by_health'])}",
+        f"workers   {workers['total']}: {counts_text(workers['by_state'])}",
+        f"capacity  {capacity['slots_in_use']}/{capacity['slots_total']} slots in use",
+        f"queued    {queued}",
+        f"requests  {requests['completed']} completed, {requests['failed']} failed "
+        f"(success {'-' if rate is None else f'{rate:.1%}'})",
+    ]
+    if summary["top_workers"]:
+        top = ", ".join(f"{w['id']} ({w['score']:.2f})" for w in summary["top_workers"])
+        lines.append(f"top       {top}")
+    lines += [f"PROBLEM   hive {p['hive']}: {p['problem']}" for p in summary["problems"]]
+    return lines
+
+
 def status_text(
     queen: str,
     hives: Sequence[queen_pb2.HiveInfo],
     workers: Sequence[common_pb2.WorkerRecord],
     models: Sequence[queen_pb2.ModelInfo],
+    width: int | None = None,
 ) -> str:
     """The cluster at a glance (health, states, capacity, queues, success, top workers), then
     the hive, worker and model tables."""
-    by_health = collections.Counter(health_name(h.health) for h in hives)
-    by_state = collections.Counter(state_name(w.state) for w in workers)
-    # Capacity is what can be routed to: not failed, loading, stopping, drained or unreachable.
-    routable = [w for w in workers if routable_worker(w)]
-    slots = sum(w.slots_total for w in routable)
-    used = sum(w.slots_total - w.slots_available for w in routable)
-    done = sum(w.requests_completed for w in workers)
-    failed = sum(w.requests_failed for w in workers)
-    rate = f"{done / (done + failed):.1%}" if done + failed else "-"
-    queued = ", ".join(f"{m.name} {m.queued}" for m in models if m.queued) or "none"
-    lines = [
-        f"queen {queen}",
-        f"hives     {len(hives)}: " + (_counts(by_health) or "none"),
-        f"workers   {len(workers)}: " + (_counts(by_state) or "none"),
-        f"capacity  {used}/{slots} slots in use",
-        f"queued    {queued}",
-        f"requests  {done} completed, {failed} failed (success {rate})",
-    ]
-    top = sorted((w for w in workers if w.state in READY_STATES), key=lambda w: -w.stats.score)[:5]
-    if top:
-        lines.append("top       " + ", ".join(f"{w.id} ({w.stats.score:.2f})" for w in top))
-    lines += [f"PROBLEM   hive {h.id}: {problem}" for h in hives for problem in h.problems]
+    lines = summary_text(status_summary(queen, hives, workers, models))
     lines += [
         "",
-        hive_rows(hives) if hives else "no hives",
+        hive_rows(hives, width) if hives else "no hives",
         "",
-        worker_rows(workers) if workers else "no workers",
+        worker_rows(workers, width) if workers else "no workers",
         "",
-        model_rows(models) if models else "no models",
+        model_rows(models, width) if models else "no models",
     ]
     return "\n".join(lines)
 
 
 def hive_details(reply: queen_pb2.GetHiveResponse) -> str:
+    """The hive's whole row (nothing cut: this is the `get` view), then its workers."""
     workers = worker_rows(reply.workers) if reply.workers else "no workers"
-    return f"{hive_rows([reply.hive])}\n\n{workers}"
+    return f"{hive_rows([reply.hive], width=0)}\n\n{workers}"
 
 
 def backend_details(backend: hive_pb2.BackendInfo) -> str:
     options = [f"  option {name}: {text}" for name, text in sorted(backend.options.items())]
-    return "\n".join([backend_rows([backend]), *options])
+    return "\n".join([backend_rows([backend], width=0), *options])
 
 
 def infer_summary(last: common_pb2.InferChunk) -> str:
-    reason = enum_name(common_pb2.FinishReason, last.finish_reason, "FINISH_REASON_")
-    return f"[{last.completion_tokens} tokens, finish={reason.lower()}]"
+    reason = enum_text(common_pb2.FinishReason.DESCRIPTOR, last.finish_reason)
+    return f"[{last.completion_tokens} tokens, finish={reason}]"

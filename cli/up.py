@@ -10,14 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 import grpc
 import structlog
 
 from apiary import logs
-from apiary.serving import stop_event_on_signals
+from apiary.serving import host_port, stop_event_on_signals
+from cli.connect import DEFAULT_QUEEN
+from cli.emit import Emitter
+from cli.parsing import Subparsers
 from protos.v1 import queen_pb2, queen_pb2_grpc
 
 log = structlog.get_logger("up")
@@ -25,27 +30,53 @@ log = structlog.get_logger("up")
 CHILD_STOP_SECONDS = 20.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apiary up", description=__doc__.splitlines()[0])
-    p.add_argument("--queen-listen", default="127.0.0.1:7070")
-    p.add_argument("--hive-listen", default="127.0.0.1:7071")
-    p.add_argument("--hive-id", default="local")
+def add_up_verb(sub: Subparsers) -> None:
+    text = "run a one-machine cluster: queen + hive + echo workers, in the foreground"
+    p = sub.add_parser("up", help=text, description=__doc__)
+    p.set_defaults(func=cmd_up)
+    p.add_argument(
+        "--queen-listen",
+        default=DEFAULT_QUEEN,
+        metavar="H:P",
+        help="the queen's address (port 0: any)",
+    )
+    p.add_argument("--hive-listen", default="127.0.0.1:7071", metavar="H:P", help="the hive's")
+    p.add_argument("--hive-id", default="local", help="the hive's id")
     p.add_argument("--model", default="", help="model name (default: demo, or the GGUF's name)")
     p.add_argument(
         "--gguf",
         default=os.environ.get("APIARY_MODEL", ""),
         help="serve this GGUF file with the llamacpp backend instead of echo (env APIARY_MODEL)",
     )
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="workers the hive keeps running")
+    p.add_argument("--slots", type=int, default=1, help="slots per echo worker")
     p.add_argument(
         "--token-delay",
         type=float,
         default=0.05,
         help="echo backend: seconds per token, so streaming is visible (echo is for demos/tests)",
     )
-    p.add_argument("--log-format", choices=["auto", "console", "json"], default=None)
-    return p
+    p.add_argument(
+        "--state-dir",
+        default="",
+        metavar="DIR",
+        help="the queen's state in DIR/queen, the hive's in DIR/hive-ID "
+        "(default: each daemon's own, under $XDG_STATE_HOME/apiary)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        metavar="PORT",
+        help="Prometheus metrics: the queen on PORT, the hive on PORT+1 (0: any free ports; "
+        "default off)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "console", "json"],
+        default=None,
+        help="logs: key=value on a terminal, JSON lines otherwise (auto)",
+    )
 
 
 async def wait_ready(queen: str, model: str, workers: int, stop: asyncio.Event) -> bool:
@@ -92,68 +123,144 @@ def worker_spec(args: argparse.Namespace) -> tuple[str, str]:
     return "the echo backend (for demos and tests)", spawn
 
 
-def banner(args: argparse.Namespace, backend: str) -> str:
-    return (
-        f"\nApiary is up: queen {args.queen_listen}, hive {args.hive_id!r} with "
-        f"{args.workers} '{args.model}' worker(s) on {backend}.\n"
-        "In a second terminal:\n"
-        f"  .venv/bin/apiary infer {args.model} 'hello bees' --max-tokens 20\n"
-        "  .venv/bin/apiary status\n"
-        "Ctrl-C here stops everything.\n"
-    )
+def command_name() -> str:
+    """How the operator ran this CLI, to print commands they can paste: `apiary` when that is
+    what PATH finds, else the script's path (`.venv/bin/apiary` under `make run`)."""
+    script = sys.argv[0]
+    if os.path.basename(script) == "__main__.py":
+        return f"{os.path.relpath(sys.executable)} -m cli"
+    found = shutil.which("apiary")
+    if found and os.path.realpath(found) == os.path.realpath(script):
+        return "apiary"
+    relative = os.path.relpath(script)
+    return script if relative.startswith("..") else relative
+
+
+def banner(args: argparse.Namespace, queen: str, backend: str) -> str:
+    """What is up, and commands that reach it (`--queen ADDR` unless it is the default)."""
+    apiary = command_name()
+    at = "" if queen == DEFAULT_QUEEN else f" --queen {queen}"
+    lines = [
+        "",
+        f"Apiary is up: queen {queen}, hive {args.hive_id!r} with {args.workers} "
+        f"'{args.model}' worker(s) on {backend}.",
+    ]
+    if args.state_dir:
+        lines.append(f"State: {args.state_dir}/queen and {args.state_dir}/hive-{args.hive_id}.")
+    if args.metrics_port > 0:
+        queen_port, hive_port = metrics_ports(args.metrics_port)
+        lines.append(f"Metrics: queen on port {queen_port}, hive on port {hive_port}.")
+    elif args.metrics_port == 0:
+        lines.append("Metrics: queen and hive on free ports (each logs its own).")
+    lines += [
+        "In a second terminal:",
+        f"  {apiary} infer {args.model} 'hello bees' --max-tokens 20{at}",
+        f"  {apiary} status{at}",
+        f"  {apiary} worker list{at}",
+        "Ctrl-C here stops everything.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def metrics_ports(port: int) -> tuple[int, int]:
+    """(queen's, hive's) for `--metrics-port PORT`: PORT and PORT+1 (0: any free port each)."""
+    return (port, port + 1) if port else (0, 0)
+
+
+def daemon_flags(args: argparse.Namespace, name: str, metrics_port: int) -> list[str]:
+    """The flags `apiary up` passes on to both daemons: state, metrics, log format."""
+    flags = ["--log-format", args.log_format] if args.log_format else []
+    if args.state_dir:
+        flags += ["--state-dir", os.path.join(args.state_dir, name)]
+    if args.metrics_port >= 0:
+        flags += ["--metrics-port", str(metrics_port)]
+    return flags
+
+
+def read_port_file(path: str) -> int | None:
+    """The port a daemon wrote (atomically) once listening, or None if not yet."""
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except FileNotFoundError:
+        return None
+
+
+async def bound_queen(
+    args: argparse.Namespace, port_file: str, queen: asyncio.subprocess.Process, stop: asyncio.Event
+) -> str | None:
+    """The address to dial the queen at once it listens (its port file says the port, so
+    `--queen-listen HOST:0` works too); None if it exited or we were stopped first."""
+    while not stop.is_set() and queen.returncode is None:
+        port = read_port_file(port_file)
+        if port is not None:
+            return host_port(args.queen_listen, port)
+        try:
+            await asyncio.wait_for(stop.wait(), 0.05)
+        except TimeoutError:
+            pass
+    return None
+
+
+async def start_daemons(
+    args: argparse.Namespace, spawn: str, run_dir: str, stop: asyncio.Event
+) -> tuple[dict[str, asyncio.subprocess.Process], str | None]:
+    """The queen, then (once it listens) the hive, told where the queen is."""
+    port_file = os.path.join(run_dir, "queen.port")
+    queen_metrics, hive_metrics = metrics_ports(args.metrics_port)
+    queen = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queen", "--listen", args.queen_listen, "--port-file", port_file,
+        *daemon_flags(args, "queen", queen_metrics),
+    )  # fmt: skip
+    children = {"queen": queen}
+    address = await bound_queen(args, port_file, queen, stop)
+    if address is not None:
+        children["hive"] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hive", "--queen", address, "--listen", args.hive_listen,
+            "--hive-id", args.hive_id, "--spawn", spawn,
+            *daemon_flags(args, f"hive-{args.hive_id}", hive_metrics),
+        )  # fmt: skip
+    return children, address
 
 
 async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
-    fmt = ["--log-format", args.log_format] if args.log_format else []
-    queen = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "queen", "--listen", args.queen_listen, *fmt
-    )
     backend, spawn = worker_spec(args)
-    hive = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hive",
-        "--queen",
-        args.queen_listen,
-        "--listen",
-        args.hive_listen,
-        "--hive-id",
-        args.hive_id,
-        "--spawn",
-        spawn,
-        *fmt,
-    )
-    children = {"hive": hive, "queen": queen}
+    with tempfile.TemporaryDirectory(prefix="apiary-up-") as run_dir:
+        children, address = await start_daemons(args, spawn, run_dir, stop)
     waits = [asyncio.create_task(p.wait()) for p in children.values()]
     exited = asyncio.create_task(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED))
-    ready = asyncio.create_task(wait_ready(args.queen_listen, args.model, args.workers, stop))
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait([ready, exited, stopped], return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    if ready.done() and ready.result():
-        print(banner(args, backend), flush=True)
-        await asyncio.wait([exited, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if exited.done():
+    if address is not None:
+        ready = asyncio.create_task(wait_ready(address, args.model, args.workers, stop))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([ready, exited, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.result():
+            print(banner(args, address, backend), flush=True)
+            await asyncio.wait([exited, stopped], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopped.cancel()
+    if exited.done() or (address is None and not stop.is_set()):
         dead = [name for name, p in children.items() if p.returncode is not None]
         log.error("a cluster process exited; stopping the rest", exited=dead)
         code = 1
-    ready.cancel()
     # Hive first: it stops its workers and tells the queen it is leaving.
-    await stop_child("hive", hive)
-    await stop_child("queen", queen)
+    for name in ("hive", "queen"):
+        if name in children:
+            await stop_child(name, children[name])
     exited.cancel()
-    stopped.cancel()
     log.info("apiary up: stopped")
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def cmd_up(args: argparse.Namespace, out: Emitter) -> int:
     logs.configure("up", args.log_format)
     if args.gguf:
         args.gguf = os.path.abspath(args.gguf)
         if not os.path.isfile(args.gguf):
             log.error("no such GGUF file", path=args.gguf)
             return 2
+    if args.state_dir:
+        args.state_dir = os.path.abspath(args.state_dir)
     return asyncio.run(run(args))

@@ -1,4 +1,4 @@
-"""`python -m hive` / `apiary hive`: run this machine's hive in the foreground."""
+"""`python -m hive` / `apiary hive start`: run this machine's hive in the foreground."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m queen` / `apiary queen`: run the queen in the foreground."""
+"""`python -m queen` / `apiary queen start`: run the queen in the foreground."""
 
 from __future__ import annotations
 

@@ -7,18 +7,23 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import psutil
 import pytest
 
+from cli.certs import init as certs_init
 from harness import MARKER_ENV, ROOT, Cluster, Proc, wait_until
 from harness.gguf import write_tiny_gguf
 from harness.lines import Lines
-from protos.v1 import common_pb2
+from protos.v1 import common_pb2, queen_pb2
+from tests.unit.test_cli_emit import check_schema
 
 APIARY = shutil.which("apiary", path=str(Path(sys.executable).parent))
 
@@ -40,9 +45,15 @@ def apiary(
 
 
 @pytest.fixture
-async def live(cluster: Cluster) -> Proc:
+def hive() -> str:
+    """This test's hive id: others run tests on the same machine at the same time."""
+    return f"cli-{uuid4().hex[:6]}"
+
+
+@pytest.fixture
+async def live(cluster: Cluster, hive: str) -> Proc:
     queen = cluster.start_queen()
-    cluster.start_hive(queen, "h1", "model=demo,backend=echo,count=2")
+    cluster.start_hive(queen, hive, "model=demo,backend=echo,count=2")
     await cluster.wait_workers(queen, "demo", 2)
     return queen
 
@@ -51,8 +62,18 @@ def test_console_script_is_installed() -> None:
     assert APIARY, "the project must install an `apiary` console script"
     out = apiary("--help")
     assert out.returncode == 0
-    for verb in ("queen", "hive", "up", "infer", "status", "worker", "model"):
+    for verb in ("queen", "hive", "up", "infer", "status", "worker", "model", "completion"):
         assert verb in out.stdout
+    alone = apiary()
+    assert alone.returncode == 0 and alone.stdout == out.stdout
+    hive = apiary("hive")
+    assert hive.returncode == 0 and hive.stdout.startswith("usage: apiary hive ")
+    for verb in ("start", "list", "get", "drain", "undrain"):
+        assert f"\n    {verb} " in hive.stdout
+    typo = apiary("hive", "ls")
+    assert typo.returncode == 2 and "did you mean 'list'?" in typo.stderr
+    assert len(typo.stderr.splitlines()) == 2  # usage and the error: no daemon flags
+    assert apiary("--version").stdout.startswith("apiary ")
 
 
 async def test_infer_streams_tokens(live: Proc) -> None:
@@ -63,24 +84,41 @@ async def test_infer_streams_tokens(live: Proc) -> None:
     as_json = apiary("infer", "demo", "a b", "--max-tokens", "3", "--json", queen=live)
     chunks = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [c["text"] for c in chunks] == ["a", " b", " a"]
-    assert chunks[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert chunks[-1]["finish_reason"] == "length"
 
 
-async def test_status_and_lists(live: Proc) -> None:
+async def test_status_and_lists(live: Proc, hive: str) -> None:
     status = apiary("status", queen=live)
     assert status.returncode == 0, status.stderr
-    assert "h1" in status.stdout and "HEALTHY" in status.stdout and "demo" in status.stdout
+    assert hive in status.stdout and "HEALTHY" in status.stdout and "demo" in status.stdout
     data = json.loads(apiary("status", "--json", queen=live).stdout)
-    assert [h["id"] for h in data["hives"]] == ["h1"]
+    assert [h["id"] for h in data["hives"]] == [hive]
     assert len(data["workers"]) == 2
     assert data["models"][0]["name"] == "demo" and data["models"][0]["idle"] == 2
+    for key, kind in (("hives", queen_pb2.HiveInfo), ("workers", common_pb2.WorkerRecord),
+                      ("models", queen_pb2.ModelInfo)):  # fmt: skip
+        for item in data[key]:
+            check_schema(kind.DESCRIPTOR, item)
+    summary = data["summary"]
+    assert summary["hives"] == {
+        "total": 1, "by_health": {"HEALTHY": 1, "DEGRADED": 0, "UNHEALTHY": 0}
+    }  # fmt: skip
+    assert summary["workers"]["by_state"] == {
+        "LOADING": 0, "IDLE": 2, "BUSY": 0, "STOPPING": 0, "FAILED": 0
+    }  # fmt: skip
+    assert summary["capacity"] == {"slots_total": 2, "slots_in_use": 0}
+    assert summary["queued"] == {"demo": 0}
+    assert summary["requests"] == {"completed": 0, "failed": 0, "success_rate": None}
+    assert summary["queen"] == live.address and summary["problems"] == []
 
     models = json.loads(apiary("model", "list", "--json", queen=live).stdout)
-    assert models == [{"name": "demo", "idle": 2}]
+    assert models == [
+        {"name": "demo", "idle": 2, "busy": 0, "loading": 0, "failed": 0, "queued": 0, "hives": []}
+    ]
     assert "demo" in apiary("model", "list", queen=live).stdout
 
-    workers = json.loads(apiary("worker", "list", "--json", "--hive", "h1", queen=live).stdout)
-    assert len(workers) == 2 and all(w["state"] == "WORKER_STATE_IDLE" for w in workers)
+    workers = json.loads(apiary("worker", "list", "--json", "--hive", hive, queen=live).stdout)
+    assert len(workers) == 2 and all(w["state"] == "IDLE" for w in workers)
     idle = json.loads(apiary("worker", "list", "--state", "idle", "--json", queen=live).stdout)
     assert len(idle) == 2
     assert (
@@ -97,12 +135,12 @@ async def test_status_and_lists(live: Proc) -> None:
     assert one["pid"] == workers[0]["pid"]
 
 
-async def test_worker_spawn_and_retire(live: Proc) -> None:
+async def test_worker_spawn_and_retire(live: Proc, hive: str) -> None:
     spawned = apiary(
         "worker",
         "spawn",
         "--hive",
-        "h1",
+        hive,
         "--model",
         "extra",
         "--option",
@@ -114,7 +152,7 @@ async def test_worker_spawn_and_retire(live: Proc) -> None:
     )
     assert spawned.returncode == 0, spawned.stderr
     worker = json.loads(spawned.stdout)
-    assert worker["state"] == "WORKER_STATE_IDLE" and worker["slots_total"] == 2
+    assert worker["state"] == "IDLE" and worker["slots_total"] == 2
     assert psutil.pid_exists(worker["pid"])
     out = apiary("infer", "extra", "x", "--max-tokens", "2", queen=live)
     assert out.stdout == "x x\n"
@@ -137,19 +175,78 @@ async def test_errors_are_one_readable_line(live: Proc) -> None:
     assert out.returncode == 1 and "cannot reach the queen at 127.0.0.1:1" in out.stderr
 
 
-def free_port() -> int:
-    import socket
+async def test_tls_failures_name_tls_and_the_flag(cluster: Cluster) -> None:
+    certs, other = cluster.tmp / "certs", cluster.tmp / "other"
+    certs_init(certs, [("queen", []), ("hive", [])])
+    certs_init(other, [("queen", []), ("hive", [])])
+    queen = cluster.start_queen(
+        0, "--tls-cert", str(certs / "queen.pem"), "--tls-key", str(certs / "queen.key"),
+        "--tls-client-ca", str(certs / "ca.pem"),
+    )  # fmt: skip
+    client = ("--tls-cert", str(certs / "client.pem"), "--tls-key", str(certs / "client.key"))
+    plain = apiary("status", queen=queen)
+    assert plain.returncode == 1 and "cannot reach" not in plain.stderr
+    assert "it probably requires TLS; pass --tls-ca" in plain.stderr
+    no_cert = apiary("status", "--tls-ca", str(certs / "ca.pem"), queen=queen)
+    assert f"TLS handshake with the queen at {queen.address} failed" in no_cert.stderr
+    assert "requires a client certificate: pass --tls-cert and --tls-key" in no_cert.stderr
+    wrong_ca = apiary("status", "--tls-ca", str(other / "ca.pem"), *client, queen=queen)
+    assert f"TLS handshake with the queen at {queen.address} failed" in wrong_ca.stderr
+    assert "check --tls-ca" in wrong_ca.stderr
+    assert len(wrong_ca.stderr.splitlines()) == 1  # no log line of grpc's own
+    right = apiary("status", "--tls-ca", str(certs / "ca.pem"), *client, queen=queen)
+    assert right.returncode == 0, right.stderr
 
+
+async def test_daemons_start_by_an_explicit_verb(cluster: Cluster, hive: str) -> None:
+    """`apiary queen start` and `apiary hive start` hand their flags to the daemons."""
+    queen = cluster.start(
+        "queen", ["cli", "queen", "start", "--listen", "127.0.0.1:0",
+                  "--state-dir", str(cluster.tmp / "queen-state")],
+    )  # fmt: skip
+    cluster.start(
+        "hive", ["cli", "hive", "start", "--queen", queen.address, "--listen", "127.0.0.1:0",
+                 "--hive-id", hive, "--state-dir", str(cluster.tmp / hive),
+                 "--spawn", "model=demo,backend=echo,count=1"],
+    )  # fmt: skip
+    await cluster.wait_workers(queen, "demo", 1)
+    listed = json.loads(apiary("hive", "list", "--json", queen=queen).stdout)
+    assert [h["id"] for h in listed] == [hive]
+    bad = apiary("hive", "start", "--heartbeat-interval", "soon")
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: apiary hive start")
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too (`apiary up --metrics-port`: PORT and PORT+1)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
-    cluster: Cluster, stop: str
+    cluster: Cluster, hive: str, stop: str
 ) -> None:
-    queen_port, hive_port = free_port(), free_port()
+    queen_port, hive_port, metrics_port = free_port(), free_port(), free_port_pair()
+    state = cluster.tmp / "up-state"
     env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_LOG_FORMAT="json")
     env["XDG_STATE_HOME"] = str(cluster.tmp / "xdg")  # not the operator's state dirs
     env[MARKER_ENV] = cluster.marker
@@ -163,6 +260,12 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
             f"127.0.0.1:{hive_port}",
             "--token-delay",
             "0",
+            "--hive-id",
+            hive,
+            "--state-dir",
+            str(state),
+            "--metrics-port",
+            str(metrics_port),
         ],
         env=env,
         cwd=ROOT,
@@ -177,6 +280,11 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
         await wait_until(lambda: printed.has("Ctrl-C here stops everything"), timeout=30)
         assert printed.has("Apiary is up"), printed.text()
         queen = f"127.0.0.1:{queen_port}"
+        # Commands that reach this queen, not the default address.
+        assert printed.has(f"apiary status --queen {queen}"), printed.text()
+        assert (state / "queen").is_dir() and (state / f"hive-{hive}").is_dir()
+        assert "apiary_" in metrics_text(metrics_port)
+        assert "apiary_" in metrics_text(metrics_port + 1)
         out = apiary("infer", "demo", "hello bees", "--max-tokens", "3", "--queen", queen)
         assert out.stdout == "hello bees hello\n", out.stderr
         assert len(cluster.marked_processes()) == 5  # up, queen, hive, 2 workers
@@ -196,8 +304,8 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
             up.wait()
 
 
-async def test_process_and_backend_verbs(live: Proc) -> None:
-    backends = apiary("worker", "backend", "list", "--hive", "h1", queen=live)
+async def test_process_and_backend_verbs(live: Proc, hive: str) -> None:
+    backends = apiary("worker", "backend", "list", "--hive", hive, queen=live)
     assert backends.returncode == 0, backends.stderr
     assert "echo" in backends.stdout and "tests/benchmarks only" in backends.stdout
     echo = apiary("worker", "backend", "get", "echo", queen=live)  # --hive optional: one hive
@@ -206,7 +314,7 @@ async def test_process_and_backend_verbs(live: Proc) -> None:
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "echo" in missing.stderr
 
     procs = json.loads(apiary("worker", "process", "list", "--json", queen=live).stdout)
-    mine = [p for p in procs if p["hive_id"] == "h1"]
+    mine = [p for p in procs if p["hive_id"] == hive]
     assert len(mine) == 2 and all(p["known"] for p in mine)
     table_out = apiary("worker", "process", "list", queen=live).stdout
     assert str(mine[0]["pid"]) in table_out
@@ -260,7 +368,7 @@ async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
     assert "FAILED_PRECONDITION" in waited.stderr and "exited with code 3" in waited.stderr
 
 
-async def test_scheduler_verbs(live: Proc) -> None:
+async def test_scheduler_verbs(live: Proc, hive: str) -> None:
     out = apiary("infer", "demo", "x y", "--max-tokens", "2", "--policy", "lottery", queen=live)
     assert out.returncode == 0 and out.stdout == "x y\n", out.stderr
     bad = apiary("infer", "demo", "x", "--policy", "fastest", queen=live)
@@ -285,17 +393,18 @@ async def test_scheduler_verbs(live: Proc) -> None:
         in apiary("requests", "list", "--status", "odd", queen=live).stderr
     )
 
-    drained = apiary("hive", "drain", "h1", queen=live)
-    assert drained.returncode == 0 and "hive h1 drained" in drained.stdout
+    drained = apiary("hive", "drain", hive, queen=live)
+    assert drained.returncode == 0 and f"hive {hive} drained" in drained.stdout
     assert "(drained)" in apiary("hive", "list", queen=live).stdout
-    assert apiary("hive", "undrain", "h1", queen=live).returncode == 0
+    assert apiary("hive", "undrain", hive, queen=live).returncode == 0
     worker_id = json.loads(apiary("worker", "list", "--json", queen=live).stdout)[0]["id"]
     assert "drained" in apiary("worker", "drain", worker_id, queen=live).stdout
     assert "drained" in apiary("worker", "list", queen=live).stdout
     assert "undrained" in apiary("worker", "undrain", worker_id, queen=live).stdout
-    assert "h1" in apiary("hive", "get", "h1", queen=live).stdout
+    assert hive in apiary("hive", "get", hive, queen=live).stdout
     missing = apiary("hive", "drain", "nope", queen=live)
-    assert missing.returncode == 1 and "NOT_FOUND: unknown hive 'nope'; hives: h1" in missing.stderr
+    assert missing.returncode == 1
+    assert f"NOT_FOUND: unknown hive 'nope'; hives: {hive}" in missing.stderr
 
 
 async def test_events_verb_prints_live_events(cluster: Cluster, live: Proc) -> None:
@@ -328,12 +437,14 @@ async def test_events_verb_prints_live_events(cluster: Cluster, live: Proc) -> N
     assert bad.returncode == 2 and "choose hive-joined, hive-health-changed" in bad.stderr
 
 
-async def test_model_catalog_verbs(live: Proc, tmp_path: Path) -> None:
+async def test_model_catalog_verbs(live: Proc, hive: str, tmp_path: Path) -> None:
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
-    pulled = apiary("model", "pull", str(gguf), "--hive", "h1", queen=live)
+    pulled = apiary("model", "pull", str(gguf), "--hive", hive, queen=live)
     assert pulled.returncode == 0, pulled.stderr
     assert "pulled tiny (tiny.gguf" in pulled.stdout and "100%" in pulled.stderr
-    listed = apiary("model", "list", "--hive", "h1", queen=live)
+    # Not a terminal: whole lines, no bar redrawn with carriage returns.
+    assert "\r" not in pulled.stderr and pulled.stderr.endswith("\n")
+    listed = apiary("model", "list", "--hive", hive, queen=live)
     assert "tiny" in listed.stdout and "llamacpp" in listed.stdout
     got = json.loads(apiary("model", "get", "tiny", "--json", queen=live).stdout)
     assert got["path"].endswith("tiny.gguf") and len(got["sha256"]) == 64
@@ -343,7 +454,7 @@ async def test_model_catalog_verbs(live: Proc, tmp_path: Path) -> None:
         return next((m for m in models if m["name"] == "tiny"), None)
 
     tiny = await wait_until(served, timeout=10, interval=0.1)
-    assert tiny["hives"] == ["h1"]
+    assert tiny["hives"] == [hive]
     removed = apiary("model", "rm", "tiny", queen=live)
     assert removed.returncode == 0 and "deleted tiny" in removed.stdout
     missing = apiary("model", "get", "tiny", queen=live)

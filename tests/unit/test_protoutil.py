@@ -19,4 +19,4 @@ def test_tables_and_event_lines_show_unknown_values() -> None:
     assert "UNKNOWN(42)" in worker_rows([record])
     event = queen_pb2.Event(kind=99, state=42)  # type: ignore[arg-type]
     line = event_line(event)
-    assert "unknown(99)" in line and "UNKNOWN(42)" in line
+    assert "UNKNOWN(99)" in line and "UNKNOWN(42)" in line
