@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import Metric
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+# One series per counter: `_created` twins double every counter for no reader of ours.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 @dataclass
@@ -48,3 +51,21 @@ def publish(
     server = serve_metrics(registry, host, metrics_port)
     log.info("metrics served", url=f"http://{host}:{server.port}/metrics")
     return server
+
+
+def hive_counters(hives: Iterable[tuple[str, int, int, int]]) -> Iterable[Metric]:
+    """Each hive's supervision counters (hive id, spawns, crashes, restarts), by the names
+    and type on the queen (every hive) and on each hive (its own)."""
+    spawns = CounterMetricFamily("apiary_hive_spawns", HIVE_SPAWNS, labels=["hive"])
+    crashes = CounterMetricFamily("apiary_hive_crashes", HIVE_CRASHES, labels=["hive"])
+    restarts = CounterMetricFamily("apiary_hive_restarts", HIVE_RESTARTS, labels=["hive"])
+    for hive, spawned, crashed, restarted in hives:
+        spawns.add_metric([hive], spawned)
+        crashes.add_metric([hive], crashed)
+        restarts.add_metric([hive], restarted)
+    return (spawns, crashes, restarts)
+
+
+HIVE_SPAWNS = "Worker processes a hive started"
+HIVE_CRASHES = "Worker exits no one asked for, and kills for health, on a hive"
+HIVE_RESTARTS = "Workers a hive restarted by their restart policy"

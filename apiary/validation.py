@@ -38,6 +38,8 @@ def tag_problem(kind: str, value: str) -> str | None:
 
 
 DEFAULT_MAX_TOKENS_CAP = 4096
+# What a request without max_tokens (0) gets, as every LLM API treats it as optional.
+DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_PROMPT_BYTES = 64 * 1024
 
 
@@ -46,12 +48,13 @@ def infer_request_problem(
     max_tokens_cap: int,
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
 ) -> str | None:
-    """Why an InferRequest is malformed, or None. Checked by the queen and again by the worker."""
+    """Why an InferRequest is malformed, or None. Checked by the queen and again by the worker,
+    each after putting its default in for a max_tokens of 0."""
     problem = name_problem("model", request.model) or input_problem(request, max_prompt_bytes)
     if problem:
         return problem
     if request.max_tokens <= 0:
-        return f"max_tokens must be > 0 (got {request.max_tokens})"
+        return f"max_tokens must be > 0, or 0 for the server's default (got {request.max_tokens})"
     if request.max_tokens > max_tokens_cap:
         return f"max_tokens {request.max_tokens} is above this server's cap of {max_tokens_cap}"
     if len(request.request_id) > MAX_NAME_LENGTH:

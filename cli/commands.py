@@ -14,6 +14,7 @@ from cli.connect import admin, channel, client
 from cli.emit import Emitter
 from cli.errors import CliError
 from cli.output import (
+    ClusterStatus,
     PullProgressLines,
     backend_details,
     backend_rows,
@@ -82,13 +83,19 @@ def cmd_infer(args: argparse.Namespace, out: Emitter) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Emitter) -> int:
     stub = admin(args)
-    hives = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
+    listed = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout)
     workers = stub.ListWorkers(queen_pb2.ListWorkersRequest(), timeout=args.timeout).workers
     models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
-    summary = status_summary(args.queen, hives, workers, models)
+    cluster = ClusterStatus(args.queen, listed.queen, listed.hives, workers, models)
     out.result(
-        {"summary": summary, "hives": hives, "workers": workers, "models": models},
-        status_text(args.queen, hives, workers, models),
+        {
+            "summary": status_summary(cluster),
+            "queen": listed.queen,
+            "hives": listed.hives,
+            "workers": workers,
+            "models": models,
+        },
+        status_text(cluster),
     )
     return 0
 

@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.descriptor import EnumDescriptor
@@ -350,20 +351,28 @@ def routable_worker(w: common_pb2.WorkerRecord) -> bool:
     )
 
 
-def status_summary(
-    queen: str,
-    hives: Sequence[queen_pb2.HiveInfo],
-    workers: Sequence[common_pb2.WorkerRecord],
-    models: Sequence[queen_pb2.ModelInfo],
-) -> dict[str, Any]:
-    """The cluster at a glance, as `status` prints it and as its JSON `summary`."""
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What `apiary status` reads: the queen (its address and own status) and its tables."""
+
+    address: str
+    queen: queen_pb2.QueenStatus
+    hives: Sequence[queen_pb2.HiveInfo] = ()
+    workers: Sequence[common_pb2.WorkerRecord] = ()
+    models: Sequence[queen_pb2.ModelInfo] = ()
+
+
+def status_summary(cluster: ClusterStatus) -> dict[str, Any]:
+    """The cluster at a glance, as `status` prints it and as its JSON `summary`. Request
+    totals are the queen's own since it started (workers come and go with theirs)."""
+    hives, workers, queen = cluster.hives, cluster.workers, cluster.queen
     # Capacity is what can be routed to: not failed, loading, stopping, drained or unreachable.
     routable = [w for w in workers if routable_worker(w)]
-    done = sum(w.requests_completed for w in workers)
-    failed = sum(w.requests_failed for w in workers)
+    done, failed = queen.requests_completed, queen.requests_failed
     top = sorted((w for w in workers if w.state in READY_STATES), key=lambda w: -w.stats.score)
     return {
-        "queen": queen,
+        "queen": cluster.address,
+        "degraded": queen.degraded,
         "hives": {
             "total": len(hives),
             "by_health": count_by(common_pb2.HiveHealth.DESCRIPTOR, [h.health for h in hives]),
@@ -376,14 +385,19 @@ def status_summary(
             "slots_total": sum(w.slots_total for w in routable),
             "slots_in_use": sum(w.slots_total - w.slots_available for w in routable),
         },
-        "queued": {m.name: m.queued for m in models},
+        "queued": {m.name: m.queued for m in cluster.models},
         "requests": {
+            "since": queen.started_at.ToJsonString() if queen.HasField("started_at") else None,
             "completed": done,
             "failed": failed,
+            "cancelled": queen.requests_cancelled,
+            "refused": queen.requests_refused,
             "success_rate": done / (done + failed) if done + failed else None,
         },
         "top_workers": [{"id": w.id, "score": w.stats.score} for w in top[:5]],
-        "problems": [{"hive": h.id, "problem": p} for h in hives for p in h.problems],
+        # A problem of the queen's own has "hive": null.
+        "problems": [{"hive": None, "problem": p} for p in queen.problems]
+        + [{"hive": h.id, "problem": p} for h in hives for p in h.problems],
     }
 
 
@@ -397,38 +411,36 @@ def summary_text(summary: dict[str, Any]) -> list[str]:
     rate = requests["success_rate"]
     queued = ", ".join(f"{name} {n}" for name, n in summary["queued"].items() if n) or "none"
     lines = [
-        f"queen {summary['queen']}",
+        f"queen {summary['queen']}" + (" DEGRADED" if summary["degraded"] else ""),
         f"hives     {hives['total']}: {counts_text(hives['by_health'])}",
         f"workers   {workers['total']}: {counts_text(workers['by_state'])}",
         f"capacity  {capacity['slots_in_use']}/{capacity['slots_total']} slots in use",
         f"queued    {queued}",
-        f"requests  {requests['completed']} completed, {requests['failed']} failed "
-        f"(success {'-' if rate is None else f'{rate:.1%}'})",
+        f"requests  {requests['completed']} completed, {requests['failed']} failed, "
+        f"{requests['cancelled']} cancelled, {requests['refused']} refused "
+        f"(success {'-' if rate is None else f'{rate:.1%}'}) since the queen started",
     ]
     if summary["top_workers"]:
         top = ", ".join(f"{w['id']} ({w['score']:.2f})" for w in summary["top_workers"])
         lines.append(f"top       {top}")
-    lines += [f"PROBLEM   hive {p['hive']}: {p['problem']}" for p in summary["problems"]]
+    lines += [
+        f"PROBLEM   {'queen' if p['hive'] is None else 'hive ' + p['hive']}: {p['problem']}"
+        for p in summary["problems"]
+    ]
     return lines
 
 
-def status_text(
-    queen: str,
-    hives: Sequence[queen_pb2.HiveInfo],
-    workers: Sequence[common_pb2.WorkerRecord],
-    models: Sequence[queen_pb2.ModelInfo],
-    width: int | None = None,
-) -> str:
-    """The cluster at a glance (health, states, capacity, queues, success, top workers), then
-    the hive, worker and model tables."""
-    lines = summary_text(status_summary(queen, hives, workers, models))
+def status_text(cluster: ClusterStatus, width: int | None = None) -> str:
+    """The cluster at a glance (health, states, capacity, queues, requests, top workers),
+    then the hive, worker and model tables."""
+    lines = summary_text(status_summary(cluster))
     lines += [
         "",
-        hive_rows(hives, width) if hives else "no hives",
+        hive_rows(cluster.hives, width) if cluster.hives else "no hives",
         "",
-        worker_rows(workers, width) if workers else "no workers",
+        worker_rows(cluster.workers, width) if cluster.workers else "no workers",
         "",
-        model_rows(models, width) if models else "no models",
+        model_rows(cluster.models, width) if cluster.models else "no models",
     ]
     return "\n".join(lines)
 

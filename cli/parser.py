@@ -134,7 +134,10 @@ def add_infer(sub: Subparsers) -> None:
     p = verb(sub, "infer", cmd.cmd_infer, "stream a completion through the queen", timeout=60.0)
     p.add_argument("model", help="model name (`apiary model list`)")
     p.add_argument("prompt")
-    p.add_argument("--max-tokens", type=int, default=16, help="tokens to generate at most")
+    p.add_argument(
+        "--max-tokens", type=int, default=0,
+        help="tokens to generate at most (0: the queen's --default-max-tokens)",
+    )  # fmt: skip
     enum_flag(p, "--policy", parse_routing, common_pb2.RoutingPolicy, "ROUTING_POLICY_",
               default=0, help="routing policy for this request (default: the queen's)")  # fmt: skip
     p.add_argument("--tag", action="append", default=[], help="require a worker tag (repeatable)")
@@ -215,7 +218,11 @@ def add_worker_spawn(worker: Subparsers) -> None:
     p = verb(worker, "spawn", cmd.cmd_worker_spawn, "start a worker on a hive", timeout=180.0)
     p.add_argument("--hive", default="", help=HIVE_HELP)
     p.add_argument("--model", required=True, help="model to serve")
-    p.add_argument("--backend", default="echo", help="inference backend (echo: tests/benchmarks)")
+    p.add_argument(
+        "--backend", default="",
+        help="inference backend (default: the one the model's catalog entry names; "
+        "echo, for tests and benchmarks, only by name)",
+    )  # fmt: skip
     p.add_argument("--slots", type=int, default=1, help="requests it serves at once")
     p.add_argument("--device", default="", help="device for the backend, e.g. cpu")
     p.add_argument(

@@ -15,7 +15,11 @@ from apiary.paths import default_state_dir
 from apiary.protoutil import enum_parser
 from apiary.security import SecurityError, check_queen_tokens, security_from_args
 from apiary.serving import add_server_args, stop_event_on_signals, write_port_file
-from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
+from apiary.validation import (
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_TOKENS_CAP,
+)
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
 from queen.beats import DEFAULT_MAX_WORKER_SLOTS, DEFAULT_MAX_WORKERS_PER_HIVE, BeatLimits
@@ -64,7 +68,14 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting for a slot, in all"
     )
-    p.add_argument("--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP)
+    p.add_argument(
+        "--max-tokens-cap", type=int, default=DEFAULT_MAX_TOKENS_CAP,
+        help="the most max_tokens a request may ask for",
+    )  # fmt: skip
+    p.add_argument(
+        "--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+        help="max_tokens of a request that gives none (0)",
+    )  # fmt: skip
     p.add_argument("--max-prompt-bytes", type=int, default=DEFAULT_MAX_PROMPT_BYTES)
     # Per client: the name its token has in the tokens file; with no tokens, its host.
     p.add_argument(
@@ -147,6 +158,7 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         heartbeat_interval=args.heartbeat_interval,
         max_queue=args.max_queue,
         max_tokens_cap=args.max_tokens_cap,
+        default_max_tokens=args.default_max_tokens,
         max_prompt_bytes=args.max_prompt_bytes,
         max_streams_per_client=args.max_streams_per_client,
         max_queued_per_client=args.max_queued_per_client,
@@ -221,6 +233,8 @@ def args_problem(args: argparse.Namespace) -> str:
         return "--max-wait must be > 0"
     if args.shutdown_grace < 0:
         return "--shutdown-grace must be >= 0"
+    if not 0 < args.default_max_tokens <= args.max_tokens_cap:
+        return f"--default-max-tokens must be within 1..--max-tokens-cap ({args.max_tokens_cap})"
     for flag in ("max_streams_per_client", "max_queued_per_client", "max_leases_per_client"):
         if getattr(args, flag) < 0:
             return f"--{flag.replace('_', '-')} must be >= 0 (0 = no limit)"

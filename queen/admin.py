@@ -72,7 +72,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
     ) -> queen_pb2.ListHivesResponse:
         hives = sorted(self.registry.hives.values(), key=lambda h: h.id)
         return queen_pb2.ListHivesResponse(
-            hives=[self.hive_info(h) for h in hives], queen=self.cluster.history.status()
+            hives=[self.hive_info(h) for h in hives], queen=self.cluster.status()
         )
 
     async def GetHive(

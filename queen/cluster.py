@@ -14,6 +14,7 @@ import structlog
 
 from apiary.clock import Clock
 from apiary.protoutil import enum_name
+from apiary.validation import DEFAULT_MAX_TOKENS
 from protos.v1 import common_pb2, queen_pb2
 from queen.autospawn import Autospawner
 from queen.channels import Channels
@@ -100,6 +101,8 @@ class Cluster:
     max_streams_per_client: int
     metrics: QueenMetrics
     hive_watch: HiveWatch = field(default_factory=HiveWatch)
+    # What a request without max_tokens gets.
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     # Refused records already logged, so a repeating table is not logged every interval.
     _refusals_told: set[tuple[str, str, str]] = field(default_factory=set)
     # Require a hive's id to be a name in its client certificate (mTLS).
@@ -112,6 +115,10 @@ class Cluster:
         self.scheduler.expecting = self.expecting
         self.autospawn.on_spawned = self.autospawned
         self.autospawn.on_failure = self.scheduler.fail
+
+    def status(self) -> queen_pb2.QueenStatus:
+        """The queen's own status: its history's health and its request totals."""
+        return self.metrics.status(self.history.status())
 
     # ---- changes to the worker table ---------------------------------------
 

@@ -33,8 +33,40 @@ LABELS: dict[queen_pb2.RequestStatus.ValueType, str] = {
 
 
 def label(status: queen_pb2.RequestStatus.ValueType) -> str:
-    """The metric's status label."""
+    """The status in words, as logs say it."""
     return LABELS.get(status, "failed")
+
+
+# How requests ended, as `apiary status` totals them: a client's cancel is not a failure,
+# and a request the queen never took was refused (its own count).
+COMPLETED, FAILED, CANCELLED, REFUSED = "completed", "failed", "cancelled", "refused"
+
+
+def code_of(status: queen_pb2.RequestStatus.ValueType, error: str) -> str:
+    """The gRPC status code name the client got: OK, or the one the error text starts with
+    (every error recorded here does: 'UNAVAILABLE: ...')."""
+    if status == queen_pb2.REQUEST_STATUS_COMPLETED:
+        return "OK"
+    if status == queen_pb2.REQUEST_STATUS_CANCELLED:
+        return "CANCELLED"
+    if status == queen_pb2.REQUEST_STATUS_DEADLINE_EXCEEDED:
+        return "DEADLINE_EXCEEDED"
+    name = error.split(":", 1)[0]
+    return name if name in CODE_NAMES else "UNKNOWN"
+
+
+CODE_NAMES = frozenset(
+    """OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS
+    PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE UNIMPLEMENTED
+    INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED""".split()
+)
+
+
+def outcome(code: str) -> str:
+    """A taken request's outcome by the code it ended with."""
+    if code == "OK":
+        return COMPLETED
+    return CANCELLED if code == "CANCELLED" else FAILED
 
 
 def event_kind(status: queen_pb2.RequestStatus.ValueType) -> queen_pb2.EventKind.ValueType:

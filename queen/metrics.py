@@ -1,36 +1,65 @@
-"""The queen's Prometheus metrics: requests, latency, tokens, queues, workers, heartbeats, and
-the request history's dropped rows."""
+"""The queen's Prometheus metrics: requests and leases by gRPC status code, latency, queue
+waits, tokens, queues, workers, hives, heartbeats, and the request history's dropped rows.
+
+Prometheus conventions: one name and type per quantity, counters end in `_total`, every state
+a gauge counts is reported (0 included), label values stay bounded: a model name that no
+worker or catalog has is counted as `other`.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from apiary.metrics import SnapshotCollector
+from apiary.metrics import SnapshotCollector, hive_counters
 from apiary.protoutil import READY_STATES, health_name, state_name
+from protos.v1 import common_pb2, queen_pb2
+from queen import endings
 from queen.history import History
 from queen.registry import Registry
 from queen.scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The model label of a request for a model the cluster has never heard of.
+OTHER_MODEL = "other"
+WORKER_STATES = tuple(
+    state_name(value) for value in common_pb2.WorkerState.values() if value
+)  # LOADING, IDLE, BUSY, STOPPING, FAILED
+HIVE_HEALTHS = tuple(health_name(value) for value in common_pb2.HiveHealth.values() if value)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A request's tokens: its prompt's, how many of those a worker had cached, its
+    completion's."""
+
+    prompt: int = 0
+    cached: int = 0
+    completion: int = 0
 
 
 class QueenMetrics:
     def __init__(
         self, registry: Registry, scheduler: Scheduler, history: History | None = None
     ) -> None:
+        self.registry = registry
         self.prometheus = CollectorRegistry()
         r = self.prometheus
         self.requests = Counter(
             "apiary_requests",
-            "Requests the queen finished, by status: completed, failed, cancelled (the call was "
-            "cancelled), deadline_exceeded",
-            ["model", "status"],
-            registry=r,
-        )
+            "Infer requests by how they ended, as the gRPC status code the client got (OK, "
+            "CANCELLED, NOT_FOUND, ...); refused ones included",
+            ["model", "code"], registry=r,
+        )  # fmt: skip
+        self.leases = Counter(
+            "apiary_leases", "Lease calls by the gRPC status code the client got",
+            ["model", "code"], registry=r,
+        )  # fmt: skip
         self.ttft = Histogram(
             "apiary_time_to_first_token_seconds",
             "From accepting a request to sending its first chunk (queueing included)",
@@ -40,7 +69,20 @@ class QueenMetrics:
             "apiary_request_duration_seconds", "From accepting a request to its end",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.tokens = Counter(
+        self.queue_wait = Histogram(
+            "apiary_queue_wait_seconds",
+            "How long a request or lease waited for a free slot (0 when one was free)",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "apiary_prompt_tokens", "Prompt tokens of finished requests", ["model"], registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "apiary_cached_prompt_tokens",
+            "Prompt tokens a worker had already computed (its prefix cache) and so skipped",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.completion_tokens = Counter(
             "apiary_completion_tokens", "Completion tokens relayed (rate() is tokens/s)",
             ["model"], registry=r,
         )  # fmt: skip
@@ -53,62 +95,90 @@ class QueenMetrics:
             "apiary_failovers", "Requests retried on another worker before their first chunk",
             ["model"], registry=r,
         )  # fmt: skip
-        r.register(SnapshotCollector(lambda: self._snapshot(registry, scheduler)))
+        # Requests by outcome since this queen started (`apiary status` reads them).
+        self.outcomes: Tally[str] = Tally()
+        self.started_at = time.time()
+        r.register(SnapshotCollector(lambda: cluster_metrics(registry, scheduler)))
         if history is not None:
             r.register(SnapshotCollector(lambda: history_metrics(history)))
 
-    def finished(
-        self, model: str, status: str, seconds: float, ttft: float | None, tokens: int
-    ) -> None:
-        self.requests.labels(model, status).inc()
-        self.duration.labels(model).observe(seconds)
-        if ttft is not None:
-            self.ttft.labels(model).observe(ttft)
-        if tokens:
-            self.tokens.labels(model).inc(tokens)
-            if seconds > 0:
-                self.tokens_per_second.labels(model).observe(tokens / seconds)
+    def model_label(self, model: str) -> str:
+        """The model as a label value: `other` unless a worker or a catalog has it, so a
+        client cannot grow the label set with made-up names."""
+        known = self.registry.has_model(model) or model in self.registry.catalog_models()
+        return model if known else OTHER_MODEL
 
-    @staticmethod
-    def _snapshot(registry: Registry, scheduler: Scheduler) -> Iterable[Metric]:
-        workers = GaugeMetricFamily(
-            "apiary_workers",
-            "Workers by model and state, as the queen sees them",
-            labels=["model", "state"],
-        )
-        counts: Tally[tuple[str, str]] = Tally()
-        for entry in registry.workers.values():
-            state = entry.record.state
-            if state in READY_STATES:
-                name = "BUSY" if entry.in_flight else "IDLE"
-            else:
-                name = state_name(state)
-            counts[(entry.record.model, name)] += 1
-        for (model, label), n in sorted(counts.items()):
-            workers.add_metric([model, label], n)
-        yield workers
-        queue = GaugeMetricFamily(
-            "apiary_queue_depth", "Requests waiting for a slot", labels=["model"]
-        )
-        for model in registry.models():
-            queue.add_metric([model], scheduler.queue_depth(model))
-        yield queue
-        hives = GaugeMetricFamily("apiary_hives", "Hives by health", labels=["health"])
-        health = Tally(health_name(registry.health_of(h)) for h in registry.hives.values())
-        for name, n in sorted(health.items()):
-            hives.add_metric([name], n)
-        yield hives
-        restarts = GaugeMetricFamily(
-            "apiary_hive_worker_restarts", "Worker restarts each hive reported", labels=["hive"]
-        )
-        crashes = GaugeMetricFamily(
-            "apiary_hive_worker_crashes", "Worker crashes each hive reported", labels=["hive"]
-        )
-        for hive in registry.hives.values():
-            restarts.add_metric([hive.id], hive.stats.restarts)
-            crashes.add_metric([hive.id], hive.stats.crashes)
-        yield restarts
-        yield crashes
+    def refused(self, model: str, code: str) -> None:
+        """An Infer request the queen did not take (unknown model, bad field, full queue)."""
+        self.requests.labels(self.model_label(model), code).inc()
+        self.outcomes[endings.REFUSED] += 1
+
+    def finished(
+        self, model: str, code: str, seconds: float, ttft: float | None, usage: Usage
+    ) -> None:
+        """A request the queen took, at its end."""
+        label = self.model_label(model)
+        self.requests.labels(label, code).inc()
+        self.outcomes[endings.outcome(code)] += 1
+        self.duration.labels(label).observe(seconds)
+        if ttft is not None:
+            self.ttft.labels(label).observe(ttft)
+        if usage.prompt:
+            self.prompt_tokens.labels(label).inc(usage.prompt)
+        if usage.cached:
+            self.cached_prompt_tokens.labels(label).inc(usage.cached)
+        if usage.completion:
+            self.completion_tokens.labels(label).inc(usage.completion)
+            if seconds > 0:
+                self.tokens_per_second.labels(label).observe(usage.completion / seconds)
+
+    def status(self, into: queen_pb2.QueenStatus) -> queen_pb2.QueenStatus:
+        """The request totals since the queen started, added to its status."""
+        into.started_at.FromNanoseconds(int(self.started_at * 1e9))
+        into.requests_completed = self.outcomes[endings.COMPLETED]
+        into.requests_failed = self.outcomes[endings.FAILED]
+        into.requests_cancelled = self.outcomes[endings.CANCELLED]
+        into.requests_refused = self.outcomes[endings.REFUSED]
+        return into
+
+
+def cluster_metrics(registry: Registry, scheduler: Scheduler) -> Iterable[Metric]:
+    """Gauges of the live registry, read at scrape time."""
+    yield worker_gauge(registry)
+    queue = GaugeMetricFamily("apiary_queue_depth", "Requests waiting for a slot", labels=["model"])
+    for model in registry.models():
+        queue.add_metric([model], scheduler.queue_depth(model))
+    yield queue
+    hives = GaugeMetricFamily("apiary_hives", "Hives by health", labels=["health"])
+    health = Tally(health_name(registry.health_of(h)) for h in registry.hives.values())
+    for name in HIVE_HEALTHS:
+        hives.add_metric([name], health[name])
+    yield hives
+    yield from hive_counters(
+        (hive.id, hive.stats.spawns, hive.stats.crashes, hive.stats.restarts)
+        for hive in registry.hives.values()
+    )
+
+
+def worker_gauge(registry: Registry) -> Metric:
+    """Workers by model and every state (0 included); IDLE and BUSY as the queen's slots
+    see them."""
+    workers = GaugeMetricFamily(
+        "apiary_workers", "Workers by model and state, as the queen sees them",
+        labels=["model", "state"],
+    )  # fmt: skip
+    counts: Tally[tuple[str, str]] = Tally()
+    for entry in registry.workers.values():
+        state = entry.record.state
+        if state in READY_STATES:
+            name = "BUSY" if entry.in_flight else "IDLE"
+        else:
+            name = state_name(state)
+        counts[(entry.record.model, name)] += 1
+    for model in registry.models():
+        for name in WORKER_STATES:
+            workers.add_metric([model, name], counts[(model, name)])
+    return workers
 
 
 def history_metrics(history: History) -> Iterable[Metric]:

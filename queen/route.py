@@ -31,6 +31,7 @@ from protos.v1 import common_pb2, queen_pb2
 from queen import endings, retry
 from queen.admission import model_problem
 from queen.cluster import Cluster
+from queen.metrics import Usage
 from queen.quotas import Quota
 from queen.registry import Outcome, Slot
 from queen.retry import Decision, Failure
@@ -86,14 +87,19 @@ class Waits:
         scheduler = self.cluster.scheduler
         slot = scheduler.try_take_slot(model, exclude, policy, tags)
         if slot is not None:
+            self.cluster.metrics.queue_wait.labels(model).observe(0.0)
             return slot
+        began = time.perf_counter()
         refused = self.queued.acquire(client)
         if refused is not None:
             raise StatusError(grpc.StatusCode[refused.code], refused.message)
         timeout, capped = endings.slot_wait(time_remaining, self.max_wait)
         self._models[model] += 1
         try:
-            return await scheduler.take_slot(model, timeout, exclude, policy, tags)
+            slot = await scheduler.take_slot(model, timeout, exclude, policy, tags)
+            waited = time.perf_counter() - began
+            self.cluster.metrics.queue_wait.labels(model).observe(waited)
+            return slot
         except TimeoutError:
             if not capped:
                 raise
@@ -185,6 +191,9 @@ class Route:
         self.sent = 0
         self.delivered = 0
         self.tokens = 0
+        # The prompt's tokens and how many a worker had cached, once the worker says so.
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
         # The current (or last) attempt's slot, kept for the record; the slot and worker call
         # this route still holds, given back exactly once (`_let_go`).
         self.slot: Slot | None = None
@@ -315,6 +324,9 @@ class Route:
             self.sent += 1
             if chunk.completion_tokens:
                 self.tokens = chunk.completion_tokens
+            if chunk.prompt_tokens:
+                self.prompt_tokens = chunk.prompt_tokens
+                self.cached_tokens = chunk.cached_prompt_tokens
             yield chunk
             chunk = await self._read(call)
 
@@ -462,9 +474,9 @@ class Route:
             duration_seconds=took,
             detail=error,
         )
-        cluster.metrics.finished(
-            self.request.model, endings.label(status), took, self.first_chunk_after, tokens
-        )
+        usage = Usage(self.prompt_tokens, self.cached_tokens, tokens)
+        code = endings.code_of(status, error)
+        cluster.metrics.finished(self.request.model, code, took, self.first_chunk_after, usage)
         return cluster.history.finish(
             self.request.request_id, status, cluster.clock.time(), tokens, error, self.attempts,
             wait=wait,

@@ -14,7 +14,11 @@ from apiary.clock import Clock, SystemClock
 from apiary.paths import default_state_dir
 from apiary.security import Security, method_table
 from apiary.serving import RunningServer, start_server
-from apiary.validation import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS_CAP
+from apiary.validation import (
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_TOKENS_CAP,
+)
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from queen.admin import QueenAdminService
 from queen.autospawn import Autospawner, SpawnPlan
@@ -59,6 +63,7 @@ class QueenConfig:
     heartbeat_interval: float = 1.0
     max_queue: int = 1024
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     # Per client (its token's name; its host without tokens), 0 = no limit: open Infer
     # streams, requests waiting for a slot, active direct leases.
@@ -169,6 +174,7 @@ def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Clus
         leases=LeaseManager(scheduler, channels),
         clock=clock,
         max_tokens_cap=config.max_tokens_cap,
+        default_max_tokens=config.default_max_tokens,
         max_prompt_bytes=config.max_prompt_bytes,
         max_streams_per_client=config.max_streams_per_client,
         metrics=QueenMetrics(registry, scheduler, history),

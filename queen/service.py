@@ -4,6 +4,7 @@ client (queen/quotas.py). Once the queen is stopping it takes no new request."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -56,10 +57,6 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         for a slot end now (UNAVAILABLE, saying so); streams in flight go on."""
         self.waits.stop()
 
-    async def _refuse_if_stopping(self, context: Context) -> None:
-        if self.waits.stopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping())
-
     def client_of(self, context: Context) -> str:
         """Whom a call counts against: the name of its token's client (the single `client`
         token is "client", the admin token "admin"). With no tokens configured no caller has
@@ -79,15 +76,17 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def Infer(
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
-        await self._refuse_if_stopping(context)
         # Always the queen's own id: a client's request_id is only its reference.
         request_id = uuid.uuid4().hex
         client, reference = self.client_of(context), request.request_id
+        if not request.max_tokens:
+            request.max_tokens = self.cluster.default_max_tokens
         with structlog.contextvars.bound_contextvars(
             request_id=request_id, client=client, client_request_id=reference, model=request.model
         ):
             problem = self._infer_problem(request, client)
             if problem is not None:
+                self.cluster.metrics.refused(request.model, problem.code.name)
                 await context.abort(problem.code, problem.message)
             forward = common_pb2.InferRequest()
             forward.CopyFrom(request)
@@ -110,6 +109,8 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     def _infer_problem(self, request: common_pb2.InferRequest, client: str) -> StatusError | None:
         """Why the request is not taken; None if it is (then its stream and reference are
         counted, until its route's closer runs)."""
+        if self.waits.stopping:
+            return StatusError(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping())
         problem = admit(self.cluster, request)
         if problem is not None:
             return problem
@@ -149,21 +150,19 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def Lease(
         self, request: queen_pb2.LeaseRequest, context: Context
     ) -> queen_pb2.LeaseResponse:
-        await self._refuse_if_stopping(context)
-        problem = admit(self.cluster, request)
-        if problem is not None:
-            await context.abort(problem.code, problem.message)
-        if not 0 <= request.ttl_seconds <= self.max_lease_ttl:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"ttl_seconds must be within 0..{self.max_lease_ttl:g} (the queen's "
-                "--max-lease-ttl)",
-            )
         ttl = request.ttl_seconds or min(DEFAULT_TTL, self.max_lease_ttl)
         try:
+            problem = self._lease_problem(request)
+            if problem is not None:
+                raise problem
             lease = await self._lease(request, ttl, self.client_of(context), context)
         except StatusError as exc:
+            self._count_lease(request.model, exc.code.name)
             await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            self._count_lease(request.model, "CANCELLED")
+            raise
+        self._count_lease(request.model, "OK")
         return queen_pb2.LeaseResponse(
             lease_id=lease.id,
             worker_id=lease.slot.worker_id,
@@ -171,6 +170,22 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             expires_at=timestamp(self.cluster.clock.time() + ttl),
             ttl_seconds=ttl,
         )
+
+    def _lease_problem(self, request: queen_pb2.LeaseRequest) -> StatusError | None:
+        if self.waits.stopping:
+            return StatusError(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping())
+        problem = admit(self.cluster, request)
+        if problem is None and not 0 <= request.ttl_seconds <= self.max_lease_ttl:
+            problem = StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"ttl_seconds must be within 0..{self.max_lease_ttl:g} (the queen's "
+                "--max-lease-ttl)",
+            )
+        return problem
+
+    def _count_lease(self, model: str, code: str) -> None:
+        metrics = self.cluster.metrics
+        metrics.leases.labels(metrics.model_label(model), code).inc()
 
     async def _lease(
         self, request: queen_pb2.LeaseRequest, ttl: float, client: str, context: Context

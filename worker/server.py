@@ -14,7 +14,7 @@ from apiary.clock import Clock, SystemClock
 from apiary.protoutil import timestamp
 from apiary.security import OPEN, Security, TokenSet, bearer, method_table
 from apiary.serving import Context, RunningServer, start_server
-from apiary.validation import DEFAULT_MAX_TOKENS_CAP, infer_request_problem
+from apiary.validation import DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.backends import Backend
 from worker.slots import Slots
@@ -127,6 +127,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         await self._check_caller(request, context)
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
+        if not request.max_tokens:
+            # A lease holder may leave it out too; the queen puts its own default in first.
+            request.max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens_cap)
         problem = infer_request_problem(request, self.max_tokens_cap)
         if not problem and request.model != self.identity.model:
             problem = (

@@ -108,8 +108,14 @@ async def test_status_and_lists(live: Proc, hive: str) -> None:
     }  # fmt: skip
     assert summary["capacity"] == {"slots_total": 2, "slots_in_use": 0}
     assert summary["queued"] == {"demo": 0}
-    assert summary["requests"] == {"completed": 0, "failed": 0, "success_rate": None}
+    requests = summary["requests"]
+    assert {k: v for k, v in requests.items() if k != "since"} == {
+        "completed": 0, "failed": 0, "cancelled": 0, "refused": 0, "success_rate": None
+    }  # fmt: skip
+    assert requests["since"] == data["queen"]["started_at"] and requests["since"].endswith("Z")
+    check_schema(queen_pb2.QueenStatus.DESCRIPTOR, data["queen"])
     assert summary["queen"] == live.address and summary["problems"] == []
+    assert summary["degraded"] is False
 
     models = json.loads(apiary("model", "list", "--json", queen=live).stdout)
     assert models == [
@@ -139,6 +145,8 @@ async def test_worker_spawn_and_retire(live: Proc, hive: str) -> None:
     spawned = apiary(
         "worker",
         "spawn",
+        "--backend",
+        "echo",
         "--hive",
         hive,
         "--model",
@@ -169,8 +177,10 @@ async def test_errors_are_one_readable_line(live: Proc) -> None:
     assert "Traceback" not in out.stderr
     out = apiary("worker", "get", "w-nope", queen=live)
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
-    out = apiary("infer", "demo", "x", "--max-tokens", "0", queen=live)
+    out = apiary("infer", "demo", "x", "--max-tokens", "-1", queen=live)
     assert out.returncode == 1 and "INVALID_ARGUMENT: max_tokens must be > 0" in out.stderr
+    out = apiary("infer", "demo", "x", queen=live)  # no --max-tokens: the queen's default
+    assert out.returncode == 0 and "[256 tokens, finish=length]" in out.stderr
     out = apiary("status", "--queen", "127.0.0.1:1")
     assert out.returncode == 1 and "cannot reach the queen at 127.0.0.1:1" in out.stderr
 
@@ -332,6 +342,8 @@ async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
     spawned = apiary(
         "worker",
         "spawn",
+        "--backend",
+        "echo",
         "--model",
         "broken",
         "--option",
@@ -356,6 +368,8 @@ async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
     waited = apiary(
         "worker",
         "spawn",
+        "--backend",
+        "echo",
         "--model",
         "broken",
         "--option",
@@ -369,6 +383,7 @@ async def test_worker_get_shows_why_a_worker_failed(live: Proc) -> None:
 
 
 async def test_scheduler_verbs(live: Proc, hive: str) -> None:
+    before = json.loads(apiary("status", "--json", queen=live).stdout)["summary"]["requests"]
     out = apiary("infer", "demo", "x y", "--max-tokens", "2", "--policy", "lottery", queen=live)
     assert out.returncode == 0 and out.stdout == "x y\n", out.stderr
     bad = apiary("infer", "demo", "x", "--policy", "fastest", queen=live)
@@ -380,7 +395,13 @@ async def test_scheduler_verbs(live: Proc, hive: str) -> None:
     assert "hives     1: 1 healthy" in status.stdout
     assert "workers   2: 2 idle" in status.stdout
     assert "capacity  0/2 slots in use" in status.stdout
-    assert "requests  2 completed, 0 failed (success 100.0%)" in status.stdout
+    # The queen's own totals: the direct call never passed through it.
+    after = json.loads(apiary("status", "--json", queen=live).stdout)["summary"]["requests"]
+    assert after["completed"] == before["completed"] + 1 and after["failed"] == before["failed"]
+    assert (
+        f"requests  {after['completed']} completed, {after['failed']} failed, "
+        f"{after['cancelled']} cancelled, {after['refused']} refused" in status.stdout
+    )
     assert "top       w-" in status.stdout
 
     history = apiary("requests", "list", "--status", "completed", queen=live)

@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 
 from apiary.protoutil import timestamp
 from cli.emit import Emitter, to_json
-from cli.output import status_summary
+from cli.output import ClusterStatus, status_summary
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
 # Every message type a CLI verb prints (alone, in a list, or as a stream item).
@@ -25,6 +25,7 @@ PRINTED: list[type[Message]] = [
     queen_pb2.ModelInfo,
     queen_pb2.Event,
     queen_pb2.RequestRecord,
+    queen_pb2.QueenStatus,
     hive_pb2.CatalogModel,
     hive_pb2.WorkerProcess,
     hive_pb2.BackendInfo,
@@ -138,9 +139,15 @@ def test_status_summary_has_every_field() -> None:
     ]  # fmt: skip
     hives = [queen_pb2.HiveInfo(id="h1", health=common_pb2.HIVE_HEALTH_HEALTHY)]
     models = [queen_pb2.ModelInfo(name="demo", queued=3), queen_pb2.ModelInfo(name="idle")]
-    summary = json.loads(json.dumps(status_summary("q:1", hives, workers, models)))
+    queen = queen_pb2.QueenStatus(
+        started_at=timestamp(1_700_000_000), requests_completed=2**53 + 1, requests_failed=1,
+        requests_cancelled=4, requests_refused=5, degraded=True, problems=["history: disk full"],
+    )  # fmt: skip
+    status = ClusterStatus("q:1", queen, hives, workers, models)
+    summary = json.loads(json.dumps(status_summary(status)))
     assert summary == {
         "queen": "q:1",
+        "degraded": True,
         "hives": {"total": 1, "by_health": {"HEALTHY": 1, "DEGRADED": 0, "UNHEALTHY": 0}},
         "workers": {
             "total": 2,
@@ -148,11 +155,19 @@ def test_status_summary_has_every_field() -> None:
         },
         "capacity": {"slots_total": 2, "slots_in_use": 2},  # the failed worker is no capacity
         "queued": {"demo": 3, "idle": 0},
-        "requests": {"completed": 2**53 + 1, "failed": 1, "success_rate": pytest.approx(1.0)},
+        "requests": {
+            "since": "2023-11-14T22:13:20Z",
+            "completed": 2**53 + 1,
+            "failed": 1,
+            "cancelled": 4,
+            "refused": 5,
+            "success_rate": pytest.approx(1.0),
+        },
         "top_workers": [{"id": "w1", "score": 0.0}],
-        "problems": [],
+        "problems": [{"hive": None, "problem": "history: disk full"}],
     }
-    empty = status_summary("q:1", [], [], [])
+    empty = status_summary(ClusterStatus("q:1", queen_pb2.QueenStatus()))
+    assert empty["requests"]["since"] is None
     assert empty["requests"]["success_rate"] is None
     assert empty["hives"]["by_health"] == {"HEALTHY": 0, "DEGRADED": 0, "UNHEALTHY": 0}
 

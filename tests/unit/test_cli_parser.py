@@ -105,7 +105,8 @@ def test_help_shows_defaults_but_never_the_token(
     with pytest.raises(SystemExit):
         run_client(["worker", "spawn", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # help wraps lines
-    assert "(default: echo)" in text and "(default: 180.0)" in text
+    assert "(default: the one the model's catalog entry names" in text
+    assert "(default: 180.0)" in text
     assert "(default: 127.0.0.1:7070)" in text
     assert "s3cret-token" not in text
     assert "(default: the hive's)" in text  # said by the help itself: not twice

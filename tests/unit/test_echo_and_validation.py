@@ -53,7 +53,10 @@ def test_unknown_backend_names_the_known_ones() -> None:
             common_pb2.InferRequest(model="m", max_tokens=1),
             "prompt (or messages, for a chat) is required and must not be empty",
         ),
-        (common_pb2.InferRequest(model="m", prompt="p"), "max_tokens must be > 0 (got 0)"),
+        (
+            common_pb2.InferRequest(model="m", prompt="p", max_tokens=-2),
+            "max_tokens must be > 0, or 0 for the server's default (got -2)",
+        ),
         (
             common_pb2.InferRequest(model="m", prompt="p", max_tokens=11),
             "max_tokens 11 is above this server's cap of 10",

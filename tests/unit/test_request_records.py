@@ -247,7 +247,7 @@ async def test_a_generator_dropped_at_a_yield_is_recorded_once_by_the_done_callb
     assert watcher.pending[-1].detail == row["error"]
     assert (
         cluster.metrics.prometheus.get_sample_value(
-            "apiary_requests_total", {"model": "m", "status": "cancelled"}
+            "apiary_requests_total", {"model": "m", "code": "CANCELLED"}
         )
         == 1
     )

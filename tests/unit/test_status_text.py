@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cli.output import status_text
+from cli.output import ClusterStatus, status_text
 from protos.v1 import common_pb2, queen_pb2
 
 
@@ -17,6 +17,21 @@ def test_failed_loading_and_drained_workers_are_no_capacity() -> None:
                                 slots_available=2, drained=True),
     ]  # fmt: skip
     hive = queen_pb2.HiveInfo(id="h1", problems=["cannot save the worker table x: No space"])
-    text = status_text("q:1", [hive], workers, [])
+    text = status_text(ClusterStatus("q:1", queen_pb2.QueenStatus(), [hive], workers))
     assert "capacity  3/4 slots in use" in text
     assert "PROBLEM   hive h1: cannot save the worker table x: No space" in text
+
+
+def test_requests_line_is_the_queens_own_totals_and_its_problems_are_shown() -> None:
+    # No worker has any count: the totals come from the queen, which outlives its workers.
+    queen = queen_pb2.QueenStatus(
+        requests_completed=41, requests_failed=1, requests_cancelled=3, requests_refused=7,
+        degraded=True, problems=["request history: rows are being dropped"],
+    )  # fmt: skip
+    text = status_text(ClusterStatus("q:1", queen))
+    assert text.splitlines()[0] == "queen q:1 DEGRADED"
+    assert (
+        "requests  41 completed, 1 failed, 3 cancelled, 7 refused (success 97.6%) "
+        "since the queen started" in text
+    )
+    assert "PROBLEM   queen: request history: rows are being dropped" in text
