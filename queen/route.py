@@ -20,13 +20,12 @@ from collections import Counter as Tally
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
 
 from apiary.errors import StatusError
-from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2
 from queen import endings, retry
 from queen.admission import model_problem
@@ -164,6 +163,13 @@ class InFlight:
         return len(routes)
 
 
+class Call(Protocol):
+    """What a route needs of the call that brought its request (a gRPC context, an HTTP
+    request): the seconds its client still waits (None: no deadline)."""
+
+    def time_remaining(self) -> float | None: ...
+
+
 class HiveLost(Exception):
     """The worker's hive went unhealthy while we waited for the first chunk."""
 
@@ -175,7 +181,7 @@ class Route:
         self,
         cluster: Cluster,
         request: common_pb2.InferRequest,
-        context: Context,
+        context: Call,
         caller: Caller = Caller(),
         waits: Waits | None = None,
     ) -> None:

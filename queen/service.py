@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -24,11 +25,29 @@ from queen.leases import DEFAULT_MAX_TTL, DEFAULT_TTL
 from queen.leases import Lease as DirectLease
 from queen.quotas import Quotas, References, Refusal, peer_host
 from queen.registry import Registry, Slot
-from queen.route import Caller, InFlight, Route, Stopping, Waits
+from queen.route import Call, Caller, InFlight, Route, Stopping, Waits
 from queen.scheduler import ModelGone, QueueFull
 
 # Identities that may call the Queen service, and so have a name to be counted under.
 CALLER_ROLES = frozenset({"client", "admin"})
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An Infer request the queen took: its route, and what ends it once the call is over."""
+
+    route: Route
+    close: Callable[[], None]
+
+    @contextmanager
+    def logged(self) -> Iterator[None]:
+        """Log lines within name the request (the queen's id, the client's reference)."""
+        route = self.route
+        with structlog.contextvars.bound_contextvars(
+            request_id=route.request.request_id, client=route.caller.client,
+            client_request_id=route.caller.reference, model=route.request.model,
+        ):  # fmt: skip
+            yield
 
 
 def refused(refusal: Refusal) -> StatusError:
@@ -58,53 +77,63 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         self.waits.stop()
 
     def client_of(self, context: Context) -> str:
+        """Whom a gRPC call counts against (see client_named)."""
+        return self.client_named(bearer(context.invocation_metadata()), peer_host(context.peer()))
+
+    def client_named(self, token: str, host: str) -> str:
         """Whom a call counts against: the name of its token's client (the single `client`
         token is "client", the admin token "admin"). With no tokens configured no caller has
         a name, so the peer's host stands in: every program on one machine is one client."""
         if self.tokens.enabled:
             names = sorted(
                 identity.name
-                for identity in self.tokens.identities(bearer(context.invocation_metadata()))
+                for identity in self.tokens.identities(token)
                 if identity.role in CALLER_ROLES
             )
             if names:
                 return names[0]
-        return peer_host(context.peer())
+        return host
 
     # ---- Infer ------------------------------------------------------------
 
     async def Infer(
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
-        # Always the queen's own id: a client's request_id is only its reference.
-        request_id = uuid.uuid4().hex
-        client, reference = self.client_of(context), request.request_id
-        if not request.max_tokens:
-            request.max_tokens = self.cluster.default_max_tokens
-        with structlog.contextvars.bound_contextvars(
-            request_id=request_id, client=client, client_request_id=reference, model=request.model
-        ):
-            problem = self._infer_problem(request, client)
-            if problem is not None:
-                self.cluster.metrics.refused(request.model, problem.code.name)
-                await context.abort(problem.code, problem.message)
-            forward = common_pb2.InferRequest()
-            forward.CopyFrom(request)
-            forward.request_id = request_id
-            route = Route(self.cluster, forward, context, Caller(client, reference), self.waits)
-            self.in_flight.add(route)
-            close = self._closer(route)
-            # However grpc.aio ends the call, this runs; the generator may never resume.
-            # (grpc-stubs declares DoneCallback a class; any callable of the context will do.)
-            context.add_done_callback(lambda _: close())  # type: ignore[arg-type]
+        try:
+            accepted = self.accept(request, self.client_of(context), context)
+        except StatusError as refused:
+            await context.abort(refused.code, refused.message)
+        # However grpc.aio ends the call, this runs; the generator may never resume.
+        # (grpc-stubs declares DoneCallback a class; any callable of the context will do.)
+        context.add_done_callback(lambda _: accepted.close())  # type: ignore[arg-type]
+        with accepted.logged():
             try:
-                async with aclosing(route.serve()) as chunks:
+                async with aclosing(accepted.route.serve()) as chunks:
                     async for chunk in chunks:
                         yield chunk
             except StatusError as failed:
                 await context.abort(failed.code, failed.message)
             finally:
-                close()
+                accepted.close()
+
+    def accept(self, request: common_pb2.InferRequest, client: str, call: Call) -> Accepted:
+        """Admission for an Infer request from any door (gRPC, HTTP): its route, whose
+        serve() streams it, and the closer to run once the call is over, whichever way. A
+        request without max_tokens gets the queen's default. Raises StatusError (counted)
+        for a request the queen does not take."""
+        if not request.max_tokens:
+            request.max_tokens = self.cluster.default_max_tokens
+        problem = self._infer_problem(request, client)
+        if problem is not None:
+            self.cluster.metrics.refused(request.model, problem.code.name)
+            raise problem
+        forward = common_pb2.InferRequest()
+        forward.CopyFrom(request)
+        # Always the queen's own id: a client's request_id is only its reference.
+        forward.request_id = uuid.uuid4().hex
+        route = Route(self.cluster, forward, call, Caller(client, request.request_id), self.waits)
+        self.in_flight.add(route)
+        return Accepted(route, self._closer(route))
 
     def _infer_problem(self, request: common_pb2.InferRequest, client: str) -> StatusError | None:
         """Why the request is not taken; None if it is (then its stream and reference are

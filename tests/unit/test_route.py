@@ -44,7 +44,7 @@ def route(cluster: Cluster, remaining: float | None = 30.0) -> Route:
         request_id="r1",
         policy=common_pb2.ROUTING_POLICY_LRU,  # a (joined first), then b
     )
-    return Route(cluster, request, FakeContext(remaining))  # type: ignore[arg-type]
+    return Route(cluster, request, FakeContext(remaining))
 
 
 async def drain(r: Route, into: list[common_pb2.InferChunk]) -> None:
