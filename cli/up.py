@@ -27,6 +27,9 @@ from protos.v1 import queen_pb2, queen_pb2_grpc
 
 log = structlog.get_logger("up")
 
+# Where `apiary up` serves the OpenAI-compatible API (the queen's --http-listen).
+DEFAULT_HTTP = "127.0.0.1:8080"
+
 CHILD_STOP_SECONDS = 20.0
 
 
@@ -41,6 +44,10 @@ def add_up_verb(sub: Subparsers) -> None:
         help="the queen's address (port 0: any)",
     )
     p.add_argument("--hive-listen", default="127.0.0.1:7071", metavar="H:P", help="the hive's")
+    p.add_argument(
+        "--http-listen", default=DEFAULT_HTTP, metavar="H:P",
+        help="the queen's OpenAI-compatible HTTP API (port 0: any; 'off': none)",
+    )  # fmt: skip
     p.add_argument("--hive-id", default="local", help="the hive's id")
     p.add_argument("--model", default="", help="model name (default: demo, or the GGUF's name)")
     p.add_argument(
@@ -136,7 +143,7 @@ def command_name() -> str:
     return script if relative.startswith("..") else relative
 
 
-def banner(args: argparse.Namespace, queen: str, backend: str) -> str:
+def banner(args: argparse.Namespace, queen: str, backend: str, http: str = "") -> str:
     """What is up, and commands that reach it (`--queen ADDR` unless it is the default)."""
     apiary = command_name()
     at = "" if queen == DEFAULT_QUEEN else f" --queen {queen}"
@@ -145,6 +152,8 @@ def banner(args: argparse.Namespace, queen: str, backend: str) -> str:
         f"Apiary is up: queen {queen}, hive {args.hive_id!r} with {args.workers} "
         f"'{args.model}' worker(s) on {backend}.",
     ]
+    if http:
+        lines.append(f"OpenAI API: {http}/v1 (any OpenAI SDK: base_url={http}/v1)")
     if args.state_dir:
         lines.append(f"State: {args.state_dir}/queen and {args.state_dir}/hive-{args.hive_id}.")
     if args.metrics_port > 0:
@@ -157,6 +166,15 @@ def banner(args: argparse.Namespace, queen: str, backend: str) -> str:
         f"  {apiary} infer {args.model} 'hello bees' --max-tokens 20{at}",
         f"  {apiary} status{at}",
         f"  {apiary} worker list{at}",
+        *(
+            [
+                f'  curl -N {http}/v1/chat/completions -d \'{{"model": "{args.model}", '
+                f'"messages": [{{"role": "user", "content": "hello bees"}}], '
+                f'"stream": true}}\''
+            ]
+            if http
+            else []
+        ),
         "Ctrl-C here stops everything.",
         "",
     ]
@@ -194,7 +212,8 @@ async def bound_queen(
     `--queen-listen HOST:0` works too); None if it exited or we were stopped first."""
     while not stop.is_set() and queen.returncode is None:
         port = read_port_file(port_file)
-        if port is not None:
+        args.http_url = http_url(args)
+        if port is not None and args.http_url is not None:
             return host_port(args.queen_listen, port)
         try:
             await asyncio.wait_for(stop.wait(), 0.05)
@@ -203,15 +222,34 @@ async def bound_queen(
     return None
 
 
+def http_flags(args: argparse.Namespace, port_file: str) -> list[str]:
+    """The queen's HTTP front flags (none when `--http-listen off`)."""
+    if args.http_listen in ("", "off"):
+        return []
+    args.http_port_file = port_file
+    return ["--http-listen", args.http_listen, "--http-port-file", port_file]
+
+
+def http_url(args: argparse.Namespace) -> str | None:
+    """The HTTP front's base URL ("" without a front), or None until its port file is there
+    (the queen writes it right after its gRPC one)."""
+    port_file = getattr(args, "http_port_file", "")
+    if not port_file:
+        return ""
+    port = read_port_file(port_file)
+    return None if port is None else f"http://{host_port(args.http_listen, port)}"
+
+
 async def start_daemons(
     args: argparse.Namespace, spawn: str, run_dir: str, stop: asyncio.Event
 ) -> tuple[dict[str, asyncio.subprocess.Process], str | None]:
     """The queen, then (once it listens) the hive, told where the queen is."""
     port_file = os.path.join(run_dir, "queen.port")
     queen_metrics, hive_metrics = metrics_ports(args.metrics_port)
+    http = http_flags(args, os.path.join(run_dir, "http.port"))
     queen = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "queen", "--listen", args.queen_listen, "--port-file", port_file,
-        *daemon_flags(args, "queen", queen_metrics),
+        *http, *daemon_flags(args, "queen", queen_metrics),
     )  # fmt: skip
     children = {"queen": queen}
     address = await bound_queen(args, port_file, queen, stop)
@@ -237,7 +275,7 @@ async def run(args: argparse.Namespace) -> int:
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([ready, exited, stopped], return_when=asyncio.FIRST_COMPLETED)
         if ready.done() and ready.result():
-            print(banner(args, address, backend), flush=True)
+            print(banner(args, address, backend, args.http_url or ""), flush=True)
             await asyncio.wait([exited, stopped], return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         stopped.cancel()

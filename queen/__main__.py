@@ -114,6 +114,14 @@ def add_breaker_args(p: argparse.ArgumentParser) -> None:
 def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run the queen: registry and router.")
     p.add_argument("--listen", default="127.0.0.1:7070", help="host:port (default 127.0.0.1:7070)")
+    p.add_argument(
+        "--http-listen", default="", metavar="H:P",
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models) on host:port, e.g. 127.0.0.1:8080 (default: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--http-port-file", default="", help="write the HTTP front's port here once listening"
+    )
     add_health_args(p)
     p.add_argument(
         "--policy",
@@ -174,6 +182,7 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         hive_identity_from_cert=args.hive_identity_from_cert,
         beat_limits=BeatLimits(args.max_workers_per_hive, args.max_worker_slots),
         shutdown_grace=args.shutdown_grace,
+        http_listen=args.http_listen,
         max_wait=args.max_wait,
     )
 
@@ -197,6 +206,8 @@ async def run(args: argparse.Namespace) -> int:
     metrics = publish(args.listen, args.metrics_port, queen.cluster.metrics.prometheus, log)
     if args.port_file:
         write_port_file(args.port_file, queen.running.port)
+    if args.http_port_file and queen.http is not None:
+        write_port_file(args.http_port_file, queen.http.port)
     log.info(
         "queen listening",
         listen=args.listen,

@@ -31,6 +31,7 @@ from queen.heartbeats import QueenRegistryService
 from queen.history import History
 from queen.leases import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
+from queen.openai.server import HttpFront, serve_http
 from queen.quotas import Quotas
 from queen.registry import Registry, RegistrySettings
 from queen.scheduler import Scheduler
@@ -85,6 +86,8 @@ class QueenConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     # The longest a request (or lease) waits for a free slot, whatever its deadline.
     max_wait: float = DEFAULT_MAX_WAIT
+    # Where the OpenAI-compatible HTTP front listens ("" = no front).
+    http_listen: str = ""
 
     def registry_settings(self) -> RegistrySettings:
         return RegistrySettings(
@@ -109,6 +112,8 @@ class Queen:
     cluster: Cluster
     sweeper: asyncio.Task[None]
     service: QueenService
+    # The OpenAI-compatible HTTP front, when --http-listen asks for one.
+    http: HttpFront | None = None
     _stopping: asyncio.Task[None] | None = None
     # Set by a second SIGTERM/SIGINT: the grace ends now.
     hurried: asyncio.Event = field(default_factory=asyncio.Event)
@@ -143,6 +148,8 @@ class Queen:
             )
             await in_flight.finished(CUT_WAIT)
         self.sweeper.cancel()
+        if self.http is not None:
+            await self.http.stop()
         await self.running.stop(FINAL_GRACE)
         await self.cluster.close()
 
@@ -201,5 +208,13 @@ async def create_server(
     running = await start_server(
         listen, register, SERVICE_NAMES, security=security, methods=METHODS
     )
+    http = None
+    if config.http_listen:
+        try:
+            http = await serve_http(config.http_listen, service, security)
+        except BaseException:
+            await running.stop(0)
+            await cluster.close()
+            raise
     sweeper = asyncio.get_running_loop().create_task(cluster.sweep_forever(), name="sweep")
-    return Queen(running, cluster, sweeper, service)
+    return Queen(running, cluster, sweeper, service, http)

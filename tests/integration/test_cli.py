@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +21,7 @@ from cli.certs import init as certs_init
 from harness import MARKER_ENV, ROOT, Cluster, Proc, wait_until
 from harness.gguf import write_tiny_gguf
 from harness.lines import Lines
+from harness.ports import free_port, free_port_pair
 from protos.v1 import common_pb2, queen_pb2
 from tests.unit.test_cli_emit import check_schema
 
@@ -226,26 +226,6 @@ async def test_daemons_start_by_an_explicit_verb(cluster: Cluster, hive: str) ->
     assert bad.returncode == 2 and bad.stderr.startswith("usage: apiary hive start")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_pair() -> int:
-    """A free port whose successor is free too (`apiary up --metrics-port`: PORT and PORT+1)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as first, socket.socket() as second:
-            try:
-                first.bind(("127.0.0.1", port))
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         return str(reply.read().decode())
@@ -276,6 +256,8 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
             str(state),
             "--metrics-port",
             str(metrics_port),
+            "--http-listen",
+            "127.0.0.1:0",
         ],
         env=env,
         cwd=ROOT,
@@ -297,6 +279,13 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
         assert "apiary_" in metrics_text(metrics_port + 1)
         out = apiary("infer", "demo", "hello bees", "--max-tokens", "3", "--queen", queen)
         assert out.stdout == "hello bees hello\n", out.stderr
+        # The OpenAI door, at the address the banner names (a free port here).
+        url = re.search(r"OpenAI API: (http://127\.0\.0\.1:\d+)/v1", printed.text())
+        assert url is not None, printed.text()
+        body = '{"model": "demo", "prompt": "hello bees", "max_tokens": 2}'
+        curl = subprocess.run(["curl", "-sS", f"{url[1]}/v1/completions", "-d", body],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert json.loads(curl.stdout)["choices"][0]["text"] == "hello bees", curl.stderr
         assert len(cluster.marked_processes()) == 5  # up, queen, hive, 2 workers
 
         if stop == "ctrl-c":

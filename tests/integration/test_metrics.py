@@ -6,7 +6,6 @@ totals in `ListHives`."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import Cluster, wait_until
+from harness.ports import free_port
 from protos.v1 import common_pb2, queen_pb2
 
 # Every metric family each server serves, with its type: a new metric is added here on purpose.
@@ -49,12 +49,6 @@ HIVE_FAMILIES = {
     "apiary_hive_worker_cpu_ratio": "gauge",
 }
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> tuple[dict[str, str], Samples, dict[str, set[str]]]:

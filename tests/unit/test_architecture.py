@@ -38,6 +38,8 @@ PURE_MODULES = (
     "queen/retry.py",
     "queen/quotas.py",
     "queen/endings.py",
+    "queen/openai/params.py",
+    "queen/openai/shapes.py",
     "worker/slots.py",
 )
 IMPURE = frozenset({"asyncio", "psutil", "os", "grpc", "time", "socket", "subprocess", "threading"})

@@ -1,0 +1,309 @@
+"""The OpenAI-compatible HTTP front as a Starlette application on the queen's event loop.
+
+A request is read (queen/openai/params.py), taken or refused by the same admission as gRPC
+Infer (QueenService.accept: quotas, the model, validation), and routed by the same Route:
+scheduler, failover, history, events and metrics are the gRPC ones. The answer waits for the
+first chunk before sending its status, so a refusal or a failure before any token is a real
+HTTP error, not an error inside a 200 stream. A client that goes away is noticed at once
+(the ASGI disconnect message), whatever the request is waiting for: the route is cancelled,
+its slot and worker call given back, and it is recorded as cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as Path
+from starlette.types import Message, Receive, Scope, Send
+
+from apiary.errors import StatusError
+from apiary.security import TokenSet
+from apiary.serving import MAX_MESSAGE_BYTES
+from apiary.validation import MAX_NAME_LENGTH
+from protos.v1 import common_pb2
+from queen.openai import params
+from queen.openai.shapes import Answer, ApiError, error_event, from_status, model_list, model_object
+from queen.service import Accepted, QueenService
+
+log = structlog.get_logger("queen.openai")
+
+REQUEST_ID = "x-request-id"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class NoDeadline:
+    """An HTTP request carries no deadline: waits for a slot end at the queen's --max-wait."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+class Front:
+    """The endpoints, over the queen's service."""
+
+    def __init__(self, service: QueenService, max_body: int = MAX_MESSAGE_BYTES) -> None:
+        self.service = service
+        self.tokens: TokenSet = service.tokens
+        self.max_body = max_body
+        self.created = int(time.time())
+
+    # ---- who is calling ---------------------------------------------------
+
+    def client(self, request: Request) -> str:
+        """The caller's name (as gRPC calls are counted), after its bearer token is checked:
+        none or an unknown one is 401, one that is not a client's is 403."""
+        host = request.client.host if request.client else "unknown"
+        if not self.tokens.enabled:
+            return host
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing bearer token: send Authorization: Bearer <client token>",
+                           "authentication_error", "invalid_api_key")  # fmt: skip
+        roles = self.tokens.roles_of(token.strip())
+        if not roles:
+            raise ApiError(401, "invalid token", "authentication_error", "invalid_api_key")
+        if not roles & {"client", "admin"}:
+            raise ApiError(403, "this token is not a client token", "permission_error",
+                           "permission_denied")  # fmt: skip
+        return self.service.client_named(token.strip(), host)
+
+    # ---- endpoints --------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        self.client(request)
+        return JSONResponse(model_list(self.served(), self.created))
+
+    async def model(self, request: Request) -> Response:
+        self.client(request)
+        name = request.path_params["model"]
+        if name not in self.served():
+            raise unknown_model(name, self.served())
+        return JSONResponse(model_object(name, self.created))
+
+    def served(self) -> list[str]:
+        """Models a request can be routed to: those with workers, and those autospawn
+        starts on demand."""
+        cluster = self.service.cluster
+        return sorted(set(cluster.registry.models()) | set(cluster.autospawn.spawnable()))
+
+    async def chat(self, request: Request) -> Response:
+        return await self.infer(request, params.chat_request)
+
+    async def completions(self, request: Request) -> Response:
+        return await self.infer(request, params.completion_request)
+
+    async def infer(self, request: Request, read: Callable[[object], params.Wanted]) -> Response:
+        client = self.client(request)
+        try:
+            wanted = read(await self.body(request))
+        except params.BadRequest as bad:
+            raise ApiError(400, bad.message, "invalid_request_error", bad.code, bad.param) from None
+        reference = request.headers.get(REQUEST_ID, "")
+        if len(reference) > MAX_NAME_LENGTH:
+            raise ApiError(400, f"{REQUEST_ID} is longer than {MAX_NAME_LENGTH} characters")
+        wanted.request.request_id = reference
+        try:
+            accepted = self.service.accept(wanted.request, client, NoDeadline())
+        except StatusError as refused:
+            raise from_status(refused.code.name, refused.message) from None
+        queen_id = accepted.route.request.request_id
+        answer = Answer(
+            id=("chatcmpl-" if wanted.chat else "cmpl-") + queen_id,
+            model=wanted.request.model, created=int(time.time()), chat=wanted.chat,
+            include_usage=wanted.include_usage,
+        )  # fmt: skip
+        if wanted.user:
+            log.info("request from end user", request_id=queen_id, user=wanted.user[:128])
+        return InferResponse(accepted, answer, wanted.stream, {REQUEST_ID: reference or queen_id})
+
+    async def body(self, request: Request) -> object:
+        """The JSON body, at most max_body bytes (413 beyond, before reading it all)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise too_large(self.max_body)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body:
+                raise too_large(self.max_body)
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes",
+                    code="request_too_large")  # fmt: skip
+
+
+def unknown_model(name: str, served: list[str]) -> ApiError:
+    models = ", ".join(served) or "none yet"
+    return ApiError(404, f"unknown model {name!r}; models served: {models}",
+                    code="model_not_found", param="model")  # fmt: skip
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected."""
+
+
+class InferResponse(Response):
+    """The answer to one accepted request, sent as it comes (SSE) or whole (JSON); ends the
+    request at once if the client disconnects, and closes it however the call ends."""
+
+    def __init__(
+        self, accepted: Accepted, answer: Answer, stream: bool, headers: dict[str, str]
+    ) -> None:
+        self.accepted, self.answer, self.stream = accepted, answer, stream
+        self.extra = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with self.accepted.logged():
+            try:
+                await until_disconnect(receive, self.respond(send))
+            except ClientGone:
+                log.info("client disconnected; request cancelled")
+            finally:
+                self.accepted.close()
+
+    async def respond(self, send: Send) -> None:
+        async with aclosing(self.accepted.route.serve()) as chunks:
+            try:
+                first = await anext(chunks, None)
+            except StatusError as failed:
+                await send_error(send, from_status(failed.code.name, failed.message), self.extra)
+                return
+            if self.stream:
+                await self.send_stream(send, first, chunks)
+            else:
+                await self.send_whole(send, first, chunks)
+
+    async def send_stream(
+        self, send: Send, first: common_pb2.InferChunk | None, rest: AsyncIterator[Any]
+    ) -> None:
+        answer = self.answer
+        await send_start(send, 200, "text/event-stream", {**SSE_HEADERS, **self.extra})
+        try:
+            if first is not None:
+                await send_body(send, answer.event(first))
+                async for chunk in rest:
+                    event = answer.event(chunk)
+                    if event:
+                        await send_body(send, event)
+            await send_body(send, answer.closing(), last=True)
+        except StatusError as failed:
+            error = from_status(failed.code.name, failed.message)
+            await send_body(send, error_event(error), last=True)
+
+    async def send_whole(
+        self, send: Send, first: common_pb2.InferChunk | None, rest: AsyncIterator[Any]
+    ) -> None:
+        answer = self.answer
+        try:
+            if first is not None:
+                answer.take(first)
+                async for chunk in rest:
+                    answer.take(chunk)
+        except StatusError as failed:
+            await send_error(send, from_status(failed.code.name, failed.message), self.extra)
+            return
+        body = json.dumps(answer.whole(), separators=(",", ":")).encode()
+        await send_start(send, 200, "application/json", self.extra)
+        await send_body(send, body, last=True)
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
+    """Run `work`; if the client disconnects first, cancel it and raise ClientGone. One
+    watcher per request, not per chunk: the token path stays a plain await."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGone() from None
+    finally:
+        watcher.cancel()
+
+
+async def send_start(send: Send, status: int, content_type: str, headers: dict[str, str]) -> None:
+    raw = [(b"content-type", content_type.encode())]
+    raw += [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
+    message: Message = {"type": "http.response.start", "status": status, "headers": raw}
+    await send(message)
+
+
+async def send_body(send: Send, body: bytes, last: bool = False) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": not last})
+
+
+async def send_error(send: Send, error: ApiError, extra: dict[str, str]) -> None:
+    body = json.dumps(error.body()).encode()
+    await send_start(send, error.status, "application/json", {**extra, **error.headers})
+    await send_body(send, body, last=True)
+
+
+# ---- the application --------------------------------------------------------
+
+
+def api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+
+def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path, wrong method) in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = (f"no such endpoint {request.url.path}; this server has GET /v1/models, "
+                   "POST /v1/chat/completions and POST /v1/completions")  # fmt: skip
+    else:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    error = ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else
+                     "method_not_allowed", headers=dict(exc.headers or {}))  # fmt: skip
+    return api_error(request, error)
+
+
+def server_error(request: Request, exc: Exception) -> Response:
+    """A bug of ours: logged with its traceback here, a plain 500 for the client."""
+    log.exception("HTTP front error", path=request.url.path, exc_info=exc)
+    return api_error(request, ApiError(500, "internal error in the queen's HTTP front",
+                                       "server_error"))  # fmt: skip
+
+
+def openai_app(service: QueenService, max_body: int = MAX_MESSAGE_BYTES) -> Starlette:
+    front = Front(service, max_body)
+    handlers: dict[Any, Callable[[Request, Exception], Response]] = {
+        ApiError: api_error, HTTPException: http_error, Exception: server_error,
+    }  # fmt: skip
+    return Starlette(
+        routes=[
+            Path("/v1/models", front.models, methods=["GET"]),
+            Path("/v1/models/{model:path}", front.model, methods=["GET"]),
+            Path("/v1/chat/completions", front.chat, methods=["POST"]),
+            Path("/v1/completions", front.completions, methods=["POST"]),
+        ],
+        exception_handlers=handlers,
+    )

@@ -1,0 +1,270 @@
+"""The queen's OpenAI-compatible HTTP front against real processes, with clients nobody here
+wrote: the official `openai` package, httpx for the raw statuses, curl -N for SSE frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from harness import Cluster, Proc, wait_until
+from harness.ports import free_port
+from protos.v1 import queen_pb2
+
+CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hello bees"},
+]
+
+
+def start(cluster: Cluster, hive_id: str, spawn: str, *queen_args: str) -> tuple[Proc, str]:
+    """A queen with its HTTP front on a free port, and one hive; (queen, base URL)."""
+    port = free_port()
+    queen = cluster.start_queen(0, "--http-listen", f"127.0.0.1:{port}", *queen_args)
+    cluster.start_hive(queen, hive_id, spawn)
+    return queen, f"http://127.0.0.1:{port}/v1"
+
+
+def sdk(base: str, key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0, timeout=20)
+
+
+async def test_the_openai_sdk_streams_and_non_streams_chat_and_completions(
+    cluster: Cluster,
+) -> None:
+    queen, base = start(cluster, "oa-h1", "model=demo,count=2,token_delay=0",
+                        "--default-max-tokens", "5")  # fmt: skip
+    await cluster.wait_workers(queen, "demo", 2)
+    client = sdk(base)
+    assert [m.id for m in (await client.models.list()).data] == ["demo"]
+    assert (await client.models.retrieve("demo")).id == "demo"
+
+    whole = await client.chat.completions.create(model="demo", messages=CHAT, max_tokens=4)
+    assert whole.choices[0].message.content == "hello bees hello bees"
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason == "length" and whole.object == "chat.completion"
+    usage = whole.usage
+    assert usage is not None and usage.completion_tokens == 4 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + 4
+
+    stream = await client.chat.completions.create(
+        model="demo", messages=CHAT, max_tokens=4, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "hello bees hello bees"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+    # Completions; a stop string; no max_tokens: the queen's --default-max-tokens (5 here).
+    done = await client.completions.create(model="demo", prompt="one two three", max_tokens=4)
+    assert done.choices[0].text == "one two three one" and done.object == "text_completion"
+    parts = [c async for c in await client.completions.create(
+        model="demo", prompt="one two three", stream=True, stop=["three"])]  # fmt: skip
+    assert "".join(p.choices[0].text for p in parts) == "one two "
+    assert parts[-1].choices[0].finish_reason == "stop"
+    default = await client.completions.create(model="demo", prompt="a")
+    assert default.usage is not None and default.usage.completion_tokens == 5
+
+
+async def test_one_code_path_request_ids_history_and_metrics(cluster: Cluster) -> None:
+    queen, base = start(cluster, "oa-h2", "model=demo,count=1,token_delay=0")
+    await cluster.wait_workers(queen, "demo", 1)
+    raw = await sdk(base).chat.completions.with_raw_response.create(
+        model="demo", messages=CHAT, max_tokens=2, extra_headers={"X-Request-Id": "mine-1"},
+    )  # fmt: skip
+    assert raw.headers["x-request-id"] == "mine-1"
+    answer = raw.parse()
+    admin = cluster.admin_stub(queen)
+
+    async def recorded() -> queen_pb2.RequestRecord | None:
+        rows = (await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests
+        return next((r for r in rows if r.client_request_id == "mine-1"), None)
+
+    row = await wait_until(recorded)
+    assert row.status == queen_pb2.REQUEST_STATUS_COMPLETED and row.completion_tokens == 2
+    assert answer.id == f"chatcmpl-{row.id}"  # the queen's own id
+    # Without a reference of its own the client gets the queen's id back.
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(f"{base}/completions", json={"model": "demo", "prompt": "x"})
+    assert reply.headers["x-request-id"] == reply.json()["id"].removeprefix("cmpl-")
+    listed = await admin.ListHives(queen_pb2.ListHivesRequest())
+    assert listed.queen.requests_completed == 2
+
+
+async def post(base: str, path: str, body: Any, **kw: Any) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=20) as http:
+        if isinstance(body, bytes):
+            return await http.post(base + path, content=body, **kw)
+        return await http.post(base + path, json=body, **kw)
+
+
+def error_of(reply: httpx.Response) -> dict[str, Any]:
+    """The OpenAI error object, after checking the shape is exactly OpenAI's."""
+    body = reply.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+# fmt: off
+BAD_BODIES: list[tuple[object, int, str | None, str]] = [
+    (b"{not json", 400, None, "not valid JSON"),
+    ([1, 2], 400, None, "must be a JSON object"),
+    ({"model": "demo", "messages": CHAT, "n": 2}, 400, "n", "one choice per request"),
+    ({"model": "demo", "messages": CHAT, "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"model": "demo", "messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", "tool"),
+    ({"model": "demo", "messages": CHAT, "foo": 1}, 400, "foo", "Unrecognized request argument"),
+    ({"model": "demo", "messages": CHAT, "temperature": "hot"}, 400, "temperature", "a number"),
+    ({"model": "demo", "messages": CHAT, "temperature": 11}, 400, "temperature", "0..10"),
+    ({"model": "demo"}, 400, "messages", "is required"),
+    ({"model": 7, "messages": CHAT}, 400, "model", "a string"),
+    (
+        {
+            "model": "demo",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        },
+        400,
+        "messages[0].content[0].type",
+        "text parts only",
+    ),
+    (
+        {"model": "demo", "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages[0].role",
+        "one of",
+    ),
+    ({"model": "demo", "messages": CHAT, "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+    ({"model": "demo", "messages": CHAT, "max_tokens": 100000}, 400, "max_tokens", "cap"),
+    (
+        {"model": "demo", "messages": CHAT, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+        "only allowed with stream",
+    ),
+    ({"model": "demo", "messages": CHAT, "x": "y" * (2 << 20)}, 413, None, "larger than"),
+    ({"model": "nope", "messages": CHAT}, 404, "model", "models served: demo"),
+]
+# fmt: on
+
+
+async def test_bad_input_of_every_kind_is_a_4xx_in_openai_shape(cluster: Cluster) -> None:
+    queen, base = start(cluster, "oa-h3", "model=demo,count=1,token_delay=0")
+    await cluster.wait_workers(queen, "demo", 1)
+    for body, status, param, words in BAD_BODIES:
+        reply = await post(base, "/chat/completions", body)
+        error = error_of(reply)
+        assert (reply.status_code, error["param"]) == (status, param), (body, error)
+        assert words in error["message"], error
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk(base).chat.completions.create(model="nope", messages=CHAT)
+    assert missing.value.code == "model_not_found"
+    for prompt, words in [(["a", "b"], "one prompt per request"), ([1, 2], "token ids")]:
+        reply = await post(base, "/completions", {"model": "demo", "prompt": prompt})
+        assert reply.status_code == 400 and words in error_of(reply)["message"]
+    async with httpx.AsyncClient() as http:
+        nowhere = await http.get(f"{base}/engines")
+        wrong = await http.get(f"{base}/chat/completions")
+    assert nowhere.status_code == 404 and "/v1/chat/completions" in error_of(nowhere)["message"]
+    assert wrong.status_code == 405 and error_of(wrong)["code"] == "method_not_allowed"
+    # After all that the front serves as before.
+    done = await sdk(base).completions.create(model="demo", prompt="still here", max_tokens=2)
+    assert done.choices[0].text == "still here"
+
+
+async def test_a_full_queue_is_429_with_retry_after(cluster: Cluster) -> None:
+    queen, base = start(cluster, "oa-h4", "model=demo,count=1,token_delay=0.2",
+                        "--max-queue", "1")  # fmt: skip
+    await cluster.wait_workers(queen, "demo", 1)
+    body = {"model": "demo", "prompt": "slow", "max_tokens": 50, "stream": True}
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", f"{base}/completions", json=body) as holding:
+            assert holding.status_code == 200  # its first token came: it holds the only slot
+            waiting = asyncio.ensure_future(http.post(f"{base}/completions", json=body))
+
+            async def queued() -> bool:
+                models = await cluster.queen_stub(queen).ListModels(queen_pb2.ListModelsRequest())
+                return models.models[0].queued == 1
+
+            await wait_until(queued)
+            full = await http.post(f"{base}/completions", json=body)
+            assert full.status_code == 429 and full.headers["retry-after"] == "1"
+            assert "queue is full" in error_of(full)["message"]
+            waiting.cancel()
+
+
+def curl_stream(url: str, body: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["curl", "-sN", url, "-H", "content-type: application/json", "-d", json.dumps(body)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+async def test_curl_sees_frames_as_they_come_and_a_disconnect_frees_the_slot(
+    cluster: Cluster,
+) -> None:
+    queen, base = start(cluster, "oa-h5", "model=demo,count=1,token_delay=0.2")
+    await cluster.wait_workers(queen, "demo", 1)
+    stub = cluster.queen_stub(queen)
+    body = {"model": "demo", "messages": CHAT, "max_tokens": 100, "stream": True}
+    curl = curl_stream(f"{base}/chat/completions", body)
+    try:
+        assert curl.stdout is not None
+        began = time.monotonic()
+        first = await asyncio.to_thread(curl.stdout.readline)
+        # The first frame while the 100-token (20 s) stream is still going: streamed, not buffered.
+        assert first.startswith("data: {") and time.monotonic() - began < 10
+        assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "hello"
+        assert curl.poll() is None
+        curl.send_signal(signal.SIGTERM)  # the client goes away mid-stream
+        curl.wait(10)
+        gone = time.monotonic()
+
+        async def idle() -> bool:
+            models = (await stub.ListModels(queen_pb2.ListModelsRequest())).models
+            return models[0].idle == 1
+
+        await wait_until(idle, timeout=5)
+        freed_after = time.monotonic() - gone
+        assert freed_after < 2, freed_after  # at once, not at the end of the 20 s stream
+    finally:
+        if curl.poll() is None:
+            curl.kill()
+            curl.wait()
+    rows = (await cluster.admin_stub(queen).ListRequests(queen_pb2.ListRequestsRequest())).requests
+    assert [r.status for r in rows] == [queen_pb2.REQUEST_STATUS_CANCELLED]
+    # The slot serves the next request.
+    done = await sdk(base).chat.completions.create(model="demo", messages=CHAT, max_tokens=2)
+    assert done.choices[0].message.content == "hello bees"
+
+
+async def test_a_draining_queen_refuses_new_http_requests_with_503_and_finishes_streams(
+    cluster: Cluster,
+) -> None:
+    queen, base = start(cluster, "oa-h6", "model=demo,count=2,token_delay=0.05")
+    await cluster.wait_workers(queen, "demo", 2)
+    client = sdk(base)
+    stream = await client.completions.create(model="demo", prompt="a b", max_tokens=40, stream=True)
+    first = await anext(aiter(stream))
+    queen.signal(signal.SIGTERM)
+    await wait_until(lambda: "queen draining" in queen.log())
+    with pytest.raises(openai.APIStatusError) as refused:
+        await client.completions.create(model="demo", prompt="x", max_tokens=2)
+    assert refused.value.status_code == 503
+    assert "queen shutting down" in refused.value.message
+    rest = [part async for part in stream]
+    assert len([first, *rest]) == 40 and rest[-1].choices[0].finish_reason == "length"

@@ -1,0 +1,184 @@
+"""queen/openai/params.py and shapes.py: OpenAI bodies read into InferRequests (every
+parameter carried out or refused by name), and answers written in OpenAI's shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from protos.v1 import common_pb2
+from queen.openai import params
+from queen.openai.shapes import Answer, from_status
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**body: Any) -> params.Wanted:
+    return params.chat_request({"model": "m", "messages": USER, **body})
+
+
+def test_a_full_chat_request_maps_every_field() -> None:
+    wanted = chat(
+        messages=[
+            {"role": "developer", "content": "rules"},
+            {"role": "user", "content": [{"type": "text", "text": t} for t in ("a", "b")]},
+            {"role": "assistant", "content": None},
+            {"role": "tool", "content": "42", "tool_call_id": "t1"},
+        ],
+        max_completion_tokens=9, temperature=0.5, top_p=1, top_k=4, seed=3, stop="x",
+        stream=True, stream_options={"include_usage": True}, user="u-1", n=1, logprobs=False,
+        tools=[], tool_choice="none", response_format={"type": "text"}, metadata={"a": "b"},
+        prompt_cache_key="tenant-1", presence_penalty=0, store=False,
+    )  # fmt: skip
+    request = wanted.request
+    assert [(m.role, m.content) for m in request.messages] == [
+        ("system", "rules"), ("user", "ab"), ("assistant", ""), ("tool", "42")
+    ]  # fmt: skip
+    assert (request.model, request.max_tokens, request.top_k, request.seed) == ("m", 9, 4, 3)
+    assert request.temperature == pytest.approx(0.5) and request.top_p == pytest.approx(1.0)
+    assert list(request.stop) == ["x"] and not request.prompt
+    assert (wanted.chat, wanted.stream, wanted.include_usage, wanted.user) == (
+        True, True, True, "u-1"
+    )  # fmt: skip
+
+
+def test_absent_and_null_parameters_leave_the_defaults() -> None:
+    request = chat(temperature=None, max_tokens=None, stop=None, stream=None).request
+    assert request.max_tokens == 0  # the queen's default
+    assert not request.HasField("temperature") and not request.HasField("seed")
+    assert list(request.stop) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"best_of": 3}, "best_of", "unsupported_parameter"),
+        ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+        ({"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter"),
+        ({"logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
+        ({"tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+        ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        ({"audio": {}}, "audio", "unsupported_parameter"),
+        ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+        ({"store": True}, "store", "unsupported_parameter"),
+        ({"bogus": 1}, "bogus", "unknown_parameter"),
+        ({"temperature": "hot"}, "temperature", "invalid_type"),
+        ({"temperature": True}, "temperature", "invalid_type"),
+        ({"seed": 1.5}, "seed", "invalid_type"),
+        ({"max_tokens": "8"}, "max_tokens", "invalid_type"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens", "invalid_value"),
+        ({"stop": [1]}, "stop", "invalid_type"),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"stream": True, "stream_options": {"other": 1}}, "other", "unknown_parameter"),
+        ({"model": None}, "model", "missing_required_parameter"),
+        ({"messages": "hi"}, "messages", "invalid_type"),
+        ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages[0].name",
+         "unsupported_parameter"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]},
+         "messages[0].tool_calls", "unsupported_parameter"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
+        ({"messages": ["hi"]}, "messages[0]", "invalid_type"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_carried_out_is_refused_by_name(
+    body: dict[str, Any], param: str, code: str
+) -> None:
+    with pytest.raises(params.BadRequest) as refused:
+        chat(**body)
+    assert (refused.value.param, refused.value.code) == (param, code)
+    assert param.split(".")[0].split("[")[0] in refused.value.message
+
+
+@pytest.mark.parametrize("body", [None, [], "text", 3])
+def test_a_body_that_is_no_object_is_refused(body: object) -> None:
+    with pytest.raises(params.BadRequest, match="must be a JSON object"):
+        params.chat_request(body)
+
+
+def test_completions_take_one_text_prompt() -> None:
+    assert params.completion_request({"model": "m", "prompt": ["one"]}).request.prompt == "one"
+    for prompt, words in [(["a", "b"], "one prompt"), ([1, 2], "token ids"), (None, "required"),
+                          (7, "a string")]:  # fmt: skip
+        with pytest.raises(params.BadRequest, match=words):
+            params.completion_request({"model": "m", "prompt": prompt})
+    with pytest.raises(params.BadRequest, match="echo"):
+        params.completion_request({"model": "m", "prompt": "p", "echo": True})
+    with pytest.raises(params.BadRequest, match="Unrecognized request argument supplied: messages"):
+        params.completion_request({"model": "m", "prompt": "p", "messages": USER})
+
+
+def chunk(text: str = "", finish: int = 0, **counts: int) -> common_pb2.InferChunk:
+    return common_pb2.InferChunk(text=text, finish_reason=finish, **counts)  # type: ignore[arg-type]
+
+
+def events(answer: Answer, *chunks: common_pb2.InferChunk) -> list[dict[str, Any]]:
+    frames = b"".join(answer.event(c) for c in chunks) + answer.closing()
+    data = [f.removeprefix(b"data: ") for f in frames.split(b"\n\n") if f]
+    assert data[-1] == b"[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_a_chat_stream_in_openai_chunks_with_usage_last() -> None:
+    answer = Answer("chatcmpl-1", "m", 100, chat=True, include_usage=True)
+    got = events(answer, chunk("he"), chunk(""), chunk("llo", common_pb2.FINISH_REASON_STOP,
+                 prompt_tokens=5, completion_tokens=2, cached_prompt_tokens=3))  # fmt: skip
+    assert [e["choices"] for e in got] == [
+        [{"index": 0, "delta": {"role": "assistant", "content": "he"}, "logprobs": None,
+          "finish_reason": None}],
+        [{"index": 0, "delta": {"content": "llo"}, "logprobs": None, "finish_reason": "stop"}],
+        [],
+    ]  # fmt: skip
+    assert all(e["object"] == "chat.completion.chunk" and e["id"] == "chatcmpl-1" for e in got)
+    assert [e["usage"] for e in got[:-1]] == [None, None]
+    assert got[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                                "prompt_tokens_details": {"cached_tokens": 3}}  # fmt: skip
+
+
+def test_a_whole_completion_and_an_empty_one() -> None:
+    answer = Answer("cmpl-1", "m", 100, chat=False)
+    for piece in (chunk("a "), chunk("b", common_pb2.FINISH_REASON_LENGTH, prompt_tokens=1,
+                                     completion_tokens=2)):  # fmt: skip
+        answer.take(piece)
+    whole = answer.whole()
+    assert whole["object"] == "text_completion" and "usage" in whole
+    assert whole["choices"] == [{"index": 0, "text": "a b", "logprobs": None,
+                                 "finish_reason": "length"}]  # fmt: skip
+    # A stream whose only chunk ends it still says who speaks and why it ended.
+    empty = events(Answer("c", "m", 1, chat=True), chunk("", common_pb2.FINISH_REASON_STOP))
+    assert empty[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert empty[0]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "status", "kind", "error_code", "param"),
+    [
+        ("NOT_FOUND", "unknown model 'x'; models served: m", 404, "invalid_request_error",
+         "model_not_found", "model"),
+        ("NOT_FOUND", "no worker of model 'm' carries tags gpu", 404, "invalid_request_error",
+         "not_found", None),
+        ("INVALID_ARGUMENT", "temperature must be within 0..10 (got 11)", 400,
+         "invalid_request_error", "invalid_value", "temperature"),
+        ("RESOURCE_EXHAUSTED", "queen queue is full", 429, "rate_limit_error",
+         "rate_limit_exceeded", None),
+        ("UNAVAILABLE", "queen shutting down", 503, "server_error", "service_unavailable", None),
+        ("DEADLINE_EXCEEDED", "no free worker", 504, "timeout_error", "timeout", None),
+        ("UNAUTHENTICATED", "no token", 401, "authentication_error", "invalid_api_key", None),
+        ("PERMISSION_DENIED", "not yours", 403, "permission_error", None, None),
+        ("INTERNAL", "backend error", 500, "server_error", None, None),
+    ],
+)  # fmt: skip
+def test_grpc_statuses_map_to_http_errors(
+    code: str, message: str, status: int, kind: str, error_code: str | None, param: str | None
+) -> None:
+    error = from_status(code, message)
+    assert (error.status, error.type, error.code, error.param) == (status, kind, error_code, param)
+    assert error.body() == {"error": {"message": message, "type": kind, "param": param,
+                                      "code": error_code}}  # fmt: skip
+    assert ("Retry-After" in error.headers) == (status in (429, 503))
