@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 
 from harness import Cluster, Proc, wait_until
 from harness.gguf import write_tiny_gguf
+from harness.ports import free_port
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
 pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
@@ -255,3 +257,29 @@ async def test_a_chat_the_template_refuses_is_the_clients_mistake(
 
 async def _hives(cluster: Cluster, queen: Proc) -> bool:
     return bool((await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives)
+
+
+async def test_the_openai_sdk_chats_with_a_real_template(cluster: Cluster, tmp_path: Path) -> None:
+    port = free_port()
+    queen = cluster.start_queen(0, "--http-listen", f"127.0.0.1:{port}")
+    cluster.start_hive(queen, "h1")
+    await wait_until(lambda: _hives(cluster, queen), timeout=10)
+    await spawn_file(cluster, queen, write_tiny_gguf(tmp_path / "t.gguf"), "tmpl")
+    turns = (("system", "be sweet"), ("user", "the bees fly to the hive"))
+    by_grpc = await collect(cluster.queen_stub(queen), chat("tmpl", *turns))
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+    messages: list[Any] = [{"role": role, "content": text} for role, text in turns]
+    whole = await client.chat.completions.create(
+        model="tmpl", messages=messages, max_tokens=8, seed=3
+    )
+    # The same template, tokens and sampling as over gRPC: the same words.
+    assert whole.choices[0].message.content == "".join(c.text for c in by_grpc)
+    assert whole.usage is not None and whole.usage.prompt_tokens == by_grpc[-1].prompt_tokens
+    assert whole.usage.completion_tokens == 8 and whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens_details is not None
+    assert (whole.usage.prompt_tokens_details.cached_tokens or 0) > 0  # the prefix gRPC left
+    stream = await client.chat.completions.create(
+        model="tmpl", messages=messages, max_tokens=8, seed=3, stream=True
+    )
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert streamed == whole.choices[0].message.content

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from apiary.security import TlsFiles
+from cli.certs import init as certs_init
 from harness import Cluster, Proc, wait_until
 from harness.ports import free_port
 from protos.v1 import queen_pb2
@@ -268,3 +272,42 @@ async def test_a_draining_queen_refuses_new_http_requests_with_503_and_finishes_
     assert "queen shutting down" in refused.value.message
     rest = [part async for part in stream]
     assert len([first, *rest]) == 40 and rest[-1].choices[0].finish_reason == "length"
+
+
+async def test_https_with_the_queens_certificate_and_client_tokens_only(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    certs_init(certs, [("queen", ["127.0.0.1"]), ("oa-h7", ["127.0.0.1"])])
+    tokens = json.loads((certs / "tokens.json").read_text())
+    cluster.server_args = ["--tokens-file", str(certs / "tokens.json"),
+                           "--tls-ca", str(certs / "ca.pem")]  # fmt: skip
+    cluster.token = tokens["admin"]
+    cluster.tls = TlsFiles(ca=str(certs / "ca.pem"))
+    port = free_port()
+    queen = cluster.start_queen(
+        0, "--tls-cert", str(certs / "queen.pem"), "--tls-key", str(certs / "queen.key"),
+        "--http-listen", f"127.0.0.1:{port}",
+    )  # fmt: skip
+    hive_tls = ("--tls-cert", str(certs / "oa-h7.pem"), "--tls-key", str(certs / "oa-h7.key"))
+    cluster.start_hive(queen, "oa-h7", "model=demo,count=1,token_delay=0", extra=hive_tls)
+    await cluster.wait_workers(queen, "demo", 1, timeout=20)
+    base = f"https://127.0.0.1:{port}/v1"
+    trust = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    body = {"model": "demo", "prompt": "over tls", "max_tokens": 2}
+    async with httpx.AsyncClient(verify=trust, timeout=20) as http:
+        statuses = []
+        for key in (None, "wrong", tokens["hives"]["oa-h7"]):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            reply = await http.post(f"{base}/completions", json=body, headers=headers)
+            statuses.append((reply.status_code, error_of(reply)["type"]))
+        assert statuses == [(401, "authentication_error"), (401, "authentication_error"),
+                            (403, "permission_error")]  # fmt: skip
+        client = openai.AsyncOpenAI(
+            base_url=base, api_key=tokens["clients"]["client"], max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(verify=trust),
+        )  # fmt: skip
+        done = await client.completions.create(model="demo", prompt="over tls", max_tokens=2)
+        assert done.choices[0].text == "over tls"
+    rows = (await cluster.admin_stub(queen).ListRequests(queen_pb2.ListRequestsRequest())).requests
+    assert [r.client for r in rows] == ["client"]  # counted as the token's client, as gRPC is
