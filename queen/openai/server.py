@@ -59,18 +59,21 @@ class HttpFront:
 
 
 def bind(listen: str) -> socket.socket:
+    """The listening socket, made as a TCP socket by name (IPPROTO_TCP): asyncio sets
+    TCP_NODELAY only on connections of such sockets, and without it every keep-alive
+    response waits ~40 ms for the client's delayed ACK."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(port)))
         sock.listen(1024)
-        sock.setblocking(False)
     except (OSError, ValueError) as exc:
         sock.close()
         raise OSError(f"cannot listen on {listen} (--http-listen): {exc}") from None
+    sock.setblocking(False)
     return sock
 
 
