@@ -104,10 +104,7 @@ class Front:
 
     async def infer(self, request: Request, read: Callable[[object], params.Wanted]) -> Response:
         client = self.client(request)
-        try:
-            wanted = read(await self.body(request))
-        except params.BadRequest as bad:
-            raise ApiError(400, bad.message, "invalid_request_error", bad.code, bad.param) from None
+        wanted = await self.wanted(request, read)
         reference = request.headers.get(REQUEST_ID, "")
         if len(reference) > MAX_NAME_LENGTH:
             raise ApiError(400, f"{REQUEST_ID} is longer than {MAX_NAME_LENGTH} characters")
@@ -125,6 +122,28 @@ class Front:
         if wanted.user:
             log.info("request from end user", request_id=queen_id, user=wanted.user[:128])
         return InferResponse(accepted, answer, wanted.stream, {REQUEST_ID: reference or queen_id})
+
+    async def wanted(
+        self, request: Request, read: Callable[[object], params.Wanted]
+    ) -> params.Wanted:
+        """The request read from its body. One refused here is counted as gRPC counts a
+        request refused for its fields (INVALID_ARGUMENT; too large: RESOURCE_EXHAUSTED, as
+        gRPC's message limit says)."""
+        body: object = None
+        try:
+            body = await self.body(request)
+            return read(body)
+        except params.BadRequest as bad:
+            self.count_refused(body, "INVALID_ARGUMENT")
+            raise ApiError(400, bad.message, "invalid_request_error", bad.code, bad.param) from None
+        except ApiError as error:
+            self.count_refused(body, "INVALID_ARGUMENT" if error.status == 400 else
+                               "RESOURCE_EXHAUSTED")  # fmt: skip
+            raise
+
+    def count_refused(self, body: object, code: str) -> None:
+        model = body.get("model") if isinstance(body, dict) else None
+        self.service.cluster.metrics.refused(model if isinstance(model, str) else "", code)
 
     async def body(self, request: Request) -> object:
         """The JSON body, at most max_body bytes (413 beyond, before reading it all)."""
