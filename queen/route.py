@@ -31,6 +31,7 @@ from queen import endings, retry
 from queen.admission import model_problem
 from queen.cluster import Cluster
 from queen.metrics import Usage
+from queen.prefix_index import Want
 from queen.quotas import Quota
 from queen.registry import Outcome, Slot
 from queen.retry import Decision, Failure
@@ -76,6 +77,7 @@ class Waits:
         exclude: frozenset[str] = frozenset(),
         policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: frozenset[str] = frozenset(),
+        want: Want | None = None,
     ) -> Slot:
         """A slot for one of `client`'s requests, waiting until its deadline (`time_remaining`
         seconds; None: none) but at most --max-wait. Raises Stopping; StatusError
@@ -84,7 +86,7 @@ class Waits:
         if self.stopping:
             raise Stopping()
         scheduler = self.cluster.scheduler
-        slot = scheduler.try_take_slot(model, exclude, policy, tags)
+        slot = scheduler.try_take_slot(model, exclude, policy, tags, want)
         if slot is not None:
             self.cluster.metrics.queue_wait.labels(model).observe(0.0)
             return slot
@@ -95,7 +97,7 @@ class Waits:
         timeout, capped = endings.slot_wait(time_remaining, self.max_wait)
         self._models[model] += 1
         try:
-            slot = await scheduler.take_slot(model, timeout, exclude, policy, tags)
+            slot = await scheduler.take_slot(model, timeout, exclude, policy, tags, want)
             waited = time.perf_counter() - began
             self.cluster.metrics.queue_wait.labels(model).observe(waited)
             return slot
@@ -212,6 +214,8 @@ class Route:
         self.first_chunk_after: float | None = None
         # Set once a stopping queen's grace ran out with this request still going: why it ends.
         self.cut_short: str | None = None
+        # What a cache-aware pick reads (the prompt's prefix hashes are made only if needed).
+        self.want = Want(request, request.session_id)
 
     async def serve(self) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The request from its acceptance to its record: its chunks (each carrying the
@@ -313,9 +317,11 @@ class Route:
     def _started(self, slot: Slot) -> None:
         cluster, request = self.cluster, self.request
         self.attempts += 1
+        policy = cluster.registry.policy_for(request.model, request.policy)
         cluster.history.started(
-            request.request_id, slot.worker_id, slot.hive_id, cluster.clock.time(), self.attempts
-        )
+            request.request_id, slot.worker_id, slot.hive_id, cluster.clock.time(), self.attempts,
+            policy,
+        )  # fmt: skip
         self._emit(
             queen_pb2.EVENT_KIND_REQUEST_STARTED, worker_id=slot.worker_id, hive_id=slot.hive_id
         )
@@ -393,7 +399,7 @@ class Route:
         try:
             return await self.waits.slot(
                 self.caller.client, request.model, timeout, tried, request.policy,
-                frozenset(request.required_tags),
+                frozenset(request.required_tags), self.want,
             )  # fmt: skip
         except Stopping:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, endings.ended_while_waiting()) from None
