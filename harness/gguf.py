@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class Shape:
     """A model's size: width, heads, feed-forward width, layers, context."""
