@@ -756,6 +756,8 @@ class Registry:
             out.cpu_percent = sample.cpu_percent if math.isfinite(sample.cpu_percent) else 0.0
             out.rss_bytes = sample.rss_bytes
             out.last_activity.CopyFrom(sample.last_activity)
+            if sample.HasField("prefix_cache"):
+                out.prefix_cache.CopyFrom(sample.prefix_cache)
         stats = entry.stats
         out.requests_completed = stats.completed
         out.requests_failed = stats.failed

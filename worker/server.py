@@ -213,7 +213,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             state = common_pb2.WORKER_STATE_BUSY
         else:
             state = common_pb2.WORKER_STATE_IDLE
-        return common_pb2.WorkerRecord(
+        record = common_pb2.WorkerRecord(
             id=ident.worker_id,
             hive_id=ident.hive_id,
             model=ident.model,
@@ -230,6 +230,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             load_progress=self.load_progress,
             status_detail=self.status_detail,
         )
+        cache = self.backend.prefix_cache() if self.ready else None
+        if cache is not None:
+            record.prefix_cache.CopyFrom(cache)
+        return record
 
 
 # Only the queen and the hive call workers (worker token); Infer is also open to a client with
