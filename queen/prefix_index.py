@@ -221,7 +221,8 @@ class Candidates:
 
     free: Callable[[str], bool]
     busy: Callable[[str], bool]
-    load: Callable[[str], float]
+    # Smaller is better: slots in use (as a share), then least recently used.
+    load: Callable[[str], tuple[float, int]]
 
 
 def choose(
@@ -242,7 +243,7 @@ def choose(
     top = [w for w, d in good.items() if d >= best - max(1, best // 10)]
     free = [w for w in top if workers.free(w)]
     if free:
-        return Choice(take=min(free, key=lambda w: (workers.load(w), w)))
+        return Choice(take=min(free, key=workers.load))
     if len(good) < holders_wanted:
         return Choice()  # a hot prefix: one more worker computes it
     return Choice(wait_for=frozenset(top))

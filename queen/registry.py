@@ -649,9 +649,9 @@ class Registry:
             entry = usable(worker_id)
             return entry is not None and self.is_busy(entry)
 
-        def load(worker_id: str) -> float:
+        def load(worker_id: str) -> tuple[float, int]:
             entry = self.workers[worker_id]
-            return entry.in_flight / max(entry.slots_total, 1)
+            return entry.in_flight / max(entry.slots_total, 1), entry.last_used
 
         wanted = self.demand.holders_wanted(pool.model, want.family, len(pool.members))
         choice = choose(matches, len(hashes), Candidates(free, busy, load), wanted, session)

@@ -77,7 +77,10 @@ def test_the_index_is_bounded_least_recently_touched_first_out() -> None:
 
 
 def workers(free: set[str], busy: set[str], loads: dict[str, float] | None = None) -> Candidates:
-    return Candidates(free.__contains__, busy.__contains__, (loads or {}).get)  # type: ignore[arg-type]
+    def load(worker_id: str) -> tuple[float, int]:
+        return (loads or {}).get(worker_id, 0.0), 0
+
+    return Candidates(free.__contains__, busy.__contains__, load)
 
 
 def test_the_pick_prefers_the_longest_free_holder_then_the_least_loaded() -> None:
