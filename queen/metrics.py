@@ -74,6 +74,25 @@ class QueenMetrics:
             "How long a request or lease waited for a free slot (0 when one was free)",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self._token_counters(r)
+        self.tokens_per_second = Histogram(
+            "apiary_request_tokens_per_second", "Completion tokens per second, per request",
+            ["model"], buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000), registry=r,
+        )  # fmt: skip
+        self.heartbeats = Counter("apiary_heartbeats", "Heartbeats received", registry=r)
+        self.failovers = Counter(
+            "apiary_failovers", "Requests retried on another worker before their first chunk",
+            ["model"], registry=r,
+        )  # fmt: skip
+        # Requests by outcome since this queen started (`apiary status` reads them).
+        self.outcomes: Tally[str] = Tally()
+        self.started_at = time.time()
+        r.register(SnapshotCollector(lambda: cluster_metrics(registry, scheduler)))
+        r.register(SnapshotCollector(self._hit_ratio))
+        if history is not None:
+            r.register(SnapshotCollector(lambda: history_metrics(history)))
+
+    def _token_counters(self, r: CollectorRegistry) -> None:
         self.prompt_tokens = Counter(
             "apiary_prompt_tokens", "Prompt tokens of finished requests", ["model"], registry=r
         )
@@ -93,22 +112,6 @@ class QueenMetrics:
             "apiary_completion_tokens", "Completion tokens relayed (rate() is tokens/s)",
             ["model"], registry=r,
         )  # fmt: skip
-        self.tokens_per_second = Histogram(
-            "apiary_request_tokens_per_second", "Completion tokens per second, per request",
-            ["model"], buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000), registry=r,
-        )  # fmt: skip
-        self.heartbeats = Counter("apiary_heartbeats", "Heartbeats received", registry=r)
-        self.failovers = Counter(
-            "apiary_failovers", "Requests retried on another worker before their first chunk",
-            ["model"], registry=r,
-        )  # fmt: skip
-        # Requests by outcome since this queen started (`apiary status` reads them).
-        self.outcomes: Tally[str] = Tally()
-        self.started_at = time.time()
-        r.register(SnapshotCollector(lambda: cluster_metrics(registry, scheduler)))
-        r.register(SnapshotCollector(self._hit_ratio))
-        if history is not None:
-            r.register(SnapshotCollector(lambda: history_metrics(history)))
 
     def model_label(self, model: str) -> str:
         """The model as a label value: `other` unless a worker or a catalog has it, so a

@@ -85,6 +85,10 @@ class PrefixStates:
             evicted.append(oldest)
         return evicted
 
+    def take(self, state: SavedState) -> None:
+        """`state` leaves the budget: it is being restored as the live context."""
+        self.saved.remove(state)
+
     def touch(self, state: SavedState) -> None:
         self._clock += 1
         state.last_used = self._clock

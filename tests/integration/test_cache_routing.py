@@ -16,6 +16,7 @@ from harness.gguf import write_tiny_gguf
 from protos.v1 import common_pb2, queen_pb2
 
 CACHE_AWARE = common_pb2.ROUTING_POLICY_CACHE_AWARE
+TOKENS = 48
 WORDS = "the bees fly to the hive and the queen is sweet honey of gold in the field".split()
 
 
@@ -24,10 +25,11 @@ def system_prompt(tenant: int, words: int = 120) -> str:
     return " ".join(WORDS[(tenant * 7 + i * (tenant + 3)) % len(WORDS)] for i in range(words))
 
 
-def ask(tenant: int, question: str, **fields: Any) -> common_pb2.InferRequest:
+def ask(tenant: int, question: str, tokens: int = 2, **fields: Any) -> common_pb2.InferRequest:
     return common_pb2.InferRequest(
-        model="tiny", prompt=f"{system_prompt(tenant)} {question}", max_tokens=2, seed=1, **fields
-    )
+        model="tiny", prompt=f"{system_prompt(tenant)} {question}", max_tokens=tokens, seed=1,
+        **fields,
+    )  # fmt: skip
 
 
 async def last_chunk(cluster: Cluster, queen: Proc, request: common_pb2.InferRequest) -> Any:
@@ -87,14 +89,24 @@ async def test_a_tenant_goes_back_to_the_worker_holding_its_prefix(
 
 async def test_a_hot_tenant_is_spread_over_both_workers(cluster: Cluster, tmp_path: Path) -> None:
     queen = await two_llama_workers(cluster, tmp_path)
+    # Both workers' first decode (buffers allocated: slow) is done before timing matters.
+    await asyncio.gather(*(last_chunk(cluster, queen, ask(t, "warm")) for t in (1, 2)))
+    for i in range(8):  # one at a time: enough requests for the tenant's share to count
+        await last_chunk(cluster, queen, ask(0, f"w{i}", request_id=f"warm-{i}"))
 
     async def client(n: int) -> None:
-        for i in range(8):
-            await last_chunk(cluster, queen, ask(0, f"q{n}-{i}", request_id=f"hot-{n}-{i}"))
+        for i in range(6):
+            request = ask(0, f"q{n}-{i}", tokens=TOKENS, request_id=f"hot-{n}-{i}")
+            await last_chunk(cluster, queen, request)
 
     await asyncio.gather(*(client(n) for n in range(3)))
-    shares = Tally((await served_by(cluster, queen)).values())
-    assert len(shares) == 2 and min(shares.values()) >= 4, shares  # both hold and serve it
+    workers = await served_by(cluster, queen)
+    assert len({workers[f"warm-{i}"] for i in range(8)}) == 1  # nothing busy: the holder
+    # Three clients, two one-slot workers: the holder is busy, and the hot prefix goes to the
+    # other worker rather than waiting for it (once; then both hold it). Requests decode long
+    # enough for the holder to be busy while the other worker computes the prefix.
+    shares = Tally(w for request_id, w in workers.items() if request_id.startswith("hot-"))
+    assert len(shares) == 2 and min(shares.values()) >= 4, shares
 
 
 async def test_a_session_sticks_to_its_worker(cluster: Cluster) -> None:

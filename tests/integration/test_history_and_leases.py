@@ -31,7 +31,7 @@ async def test_history_survives_a_queen_crash_and_running_requests_are_marked_fa
     for i in range(3):
         await collect(stub, infer(request_id=f"done-{i}"))
     with pytest.raises(grpc.aio.AioRpcError):
-        await collect(stub, infer(request_id="bad", tokens=0))  # refused before acceptance
+        await collect(stub, infer(request_id="bad", tokens=10**6))  # refused before acceptance
     running = asyncio.create_task(collect(stub, infer(tokens=100, request_id="cut-short")))
 
     async def is_running() -> bool:

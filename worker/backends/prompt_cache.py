@@ -70,13 +70,17 @@ class PromptCache:
         """Save and restore states for `prompt`; the prompt tokens that need no computing."""
         live = live_tokens(llm)
         shared = common_prefix(live, prompt)
+        saved, saved_shared = self.states.best(prompt)
+        restore = saved if saved is not None and saved_shared > shared + MIN_GAIN_TOKENS else None
+        if restore is not None:
+            # It becomes the live context: the budget is for the others (a swap, so a budget of
+            # one state keeps two prefixes).
+            self.states.take(restore)
         if shared < self.live_prompt // 2 and self.states.worth_saving(live, self.live_prompt):
             self._save(llm, live)
-        saved, saved_shared = self.states.best(prompt)
-        if saved is not None and saved_shared > shared + MIN_GAIN_TOKENS:
-            llm.load_state(saved.state)
-            self.states.touch(saved)
-            self.live_blocks, self.live_prompt = saved.blocks, len(saved.tokens)
+        if restore is not None:
+            llm.load_state(restore.state)
+            self.live_blocks, self.live_prompt = restore.blocks, len(restore.tokens)
         return reusable_prefix(llm, prompt)
 
     def _save(self, llm: Any, live: list[int]) -> None:
