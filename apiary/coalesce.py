@@ -17,7 +17,7 @@ toward its client (gRPC or HTTP).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from protos.v1 import common_pb2
 
@@ -106,7 +106,7 @@ class _Pump:
 
 async def coalesced(
     source: AsyncIterator[common_pb2.InferChunk],
-) -> AsyncIterator[common_pb2.InferChunk]:
+) -> AsyncGenerator[common_pb2.InferChunk, None]:
     """`source`'s chunks, those that came while the previous one was being written merged
     into one, numbered by position (`index`). An error of the source is raised after the
     chunks that came before it."""

@@ -11,6 +11,7 @@ import pytest
 
 from harness import Cluster, wait_until
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc, worker_pb2_grpc
+from tests.streams import tokens_in
 
 
 def infer(tokens: int = 4, **kw: Any) -> common_pb2.InferRequest:
@@ -154,7 +155,7 @@ async def test_direct_lease_reserves_a_slot_until_the_call_ends_or_the_lease_exp
         await collect(direct, infer())
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     chunks = await collect(direct, infer(tokens=10, lease_id=lease.lease_id))
-    assert sum(len(c.token_ids) for c in chunks) == 10
+    assert tokens_in(chunks) == 10
 
     async def idle() -> bool:
         return (await model()).idle == 1

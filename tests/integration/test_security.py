@@ -25,6 +25,7 @@ from protos.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from tests.streams import tokens_in
 
 
 def infer(**kw: Any) -> common_pb2.InferRequest:
@@ -34,11 +35,6 @@ def infer(**kw: Any) -> common_pb2.InferRequest:
 
 async def collect(stub: Any, request: common_pb2.InferRequest, timeout: float = 20) -> list[Any]:
     return [c async for c in stub.Infer(request, timeout=timeout)]
-
-
-def tokens_in(chunks: list[Any]) -> int:
-    """Tokens streamed (a message may carry several: see apiary/coalesce.py)."""
-    return sum(len(chunk.token_ids) for chunk in chunks)
 
 
 @pytest.fixture
