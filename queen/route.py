@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from apiary.coalesce import coalesced
 from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
 from queen import endings, retry
@@ -194,10 +195,12 @@ class Route:
         self.caller = caller
         self.waits = waits or Waits(cluster)
         self.attempts = 0
-        # Chunks relayed from workers; those with text that reached the client (their yield
-        # returned, so grpc.aio has sent them); the worker's own count, once it says it.
+        # Chunks read from workers; messages with text that reached the client (their yield
+        # returned, so grpc.aio has sent them: several chunks may go as one); the worker's own
+        # count of tokens, once it says it.
         self.sent = 0
         self.delivered = 0
+        self.delivered_tokens = 0
         self.tokens = 0
         # The prompt's tokens and how many a worker had cached, once the worker says so.
         self.prompt_tokens = 0
@@ -231,6 +234,7 @@ class Route:
                     self.sending = False
                     if chunk.text:
                         self.delivered += 1
+                        self.delivered_tokens += len(chunk.token_ids) or 1
         except StatusError as failed:
             status = endings.status_of_error(failed.code.name)
             await self.finish(status, f"{failed.code.name}: {failed.message}")
@@ -327,6 +331,16 @@ class Route:
         )
 
     async def _relay(self, call: Any, slot: Slot) -> AsyncGenerator[common_pb2.InferChunk, None]:
+        """The worker's chunks for the client: read ahead while the client is being sent the
+        previous message, and what piled up meanwhile sent as one (apiary/coalesce.py); a
+        chunk that finds the client ready goes at once, alone."""
+        async with aclosing(coalesced(self._from_worker(call, slot))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _from_worker(
+        self, call: Any, slot: Slot
+    ) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The worker's chunks as they come, counted; the first names the worker."""
         chunk = await self._first(call, slot)
         while isinstance(chunk, common_pb2.InferChunk):
@@ -477,8 +491,10 @@ class Route:
         self.recorded = True
         cluster, slot = self.cluster, self.slot
         took = time.perf_counter() - self.started
-        # Completed: the worker's count. Ended early: the token chunks the client was sent.
-        tokens = self.tokens if status == queen_pb2.REQUEST_STATUS_COMPLETED else self.delivered
+        # Completed: the worker's count. Ended early: the tokens the client was sent.
+        tokens = (
+            self.tokens if status == queen_pb2.REQUEST_STATUS_COMPLETED else self.delivered_tokens
+        )
         self._emit(
             endings.event_kind(status),
             worker_id=slot.worker_id if slot else "",

@@ -184,7 +184,7 @@ def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Clus
         events=EventBus(),
         history=history,
         autospawn=Autospawner(registry, channels, config.autospawn, config.autospawn_catalog),
-        leases=LeaseManager(scheduler, channels),
+        leases=LeaseManager(scheduler, channels, clock),
         clock=clock,
         max_tokens_cap=config.max_tokens_cap,
         default_max_tokens=config.default_max_tokens,

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import Cluster, Proc, stays_true, wait_until
 from protos.v1 import common_pb2, queen_pb2
 from queen.server import QueenConfig, create_server
+from tests.streams import tokens_in
 
 Status = queen_pb2.RequestStatus
 SHUTTING_DOWN = "queen shutting down"
@@ -116,7 +117,7 @@ async def test_a_stopping_queen_lets_streams_finish_and_refuses_new_requests(
 
     await stays_true(hive_healthy, 1.0)
     await read_all(call, chunks)
-    assert sum(1 for c in chunks if c.text) == 60 and chunks[-1].completion_tokens == 60
+    assert tokens_in(chunks) == 60 and chunks[-1].completion_tokens == 60
     assert await call.code() == grpc.StatusCode.OK
     assert await stopped(queen, 15) == 0
     queen = cluster.start_queen()
@@ -274,7 +275,7 @@ async def full_disk_streams(cluster: Cluster, queen: Proc, state: Path) -> None:
     await collect(stub, infer(5, "before"))
     fill(state / "filler")
     streams = await asyncio.gather(*(collect(stub, infer(20, f"full-{i}")) for i in range(40)))
-    assert [sum(1 for c in s if c.text) for s in streams] == [20] * 40  # every one, in full
+    assert [tokens_in(s) for s in streams] == [20] * 40  # every one, in full
 
     async def degraded() -> queen_pb2.QueenStatus | None:
         """SQLite gives space back when a new connection checkpoints its WAL after a failed
