@@ -40,13 +40,16 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.http2.max_ping_strikes", 0),
 )
 
+# The longest a client channel waits between reconnect attempts (see CHANNEL_OPTIONS).
+MAX_RECONNECT_BACKOFF_MS = 1000
+
 # Long-lived client channels (hive->queen, queen->worker/hive, hive->worker).
 CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
     # grpc's default reconnect backoff grows to 120 s, which would keep a hive away from a
     # queen that restarted long after it came back; cap it near the heartbeat scale.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     # A peer that vanished (host down, link cut) is noticed in ~15 s even on an idle
     # connection, not after the OS's TCP timeout of many minutes.
     ("grpc.keepalive_time_ms", KEEPALIVE_MS),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from apiary.clock import Clock
 from apiary.protoutil import READY_STATES, timestamp
+from apiary.serving import MAX_RECONNECT_BACKOFF_MS
 from protos.v1 import common_pb2, queen_pb2
 from queen.beats import host_of, same_host
 from queen.prefix_index import (
@@ -34,9 +35,11 @@ from queen.stats import WorkerStatsTracker
 
 DEGRADED_AFTER_INTERVALS = 2
 MAX_POOLS_PER_MODEL = 32
-# After (re)starting, the queen waits this many heartbeat intervals for hives before it calls a
-# model unknown: a request during that time waits instead of getting a false NOT_FOUND.
+# After (re)starting, the queen waits this many heartbeat intervals for hives (plus the longest
+# reconnect backoff of their channels) before it calls a model unknown: a request during that
+# time waits instead of getting a false NOT_FOUND.
 WARMUP_INTERVALS = 2
+WARMUP_RECONNECT = MAX_RECONNECT_BACKOFF_MS / 1000
 UNHEALTHY_AFTER_INTERVALS = 3
 # Backends whose workers keep computed prompt states: their models default to cache-aware.
 CACHING_BACKENDS = frozenset({"llamacpp"})
@@ -393,7 +396,8 @@ class Registry:
 
     def warming_up(self) -> bool:
         """True until every hive has had the time to heartbeat into a new queen."""
-        return self.clock.monotonic() - self.started < WARMUP_INTERVALS * self.settings.interval
+        warmup = WARMUP_INTERVALS * self.settings.interval + WARMUP_RECONNECT
+        return self.clock.monotonic() - self.started < warmup
 
     def heartbeat_age(self, hive: HiveEntry) -> float:
         return max(self.clock.monotonic() - hive.last_seen, 0.0)
