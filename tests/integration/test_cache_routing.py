@@ -9,10 +9,12 @@ from collections import Counter as Tally
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from harness import Cluster, Proc, wait_until
 from harness.gguf import write_tiny_gguf
+from harness.ports import free_port
 from protos.v1 import common_pb2, queen_pb2
 
 CACHE_AWARE = common_pb2.ROUTING_POLICY_CACHE_AWARE
@@ -107,6 +109,31 @@ async def test_a_hot_tenant_is_spread_over_both_workers(cluster: Cluster, tmp_pa
     # enough for the holder to be busy while the other worker computes the prefix.
     shares = Tally(w for request_id, w in workers.items() if request_id.startswith("hot-"))
     assert len(shares) == 2 and min(shares.values()) >= 4, shares
+
+
+async def test_over_http_user_prompt_cache_key_and_the_affinity_header_pick_the_session(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    port = free_port()
+    queen = await two_llama_workers(cluster, tmp_path, "--http-listen", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    short = {"model": "tiny", "prompt": "hi", "max_tokens": 1}  # too short for prefix matching
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def post(body: dict[str, Any], **headers: str) -> None:
+            reply = await http.post(url, json={**short, **body}, headers=headers)
+            assert reply.status_code == 200, reply.text
+
+        for i in range(3):
+            await post({"user": "alice"}, **{"X-Request-Id": f"u{i}"})
+            await post({"prompt_cache_key": "k", "user": "bob"}, **{"X-Request-Id": f"k{i}"})
+            await post({}, **{"X-Session-Affinity": "s", "X-Request-Id": f"h{i}"})
+            await post({}, **{"X-Request-Id": f"n{i}"})
+    workers = await served_by(cluster, queen)
+    for group in "ukh":
+        assert len({workers[f"{group}{i}"] for i in range(3)}) == 1, (group, workers)
+    # Without a session, short prompts go least-loaded, then least recently used: both.
+    assert len({workers[f"n{i}"] for i in range(3)} | {workers["u0"], workers["k0"]}) == 2
 
 
 async def test_a_session_sticks_to_its_worker(cluster: Cluster) -> None:
