@@ -17,11 +17,12 @@ from hashlib import blake2b
 
 from protos.v1 import common_pb2
 
-# Small enough that a shared system prompt and a new question part within a block or two,
-# large enough that an 8 KiB prompt is 64 hashes.
-BLOCK_BYTES = 128
+# Small enough that a shared system prompt and a new question part within a block or two
+# (~64 tokens), large enough that an 8 KiB prompt is 32 hashes: hashing and matching them is
+# most of a cache-aware pick's cost (bench/scale.py).
+BLOCK_BYTES = 256
 # The most blocks a prompt is hashed to (64 KiB prompts: the queen's default limit).
-MAX_BLOCKS = 512
+MAX_BLOCKS = 256
 # Separators that cannot occur in the UTF-8 of a role or content the same way.
 ROLE_END, TURN_END = b"\x1f", b"\x1e"
 

@@ -145,7 +145,7 @@ def line(scenario: str, budget: str, name: str, run: Run) -> str:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--requests", type=int, default=120)
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--prefix-words", type=int, default=470, help="~1,500 tokens")

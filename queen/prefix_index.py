@@ -110,10 +110,11 @@ class PrefixIndex:
         self._held.pop(worker_id, None)
         self._reported.pop(worker_id, None)
 
-    def match(self, hashes: Sequence[int], now: float) -> dict[str, int]:
-        """Worker -> how many leading blocks of `hashes` it holds (those holding any)."""
+    def match(self, hashes: Sequence[int], now: float, least: int = 1) -> dict[str, int]:
+        """Worker -> how many leading blocks of `hashes` it holds (those holding `least` or
+        more)."""
         found: dict[str, int] = {}
-        for depth in range(len(hashes), 0, -1):
+        for depth in range(len(hashes), max(least, 1) - 1, -1):
             holders = self._holders.get(hashes[depth - 1])
             if not holders:
                 continue
@@ -225,6 +226,11 @@ class Candidates:
     load: Callable[[str], tuple[float, int]]
 
 
+def least_match(blocks: int) -> int:
+    """The fewest leading blocks of a `blocks`-long request a holder must have to count."""
+    return max(1, math.ceil(MIN_MATCH_SHARE * blocks))
+
+
 def choose(
     matches: dict[str, int], blocks: int, workers: Candidates, holders_wanted: int,
     session_worker: str | None = None,
@@ -235,7 +241,7 @@ def choose(
             return Choice(take=session_worker)
         if workers.busy(session_worker):
             return Choice(wait_for=frozenset({session_worker}))
-    least = max(1, math.ceil(MIN_MATCH_SHARE * blocks))
+    least = least_match(blocks)
     good = {w: d for w, d in matches.items() if d >= least and (workers.free(w) or workers.busy(w))}
     if not good:
         return Choice()

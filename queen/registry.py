@@ -29,6 +29,7 @@ from queen.prefix_index import (
     Sessions,
     Want,
     choose,
+    least_match,
 )
 from queen.selection import Judge, Pool, SpeedScale, Verdict, score
 from queen.stats import WorkerStatsTracker
@@ -633,7 +634,7 @@ class Registry:
         """(a worker to take, or None; whether a busy holder is worth waiting for)."""
         now = self.clock.monotonic()
         hashes = want.hashes
-        matches = self.prefixes.match(hashes, now) if hashes else {}
+        matches = self.prefixes.match(hashes, now, least_match(len(hashes))) if hashes else {}
         session = self.sessions.get(want.session)
         if not matches and session is None:
             return None, False

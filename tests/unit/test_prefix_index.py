@@ -34,9 +34,9 @@ def test_one_hash_names_a_whole_prefix() -> None:
     assert matched_blocks(b, set(a[:5])) == 5 and matched_blocks(b, set()) == 0
     # Chats: role and content of each turn, in order; a partial block is not hashed.
     chat = common_pb2.InferRequest(model="m", messages=[
-        common_pb2.ChatMessage(role="system", content="x" * 300),
+        common_pb2.ChatMessage(role="system", content="x" * 600),
         common_pb2.ChatMessage(role="user", content="hi")])  # fmt: skip
-    assert input_bytes(chat).startswith(b"system\x1f" + b"x" * 300 + b"\x1e")
+    assert input_bytes(chat).startswith(b"system\x1f" + b"x" * 600 + b"\x1e")
     assert len(request_chain(chat)) == len(input_bytes(chat)) // BLOCK_BYTES == 2
 
 

@@ -52,7 +52,8 @@ class LlamaCppBackend(Backend):
     MAX_SLOTS: ClassVar[int] = 1
     OPTIONS: ClassVar[Mapping[str, str]] = {
         "model_path": "GGUF file (the hive fills it from its model catalog)",
-        "threads": "CPU threads for decoding (default: the CPUs this process may use)",
+        "threads": "CPU threads for prompt evaluation and decoding (default: the CPUs this "
+        "process may use)",
         "context_size": "context window in tokens, prompt and completion (default 2048)",
         "gpu_layers": "layers offloaded to the GPU (default 0; -1 = all)",
         "chat_format": "how chats are rendered: the model's own template by default; for a "
@@ -140,6 +141,9 @@ class LlamaCppBackend(Backend):
                 model_path=self.model_path,
                 n_ctx=self.context_size,
                 n_threads=self.threads,
+                # Prompt evaluation too: llama-cpp-python's default is every CPU, so one
+                # worker's prefill would spin threads over its neighbours' cores.
+                n_threads_batch=self.threads,
                 n_gpu_layers=self.gpu_layers,
                 verbose=False,
             )
