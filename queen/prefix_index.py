@@ -8,8 +8,10 @@ authoritative, so a prefix a worker evicted leaves the index). Its size is bound
 (max_entries, least recently touched first out); a worker that leaves takes its entries.
 
 The pick (`choose`): a session's worker while it can serve; else the workers holding the
-longest prefix (within a small slack), least loaded first. If they are all busy, the request
-waits for one of them (for at most the queen's --cache-wait), unless the prefix is hot: a
+longest prefix (within a small slack), least loaded first — unless the load guard finds that
+one much busier than the least-loaded worker (MAX_IMBALANCE of its slots), then least-loaded.
+If they are all busy, the request waits for one of them (for at most the queen's
+--cache-wait), unless the prefix is hot: a
 prefix asked for by a share s of recent requests wants ceil(s x workers) holders, and until it
 has them a busy holder is not waited for — the least-loaded free worker takes the request and
 becomes one more holder. Short prompts and misses go least-loaded.
@@ -40,6 +42,9 @@ FAMILY_BLOCKS = 4
 DEMAND_WINDOW = 64
 DEMAND_MIN = 8
 MAX_SESSIONS = 100_000
+# The load guard: a holder whose share of slots in use exceeds the least-loaded free worker's
+# by more than this is passed over (least-loaded instead), its prefix notwithstanding.
+MAX_IMBALANCE = 0.5
 CONFIRMED = math.inf
 
 
@@ -224,6 +229,12 @@ class Candidates:
     busy: Callable[[str], bool]
     # Smaller is better: slots in use (as a share), then least recently used.
     load: Callable[[str], tuple[float, int]]
+    # The share of slots in use on the least-loaded free worker (1.0: none free).
+    lightest: Callable[[], float] = lambda: 1.0
+
+    def overloaded(self, worker_id: str) -> bool:
+        """The load guard: this worker is much busier than the least-loaded one."""
+        return self.load(worker_id)[0] - self.lightest() > MAX_IMBALANCE
 
 
 def least_match(blocks: int) -> int:
@@ -238,8 +249,9 @@ def choose(
     """The cache-aware pick (see the module docstring)."""
     if session_worker is not None:
         if workers.free(session_worker):
-            return Choice(take=session_worker)
-        if workers.busy(session_worker):
+            if not workers.overloaded(session_worker):
+                return Choice(take=session_worker)
+        elif workers.busy(session_worker):
             return Choice(wait_for=frozenset({session_worker}))
     least = least_match(blocks)
     good = {w: d for w, d in matches.items() if d >= least and (workers.free(w) or workers.busy(w))}
@@ -249,7 +261,9 @@ def choose(
     top = [w for w, d in good.items() if d >= best - max(1, best // 10)]
     free = [w for w in top if workers.free(w)]
     if free:
-        return Choice(take=min(free, key=workers.load))
+        chosen = min(free, key=workers.load)
+        # Imbalanced (a holder with most slots taken, another worker idle): least-loaded.
+        return Choice() if workers.overloaded(chosen) else Choice(take=chosen)
     if len(good) < holders_wanted:
         return Choice()  # a hot prefix: one more worker computes it
     return Choice(wait_for=frozenset(top))

@@ -658,8 +658,13 @@ class Registry:
             entry = self.workers[worker_id]
             return entry.in_flight / max(entry.slots_total, 1), entry.last_used
 
+        def lightest() -> float:
+            worker_id = pool.pick(common_pb2.ROUTING_POLICY_LEAST_LOADED, judge)
+            return load(worker_id)[0] if worker_id is not None else 1.0
+
         wanted = self.demand.holders_wanted(pool.model, want.family, len(pool.members))
-        choice = choose(matches, len(hashes), Candidates(free, busy, load), wanted, session)
+        workers = Candidates(free, busy, load, lightest)
+        choice = choose(matches, len(hashes), workers, wanted, session)
         return choice.take, bool(choice.wait_for)
 
     def is_busy(self, entry: WorkerEntry) -> bool:

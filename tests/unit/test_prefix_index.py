@@ -9,6 +9,7 @@ from protos.v1 import common_pb2, queen_pb2
 from queen.prefix_index import (
     PROVISIONAL,
     Candidates,
+    Choice,
     Demand,
     PrefixIndex,
     Want,
@@ -80,7 +81,10 @@ def workers(free: set[str], busy: set[str], loads: dict[str, float] | None = Non
     def load(worker_id: str) -> tuple[float, int]:
         return (loads or {}).get(worker_id, 0.0), 0
 
-    return Candidates(free.__contains__, busy.__contains__, load)
+    def lightest() -> float:
+        return min((load(w)[0] for w in free), default=1.0)
+
+    return Candidates(free.__contains__, busy.__contains__, load, lightest)
 
 
 def test_the_pick_prefers_the_longest_free_holder_then_the_least_loaded() -> None:
@@ -99,6 +103,17 @@ def test_a_busy_holder_is_waited_for_unless_its_prefix_is_hot() -> None:
     assert spill.take is None and not spill.wait_for
     assert choose({"a": 8}, 9, some, 1, session_worker="b").take == "b"
     assert choose({}, 9, some, 1, session_worker="a").wait_for == {"a"}
+
+
+def test_the_load_guard_passes_over_a_holder_much_busier_than_an_idle_worker() -> None:
+    # Four-slot workers: the holder has 3 of 4 in use, another worker none.
+    imbalanced = workers({"a", "b"}, set(), {"a": 0.75, "b": 0.0})
+    assert choose({"a": 8}, 9, imbalanced, 1) == Choice()  # least-loaded takes it
+    assert choose({}, 9, imbalanced, 1, session_worker="a") == Choice()  # sessions too
+    # Within the margin the prefix wins.
+    close = workers({"a", "b"}, set(), {"a": 0.5, "b": 0.25})
+    assert choose({"a": 8}, 9, close, 1).take == "a"
+    assert choose({}, 9, close, 1, session_worker="a").take == "a"
 
 
 def test_demand_asks_more_holders_for_a_hot_prefix() -> None:
