@@ -61,7 +61,21 @@ def infer_request_problem(
         return f"request_id is longer than {MAX_NAME_LENGTH} characters"
     if len(request.session_id) > MAX_NAME_LENGTH:
         return f"session_id is longer than {MAX_NAME_LENGTH} characters"
-    return sampling_problem(request)
+    return continuation_problem(request) or sampling_problem(request)
+
+
+def continuation_problem(request: common_pb2.InferRequest) -> str | None:
+    """A continuation leaves something to generate, and names tokens (ids are never negative;
+    the worker checks them against its vocabulary)."""
+    ids = request.continuation.token_ids
+    if len(ids) >= request.max_tokens:
+        return (
+            f"continuation has {len(ids)} token(s), so max_tokens {request.max_tokens} leaves "
+            "nothing to generate"
+        )
+    if any(token < 0 for token in ids):
+        return "continuation.token_ids must not be negative"
+    return None
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")

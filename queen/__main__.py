@@ -25,6 +25,7 @@ from queen.autospawn import SpawnPlan, parse_plan
 from queen.beats import DEFAULT_MAX_WORKER_SLOTS, DEFAULT_MAX_WORKERS_PER_HIVE, BeatLimits
 from queen.endings import DEFAULT_MAX_WAIT
 from queen.leases import DEFAULT_MAX_TTL
+from queen.progress import DEFAULT_MIGRATION_LIMIT
 from queen.scheduler import DEFAULT_CACHE_WAIT
 from queen.server import DEFAULT_SHUTDOWN_GRACE, Queen, QueenConfig, create_server
 
@@ -112,6 +113,23 @@ def add_breaker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breaker-cooldown", type=float, default=10.0, help="seconds it stays out")
 
 
+def add_routing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-wait", type=float, default=DEFAULT_CACHE_WAIT,
+        help="cache-aware: the longest a request waits for a busy worker holding its prompt's "
+        "prefix before any free worker takes it (seconds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cache-index-mb", type=int, default=64,
+        help="cache-aware: memory for the index of which worker holds which prompt prefix",
+    )  # fmt: skip
+    p.add_argument(
+        "--migration-limit", type=int, default=DEFAULT_MIGRATION_LIMIT,
+        help="how many times a request may move mid-stream to another worker when its worker "
+        "fails, continuing from the exact token it reached (0: never; the stream then ends)",
+    )  # fmt: skip
+
+
 def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run the queen: registry and router.")
     p.add_argument("--listen", default="127.0.0.1:7070", help="host:port (default 127.0.0.1:7070)")
@@ -131,17 +149,7 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
         help="routing policy for requests that name none (default: cache-aware for models on "
         "llamacpp workers, least-loaded for the rest)",
     )
-    p.add_argument(
-        "--cache-wait", type=float, default=DEFAULT_CACHE_WAIT,
-        help="cache-aware: the longest a request waits for a busy worker holding its prompt's "
-        "prefix before any free worker takes it (seconds)",
-    )  # fmt: skip
-    p.add_argument(
-        "--cache-index-mb",
-        type=int,
-        default=64,
-        help="cache-aware: memory for the index of which worker holds which prompt prefix",
-    )
+    add_routing_args(p)
     add_limit_args(p)
     add_breaker_args(p)
     p.add_argument(
@@ -199,6 +207,7 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         shutdown_grace=args.shutdown_grace,
         http_listen=args.http_listen,
         max_wait=args.max_wait,
+        migration_limit=args.migration_limit,
     )
 
 
@@ -255,6 +264,8 @@ def args_problem(args: argparse.Namespace) -> str:
         return "--heartbeat-interval must be > 0"
     if args.max_lease_ttl <= 0:
         return "--max-lease-ttl must be > 0"
+    if args.migration_limit < 0:
+        return "--migration-limit must be 0 or more"
     if args.max_wait <= 0:
         return "--max-wait must be > 0"
     if args.cache_wait < 0 or args.cache_index_mb < 1:

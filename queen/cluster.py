@@ -22,6 +22,7 @@ from queen.events import EventBus
 from queen.history import History
 from queen.leases import LeaseManager
 from queen.metrics import QueenMetrics
+from queen.progress import DEFAULT_MIGRATION_LIMIT
 from queen.registry import BeatResult, Registry
 from queen.scheduler import Scheduler
 
@@ -107,6 +108,8 @@ class Cluster:
     _refusals_told: set[tuple[str, str, str]] = field(default_factory=set)
     # Require a hive's id to be a name in its client certificate (mTLS).
     hive_identity_from_cert: bool = False
+    # How many times a request may move mid-stream to another worker.
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT
 
     def __post_init__(self) -> None:
         # The parts report here; the follow-ups that cross parts happen in this class only.

@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts INTEGER NOT NULL DEFAULT 0,
     client_request_id TEXT NOT NULL DEFAULT '',
     client TEXT NOT NULL DEFAULT '',
-    policy INTEGER NOT NULL DEFAULT 0
+    policy INTEGER NOT NULL DEFAULT 0,
+    migrations INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (accepted_at);
 CREATE TABLE IF NOT EXISTS drains (kind TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (kind, id));
@@ -65,6 +66,7 @@ ADDED_COLUMNS = {
     "client_request_id": "TEXT NOT NULL DEFAULT ''",
     "client": "TEXT NOT NULL DEFAULT ''",
     "policy": "INTEGER NOT NULL DEFAULT 0",
+    "migrations": "INTEGER NOT NULL DEFAULT 0",
 }
 MAX_LIMIT = 10_000
 _STOP = object()
@@ -320,6 +322,10 @@ class History:
             wait=False,
         )  # fmt: skip
 
+    def migrated(self, request_id: str, moves: int) -> None:
+        """The request moved mid-stream to another worker (`started` names the new one)."""
+        self._put("UPDATE requests SET migrations=? WHERE id=?", (moves, request_id), wait=False)
+
     def finish(
         self,
         request_id: str,
@@ -389,7 +395,7 @@ class History:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = (
             "SELECT id, model, worker_id, hive_id, status, accepted_at, started_at, finished_at, "
-            "completion_tokens, error, attempts, client_request_id, client, policy "
+            "completion_tokens, error, attempts, client_request_id, client, policy, migrations "
             f"FROM requests {where} "
             "ORDER BY accepted_at DESC LIMIT ?"
         )
@@ -419,6 +425,7 @@ class History:
                 client_request_id=r[11],
                 client=r[12],
                 policy=r[13],
+                migrations=r[14],
             )
             for r in rows
         ]

@@ -84,6 +84,11 @@ class QueenMetrics:
             "apiary_failovers", "Requests retried on another worker before their first chunk",
             ["model"], registry=r,
         )  # fmt: skip
+        self.migrations = Counter(
+            "apiary_migrations",
+            "Streams moved mid-stream to another worker, continuing from the token reached",
+            ["model"], registry=r,
+        )  # fmt: skip
         # Requests by outcome since this queen started (`apiary status` reads them).
         self.outcomes: Tally[str] = Tally()
         self.started_at = time.time()

@@ -3,8 +3,10 @@
 Pure: plain values in, a `Decision` out; the route (queen/route.py) carries it
 out. Before the first chunk reaches the client a failed attempt is retried on
 another worker (up to 3 attempts, backoff 0.1 s doubling, within the client's
-deadline); after it, the stream ends with UNAVAILABLE saying how much was
-delivered, because a second worker would repeat tokens the client already has.
+deadline). After it, a worker's fault moves the stream to another worker, which
+continues from the exact token reached (queen/progress.py; at once, up to
+--migration-limit moves); a stream that cannot move ends with UNAVAILABLE saying
+how much was delivered and why.
 """
 
 from __future__ import annotations
@@ -62,13 +64,17 @@ class Decision:
     backoff: float = 0.0
     # What the final error says went wrong last, if every attempt fails.
     last_error: str = ""
+    # Mid-stream: the next attempt continues the completion (queen/progress.py).
+    migrate: bool = False
 
 
 def decide(
-    failure: Failure, attempt: int, chunks_sent: int, time_left: float | None, model: str
-) -> Decision:
+    failure: Failure, attempt: int, chunks_sent: int, time_left: float | None, model: str,
+    movable: bool = False, stuck: str = "",
+) -> Decision:  # fmt: skip
     """After attempt number `attempt` (from 1) failed with `chunks_sent` chunks relayed and
-    `time_left` seconds before the client's deadline (None: no deadline)."""
+    `time_left` seconds before the client's deadline (None: no deadline). `movable`: the
+    stream can go on on another worker (else `stuck` may say why not)."""
     code = failure.code
     if code is None:
         # No chunk can have been sent: the hive is noticed lost only while awaiting the first.
@@ -80,8 +86,15 @@ def decide(
             last_error=failure.details or "",
         )
     else:
-        decision = _after_status(failure, code, chunks_sent)
+        decision = _after_status(failure, code, chunks_sent, stuck if not movable else None)
     if not decision.retry:
+        return decision
+    if decision.migrate:
+        # The client is mid-stream: go on at once, whatever the attempts so far.
+        if time_left is not None and time_left <= 0:
+            return replace(
+                decision, retry=False, error=gave_up(model, attempt, failure_text(failure))
+            )
         return decision
     backoff = BACKOFF_SECONDS * 2 ** (attempt - 1)
     if attempt >= MAX_ATTEMPTS or (time_left is not None and backoff >= time_left):
@@ -90,18 +103,25 @@ def decide(
     return replace(decision, backoff=backoff)
 
 
-def _after_status(failure: Failure, code: grpc.StatusCode, chunks_sent: int) -> Decision:
+def _after_status(
+    failure: Failure, code: grpc.StatusCode, chunks_sent: int, stuck: str | None
+) -> Decision:
     fault = Outcome(ok=False, worker_fault=code in WORKER_FAULTS)
+    if chunks_sent and stuck is None and code in WORKER_FAULTS:
+        return Decision(
+            outcome=fault,
+            retry=True,
+            migrate=True,
+            exclude=failure.address,
+            mark_unreachable=code == grpc.StatusCode.UNAVAILABLE,
+            last_error=failure_text(failure),
+        )
     if chunks_sent:
-        # Never retried: a second worker would repeat what the client already has.
+        # Not moved (it cannot be, or the worker refused the request itself): say why.
         return Decision(
             outcome=fault,
             retry=False,
-            error=StatusError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"worker {failure.worker_id} failed after {chunks_sent} token chunk(s) were "
-                f"delivered ({code.name}: {failure.details}); the stream is incomplete",
-            ),
+            error=stranded(failure, chunks_sent, stuck or ""),
         )
     if code not in RETRYABLE:
         return Decision(
@@ -118,14 +138,29 @@ def _after_status(failure: Failure, code: grpc.StatusCode, chunks_sent: int) -> 
         # may be the only one there is.
         exclude="" if full else failure.address,
         mark_unreachable=code == grpc.StatusCode.UNAVAILABLE,
-        last_error=f"worker {failure.worker_id}: {code.name}: {failure.details}",
+        last_error=failure_text(failure),
     )
+
+
+def failure_text(failure: Failure) -> str:
+    code = failure.code.name if failure.code is not None else "hive lost"
+    return f"worker {failure.worker_id}: {code}: {failure.details}"
 
 
 def every_worker_tried(tried: Collection[str], addresses: Iterable[str]) -> bool:
     """Checked before each further attempt: every worker there is failed this request, so say
     so now, not at the deadline. `addresses` is read only if something was tried."""
     return bool(tried) and all(address in tried for address in addresses)
+
+
+def stranded(failure: Failure, chunks_sent: int, why: str) -> StatusError:
+    """The error of a stream its worker failed mid-way and no other worker continued."""
+    code = failure.code.name if failure.code is not None else "hive lost"
+    return StatusError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"worker {failure.worker_id} failed after {chunks_sent} token chunk(s) were delivered "
+        f"({code}: {failure.details}); the stream is incomplete" + (f"; {why}" if why else ""),
+    )
 
 
 def gave_up(model: str, attempts: int, last_error: str) -> StatusError:

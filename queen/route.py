@@ -33,6 +33,7 @@ from queen.admission import model_problem
 from queen.cluster import Cluster
 from queen.metrics import Usage
 from queen.prefix_index import Want
+from queen.progress import Progress
 from queen.quotas import Quota
 from queen.registry import Outcome, Slot
 from queen.retry import Decision, Failure
@@ -219,6 +220,13 @@ class Route:
         self.cut_short: str | None = None
         # What a cache-aware pick reads (the prompt's prefix hashes are made only if needed).
         self.want = Want(request, request.session_id)
+        # The completion's token ids so far, so a failed worker's stream can go on elsewhere;
+        # what the next attempt sends (the request, or its continuation after a move).
+        self.progress = Progress.of(request)
+        self.to_send = request
+        self.messages = 0
+        # The failure a move is pending for (None once a worker took the continuation).
+        self.stranded: Failure | None = None
 
     async def serve(self) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The request from its acceptance to its record: its chunks (each carrying the
@@ -229,6 +237,9 @@ class Route:
             async with aclosing(self.run()) as chunks:
                 async for chunk in chunks:
                     chunk.request_id = echo
+                    # Numbered here, not per attempt: a stream that moved stays consecutive.
+                    chunk.index = self.messages
+                    self.messages += 1
                     self.sending = True
                     yield chunk
                     self.sending = False
@@ -260,11 +271,13 @@ class Route:
         while not retry.every_worker_tried(tried, self._addresses()):
             slot = self.slot = self._held = await self._take_slot(deadline, frozenset(tried))
             self._started(slot)
+            if self.stranded is not None:
+                self._migrated(self.stranded)  # said once it happens: a worker took it
             began = time.perf_counter()
             outcome = Outcome(ok=None)
             timeout = None if deadline is None else max(deadline - loop.time(), 0.001)
             worker = cluster.channels.worker(slot.address)
-            call = self._call = worker.Infer(request, timeout=timeout)
+            call = self._call = worker.Infer(self.to_send, timeout=timeout)
             try:
                 async with aclosing(self._relay(call, slot)) as chunks:
                     async for chunk in chunks:
@@ -275,7 +288,7 @@ class Route:
             except (HiveLost, grpc.aio.AioRpcError) as exc:
                 failure = failure_of(exc, slot)
                 time_left = None if deadline is None else deadline - loop.time()
-                decision = retry.decide(failure, self.attempts, self.sent, time_left, request.model)
+                decision = self._decide(failure, time_left)
                 outcome = decision.outcome
                 # Before the slot goes back: a waiter must not get a worker we cannot reach.
                 self._note_failure(failure, decision, tried)
@@ -285,7 +298,42 @@ class Route:
                 raise decision.error
             last_error = decision.last_error
             await cluster.clock.sleep(decision.backoff)
+        if self.stranded is not None:
+            why = f"no other worker of model {request.model!r} is left to continue it"
+            raise retry.stranded(self.stranded, self.sent, why)
         raise retry.gave_up(request.model, self.attempts, last_error)
+
+    def _decide(self, failure: Failure, time_left: float | None) -> Decision:
+        request, limit = self.request, self.cluster.migration_limit
+        movable = self.progress.movable(request.max_tokens, limit)
+        stuck = "" if movable else self.progress.why_not(request.max_tokens, limit)
+        decision = retry.decide(
+            failure, self.attempts, self.sent, time_left, request.model, movable, stuck
+        )
+        if decision.migrate:
+            self.to_send = self.progress.continued(request)
+            self.stranded = failure
+        return decision
+
+    def _migrated(self, failure: Failure) -> None:
+        """Said everywhere: log, event, history, metric."""
+        delivered = len(self.progress.token_ids) - len(self.request.continuation.token_ids)
+        detail = (
+            f"after {delivered} token(s) from {failure.worker_id} "
+            f"({failure.code.name if failure.code else 'hive lost'}: {failure.details}); "
+            f"move {self.progress.moves} of at most {self.cluster.migration_limit}"
+        )
+        log.warning(
+            "worker failed mid-stream; continuing on another",
+            request_id=self.request.request_id,
+            detail=detail,
+        )
+        self._emit(
+            queen_pb2.EVENT_KIND_REQUEST_MIGRATED, worker_id=failure.worker_id, detail=detail
+        )
+        self.cluster.history.migrated(self.request.request_id, self.progress.moves)
+        self.cluster.metrics.migrations.labels(self.request.model).inc()
+        self.stranded = None
 
     def _let_go(self, outcome: Outcome) -> None:
         """End the worker call and give the slot back, once, whoever gets here first."""
@@ -343,11 +391,15 @@ class Route:
     ) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The worker's chunks as they come, counted; the first names the worker."""
         chunk = await self._first(call, slot)
+        first = True
         while isinstance(chunk, common_pb2.InferChunk):
+            if first:
+                chunk.worker_id = slot.worker_id  # after a move too: the client sees it
+                first = False
             if self.sent == 0:
-                chunk.worker_id = slot.worker_id
                 self.first_chunk_after = time.perf_counter() - self.started
             self.sent += 1
+            self.progress.add(chunk)
             if chunk.completion_tokens:
                 self.tokens = chunk.completion_tokens
             if chunk.prompt_tokens:

@@ -33,6 +33,7 @@ from queen.leases import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
 from queen.openai.server import HttpFront, serve_http
 from queen.prefix_index import ENTRY_BYTES
+from queen.progress import DEFAULT_MIGRATION_LIMIT
 from queen.quotas import Quotas
 from queen.registry import Registry, RegistrySettings
 from queen.scheduler import DEFAULT_CACHE_WAIT, Scheduler
@@ -93,6 +94,8 @@ class QueenConfig:
     max_wait: float = DEFAULT_MAX_WAIT
     # Where the OpenAI-compatible HTTP front listens ("" = no front).
     http_listen: str = ""
+    # How many times a request may move mid-stream to another worker (queen/progress.py).
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT
 
     def registry_settings(self) -> RegistrySettings:
         return RegistrySettings(
@@ -190,6 +193,7 @@ def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Clus
         default_max_tokens=config.default_max_tokens,
         max_prompt_bytes=config.max_prompt_bytes,
         max_streams_per_client=config.max_streams_per_client,
+        migration_limit=config.migration_limit,
         metrics=QueenMetrics(registry, scheduler, history),
         hive_identity_from_cert=config.hive_identity_from_cert,
     )

@@ -79,13 +79,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
             lease = await self._check_call(request, context)
             try:
-                # The model's own template, before a slot is taken: a chat it refuses is the
-                # client's mistake, said as such.
+                # The model's own template (and vocabulary), before a slot is taken: a chat
+                # or continuation it refuses is the client's mistake, said as such.
                 prepared = render(self.backend, request)
             except ValueError as exc:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"model {self.identity.model!r} cannot take these messages: {exc}",
+                    f"model {self.identity.model!r} cannot take this request: {exc}",
                 )
             refusal = self.slots.start(lease, self.leases.now())
             if refusal is not None:

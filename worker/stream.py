@@ -23,9 +23,11 @@ class Usage:
 
 
 def generation_of(request: common_pb2.InferRequest) -> GenerationRequest:
+    continuation = tuple(request.continuation.token_ids)
     return GenerationRequest(
         prompt=request.prompt,
-        max_tokens=request.max_tokens,
+        max_tokens=request.max_tokens - len(continuation),
+        continuation=continuation,
         temperature=request.temperature if request.HasField("temperature") else None,
         top_p=request.top_p if request.HasField("top_p") else None,
         top_k=request.top_k if request.HasField("top_k") else None,
@@ -61,6 +63,9 @@ async def stream(
     chunk does."""
     started = time.perf_counter()
     usage = Usage(prompt_tokens=backend.prompt_tokens(prepared.generation))
+    # A continued completion counts the tokens it continues (max_tokens and usage cover all).
+    usage.completion_tokens = len(prepared.generation.continuation)
+    first = True
     completion = Completion(list(prepared.stops))
     index = 0
 
@@ -87,9 +92,10 @@ async def stream(
     pieces = backend.generate(prepared.generation)
     try:
         async for piece in pieces:
-            if not usage.completion_tokens:
+            if first:
                 usage.time_to_first_token = time.perf_counter() - started
                 usage.cached_prompt_tokens = piece.cached_prompt_tokens
+                first = False
             usage.completion_tokens += piece.tokens
             release = completion.feed(piece.text, list(piece.token_ids))
             if release.stopped:

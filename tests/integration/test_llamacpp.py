@@ -4,7 +4,10 @@ spawned on it by the queen, real tokens streamed through Queen.Infer."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import openai
 import pytest
 
 from harness import Cluster, Proc, wait_until
-from harness.gguf import write_tiny_gguf
+from harness.gguf import Shape, write_tiny_gguf
 from harness.ports import free_port
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 from tests.streams import tokens_in
@@ -286,3 +289,45 @@ async def test_the_openai_sdk_chats_with_a_real_template(cluster: Cluster, tmp_p
     )
     streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
     assert streamed == whole.choices[0].message.content
+
+
+# Decoding takes ~5 ms a token here (a 512 x 8 random-weight llama): a stream lasts long
+# enough to kill its worker in the middle.
+SLOW_DECODE = Shape(n_embd=512, n_head=8, n_ff=1024, n_layer=8, n_ctx=512)
+
+
+async def test_greedy_a_worker_killed_mid_stream_the_text_is_byte_identical(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, f"greedy-{uuid.uuid4().hex[:8]}")
+    gguf = write_tiny_gguf(tmp_path / "slow.gguf", shape=SLOW_DECODE)
+    admin = cluster.admin_stub(queen)
+    await wait_until(lambda: any_hive(admin))
+    options = {"threads": "1", "context_size": "512", "model_path": str(gguf)}
+    for _ in range(2):
+        spawn = queen_pb2.QueenSpawnWorkerRequest(
+            model="tiny", backend="llamacpp", wait_ready=True, backend_options=options
+        )
+        await admin.SpawnWorker(spawn, timeout=60)
+    stub = cluster.queen_stub(queen)
+    greedy = infer(tokens=150, temperature=0.0)
+    whole = await collect(stub, greedy, timeout=60)
+    call = stub.Infer(greedy, timeout=60)
+    chunks: list[Any] = [await call.read() for _ in range(5)]
+    serving = (
+        await admin.GetWorker(queen_pb2.GetWorkerRequest(worker_id=chunks[0].worker_id))
+    ).worker
+    os.kill(serving.pid, signal.SIGKILL)
+    while isinstance(chunk := await call.read(), common_pb2.InferChunk):
+        chunks.append(chunk)
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in whole)
+    assert [i for c in chunks for i in c.token_ids] == [i for c in whole for i in c.token_ids]
+    assert chunks[-1].completion_tokens == whole[-1].completion_tokens
+    assert len({c.worker_id for c in chunks if c.worker_id}) == 2  # it did move
+    (row,) = (await admin.ListRequests(queen_pb2.ListRequestsRequest(limit=1))).requests
+    assert row.migrations == 1 and row.status == queen_pb2.REQUEST_STATUS_COMPLETED
+
+
+async def any_hive(admin: Any) -> bool:
+    return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)

@@ -187,7 +187,11 @@ async def test_bad_input_of_every_kind_is_a_4xx_in_openai_shape(cluster: Cluster
     assert wrong.status_code == 405 and error_of(wrong)["code"] == "method_not_allowed"
     # Every refusal is counted, as gRPC counts its own.
     listed = await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())
-    assert listed.queen.requests_refused == len(BAD_BODIES) + 3
+    # (The unknown model may instead be accepted, then fail NOT_FOUND, if asked while the new
+    # queen still waits for hives to heartbeat in.)
+    totals = listed.queen
+    assert totals.requests_refused + totals.requests_failed == len(BAD_BODIES) + 3
+    assert totals.requests_refused >= len(BAD_BODIES) + 2
     # After all that the front serves as before.
     done = await sdk(base).completions.create(model="demo", prompt="still here", max_tokens=2)
     assert done.choices[0].text == "still here"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import uuid
 from typing import Any
 
 import grpc
@@ -154,27 +155,61 @@ async def test_failing_worker_is_retried_around_and_its_circuit_opens(cluster: C
     assert sum(r.attempts for r in history) == 8 + 3  # three of them needed a second attempt
 
 
-async def test_failure_after_first_chunk_is_reported_not_repeated(cluster: Cluster) -> None:
+# Two echo workers the hive does not bring back when killed.
+TWO_MORTAL = "model=demo,restart=never,count=2"
+
+
+async def kill_serving_worker(cluster: Cluster, queen: Proc, call: Any) -> list[Any]:
+    """Read a few chunks of `call`, then SIGKILL the worker serving it; the chunks read."""
+    chunks = [await call.read() for _ in range(5)]
+    assert all(isinstance(c, common_pb2.InferChunk) for c in chunks)
+    request = queen_pb2.GetWorkerRequest(worker_id=chunks[0].worker_id)
+    worker = (await cluster.admin_stub(queen).GetWorker(request)).worker
+    os.kill(worker.pid, signal.SIGKILL)
+    return chunks
+
+
+async def read_rest(call: Any, chunks: list[Any]) -> list[Any]:
+    while isinstance(chunk := await call.read(), common_pb2.InferChunk):
+        chunks.append(chunk)
+    return chunks
+
+
+async def test_a_worker_killed_mid_stream_the_stream_goes_on_from_the_exact_token(
+    cluster: Cluster,
+) -> None:
     queen = cluster.start_queen()
-    cluster.start_hive(queen, "h1", "model=demo,token_delay=0.05,restart=never", "model=demo")
+    cluster.start_hive(queen, f"mig-{uuid.uuid4().hex[:8]}", f"{TWO_MORTAL},token_delay=0.02")
+    await cluster.wait_workers(queen, "demo", 2)
+    stub, admin = cluster.queen_stub(queen), cluster.admin_stub(queen)
+    whole = "".join(c.text for c in await collect(stub, infer(tokens=60)))
+    call = stub.Infer(infer(tokens=60, request_id="moved"), timeout=30)
+    chunks = await read_rest(call, await kill_serving_worker(cluster, queen, call))
+    # One stream, no gap, no repeat; usage covers the whole completion.
+    assert "".join(c.text for c in chunks) == whole and tokens_in(chunks) == 60
+    assert chunks[-1].completion_tokens == 60
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    movers = [c.worker_id for c in chunks if c.worker_id]
+    assert len(movers) == 2 and movers[0] != movers[1]  # the new worker names itself
+    (row,) = (await admin.ListRequests(queen_pb2.ListRequestsRequest(limit=1))).requests
+    assert (row.client_request_id, row.status) == ("moved", queen_pb2.REQUEST_STATUS_COMPLETED)
+    assert (row.migrations, row.worker_id, row.completion_tokens) == (1, movers[1], 60)
+
+
+async def test_with_no_migration_a_failure_after_the_first_chunk_is_reported_not_repeated(
+    cluster: Cluster,
+) -> None:
+    queen = cluster.start_queen(0, "--migration-limit", "0")
+    cluster.start_hive(queen, f"mig-{uuid.uuid4().hex[:8]}", f"{TWO_MORTAL},token_delay=0.05")
     await cluster.wait_workers(queen, "demo", 2)
     call = cluster.queen_stub(queen).Infer(infer(tokens=100))
-    first = await call.read()
-    assert isinstance(first, common_pb2.InferChunk)
-    worker = (
-        await cluster.admin_stub(queen).GetWorker(
-            queen_pb2.GetWorkerRequest(worker_id=first.worker_id)
-        )
-    ).worker
-    os.kill(worker.pid, signal.SIGKILL)
-    received = 1
+    await kill_serving_worker(cluster, queen, call)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        while True:
-            chunk = await call.read()
-            assert isinstance(chunk, common_pb2.InferChunk)
-            received += 1
+        await read_rest(call, [])
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"after {received} token chunk(s) were delivered" in (err.value.details() or "")
+    details = err.value.details() or ""
+    assert "token chunk(s) were delivered" in details and "--migration-limit 0" in details
 
 
 async def test_autospawn_starts_exactly_one_worker_for_concurrent_requests(

@@ -40,6 +40,8 @@ PURE_MODULES = (
     "queen/quotas.py",
     "queen/leasebook.py",
     "queen/endings.py",
+    "queen/progress.py",
+    "worker/completion.py",
     "queen/openai/params.py",
     "queen/openai/shapes.py",
     "worker/slots.py",

@@ -37,6 +37,9 @@ class GenerationRequest:
     # The request's prefix block hashes (apiary/prefix.py), for backends that keep prompt
     # states (KEEPS_PREFIXES): what they report as held once they hold it.
     blocks: tuple[int, ...] = ()
+    # A completion begun elsewhere: its token ids so far, to follow the prompt; max_tokens is
+    # then what is left to generate.
+    continuation: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

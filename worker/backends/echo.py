@@ -105,7 +105,9 @@ class EchoBackend(Backend):
         if self.fault_fail_requests:
             raise RuntimeError("echo fault_fail_requests: failing on purpose")
         words = echoed_words(request)
-        for i in range(request.max_tokens):
+        # A continuation goes on from the token it reached: the same words, in turn.
+        start = len(request.continuation)
+        for i in range(start, start + request.max_tokens):
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             else:

@@ -159,6 +159,7 @@ class LlamaCppBackend(Backend):
         return len(self._tokens(request.prompt, request.special))
 
     def render(self, request: GenerationRequest) -> Rendered:
+        self._check_vocabulary(request.continuation)
         if not request.messages:
             return Rendered(request.prompt)
         return render_chat(self._formatter, request.messages)
@@ -198,6 +199,8 @@ class LlamaCppBackend(Backend):
         with self._lock:
             llm = self.llm
             prompt = self._tokens(request.prompt, request.special)
+            # A continued completion: the prompt and the tokens so far, computed as one.
+            prompt += request.continuation
             cached = self.prompts.prepare(llm, prompt)
             self.prompts.started(prompt, request.blocks, cached)
             if len(prompt) + request.max_tokens > self.context_size:
@@ -233,6 +236,13 @@ class LlamaCppBackend(Backend):
             tail = utf8.decode(b"", final=True)
             if tail or pending:
                 yield Piece(tail, len(pending), tuple(pending), cached)
+
+    def _check_vocabulary(self, token_ids: tuple[int, ...]) -> None:
+        vocabulary = self.llm.n_vocab()
+        if any(token >= vocabulary for token in token_ids):
+            raise ValueError(
+                f"continuation.token_ids must be below this model's vocabulary size {vocabulary}"
+            )
 
     def prefix_cache(self) -> common_pb2.PrefixCache:
         return self.prompts.report
