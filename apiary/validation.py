@@ -59,6 +59,8 @@ def infer_request_problem(
         return f"max_tokens {request.max_tokens} is above this server's cap of {max_tokens_cap}"
     if len(request.request_id) > MAX_NAME_LENGTH:
         return f"request_id is longer than {MAX_NAME_LENGTH} characters"
+    if len(request.session_id) > MAX_NAME_LENGTH:
+        return f"session_id is longer than {MAX_NAME_LENGTH} characters"
     return sampling_problem(request)
 
 

@@ -1,5 +1,6 @@
-"""The client verbs of `apiary`: each talks to the queen (or, for catalog, process and backend
-verbs, to a hive found through the queen) and shows the answer through the emitter."""
+"""The client verbs of `apiary`: each calls the cluster through `apiary.client` (the queen,
+or through it a hive; `infer --direct` a leased worker) and shows the answer through the
+emitter."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import os
 
 import grpc
 
+from apiary.client import infer_request
 from apiary.options import parse_key_values
 from apiary.protoutil import parse_state
-from cli.connect import admin, channel, client
+from cli.connect import client
 from cli.emit import Emitter
 from cli.errors import CliError
 from cli.output import (
@@ -33,15 +35,16 @@ from cli.output import (
     worker_details,
     worker_rows,
 )
-from protos.v1 import common_pb2, hive_pb2, queen_pb2, worker_pb2_grpc
+from protos.v1 import common_pb2, hive_pb2
 
 # ---- inference ------------------------------------------------------------
 
 
-def infer_request(args: argparse.Namespace) -> common_pb2.InferRequest:
-    request = common_pb2.InferRequest(
-        model=args.model,
-        prompt=args.prompt,
+def request_from_flags(args: argparse.Namespace) -> common_pb2.InferRequest:
+    """The InferRequest `apiary infer` sends; sampling flags left out stay unset."""
+    request = infer_request(
+        args.model,
+        args.prompt,
         max_tokens=args.max_tokens,
         policy=args.policy,
         required_tags=args.tag,
@@ -55,23 +58,18 @@ def infer_request(args: argparse.Namespace) -> common_pb2.InferRequest:
 
 
 def cmd_infer(args: argparse.Namespace, out: Emitter) -> int:
-    request = infer_request(args)
-    if args.direct:
-        lease = client(args).Lease(
-            queen_pb2.LeaseRequest(model=args.model, required_tags=args.tag, policy=args.policy),
-            timeout=args.timeout,
-        )
-        out.note(f"[lease {lease.lease_id} on {lease.worker_id} at {lease.address}]")
-        request.lease_id = lease.lease_id
-        stream = worker_pb2_grpc.WorkerStub(channel(args, lease.address)).Infer(
-            request, timeout=args.timeout
-        )
-    else:
-        stream = client(args).Infer(request, timeout=args.timeout)
-    last: common_pb2.InferChunk | None = None
-    for chunk in stream:
-        out.item(chunk, chunk.text, end="")
-        last = chunk
+    request = request_from_flags(args)
+    with client(args) as cluster:
+        if args.direct:
+            lease = cluster.lease(args.model, required_tags=args.tag, policy=args.policy)
+            out.note(f"[lease {lease.lease_id} on {lease.worker_id} at {lease.address}]")
+            stream = cluster.infer_direct(lease, request)
+        else:
+            stream = cluster.send(request)
+        last: common_pb2.InferChunk | None = None
+        for chunk in stream:
+            out.item(chunk, chunk.text, end="")
+            last = chunk
     out.aside("", stdout=True)
     if last is not None:
         out.aside(infer_summary(last))
@@ -82,38 +80,38 @@ def cmd_infer(args: argparse.Namespace, out: Emitter) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: Emitter) -> int:
-    stub = admin(args)
-    listed = stub.ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout)
-    workers = stub.ListWorkers(queen_pb2.ListWorkersRequest(), timeout=args.timeout).workers
-    models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
-    cluster = ClusterStatus(args.queen, listed.queen, listed.hives, workers, models)
+    with client(args) as cluster:
+        listed = cluster.admin.list_hives()
+        workers = cluster.admin.list_workers()
+        models = cluster.list_models()
+    status = ClusterStatus(args.queen, listed.queen, listed.hives, workers, models)
     out.result(
         {
-            "summary": status_summary(cluster),
+            "summary": status_summary(status),
             "queen": listed.queen,
             "hives": listed.hives,
             "workers": workers,
             "models": models,
         },
-        status_text(cluster),
+        status_text(status),
     )
     return 0
 
 
 def cmd_model_list(args: argparse.Namespace, out: Emitter) -> int:
-    if args.hive:
-        catalog = admin(args).ListCatalog(on_hive(args), timeout=args.timeout)
-        text = catalog_rows(catalog.models) if catalog.models else "no models in the catalog"
-        out.result(catalog.models, text)
-        return 0
-    models = client(args).ListModels(queen_pb2.ListModelsRequest(), timeout=args.timeout).models
+    with client(args) as cluster:
+        if args.hive:
+            catalog = cluster.admin.list_catalog(hive_id=args.hive)
+            out.result(catalog, catalog_rows(catalog) if catalog else "no models in the catalog")
+            return 0
+        models = cluster.list_models()
     out.result(models, model_rows(models) if models else "no models")
     return 0
 
 
 def cmd_model_get(args: argparse.Namespace, out: Emitter) -> int:
-    request = queen_pb2.HiveModelRequest(hive_id=args.hive, name=args.name)
-    model = admin(args).GetCatalogModel(request, timeout=args.timeout).model
+    with client(args) as cluster:
+        model = cluster.admin.get_catalog_model(args.name, hive_id=args.hive)
     out.result(model, catalog_details(model))
     return 0
 
@@ -122,16 +120,17 @@ def cmd_model_pull(args: argparse.Namespace, out: Emitter) -> int:
     source = args.source
     if "://" not in source:
         source = os.path.abspath(source)  # a path on the hive's machine, as the operator typed it
-    name = args.name or os.path.splitext(os.path.basename(source.rstrip("/")))[0]
-    pull = hive_pb2.PullModelRequest(source=source, name=name, sha256=args.sha256)
-    request = queen_pb2.HivePullRequest(hive_id=args.hive, pull=pull)
     last: hive_pb2.PullProgress | None = None
     progress = PullProgressLines(live=out.asides_live())
-    for update in admin(args).PullModel(request, timeout=args.timeout):
-        last = update
-        shown = progress.update(update)
-        if shown is not None:
-            out.aside(*shown)
+    with client(args) as cluster:
+        pulls = cluster.admin.pull_model(
+            source, name=args.name, sha256=args.sha256, hive_id=args.hive
+        )
+        for update in pulls:
+            last = update
+            shown = progress.update(update)
+            if shown is not None:
+                out.aside(*shown)
     finish = progress.finish()
     if finish is not None:
         out.aside(*finish)
@@ -142,8 +141,8 @@ def cmd_model_pull(args: argparse.Namespace, out: Emitter) -> int:
 
 
 def cmd_model_rm(args: argparse.Namespace, out: Emitter) -> int:
-    request = queen_pb2.HiveModelRequest(hive_id=args.hive, name=args.name)
-    model = admin(args).DeleteCatalogModel(request, timeout=args.timeout).model
+    with client(args) as cluster:
+        model = cluster.admin.delete_catalog_model(args.name, hive_id=args.hive)
     out.result(model, f"deleted {model.name} ({model.file})")
     return 0
 
@@ -152,15 +151,15 @@ def cmd_model_rm(args: argparse.Namespace, out: Emitter) -> int:
 
 
 def cmd_hive_list(args: argparse.Namespace, out: Emitter) -> int:
-    hives = admin(args).ListHives(queen_pb2.ListHivesRequest(), timeout=args.timeout).hives
+    with client(args) as cluster:
+        hives = cluster.admin.list_hives().hives
     out.result(hives, hive_rows(hives) if hives else "no hives")
     return 0
 
 
 def cmd_hive_get(args: argparse.Namespace, out: Emitter) -> int:
-    reply = admin(args).GetHive(
-        queen_pb2.GetHiveRequest(hive_id=args.hive_id), timeout=args.timeout
-    )
+    with client(args) as cluster:
+        reply = cluster.admin.get_hive(args.hive_id)
     out.result(reply, hive_details(reply))
     return 0
 
@@ -171,9 +170,9 @@ def drain_verb(undrain: bool) -> str:
 
 def cmd_hive_drain(args: argparse.Namespace, out: Emitter) -> int:
     """drain, or undrain (args.undrain, set by the parser)."""
-    request = queen_pb2.DrainHiveRequest(hive_id=args.hive_id, undrain=args.undrain)
-    reply = admin(args).DrainHive(request, timeout=args.timeout)
-    out.result(reply.hive, f"hive {reply.hive.id} {drain_verb(args.undrain)}")
+    with client(args) as cluster:
+        hive = cluster.admin.drain_hive(args.hive_id, undrain=args.undrain)
+    out.result(hive, f"hive {hive.id} {drain_verb(args.undrain)}")
     return 0
 
 
@@ -185,22 +184,22 @@ def cmd_worker_list(args: argparse.Namespace, out: Emitter) -> int:
         state = parse_state(args.state) if args.state else common_pb2.WORKER_STATE_UNSPECIFIED
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    request = queen_pb2.ListWorkersRequest(
-        hive_id=args.hive,
-        model=args.model,
-        state=state,
-        tags=args.tag,
-        hive_health=args.health,
-        min_free_slots=args.min_free,
-    )
-    workers = admin(args).ListWorkers(request, timeout=args.timeout).workers
+    with client(args) as cluster:
+        workers = cluster.admin.list_workers(
+            hive_id=args.hive,
+            model=args.model,
+            state=state,
+            tags=args.tag,
+            hive_health=args.health,
+            min_free_slots=args.min_free,
+        )
     out.result(workers, worker_rows(workers) if workers else "no workers")
     return 0
 
 
 def cmd_worker_get(args: argparse.Namespace, out: Emitter) -> int:
-    request = queen_pb2.GetWorkerRequest(worker_id=args.worker_id)
-    worker = admin(args).GetWorker(request, timeout=args.timeout).worker
+    with client(args) as cluster:
+        worker = cluster.admin.get_worker(args.worker_id)
     out.result(worker, worker_details(worker))
     return 0
 
@@ -210,79 +209,73 @@ def cmd_worker_spawn(args: argparse.Namespace, out: Emitter) -> int:
         options = parse_key_values(args.option, "--option")
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    request = queen_pb2.QueenSpawnWorkerRequest(
-        hive_id=args.hive,
-        model=args.model,
-        backend=args.backend,
-        slots=args.slots,
-        device=args.device,
-        backend_options=options,
-        wait_ready=not args.no_wait,
-        restart_policy=args.restart,
-        tags=args.tag,
-    )
-    worker = admin(args).SpawnWorker(request, timeout=args.timeout).worker
+    with client(args) as cluster:
+        worker = cluster.admin.spawn_worker(
+            args.model,
+            hive_id=args.hive,
+            backend=args.backend,
+            slots=args.slots,
+            device=args.device,
+            backend_options=options,
+            wait_ready=not args.no_wait,
+            restart_policy=args.restart,
+            tags=args.tag,
+        )
     out.result(worker, worker_details(worker))
     return 0
 
 
 def cmd_worker_retire(args: argparse.Namespace, out: Emitter) -> int:
-    request = queen_pb2.RetireWorkerRequest(worker_id=args.worker_id, force=args.force)
-    worker = admin(args).RetireWorker(request, timeout=args.timeout).worker
+    with client(args) as cluster:
+        worker = cluster.admin.retire_worker(args.worker_id, force=args.force)
     out.result(worker, f"retired {worker.id} ({worker.model} on {worker.hive_id})")
     return 0
 
 
 def cmd_worker_drain(args: argparse.Namespace, out: Emitter) -> int:
     """drain, or undrain (args.undrain, set by the parser)."""
-    request = queen_pb2.DrainWorkerRequest(worker_id=args.worker_id, undrain=args.undrain)
-    reply = admin(args).DrainWorker(request, timeout=args.timeout)
-    out.result(reply.worker, f"worker {reply.worker.id} {drain_verb(args.undrain)}")
+    with client(args) as cluster:
+        worker = cluster.admin.drain_worker(args.worker_id, undrain=args.undrain)
+    out.result(worker, f"worker {worker.id} {drain_verb(args.undrain)}")
     return 0
 
 
 # ---- processes and backends (on a hive, through the queen) -----------------
-
-
-def on_hive(args: argparse.Namespace) -> queen_pb2.HiveRequest:
-    """The --hive a verb acts on (empty: the queen picks the only one, or says which exist)."""
-    return queen_pb2.HiveRequest(hive_id=args.hive)
-
-
-def on_process(args: argparse.Namespace) -> queen_pb2.HiveProcessRequest:
-    return queen_pb2.HiveProcessRequest(hive_id=args.hive, pid=args.pid)
+# --hive empty: the queen picks the only hive, or says which exist.
 
 
 def cmd_process_list(args: argparse.Namespace, out: Emitter) -> int:
-    reply = admin(args).ListProcesses(on_hive(args), timeout=args.timeout)
-    procs = reply.processes
+    with client(args) as cluster:
+        procs = cluster.admin.list_processes(hive_id=args.hive)
     out.result(procs, process_rows(procs) if procs else "no Apiary worker processes")
     return 0
 
 
 def cmd_process_get(args: argparse.Namespace, out: Emitter) -> int:
-    reply = admin(args).GetProcess(on_process(args), timeout=args.timeout)
-    out.result(reply.process, process_details(reply.process))
+    with client(args) as cluster:
+        process = cluster.admin.get_process(args.pid, hive_id=args.hive)
+    out.result(process, process_details(process))
     return 0
 
 
 def cmd_process_kill(args: argparse.Namespace, out: Emitter) -> int:
-    reply = admin(args).KillProcess(on_process(args), timeout=args.timeout)
-    process = reply.process
+    with client(args) as cluster:
+        process = cluster.admin.kill_process(args.pid, hive_id=args.hive)
     out.result(process, f"killed pid {process.pid} (worker {process.worker_id})")
     return 0
 
 
 def cmd_backend_list(args: argparse.Namespace, out: Emitter) -> int:
-    reply = admin(args).ListBackends(on_hive(args), timeout=args.timeout)
-    out.result(reply.backends, backend_rows(reply.backends))
+    with client(args) as cluster:
+        backends = cluster.admin.list_backends(hive_id=args.hive)
+    out.result(backends, backend_rows(backends))
     return 0
 
 
 def cmd_backend_get(args: argparse.Namespace, out: Emitter) -> int:
-    request = queen_pb2.HiveBackendRequest(hive_id=args.hive, name=args.name)
-    reply = admin(args).GetBackend(request, timeout=args.timeout)
-    out.result(reply.backend, backend_details(reply.backend))
+    with client(args) as cluster:
+        backend = cluster.admin.get_backend(args.name, hive_id=args.hive)
+    out.result(backend, backend_details(backend))
     return 0
 
 
@@ -290,21 +283,21 @@ def cmd_backend_get(args: argparse.Namespace, out: Emitter) -> int:
 
 
 def cmd_events(args: argparse.Namespace, out: Emitter) -> int:
-    stream = admin(args).WatchEvents(
-        queen_pb2.WatchEventsRequest(kinds=args.kind), timeout=args.timeout
-    )
-    try:
-        for event in stream:
-            out.item(event, event_line(event))
-    except grpc.RpcError as exc:
-        if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return 0  # --timeout ends a watch on purpose
-        raise
+    with client(args) as cluster:
+        try:
+            for event in cluster.admin.watch_events(kinds=args.kind):
+                out.item(event, event_line(event))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return 0  # --timeout ends a watch on purpose
+            raise
     return 0
 
 
 def cmd_requests_list(args: argparse.Namespace, out: Emitter) -> int:
-    request = queen_pb2.ListRequestsRequest(status=args.status, model=args.model, limit=args.limit)
-    records = admin(args).ListRequests(request, timeout=args.timeout).requests
+    with client(args) as cluster:
+        records = cluster.admin.list_requests(
+            status=args.status, model=args.model, limit=args.limit
+        )
     out.result(records, request_rows(records) if records else "no requests")
     return 0

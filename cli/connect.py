@@ -1,41 +1,39 @@
-"""How client verbs reach the cluster: the queen's address, and channels with the CLI's token
-and TLS files. Verbs that act on a hive go through the queen too: one address, and the
-operator's credential stays between the operator and the queen."""
+"""How client verbs reach the cluster: an `apiary.client.Client` made from the connection
+flags, the one way the CLI calls a queen. Verbs that act on a hive go through the queen too:
+one address, and the operator's credential stays between the operator and the queen."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
-import grpc
+from apiary.client import DEFAULT_QUEEN, QUEEN_ENV, TOKEN_ENV, Client
+from apiary.security import SecurityError
+from cli.errors import CliError
 
-from apiary.security import Security, TlsFiles
-from protos.v1 import queen_pb2_grpc
-
-QUEEN_ENV = "APIARY_QUEEN"
-TOKEN_ENV = "APIARY_TOKEN"
-DEFAULT_QUEEN = "127.0.0.1:7070"
+__all__ = ["DEFAULT_QUEEN", "QUEEN_ENV", "TOKEN_ENV", "client", "default_queen"]
 
 
 def default_queen() -> str:
     return os.environ.get(QUEEN_ENV, DEFAULT_QUEEN)
 
 
-def token(args: argparse.Namespace) -> str:
-    """--token, else APIARY_TOKEN (read here, not as the flag's default, so help never shows
-    it)."""
-    return str(args.token if args.token is not None else os.environ.get(TOKEN_ENV, ""))
-
-
-def channel(args: argparse.Namespace, address: str) -> grpc.Channel:
-    """A channel carrying the CLI's token (--token / APIARY_TOKEN) and TLS settings."""
-    security = Security(tls=TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca))
-    return security.sync_channel(address, token(args))
-
-
-def admin(args: argparse.Namespace) -> queen_pb2_grpc.QueenAdminStub:
-    return queen_pb2_grpc.QueenAdminStub(channel(args, args.queen))
-
-
-def client(args: argparse.Namespace) -> queen_pb2_grpc.QueenStub:
-    return queen_pb2_grpc.QueenStub(channel(args, args.queen))
+def client(args: argparse.Namespace) -> Client:
+    """A client with the CLI's --queen (one address or several, comma-separated), --timeout
+    (none: no deadline), --token (else APIARY_TOKEN, read here so help never shows it) and TLS
+    files. A command fails at once when no queen can be reached rather than waiting out its
+    --timeout: an operator at a prompt wants to know now. No address, or a TLS file that
+    cannot be read, is a usage mistake."""
+    try:
+        return Client(
+            args.queen,
+            token=args.token,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            timeout=math.inf if args.timeout is None else args.timeout,
+            wait_for_ready=False,
+        )
+    except (ValueError, SecurityError) as exc:
+        raise CliError(str(exc)) from None

@@ -62,13 +62,16 @@ def connection_problem(details: str, queen: str, tls_ca: str = "", tls_cert: str
     if "resolving" in lower or "dns" in lower:
         return f"cannot resolve the queen's address {queen} ({reason}); check --queen"
     if "failed to connect" in lower or "connection refused" in lower:
+        if "," in queen:
+            return f"cannot reach any queen at {queen}; are they running? (--queen, APIARY_QUEEN)"
         return f"cannot reach the queen at {queen}; is it running? (--queen, or APIARY_QUEEN)"
     return ""
 
 
 def rpc_error_text(exc: grpc.RpcError, queen: str, tls_ca: str = "", tls_cert: str = "") -> str:
-    """'UNAVAILABLE: cannot reach the queen at ...', 'NOT_FOUND: unknown model ...'."""
-    if not isinstance(exc, grpc.Call):
+    """'UNAVAILABLE: cannot reach the queen at ...', 'NOT_FOUND: unknown model ...'. `queen`:
+    the --queen given (one address, or a comma list when every one of them failed)."""
+    if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call):
         return f"ERROR: {exc}"
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:

@@ -180,8 +180,25 @@ def worker_details(worker: common_pb2.WorkerRecord) -> str:
         ("restart in", f"{worker.restart_in_seconds:.1f}s" if worker.restart_in_seconds else "-"),
         ("health fails", worker.health_failures),
         ("cpu / rss", f"{worker.cpu_percent:.0f}% / {worker.rss_bytes / 2**20:.0f} MiB"),
+        ("prompt cache", prompt_cache_text(worker)),
         ("failure", worker.failure_reason or "-"),
     ])  # fmt: skip
+
+
+def prompt_cache_text(worker: common_pb2.WorkerRecord) -> str:
+    """Saved prompt states and how often requests reused a computed prefix ('-': none kept)."""
+    if not worker.HasField("prefix_cache"):
+        return "-"
+    cache = worker.prefix_cache
+    hits = f"{cache.hits / cache.requests:.0%}" if cache.requests else "-"
+    reused = (
+        f"{cache.cached_prompt_tokens / cache.prompt_tokens:.0%}" if cache.prompt_tokens else "-"
+    )
+    return (
+        f"{cache.states} saved state(s), {cache.state_bytes / 2**20:.0f} MiB; "
+        f"hit ratio {hits} of {cache.requests} request(s), {reused} of prompt tokens reused; "
+        f"{len(cache.blocks)} prefix block(s) held"
+    )
 
 
 def process_details(process: hive_pb2.WorkerProcess) -> str:
@@ -250,12 +267,13 @@ def request_rows(records: Sequence[queen_pb2.RequestRecord], width: int | None =
     rows = [
         (r.id, r.client_request_id or "-", r.client or "-", r.model,
          enum_text(queen_pb2.RequestStatus.DESCRIPTOR, r.status),
+         enum_text(common_pb2.RoutingPolicy.DESCRIPTOR, r.policy) if r.policy else "-",
          r.worker_id or "-", r.hive_id or "-", age(r.accepted_at.seconds) + " ago", took(r),
          r.completion_tokens, r.attempts, r.error)
         for r in records
     ]  # fmt: skip
-    headers = ("REQUEST", "CLIENT REF", "CLIENT", "MODEL", "STATUS", "WORKER", "HIVE", "ACCEPTED",
-               "TOOK", "TOKENS", "ATTEMPTS", "ERROR")  # fmt: skip
+    headers = ("REQUEST", "CLIENT REF", "CLIENT", "MODEL", "STATUS", "POLICY", "WORKER", "HIVE",
+               "ACCEPTED", "TOOK", "TOKENS", "ATTEMPTS", "ERROR")  # fmt: skip
     return table(headers, rows, ("CLIENT REF", "CLIENT", "ERROR"), width)
 
 

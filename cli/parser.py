@@ -67,7 +67,12 @@ def enum_flag(p: argparse.ArgumentParser, flag: str, parse: Callable[[str], Any]
 
 def connection_flags(p: argparse.ArgumentParser, timeout: float | None) -> None:
     """Where the queen is, how long a call may take, the credentials, and --json."""
-    p.add_argument("--queen", default=default_queen(), help=f"queen address (env {QUEEN_ENV})")
+    p.add_argument(
+        "--queen",
+        default=default_queen(),
+        help=f"queen address, or several as A,B: the next is tried when one is unreachable "
+        f"(env {QUEEN_ENV})",
+    )
     p.add_argument(
         "--timeout", type=float, default=timeout, help="seconds the call may take (none: no limit)"
     )

@@ -19,11 +19,11 @@ import grpc
 import structlog
 
 from apiary import logs
+from apiary.client import AsyncClient
 from apiary.serving import host_port, stop_event_on_signals
 from cli.connect import DEFAULT_QUEEN
 from cli.emit import Emitter
 from cli.parsing import Subparsers
-from protos.v1 import queen_pb2, queen_pb2_grpc
 
 log = structlog.get_logger("up")
 
@@ -87,12 +87,12 @@ def add_up_verb(sub: Subparsers) -> None:
 
 
 async def wait_ready(queen: str, model: str, workers: int, stop: asyncio.Event) -> bool:
-    async with grpc.aio.insecure_channel(queen) as channel:
-        stub = queen_pb2_grpc.QueenStub(channel)
+    """Whether the queen serves `workers` ready workers of `model` before `stop`. Asked every
+    0.2 s, each time failing at once while the queen is still starting."""
+    async with AsyncClient(queen, token="", timeout=1.0, wait_for_ready=False) as cluster:
         while not stop.is_set():
             try:
-                reply = await stub.ListModels(queen_pb2.ListModelsRequest(), timeout=1.0)
-                for info in reply.models:
+                for info in await cluster.list_models():
                     if info.name == model and info.idle + info.busy >= workers:
                         return True
             except grpc.aio.AioRpcError:

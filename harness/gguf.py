@@ -6,15 +6,26 @@ llamacpp backend is exercised end to end on any machine.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-N_EMBD = 64
-N_HEAD = 4
-N_FF = 128
-N_LAYER = 2
-N_CTX = 512
+
+@dataclass(frozen=True)
+class Shape:
+    """A model's size: width, heads, feed-forward width, layers, context."""
+
+    n_embd: int = 64
+    n_head: int = 4
+    n_ff: int = 128
+    n_layer: int = 2
+    n_ctx: int = 512
+
+
+TINY = Shape()
+# Prefill clearly dominates: ~2.5 ms a token on 2 cores (bench/prefix.py).
+PREFILL_BOUND = Shape(n_embd=512, n_head=8, n_ff=1024, n_layer=8, n_ctx=4096)
 WORDS = [
     "the", "a", "bee", "bees", "hive", "queen", "worker", "honey", "flower", "flies", "to",
     "and", "of", "in", "is", "on", "sun", "field", "wax", "comb", "buzz", "sweet", "gold",
@@ -46,7 +57,9 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+def write_tiny_gguf(
+    path: Path, seed: int = 0, chat_template: str | None = CHAT_TEMPLATE, shape: Shape = TINY
+) -> Path:
     """`chat_template` None: a model without one (the backend falls back to a named format)."""
     import gguf
 
@@ -55,13 +68,13 @@ def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str | None = CHAT_
     n_vocab = len(tokens)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("apiary-tiny-test")
-    writer.add_context_length(N_CTX)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
-    writer.add_feed_forward_length(N_FF)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD)
-    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_context_length(shape.n_ctx)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head)
+    writer.add_rope_dimension_count(shape.n_embd // shape.n_head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
@@ -74,24 +87,25 @@ def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str | None = CHAT_
     if chat_template is not None:
         writer.add_chat_template(chat_template)
 
-    def weights(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+    def weights(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims) * 0.5).astype(np.float32)
 
-    writer.add_tensor("token_embd.weight", weights(n_vocab, N_EMBD))
-    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    output = weights(n_vocab, N_EMBD)
+    embd, ff = shape.n_embd, shape.n_ff
+    writer.add_tensor("token_embd.weight", weights(n_vocab, embd))
+    writer.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
+    output = weights(n_vocab, embd)
     output[2] = 0.0  # end of sequence stays unlikely: streams run to max_tokens
     output[3:259] = 0.0  # and so do raw bytes: the text is mostly words
     writer.add_tensor("output.weight", output)
-    for layer in range(N_LAYER):
+    for layer in range(shape.n_layer):
         prefix = f"blk.{layer}"
-        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(embd, dtype=np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(f"{prefix}.{name}.weight", weights(N_EMBD, N_EMBD) * 0.2)
-        writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"{prefix}.ffn_gate.weight", weights(N_FF, N_EMBD) * 0.2)
-        writer.add_tensor(f"{prefix}.ffn_up.weight", weights(N_FF, N_EMBD) * 0.2)
-        writer.add_tensor(f"{prefix}.ffn_down.weight", weights(N_EMBD, N_FF) * 0.2)
+            writer.add_tensor(f"{prefix}.{name}.weight", weights(embd, embd) * 0.2)
+        writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(embd, dtype=np.float32))
+        writer.add_tensor(f"{prefix}.ffn_gate.weight", weights(ff, embd) * 0.2)
+        writer.add_tensor(f"{prefix}.ffn_up.weight", weights(ff, embd) * 0.2)
+        writer.add_tensor(f"{prefix}.ffn_down.weight", weights(embd, ff) * 0.2)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -41,6 +41,7 @@ def worker_record(supervisor: Supervisor, worker: ManagedWorker) -> common_pb2.W
         tags=worker.spec.tags,
         load_progress=worker.load_progress if loading else 0.0,
         status_detail=worker.status_detail if loading else "",
+        prefix_cache=worker.prefix_cache if state in READY_STATES else None,
     )
 
 
@@ -64,11 +65,13 @@ def heartbeat_table(
                 requests_completed=record.requests_completed,
                 requests_failed=record.requests_failed,
                 last_activity=record.last_activity,
+                prefix_cache=record.prefix_cache if record.HasField("prefix_cache") else None,
             )
         )
         record.cpu_percent, record.rss_bytes = 0.0, 0
         record.requests_completed, record.requests_failed = 0, 0
         record.ClearField("last_activity")
+        record.ClearField("prefix_cache")
         records.append(record)
     return records, samples
 

@@ -110,6 +110,8 @@ class ManagedWorker:
     rss_bytes: int = 0
     load_progress: float = 0.0
     status_detail: str = ""
+    # What the worker last said it holds of computed prompts (backends that keep them).
+    prefix_cache: common_pb2.PrefixCache | None = None
     # Set once the current process is ready or has failed: what SpawnWorker(wait_ready) waits on.
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when the row is gone (stop() waits on it).
@@ -452,6 +454,8 @@ class Supervisor:
         if status is not None and not actions:
             worker.requests_completed = status.requests_completed
             worker.requests_failed = status.requests_failed
+            if status.HasField("prefix_cache"):
+                worker.prefix_cache = status.prefix_cache
             # Only requests count as activity: health checks and GetStatus never move it.
             worker.last_activity = max(worker.last_activity, float(status.last_activity.seconds))
             busy = status.state == common_pb2.WORKER_STATE_BUSY

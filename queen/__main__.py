@@ -25,6 +25,7 @@ from queen.autospawn import SpawnPlan, parse_plan
 from queen.beats import DEFAULT_MAX_WORKER_SLOTS, DEFAULT_MAX_WORKERS_PER_HIVE, BeatLimits
 from queen.endings import DEFAULT_MAX_WAIT
 from queen.leases import DEFAULT_MAX_TTL
+from queen.scheduler import DEFAULT_CACHE_WAIT
 from queen.server import DEFAULT_SHUTDOWN_GRACE, Queen, QueenConfig, create_server
 
 log = structlog.get_logger("queen")
@@ -126,8 +127,20 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         type=enum_parser(common_pb2.RoutingPolicy, "ROUTING_POLICY_", "routing policy"),
-        default=common_pb2.ROUTING_POLICY_LEAST_LOADED,
-        help="default routing policy (requests may choose their own)",
+        default=common_pb2.ROUTING_POLICY_UNSPECIFIED,
+        help="routing policy for requests that name none (default: cache-aware for models on "
+        "llamacpp workers, least-loaded for the rest)",
+    )
+    p.add_argument(
+        "--cache-wait", type=float, default=DEFAULT_CACHE_WAIT,
+        help="cache-aware: the longest a request waits for a busy worker holding its prompt's "
+        "prefix before any free worker takes it (seconds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cache-index-mb",
+        type=int,
+        default=64,
+        help="cache-aware: memory for the index of which worker holds which prompt prefix",
     )
     add_limit_args(p)
     add_breaker_args(p)
@@ -174,6 +187,8 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         max_lease_ttl=args.max_lease_ttl,
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir("queen"),
         policy=args.policy,
+        cache_wait=args.cache_wait,
+        cache_index_mb=args.cache_index_mb,
         hive_ttl_intervals=args.hive_ttl,
         breaker_failures=args.breaker_failures,
         breaker_cooldown=args.breaker_cooldown,
@@ -213,7 +228,7 @@ async def run(args: argparse.Namespace) -> int:
         listen=args.listen,
         port=queen.running.port,
         heartbeat_interval=args.heartbeat_interval,
-        policy=common_pb2.RoutingPolicy.Name(args.policy),
+        policy=common_pb2.RoutingPolicy.Name(args.policy) if args.policy else "auto",
         state_dir=str(config.state_dir),
     )
     await stop.wait()
@@ -242,6 +257,8 @@ def args_problem(args: argparse.Namespace) -> str:
         return "--max-lease-ttl must be > 0"
     if args.max_wait <= 0:
         return "--max-wait must be > 0"
+    if args.cache_wait < 0 or args.cache_index_mb < 1:
+        return "--cache-wait must be >= 0 and --cache-index-mb >= 1"
     if args.shutdown_grace < 0:
         return "--shutdown-grace must be >= 0"
     if not 0 < args.default_max_tokens <= args.max_tokens_cap:

@@ -58,6 +58,10 @@ def same_host(worker_address: str, hive_address: str, also: Iterable[str] = ()) 
     return worker == hive or worker in also or (is_loopback(worker) and is_loopback(hive))
 
 
+# The prefix blocks one worker may report (what the prefix index takes from it).
+MAX_PREFIX_BLOCKS = 4096
+
+
 def address_problem(field: str, value: str) -> str | None:
     if len(value) > MAX_ADDRESS_LENGTH or not _HOST_PORT.fullmatch(value):
         return f"{field} {value[:60]!r} is not host:port"
@@ -109,6 +113,12 @@ def _lists_problem(beat: queen_pb2.HiveHeartbeat) -> str | None:
             return problem
     if len(beat.problems) > MAX_PROBLEMS:
         return f"problems: at most {MAX_PROBLEMS} are allowed"
+    for sample in beat.samples:
+        if len(sample.prefix_cache.blocks) > MAX_PREFIX_BLOCKS:
+            return (
+                f"samples[{sample.id[:40]}].prefix_cache.blocks: at most {MAX_PREFIX_BLOCKS} "
+                "are allowed"
+            )
     for text in beat.problems:
         if problem := text_problem("problems[]", text, MAX_PROBLEM_LENGTH):
             return problem

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS requests (
     error TEXT NOT NULL DEFAULT '',
     attempts INTEGER NOT NULL DEFAULT 0,
     client_request_id TEXT NOT NULL DEFAULT '',
-    client TEXT NOT NULL DEFAULT ''
+    client TEXT NOT NULL DEFAULT '',
+    policy INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (accepted_at);
 CREATE TABLE IF NOT EXISTS drains (kind TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (kind, id));
@@ -63,6 +64,7 @@ CREATE TABLE IF NOT EXISTS drains (kind TEXT NOT NULL, id TEXT NOT NULL, PRIMARY
 ADDED_COLUMNS = {
     "client_request_id": "TEXT NOT NULL DEFAULT ''",
     "client": "TEXT NOT NULL DEFAULT ''",
+    "policy": "INTEGER NOT NULL DEFAULT 0",
 }
 MAX_LIMIT = 10_000
 _STOP = object()
@@ -307,14 +309,16 @@ class History:
         )
 
     def started(
-        self, request_id: str, worker_id: str, hive_id: str, at: float, attempt: int
-    ) -> None:
+        self, request_id: str, worker_id: str, hive_id: str, at: float, attempt: int,
+        policy: int = 0,
+    ) -> None:  # fmt: skip
         self._put(
-            "UPDATE requests SET status=?, worker_id=?, hive_id=?, started_at=?, attempts=? "
-            "WHERE id=?",
-            (queen_pb2.REQUEST_STATUS_RUNNING, worker_id, hive_id, at, attempt, request_id),
+            "UPDATE requests SET status=?, worker_id=?, hive_id=?, started_at=?, attempts=?, "
+            "policy=? WHERE id=?",
+            (queen_pb2.REQUEST_STATUS_RUNNING, worker_id, hive_id, at, attempt, policy,
+             request_id),
             wait=False,
-        )
+        )  # fmt: skip
 
     def finish(
         self,
@@ -385,7 +389,7 @@ class History:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = (
             "SELECT id, model, worker_id, hive_id, status, accepted_at, started_at, finished_at, "
-            "completion_tokens, error, attempts, client_request_id, client "
+            "completion_tokens, error, attempts, client_request_id, client, policy "
             f"FROM requests {where} "
             "ORDER BY accepted_at DESC LIMIT ?"
         )
@@ -414,6 +418,7 @@ class History:
                 attempts=r[10],
                 client_request_id=r[11],
                 client=r[12],
+                policy=r[13],
             )
             for r in rows
         ]

@@ -1,25 +1,40 @@
-"""Direct leases (FastChat's get_worker_address, done with accounting).
+"""Direct leases (FastChat's get_worker_address, done with accounting), with no call per lease.
 
-The queen takes a slot in its registry, asks the worker to hold it (a
-HoldLease stream), and hands the client the worker's address and a lease id.
-The stream tells the queen when the client's call starts and ends, or that
-the lease expired unused; either way the slot comes back at once, and the
-lease's `on_end` runs (the client's lease count goes down).
+Queen.Lease answers from the queen's own state: it takes a slot in the registry and hands the
+client the worker's address and a lease token signed for that worker (apiary/leasetoken.py:
+the key is derived from the worker's own credential, which its hive gave it and the queen can
+derive; the worker checks a token by itself: forged, expired and reused ones are refused).
+The client calls Worker.Infer with the token as lease_id.
+
+The queen keeps one long-lived stream per worker it has leased on (Worker.Leases, a
+`WorkerLink` here), opened at the first lease and never waited for:
+  - queen to worker, in batches (NOTICE_BATCH, 0.1 s): its clock, the leases it handed out on the
+    worker (the worker holds a slot for each, so no other caller takes it) and the leases
+    given back (no call may use them any more);
+  - worker to queen: a leased call started (the lease no longer expires) and ended (the slot
+    comes back, with the call's outcome for the worker's statistics).
+An unused lease expires on the queen's own clock, its TTL plus EXPIRY_GRACE after it was
+handed out (the grace covers a call the worker accepted just before the token expired and
+reported a moment later). ReleaseLease is local: the slot comes back at once and the worker
+is told in the next batch. If a worker's stream fails, calls in use on it end as failed (the
+worker is lost) and the queen reopens the stream while unused leases remain on that worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import math
+import secrets
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import structlog
 
-from apiary.errors import StatusError
+from apiary.clock import Clock, SystemClock
+from apiary.leasetoken import PREFIX, lease_id_of, lease_key, mint
 from protos.v1 import worker_pb2
 from queen.channels import Channels
+from queen.leasebook import Lease, LeaseBook
 from queen.registry import Outcome, Slot
 from queen.scheduler import Scheduler
 
@@ -29,101 +44,226 @@ DEFAULT_TTL = 30.0
 # The longest lease a client may ask for unless the queen is told otherwise (--max-lease-ttl):
 # a held slot serves no one else, so an idle lease should not keep it for long.
 DEFAULT_MAX_TTL = 300.0
+# An unused lease's slot comes back this long after its token expired.
+EXPIRY_GRACE = 0.5
+# Notices to a worker wait this long to go together: each is a gRPC message (the costly part),
+# and a lease and its release often cancel out. Holds only keep lease-less callers (none but
+# the queen and hive, with tokens) off a slot; a token given back is refused within this long.
+NOTICE_BATCH = 0.1
+# A worker's failed lease stream is reopened after this long, while leases remain on it.
+RELINK_DELAY = 0.5
 
 
 def _nothing() -> None:
     pass
 
 
-@dataclass
-class Lease:
-    """A slot handed to a client to call its worker directly, followed until it ends."""
-
-    id: str
-    slot: Slot
-    ttl: float
-    task: asyncio.Task[None] | None = None
-    # Who took it: only they (or an admin) may give it back.
-    owner: str = ""
-    # Called once when the lease ends, however it ends.
-    on_end: Callable[[], None] = field(default=_nothing)
-
-
 class LeaseManager:
-    def __init__(self, scheduler: Scheduler, channels: Channels) -> None:
+    def __init__(
+        self, scheduler: Scheduler, channels: Channels, clock: Clock | None = None
+    ) -> None:
         self.scheduler = scheduler
         self.channels = channels
-        self.active: dict[str, Lease] = {}
+        self.clock = clock or SystemClock()
+        self.book = LeaseBook()
+        # One lease stream per worker address.
+        self.links: dict[str, WorkerLink] = {}
+        self._keys: dict[tuple[str, str], bytes] = {}
+        self._expiry: asyncio.Task[None] | None = None
+        self._expiry_at = math.inf
+        self._relinks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
-    async def hold(
+    @property
+    def active(self) -> dict[str, Lease]:
+        return self.book.active
+
+    def grant(
         self, slot: Slot, ttl: float, on_end: Callable[[], None] = _nothing, owner: str = ""
     ) -> Lease:
-        """Ask the worker to hold the slot; on success the lease is followed until it ends,
-        and then `on_end` is called (on failure, StatusError, and it is not)."""
-        lease = Lease(f"l-{uuid.uuid4().hex}", slot, ttl, owner=owner, on_end=on_end)
-        stream = self.channels.worker(slot.address).HoldLease(
-            worker_pb2.HoldLeaseRequest(lease_id=lease.id, ttl_seconds=ttl)
-        )
-        try:
-            first = await stream.read()
-        except grpc.aio.AioRpcError as exc:
-            fault = exc.code() == grpc.StatusCode.UNAVAILABLE
-            self.scheduler.give_back(slot, Outcome(ok=False if fault else None, worker_fault=fault))
-            raise StatusError(exc.code(), f"worker {slot.worker_id}: {exc.details()}") from None
-        except BaseException:
-            # The Lease call itself was cancelled while the worker answered: no lease, no slot.
-            stream.cancel()
-            self.scheduler.give_back(slot, Outcome(ok=None))
-            raise
-        if (
-            not isinstance(first, worker_pb2.LeaseUpdate)
-            or first.state != worker_pb2.LEASE_STATE_HELD
-        ):
-            stream.cancel()
-            self.scheduler.give_back(slot, Outcome(ok=None))
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {slot.worker_id} did not hold")
-        self.active[lease.id] = lease
-        lease.task = asyncio.get_running_loop().create_task(self._follow(lease, stream))
+        """A lease on `slot` (already taken) for `ttl` seconds; `on_end` runs once it ends."""
+        lease_id = PREFIX + secrets.token_urlsafe(16)
+        expires_at = self.clock.time() + ttl
+        token = mint(self._key(slot), lease_id, expires_at)
+        deadline = self.clock.monotonic() + ttl + EXPIRY_GRACE
+        lease = Lease(lease_id, token, slot, deadline, expires_at, owner, on_end)
+        self.book.add(lease)
+        self._arm(deadline)
+        self._link(slot).hold(token)
         return lease
 
-    async def _follow(self, lease: Lease, stream: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
-        loop = asyncio.get_running_loop()
-        started = 0.0
-        outcome = Outcome(ok=None)
-        try:
-            while True:
-                # read(), not `async for`: the first message was read that way already.
-                update = await stream.read()
-                if not isinstance(update, worker_pb2.LeaseUpdate):
-                    break  # end of stream
-                if update.state == worker_pb2.LEASE_STATE_IN_USE:
-                    started = loop.time()
-                elif update.state == worker_pb2.LEASE_STATE_DONE:
-                    outcome = Outcome(ok=True, duration=loop.time() - started)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                outcome = Outcome(ok=False, worker_fault=True)
-                log.warning("lost a leased worker", lease_id=lease.id, code=exc.code().name)
-        except Exception:
-            log.exception("lease follower failed; freeing the slot")
-        finally:
-            stream.cancel()
-            self.active.pop(lease.id, None)
-            self.scheduler.give_back(lease.slot, outcome)
-            lease.on_end()
-
-    def release(self, lease_id: str, by: str | None = None) -> bool:
-        """Give back a lease early: ends the worker's hold, which frees the slot. With `by`,
-        only the lease's owner may (someone else is told it does not exist: a lease id names
-        nothing to anyone else)."""
-        lease = self.active.get(lease_id)
-        if lease is None or lease.task is None or (by is not None and by != lease.owner):
+    def release(self, lease: str, by: str | None = None) -> bool:
+        """Give back a lease (its token, or just its id) early: the slot is free at once. With
+        `by`, only the lease's owner may (to anyone else it does not exist)."""
+        given = self.book.give_back(lease_id_of(lease), by)
+        if given is None:
             return False
-        lease.task.cancel()
+        if given.started is None:
+            link = self.links.get(given.slot.address)
+            if link is not None:
+                link.revoke(given.token)
+        self._finish(given, Outcome(ok=None))
         return True
 
+    def _finish(self, lease: Lease, outcome: Outcome) -> None:
+        self.scheduler.give_back(lease.slot, outcome)
+        lease.on_end()
+
+    def _key(self, slot: Slot) -> bytes:
+        named = (slot.hive_id, slot.worker_id)
+        key = self._keys.get(named)
+        if key is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()  # bounded; keys are cheap to derive again
+            token = self.channels.tokens.worker_token(slot.hive_id, slot.worker_id)
+            key = self._keys[named] = lease_key(token, slot.worker_id)
+        return key
+
+    # ---- expiry ---------------------------------------------------------------
+
+    def _arm(self, deadline: float) -> None:
+        """One task sleeps until the earliest deadline of an unused lease (on the clock)."""
+        if self._expiry is not None and not self._expiry.done() and self._expiry_at <= deadline:
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_from(deadline))
+
+    async def _expire_from(self, deadline: float) -> None:
+        while True:
+            await self.clock.sleep(deadline - self.clock.monotonic())
+            try:
+                for lease in self.book.due(self.clock.monotonic()):
+                    self._finish(lease, Outcome(ok=None))  # expired unused
+            except Exception:
+                log.exception("lease expiry failed")  # the loop goes on
+            upcoming = self.book.next_deadline()
+            if upcoming is None:
+                self._expiry_at = math.inf
+                return
+            deadline = self._expiry_at = upcoming
+
+    # ---- the workers' lease streams -------------------------------------------
+
+    def _link(self, slot: Slot) -> WorkerLink:
+        link = self.links.get(slot.address)
+        if link is None:
+            unused = [
+                lease.token
+                for lease in self.book.of_worker(slot.worker_id)
+                if lease.started is None and lease.slot.address == slot.address
+            ]
+            link = self.links[slot.address] = WorkerLink(self, slot, unused)
+        return link
+
+    def on_report(self, link: WorkerLink, event: worker_pb2.LeaseEvent) -> None:
+        """A worker's report on its lease stream (about its own leases only)."""
+        now = self.clock.monotonic()
+        if event.state == worker_pb2.LEASE_STATE_IN_USE:
+            self.book.start(event.lease_id, link.worker_id, now)
+        elif event.state == worker_pb2.LEASE_STATE_DONE:
+            lease = self.book.end(event.lease_id, link.worker_id)
+            if lease is not None:
+                took = now - lease.started if lease.started is not None else 0.0
+                self._finish(
+                    lease, Outcome(ok=event.ok, duration=took, tokens=event.completion_tokens)
+                )
+
+    def link_lost(self, link: WorkerLink, code: grpc.StatusCode | None) -> None:
+        """A worker's lease stream ended: calls in use there are over as far as we can tell;
+        unused leases stay (their tokens still work) and the stream is opened again."""
+        if self._closed or self.links.get(link.address) is not link:
+            return
+        del self.links[link.address]
+        fault = code == grpc.StatusCode.UNAVAILABLE
+        remaining = False
+        for lease in list(self.book.of_worker(link.worker_id)):
+            if lease.started is None:
+                remaining = True
+            elif self.book.end(lease.id, link.worker_id) is not None:
+                log.warning("lost a leased worker", lease_id=lease.id, code=code and code.name)
+                self._finish(lease, Outcome(ok=False if fault else None, worker_fault=fault))
+        if remaining:
+            task = asyncio.get_running_loop().create_task(self._relink(link.slot))
+            self._relinks.add(task)
+            task.add_done_callback(self._relinks.discard)
+
+    async def _relink(self, slot: Slot) -> None:
+        await self.clock.sleep(RELINK_DELAY)
+        if not self._closed and any(
+            lease.started is None and lease.slot.address == slot.address
+            for lease in self.book.of_worker(slot.worker_id)
+        ):
+            self._link(slot)
+
     async def close(self) -> None:
-        tasks = [lease.task for lease in self.active.values() if lease.task is not None]
+        self._closed = True
+        tasks = [link.task for link in self.links.values()] + list(self._relinks)
+        if self._expiry is not None:
+            tasks.append(self._expiry)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class WorkerLink:
+    """The queen's one Leases stream to a worker: notices out (batched), reports in."""
+
+    def __init__(self, manager: LeaseManager, slot: Slot, held: list[str]) -> None:
+        self.manager = manager
+        self.slot = slot
+        self.worker_id = slot.worker_id
+        self.address = slot.address
+        self.held: dict[str, None] = dict.fromkeys(held)
+        self.revoked: list[str] = []
+        self._pending = asyncio.Event()
+        stub = manager.channels.worker(slot.address)
+        # No request iterator: notices go with call.write (grpc-stubs wants one anyway).
+        call = stub.Leases()  # type: ignore[call-arg]
+        self.task = asyncio.get_running_loop().create_task(self._run(call))
+
+    def hold(self, token: str) -> None:
+        self.held[token] = None
+        self._pending.set()
+
+    def revoke(self, token: str) -> None:
+        # Not announced yet: nothing to hold, but the worker must still refuse the token.
+        self.held.pop(token, None)
+        self.revoked.append(token)
+        self._pending.set()
+
+    def _notice(self) -> worker_pb2.LeaseNotice:
+        notice = worker_pb2.LeaseNotice(
+            queen_time=self.manager.clock.time(), held=list(self.held), revoked=self.revoked
+        )
+        self.held, self.revoked = {}, []
+        return notice
+
+    async def _run(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        writer = asyncio.get_running_loop().create_task(self._write(call))
+        code: grpc.StatusCode | None = None
+        try:
+            reports: AsyncIterator[worker_pb2.LeaseReport] = call.__aiter__()
+            async for report in reports:
+                for event in report.events:
+                    self.manager.on_report(self, event)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        except Exception:
+            log.exception("lease stream failed", worker_id=self.worker_id)
+        finally:
+            writer.cancel()
+            call.cancel()
+            self.manager.link_lost(self, code)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        try:
+            # The first notice at once: the worker judges expiry on the queen's clock.
+            while True:
+                self._pending.clear()
+                await call.write(self._notice())
+                await self._pending.wait()
+                await self.manager.clock.sleep(NOTICE_BATCH)
+        except Exception as exc:  # the stream ended (the reader says how) or broke
+            log.debug("lease notices stopped", worker_id=self.worker_id, error=repr(exc))

@@ -75,18 +75,7 @@ class QueenMetrics:
             "How long a request or lease waited for a free slot (0 when one was free)",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.prompt_tokens = Counter(
-            "apiary_prompt_tokens", "Prompt tokens of finished requests", ["model"], registry=r
-        )
-        self.cached_prompt_tokens = Counter(
-            "apiary_cached_prompt_tokens",
-            "Prompt tokens a worker had already computed (its prefix cache) and so skipped",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.completion_tokens = Counter(
-            "apiary_completion_tokens", "Completion tokens relayed (rate() is tokens/s)",
-            ["model"], registry=r,
-        )  # fmt: skip
+        self._token_counters(r)
         self.tokens_per_second = Histogram(
             "apiary_request_tokens_per_second", "Completion tokens per second, per request",
             ["model"], buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000), registry=r,
@@ -102,14 +91,47 @@ class QueenMetrics:
         # The last 15 minutes in 5-second points, for the dashboard's chart.
         self.series = Series()
         r.register(SnapshotCollector(lambda: cluster_metrics(registry, scheduler)))
+        r.register(SnapshotCollector(self._hit_ratio))
         if history is not None:
             r.register(SnapshotCollector(lambda: history_metrics(history)))
+
+    def _token_counters(self, r: CollectorRegistry) -> None:
+        self.prompt_tokens = Counter(
+            "apiary_prompt_tokens", "Prompt tokens of finished requests", ["model"], registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "apiary_cached_prompt_tokens",
+            "Prompt tokens a worker had already computed (its prefix cache) and so skipped",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.cache_hits = Counter(
+            "apiary_prompt_cache_hits",
+            "Finished requests whose worker reused a computed prefix of their prompt",
+            ["model"], registry=r,
+        )  # fmt: skip
+        # Prompt and cached prompt tokens per model, for the hit ratio gauge.
+        self._prompt_totals: dict[str, list[int]] = {}
+        self.completion_tokens = Counter(
+            "apiary_completion_tokens", "Completion tokens relayed (rate() is tokens/s)",
+            ["model"], registry=r,
+        )  # fmt: skip
 
     def model_label(self, model: str) -> str:
         """The model as a label value: `other` unless a worker or a catalog has it, so a
         client cannot grow the label set with made-up names."""
         known = self.registry.has_model(model) or model in self.registry.catalog_models()
         return model if known else OTHER_MODEL
+
+    def _hit_ratio(self) -> Iterable[Metric]:
+        ratio = GaugeMetricFamily(
+            "apiary_prompt_cache_hit_ratio",
+            "Share of prompt tokens that workers reused from a computed prefix instead of "
+            "computing them (0-1, since the queen started)",
+            labels=["model"],
+        )
+        for model, (prompt, cached) in sorted(self._prompt_totals.items()):
+            ratio.add_metric([model], cached / prompt if prompt else 0.0)
+        yield ratio
 
     def refused(self, model: str, code: str) -> None:
         """An Infer request the queen did not take (unknown model, bad field, full queue)."""
@@ -130,8 +152,12 @@ class QueenMetrics:
             self.ttft.labels(label).observe(ttft)
         if usage.prompt:
             self.prompt_tokens.labels(label).inc(usage.prompt)
+            totals = self._prompt_totals.setdefault(label, [0, 0])
+            totals[0] += usage.prompt
+            totals[1] += usage.cached
         if usage.cached:
             self.cached_prompt_tokens.labels(label).inc(usage.cached)
+            self.cache_hits.labels(label).inc()
         if usage.completion:
             self.completion_tokens.labels(label).inc(usage.completion)
             if seconds > 0:

@@ -18,17 +18,32 @@ from dataclasses import dataclass, field
 
 from apiary.clock import Clock
 from apiary.protoutil import READY_STATES, timestamp
+from apiary.serving import MAX_RECONNECT_BACKOFF_MS
 from protos.v1 import common_pb2, queen_pb2
 from queen.beats import host_of, same_host
+from queen.prefix_index import (
+    ENTRY_BYTES,
+    Candidates,
+    Demand,
+    PrefixIndex,
+    Sessions,
+    Want,
+    choose,
+    least_match,
+)
 from queen.selection import Judge, Pool, SpeedScale, Verdict, score
 from queen.stats import WorkerStatsTracker
 
 DEGRADED_AFTER_INTERVALS = 2
 MAX_POOLS_PER_MODEL = 32
-# After (re)starting, the queen waits this many heartbeat intervals for hives before it calls a
-# model unknown: a request during that time waits instead of getting a false NOT_FOUND.
+# After (re)starting, the queen waits this many heartbeat intervals for hives (plus the longest
+# reconnect backoff of their channels) before it calls a model unknown: a request during that
+# time waits instead of getting a false NOT_FOUND.
 WARMUP_INTERVALS = 2
+WARMUP_RECONNECT = MAX_RECONNECT_BACKOFF_MS / 1000
 UNHEALTHY_AFTER_INTERVALS = 3
+# Backends whose workers keep computed prompt states: their models default to cache-aware.
+CACHING_BACKENDS = frozenset({"llamacpp"})
 
 
 @dataclass
@@ -36,7 +51,11 @@ class RegistrySettings:
     interval: float = 1.0
     # An unhealthy hive (and its workers) is forgotten after this many intervals of silence.
     hive_ttl_intervals: float = 10.0
-    default_policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_LEAST_LOADED
+    # UNSPECIFIED: cache-aware for models served by a backend that keeps prompt states
+    # (llamacpp), least-loaded for the rest.
+    default_policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED
+    # The prefix index's bound (--cache-index-mb).
+    cache_index_entries: int = 64_000_000 // ENTRY_BYTES
     breaker_failures: int = 3
     breaker_cooldown: float = 10.0
 
@@ -155,6 +174,10 @@ class Registry:
         self._pools: dict[str, dict[frozenset[str], Pool]] = {}
         self._use_counter = 0
         self._rng = random.Random(seed)
+        # Cache-aware routing: who holds which prompt prefix, demand per prefix, sessions.
+        self.prefixes = PrefixIndex(self.settings.cache_index_entries)
+        self.demand = Demand()
+        self.sessions = Sessions()
 
     @property
     def interval(self) -> float:
@@ -215,10 +238,13 @@ class Registry:
     def _take_samples(self, hive: HiveEntry, samples: Iterable[common_pb2.WorkerSample]) -> None:
         """Figures for display only (never for routing): kept as they come, for known workers
         of this hive; numbers that are not finite read as 0 (see view)."""
+        now = self.clock.monotonic()
         for sample in samples:
             entry = self.workers.get(sample.id)
             if entry is not None and entry.record.hive_id == hive.id:
                 entry.sample = sample
+                if sample.HasField("prefix_cache"):
+                    self.prefixes.reported(sample.id, sample.prefix_cache.blocks, now)
 
     def _hive_of(self, beat: queen_pb2.HiveHeartbeat) -> HiveEntry:
         now = self.clock.monotonic()
@@ -300,12 +326,14 @@ class Registry:
             hive.worker_ids.discard(worker_id)
         for pool in self._pools.get(entry.record.model, {}).values():
             pool.remove(worker_id)
+        self.prefixes.remove(worker_id)
         model_ids = self._by_model.get(entry.record.model)
         if model_ids is not None:
             model_ids.discard(worker_id)
             if not model_ids:
                 del self._by_model[entry.record.model]
                 self._pools.pop(entry.record.model, None)
+                self.demand.forget(entry.record.model)
         self._event(
             queen_pb2.EVENT_KIND_WORKER_REMOVED,
             hive_id=entry.record.hive_id,
@@ -369,7 +397,8 @@ class Registry:
 
     def warming_up(self) -> bool:
         """True until every hive has had the time to heartbeat into a new queen."""
-        return self.clock.monotonic() - self.started < WARMUP_INTERVALS * self.settings.interval
+        warmup = WARMUP_INTERVALS * self.settings.interval + WARMUP_RECONNECT
+        return self.clock.monotonic() - self.started < warmup
 
     def heartbeat_age(self, hive: HiveEntry) -> float:
         return max(self.clock.monotonic() - hive.last_seen, 0.0)
@@ -545,22 +574,53 @@ class Registry:
 
         return judge
 
+    def policy_for(
+        self, model: str, policy: common_pb2.RoutingPolicy.ValueType
+    ) -> common_pb2.RoutingPolicy.ValueType:
+        """The request's policy, else the queen's, else the model's own default."""
+        policy = policy or self.settings.default_policy
+        if policy:
+            return policy
+        pool = self._pools.get(model, {}).get(frozenset())
+        backend = next((w.record.backend for w in self._members(pool)), "")
+        if backend in CACHING_BACKENDS:
+            return common_pb2.ROUTING_POLICY_CACHE_AWARE
+        return common_pb2.ROUTING_POLICY_LEAST_LOADED
+
+    def _members(self, pool: Pool | None) -> Iterator[WorkerEntry]:
+        for worker_id in pool.members if pool is not None else ():
+            yield self.workers[worker_id]
+
     def take_slot(
         self,
         model: str,
         exclude: Iterable[str] = (),
         policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: Iterable[str] = (),
+        want: Want | None = None,
+        affinity: bool = True,
     ) -> Slot | None:
         """Take a slot on the best free worker of `model` carrying `tags`, or None.
 
-        `exclude` holds worker addresses already tried for this request.
+        `exclude` holds worker addresses already tried for this request. Cache-aware picks
+        read `want` (the request's prefix and session) and may return None with free workers
+        left, to wait for a busy one holding the prefix — unless `affinity` is off (the
+        request waited long enough for one).
         """
         if model not in self._by_model:
             return None
         pool = self._pool(model, frozenset(tags))
-        policy = policy or self.settings.default_policy
-        worker_id = pool.pick(policy, self._judge(frozenset(exclude)))
+        policy = self.policy_for(model, policy)
+        judge = self._judge(frozenset(exclude))
+        if policy == common_pb2.ROUTING_POLICY_CACHE_AWARE and want is not None:
+            worker_id, wait = self._cache_pick(pool, want, judge)
+            if worker_id is None and wait and affinity:
+                return None
+            worker_id = worker_id or pool.pick(common_pb2.ROUTING_POLICY_LEAST_LOADED, judge)
+            if worker_id is not None:
+                self._routed(model, worker_id, want)
+        else:
+            worker_id = pool.pick(policy, judge)
         if worker_id is None:
             return None
         entry = self.workers[worker_id]
@@ -569,6 +629,60 @@ class Registry:
         entry.last_used = self._use_counter
         self._touch(entry)
         return Slot(entry.id, entry.record.hive_id, entry.record.address, model)
+
+    def _cache_pick(self, pool: Pool, want: Want, judge: Judge) -> tuple[str | None, bool]:
+        """(a worker to take, or None; whether a busy holder is worth waiting for)."""
+        now = self.clock.monotonic()
+        hashes = want.hashes
+        matches = self.prefixes.match(hashes, now, least_match(len(hashes))) if hashes else {}
+        session = self.sessions.get(want.session)
+        if not matches and session is None:
+            return None, False
+
+        def usable(worker_id: str) -> WorkerEntry | None:
+            entry = self.workers.get(worker_id)
+            if entry is None or worker_id not in pool.members or judge(worker_id) in (
+                Verdict.DROP, Verdict.SKIP,
+            ):  # fmt: skip
+                return None
+            return entry
+
+        def free(worker_id: str) -> bool:
+            return worker_id in pool.eligible and usable(worker_id) is not None
+
+        def busy(worker_id: str) -> bool:
+            entry = usable(worker_id)
+            return entry is not None and self.is_busy(entry)
+
+        def load(worker_id: str) -> tuple[float, int]:
+            entry = self.workers[worker_id]
+            return entry.in_flight / max(entry.slots_total, 1), entry.last_used
+
+        def lightest() -> float:
+            worker_id = pool.pick(common_pb2.ROUTING_POLICY_LEAST_LOADED, judge)
+            return load(worker_id)[0] if worker_id is not None else 1.0
+
+        wanted = self.demand.holders_wanted(pool.model, want.family, len(pool.members))
+        workers = Candidates(free, busy, load, lightest)
+        choice = choose(matches, len(hashes), workers, wanted, session)
+        return choice.take, bool(choice.wait_for)
+
+    def is_busy(self, entry: WorkerEntry) -> bool:
+        """Ready and reachable, with every slot in use: worth waiting for."""
+        return (
+            entry.record.state in READY_STATES
+            and entry.free_slots == 0
+            and not entry.unreachable
+            and not entry.breaker_until
+            and not self.is_drained(entry)
+        )
+
+    def _routed(self, model: str, worker_id: str, want: Want) -> None:
+        """A cache-aware pick went to `worker_id`: it will hold the request's prefix."""
+        if want.hashes:
+            self.prefixes.routed(worker_id, want.hashes, self.clock.monotonic())
+        self.sessions.stick(want.session, worker_id)
+        self.demand.note(model, want.family)
 
     def give_back(self, slot: Slot, outcome: Outcome) -> None:
         """Give the slot back and count the outcome; a slot on a worker since gone is dropped."""
@@ -652,6 +766,8 @@ class Registry:
             out.cpu_percent = sample.cpu_percent if math.isfinite(sample.cpu_percent) else 0.0
             out.rss_bytes = sample.rss_bytes
             out.last_activity.CopyFrom(sample.last_activity)
+            if sample.HasField("prefix_cache"):
+                out.prefix_cache.CopyFrom(sample.prefix_cache)
         stats = entry.stats
         out.requests_completed = stats.completed
         out.requests_failed = stats.failed

@@ -25,12 +25,14 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from apiary.coalesce import coalesced
 from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
 from queen import endings, retry
 from queen.admission import model_problem
 from queen.cluster import Cluster
 from queen.metrics import Usage
+from queen.prefix_index import Want
 from queen.quotas import Quota
 from queen.registry import Outcome, Slot
 from queen.retry import Decision, Failure
@@ -76,6 +78,7 @@ class Waits:
         exclude: frozenset[str] = frozenset(),
         policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: frozenset[str] = frozenset(),
+        want: Want | None = None,
     ) -> Slot:
         """A slot for one of `client`'s requests, waiting until its deadline (`time_remaining`
         seconds; None: none) but at most --max-wait. Raises Stopping; StatusError
@@ -84,7 +87,7 @@ class Waits:
         if self.stopping:
             raise Stopping()
         scheduler = self.cluster.scheduler
-        slot = scheduler.try_take_slot(model, exclude, policy, tags)
+        slot = scheduler.try_take_slot(model, exclude, policy, tags, want)
         if slot is not None:
             self.cluster.metrics.queue_wait.labels(model).observe(0.0)
             return slot
@@ -95,7 +98,7 @@ class Waits:
         timeout, capped = endings.slot_wait(time_remaining, self.max_wait)
         self._models[model] += 1
         try:
-            slot = await scheduler.take_slot(model, timeout, exclude, policy, tags)
+            slot = await scheduler.take_slot(model, timeout, exclude, policy, tags, want)
             waited = time.perf_counter() - began
             self.cluster.metrics.queue_wait.labels(model).observe(waited)
             return slot
@@ -192,10 +195,12 @@ class Route:
         self.caller = caller
         self.waits = waits or Waits(cluster)
         self.attempts = 0
-        # Chunks relayed from workers; those with text that reached the client (their yield
-        # returned, so grpc.aio has sent them); the worker's own count, once it says it.
+        # Chunks read from workers; messages with text that reached the client (their yield
+        # returned, so grpc.aio has sent them: several chunks may go as one); the worker's own
+        # count of tokens, once it says it.
         self.sent = 0
         self.delivered = 0
+        self.delivered_tokens = 0
         self.tokens = 0
         # The prompt's tokens and how many a worker had cached, once the worker says so.
         self.prompt_tokens = 0
@@ -212,6 +217,8 @@ class Route:
         self.first_chunk_after: float | None = None
         # Set once a stopping queen's grace ran out with this request still going: why it ends.
         self.cut_short: str | None = None
+        # What a cache-aware pick reads (the prompt's prefix hashes are made only if needed).
+        self.want = Want(request, request.session_id)
 
     async def serve(self) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The request from its acceptance to its record: its chunks (each carrying the
@@ -227,6 +234,7 @@ class Route:
                     self.sending = False
                     if chunk.text:
                         self.delivered += 1
+                        self.delivered_tokens += len(chunk.token_ids) or 1
         except StatusError as failed:
             status = endings.status_of_error(failed.code.name)
             await self.finish(status, f"{failed.code.name}: {failed.message}")
@@ -313,14 +321,26 @@ class Route:
     def _started(self, slot: Slot) -> None:
         cluster, request = self.cluster, self.request
         self.attempts += 1
+        policy = cluster.registry.policy_for(request.model, request.policy)
         cluster.history.started(
-            request.request_id, slot.worker_id, slot.hive_id, cluster.clock.time(), self.attempts
-        )
+            request.request_id, slot.worker_id, slot.hive_id, cluster.clock.time(), self.attempts,
+            policy,
+        )  # fmt: skip
         self._emit(
             queen_pb2.EVENT_KIND_REQUEST_STARTED, worker_id=slot.worker_id, hive_id=slot.hive_id
         )
 
     async def _relay(self, call: Any, slot: Slot) -> AsyncGenerator[common_pb2.InferChunk, None]:
+        """The worker's chunks for the client: read ahead while the client is being sent the
+        previous message, and what piled up meanwhile sent as one (apiary/coalesce.py); a
+        chunk that finds the client ready goes at once, alone."""
+        async with aclosing(coalesced(self._from_worker(call, slot))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _from_worker(
+        self, call: Any, slot: Slot
+    ) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The worker's chunks as they come, counted; the first names the worker."""
         chunk = await self._first(call, slot)
         while isinstance(chunk, common_pb2.InferChunk):
@@ -393,7 +413,7 @@ class Route:
         try:
             return await self.waits.slot(
                 self.caller.client, request.model, timeout, tried, request.policy,
-                frozenset(request.required_tags),
+                frozenset(request.required_tags), self.want,
             )  # fmt: skip
         except Stopping:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, endings.ended_while_waiting()) from None
@@ -471,8 +491,10 @@ class Route:
         self.recorded = True
         cluster, slot = self.cluster, self.slot
         took = time.perf_counter() - self.started
-        # Completed: the worker's count. Ended early: the token chunks the client was sent.
-        tokens = self.tokens if status == queen_pb2.REQUEST_STATUS_COMPLETED else self.delivered
+        # Completed: the worker's count. Ended early: the tokens the client was sent.
+        tokens = (
+            self.tokens if status == queen_pb2.REQUEST_STATUS_COMPLETED else self.delivered_tokens
+        )
         self._emit(
             endings.event_kind(status),
             worker_id=slot.worker_id if slot else "",

@@ -2,6 +2,9 @@
 
 A freed slot is handed straight to the oldest waiter that it suits, so a new
 request never overtakes one that has been waiting for the same kind of worker.
+A cache-aware request may decline free workers to wait for a busy one holding its prompt's
+prefix; it does so for at most `cache_wait` seconds, and meanwhile does not hold back
+requests behind it that would take the free workers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos.v1 import common_pb2
+from queen.prefix_index import Want
 from queen.registry import Outcome, Registry, Slot
+
+# Seconds a cache-aware request waits for a busy worker holding its prefix (--cache-wait).
+DEFAULT_CACHE_WAIT = 1.0
 
 
 class QueueFull(Exception):
@@ -29,6 +36,13 @@ class _Waiter:
     exclude: frozenset[str]
     policy: common_pb2.RoutingPolicy.ValueType
     tags: frozenset[str]
+    want: Want | None = None
+    # Until when (loop time) it may decline free workers to wait for a holder of its prefix.
+    affinity_until: float = 0.0
+
+    def take(self, registry: Registry, model: str, now: float) -> Slot | None:
+        return registry.take_slot(model, self.exclude, self.policy, self.tags, self.want,
+                                  affinity=now < self.affinity_until)  # fmt: skip
 
 
 class Scheduler:
@@ -37,9 +51,11 @@ class Scheduler:
         registry: Registry,
         max_queue: int = 1024,
         expecting: Callable[[str], bool] = lambda model: False,
+        cache_wait: float = DEFAULT_CACHE_WAIT,
     ) -> None:
         self.registry = registry
         self.max_queue = max_queue
+        self.cache_wait = cache_wait
         # True while a worker of the model is on its way (autospawn): waiters keep waiting.
         self.expecting = expecting
         self._waiters: dict[str, deque[_Waiter]] = {}
@@ -54,11 +70,14 @@ class Scheduler:
         exclude: frozenset[str] = frozenset(),
         policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: frozenset[str] = frozenset(),
+        want: Want | None = None,
     ) -> Slot | None:
-        """A slot at once, or None, without queueing (and without overtaking waiters)."""
-        if self._waiters.get(model):
+        """A slot at once, or None, without queueing (and without overtaking waiters that
+        would take any free worker)."""
+        queue = self._waiters.get(model)
+        if queue and any(not w.affinity_until for w in queue):
             return None
-        return self.registry.take_slot(model, exclude, policy, tags)
+        return self.registry.take_slot(model, exclude, policy, tags, want)
 
     async def take_slot(
         self,
@@ -67,17 +86,24 @@ class Scheduler:
         exclude: frozenset[str] = frozenset(),
         policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
         tags: frozenset[str] = frozenset(),
+        want: Want | None = None,
     ) -> Slot:
         """A slot on a free worker of `model`, waiting up to `timeout` seconds.
 
         Raises TimeoutError, QueueFull or ModelGone.
         """
-        slot = self.try_take_slot(model, exclude, policy, tags)
+        slot = self.try_take_slot(model, exclude, policy, tags, want)
         if slot is not None:
             return slot
         if self.queued >= self.max_queue:
             raise QueueFull(f"{self.queued} requests are already queued (limit {self.max_queue})")
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude, policy, tags)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), exclude, policy, tags, want)
+        wakeup = None
+        if want is not None and self.registry.has_free(model):
+            # Free workers were declined for a busy holder of the prefix: not for long.
+            waiter.affinity_until = loop.time() + self.cache_wait
+            wakeup = loop.call_later(self.cache_wait, self.dispatch, model)
         queue = self._waiters.setdefault(model, deque())
         queue.append(waiter)
         self.queued += 1
@@ -97,6 +123,8 @@ class Scheduler:
             waiter.future.cancel()
             raise
         finally:
+            if wakeup is not None:
+                wakeup.cancel()
             self.queued -= 1
             if waiter in queue:
                 queue.remove(waiter)
@@ -121,13 +149,14 @@ class Scheduler:
                         ModelGone(f"every worker of model {model!r} left while the request waited")
                     )
             return
+        now = asyncio.get_running_loop().time()
         for waiter in list(queue):
             if not self.registry.has_free(model):
                 return
             if waiter.future.done():
                 queue.remove(waiter)
                 continue
-            slot = self.registry.take_slot(model, waiter.exclude, waiter.policy, waiter.tags)
+            slot = waiter.take(self.registry, model, now)
             if slot is not None:
                 queue.remove(waiter)
                 waiter.future.set_result(slot)

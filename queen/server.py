@@ -33,9 +33,10 @@ from queen.history import History
 from queen.leases import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
 from queen.openai.server import HttpFront, serve_http
+from queen.prefix_index import ENTRY_BYTES
 from queen.quotas import Quotas
 from queen.registry import Registry, RegistrySettings
-from queen.scheduler import Scheduler
+from queen.scheduler import DEFAULT_CACHE_WAIT, Scheduler
 from queen.service import QueenService
 from queen.web import web_app
 
@@ -76,7 +77,11 @@ class QueenConfig:
     # The longest ttl_seconds a Queen.Lease may ask for.
     max_lease_ttl: float = DEFAULT_MAX_TTL
     state_dir: Path = field(default_factory=lambda: default_state_dir("queen"))
-    policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_LEAST_LOADED
+    # UNSPECIFIED: by model (cache-aware on llamacpp workers, least-loaded otherwise).
+    policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED
+    # Cache-aware: the longest wait for a busy holder of the prefix; the index's memory.
+    cache_wait: float = DEFAULT_CACHE_WAIT
+    cache_index_mb: int = 64
     hive_ttl_intervals: float = 10.0
     breaker_failures: int = 3
     breaker_cooldown: float = 10.0
@@ -96,6 +101,7 @@ class QueenConfig:
             interval=self.heartbeat_interval,
             hive_ttl_intervals=self.hive_ttl_intervals,
             default_policy=self.policy,
+            cache_index_entries=self.cache_index_mb * 1_000_000 // ENTRY_BYTES,
             breaker_failures=self.breaker_failures,
             breaker_cooldown=self.breaker_cooldown,
         )
@@ -174,7 +180,7 @@ def open_history(state_dir: Path, registry: Registry) -> History:
 def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Cluster:
     registry = Registry(clock, config.registry_settings())
     channels = Channels(security)
-    scheduler = Scheduler(registry, config.max_queue)
+    scheduler = Scheduler(registry, config.max_queue, cache_wait=config.cache_wait)
     history = open_history(config.state_dir, registry)
     return Cluster(
         registry=registry,
@@ -183,7 +189,7 @@ def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Clus
         events=EventBus(),
         history=history,
         autospawn=Autospawner(registry, channels, config.autospawn, config.autospawn_catalog),
-        leases=LeaseManager(scheduler, channels),
+        leases=LeaseManager(scheduler, channels, clock),
         clock=clock,
         max_tokens_cap=config.max_tokens_cap,
         default_max_tokens=config.default_max_tokens,

@@ -21,8 +21,8 @@ from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 from queen import endings
 from queen.admission import admit
 from queen.cluster import Cluster
+from queen.leasebook import Lease as DirectLease
 from queen.leases import DEFAULT_MAX_TTL, DEFAULT_TTL
-from queen.leases import Lease as DirectLease
 from queen.quotas import Quotas, References, Refusal, peer_host
 from queen.registry import Registry, Slot
 from queen.route import Call, Caller, InFlight, Route, Stopping, Waits
@@ -193,10 +193,10 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             raise
         self._count_lease(request.model, "OK")
         return queen_pb2.LeaseResponse(
-            lease_id=lease.id,
+            lease_id=lease.token,
             worker_id=lease.slot.worker_id,
             address=lease.slot.address,
-            expires_at=timestamp(self.cluster.clock.time() + ttl),
+            expires_at=timestamp(lease.expires_at),
             ttl_seconds=ttl,
         )
 
@@ -219,19 +219,19 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def _lease(
         self, request: queen_pb2.LeaseRequest, ttl: float, client: str, context: Context
     ) -> DirectLease:
-        """A held slot, counted against the client's leases until the lease ends."""
+        """A reserved slot, counted against the client's leases until the lease ends."""
         leases = self.quotas.leases
         full = leases.acquire(client)
         if full is not None:
             raise refused(full)
         try:
             slot = await self._lease_slot(request, client, context)
-            return await self.cluster.leases.hold(
-                slot, ttl, on_end=lambda: leases.release(client), owner=client
-            )
         except BaseException:
             leases.release(client)  # no lease came of it
             raise
+        return self.cluster.leases.grant(
+            slot, ttl, on_end=lambda: leases.release(client), owner=client
+        )
 
     async def _lease_slot(
         self, request: queen_pb2.LeaseRequest, client: str, context: Context

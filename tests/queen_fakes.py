@@ -9,7 +9,7 @@ from typing import cast
 
 import grpc
 
-from protos.v1 import common_pb2, queen_pb2, worker_pb2_grpc
+from protos.v1 import common_pb2, queen_pb2, worker_pb2, worker_pb2_grpc
 from queen.autospawn import Autospawner
 from queen.channels import Channels
 from queen.cluster import Cluster
@@ -59,10 +59,51 @@ class FakeCall:
         return True
 
 
+class FakeLeaseCall:
+    """A worker's Leases stream: notices the queen writes are kept; reports the test sends
+    are read; `end(error)` ends it as the worker (or the network) would."""
+
+    def __init__(self) -> None:
+        self.notices: list[worker_pb2.LeaseNotice] = []
+        self.reports: asyncio.Queue[worker_pb2.LeaseReport | grpc.aio.AioRpcError | None] = (
+            asyncio.Queue()
+        )
+        self.cancelled = False
+
+    async def write(self, notice: worker_pb2.LeaseNotice) -> None:
+        self.notices.append(notice)
+
+    def report(self, *events: worker_pb2.LeaseEvent) -> None:
+        self.reports.put_nowait(worker_pb2.LeaseReport(events=events))
+
+    def end(self, error: grpc.aio.AioRpcError | None = None) -> None:
+        self.reports.put_nowait(error)
+
+    def __aiter__(self) -> FakeLeaseCall:
+        return self
+
+    async def __anext__(self) -> worker_pb2.LeaseReport:
+        item = await self.reports.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, grpc.aio.AioRpcError):
+            raise item
+        return item
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
 class FakeWorkerStub:
     def __init__(self, calls: list[FakeCall]) -> None:
         self.calls = calls
         self.requests: list[common_pb2.InferRequest] = []
+        self.lease_calls: list[FakeLeaseCall] = []
+
+    def Leases(self) -> FakeLeaseCall:
+        self.lease_calls.append(FakeLeaseCall())
+        return self.lease_calls[-1]
 
     def Infer(self, request: common_pb2.InferRequest, timeout: float | None = None) -> FakeCall:
         self.requests.append(request)
@@ -119,7 +160,7 @@ def make_cluster(
         events=EventBus(),
         history=History(tmp / "history.sqlite3"),
         autospawn=Autospawner(registry, channels, {}),
-        leases=LeaseManager(scheduler, channels),
+        leases=LeaseManager(scheduler, channels, clock),
         clock=clock,
         max_tokens_cap=1000,
         max_prompt_bytes=10_000,

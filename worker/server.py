@@ -11,26 +11,21 @@ import grpc
 import structlog
 
 from apiary.clock import Clock, SystemClock
+from apiary.coalesce import coalesced
+from apiary.leasetoken import LeaseToken, lease_id_of
 from apiary.protoutil import timestamp
 from apiary.security import OPEN, Security, TokenSet, bearer, method_table
 from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.backends import Backend
+from worker.leases import LeaseDesk
 from worker.slots import Slots
 from worker.stream import render, stream
 
 log = structlog.get_logger("worker.server")
 
 SERVICE_NAMES = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,)
-
-
-@dataclass
-class LeaseSignals:
-    """Wakes a held lease's stream when the client's call starts and when it ends."""
-
-    used: asyncio.Event = field(default_factory=asyncio.Event)
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -72,7 +67,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.load_progress = 0.0
         self.status_detail = "starting"
         self.slots = Slots(identity.worker_id, identity.slots)
-        self.lease_signals: dict[str, LeaseSignals] = {}
+        self.leases = LeaseDesk(identity.worker_id, self.tokens.worker, self.slots, self.clock)
         self.completed = 0
         self.failed = 0
         self.started_at = time.time()
@@ -82,7 +77,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: common_pb2.InferRequest, context: Context
     ) -> AsyncIterator[common_pb2.InferChunk]:
         with structlog.contextvars.bound_contextvars(request_id=request.request_id):
-            await self._check_call(request, context)
+            lease = await self._check_call(request, context)
             try:
                 # The model's own template, before a slot is taken: a chat it refuses is the
                 # client's mistake, said as such.
@@ -92,16 +87,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"model {self.identity.model!r} cannot take these messages: {exc}",
                 )
-            refusal = self.slots.start(request.lease_id)
+            refusal = self.slots.start(lease, self.leases.now())
             if refusal is not None:
                 await context.abort(grpc.StatusCode[refusal.code], refusal.message)
-            signals = self.lease_signals.get(request.lease_id) if request.lease_id else None
-            if signals is not None:
-                signals.used.set()
+            if lease is not None:
+                self.leases.started(lease.lease_id)
             self.last_activity = time.time()
             ok = False
+            tokens = 0
             try:
-                async for chunk in stream(self.backend, request, prepared):
+                async for chunk in coalesced(stream(self.backend, request, prepared)):
+                    tokens = chunk.completion_tokens or tokens
                     yield chunk
                 ok = True
             except Exception as exc:
@@ -111,20 +107,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             finally:
                 self.slots.finish()
                 self.last_activity = time.time()
-                if signals is not None:
-                    signals.finished.set()
+                if lease is not None:
+                    self.leases.ended(lease.lease_id, ok, tokens)
                 if ok:
                     self.completed += 1
                 else:
                     self.failed += 1
                     log.info("stream ended early")
 
-    async def _check_call(self, request: common_pb2.InferRequest, context: Context) -> None:
-        """Aborts a call this worker must not serve: not allowed, loading, or invalid.
+    async def _check_call(
+        self, request: common_pb2.InferRequest, context: Context
+    ) -> LeaseToken | None:
+        """Aborts a call this worker must not serve: not allowed, loading, or invalid; else
+        the lease it comes with (None: none).
 
         Who may call comes first, before anything about this worker is looked up or said.
         """
-        await self._check_caller(request, context)
+        lease = await self._check_caller(request, context)
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
         if not request.max_tokens:
@@ -138,51 +137,49 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return lease
 
-    async def _check_caller(self, request: common_pb2.InferRequest, context: Context) -> None:
-        """Open at the interceptor so a lease holder can call us; everyone else needs this
-        worker's own credential (its queen and its hive have it)."""
-        if not self.tokens.enabled:
-            return
+    async def _check_caller(
+        self, request: common_pb2.InferRequest, context: Context
+    ) -> LeaseToken | None:
+        """A lease holder may call us (its lease is checked here, with or without tokens);
+        everyone else needs this worker's own credential (its queen and its hive have it)."""
         if request.lease_id:
-            if not self.slots.usable(request.lease_id):
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "this lease is not valid here (unknown, expired or used); ask the queen for "
-                    "a new lease",
-                )
-            return
+            return await self._check_lease(request.lease_id, context)
+        if not self.tokens.enabled:
+            return None
         if "worker" not in self.tokens.roles_of(bearer(context.invocation_metadata())):
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong credentials: workers serve their queen and hive, or a client "
                 "holding a lease from Queen.Lease",
             )
+        return None
 
-    async def HoldLease(
-        self, request: worker_pb2.HoldLeaseRequest, context: Context
-    ) -> AsyncIterator[worker_pb2.LeaseUpdate]:
-        lease_id = request.lease_id
-        serving = self.ready and not self.stop.is_set()
-        refusal = self.slots.reserve(lease_id, request.ttl_seconds, serving)
-        if refusal is not None:
-            await context.abort(grpc.StatusCode[refusal.code], refusal.message)
-        signals = self.lease_signals[lease_id] = LeaseSignals()
-        try:
-            yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_HELD)
-            try:
-                await asyncio.wait_for(signals.used.wait(), request.ttl_seconds)
-            except TimeoutError:
-                self.slots.expire(lease_id)
-                yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_EXPIRED)
-                return
-            yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_IN_USE)
-            await signals.finished.wait()
-            yield worker_pb2.LeaseUpdate(state=worker_pb2.LEASE_STATE_DONE)
-        finally:
-            # Whoever ends the stream (the queen giving the lease back included) frees the slot.
-            self.slots.drop(lease_id)
-            self.lease_signals.pop(lease_id, None)
+    async def _check_lease(self, token: str, context: Context) -> LeaseToken:
+        """The lease if it was signed for this worker, has not expired and was never used
+        (or given back). With tokens a lease is a credential: a bad one is UNAUTHENTICATED."""
+        lease = self.leases.read(token)
+        if lease is None or self.slots.lease_problem(lease, self.leases.now()):
+            if self.tokens.enabled:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "this lease is not valid here (unknown, expired or used); ask the queen for "
+                    "a new lease",
+                )
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"lease {lease_id_of(token)[:40]!r} is unknown, expired or already used on "
+                f"worker {self.identity.worker_id}; ask the queen for a new lease",
+            )
+        assert lease is not None  # abort raised otherwise
+        return lease
+
+    async def Leases(
+        self, request_iterator: AsyncIterator[worker_pb2.LeaseNotice], context: Context
+    ) -> AsyncIterator[worker_pb2.LeaseReport]:
+        async for report in self.leases.serve(request_iterator, context):
+            yield report
 
     async def GetStatus(
         self, request: worker_pb2.GetStatusRequest, context: Context
@@ -213,7 +210,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             state = common_pb2.WORKER_STATE_BUSY
         else:
             state = common_pb2.WORKER_STATE_IDLE
-        return common_pb2.WorkerRecord(
+        record = common_pb2.WorkerRecord(
             id=ident.worker_id,
             hive_id=ident.hive_id,
             model=ident.model,
@@ -230,6 +227,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             load_progress=self.load_progress,
             status_detail=self.status_detail,
         )
+        cache = self.backend.prefix_cache() if self.ready else None
+        if cache is not None:
+            record.prefix_cache.CopyFrom(cache)
+        return record
 
 
 # Only the queen and the hive call workers (worker token); Infer is also open to a client with

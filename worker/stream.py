@@ -8,6 +8,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
+from apiary.prefix import request_chain
 from protos.v1 import common_pb2
 from worker.backends import Backend, GenerationRequest, Message
 from worker.completion import Completion, Release
@@ -45,7 +46,10 @@ def render(backend: Backend, request: common_pb2.InferRequest) -> Prepared:
     """Raises ValueError if the model's chat template refuses the messages."""
     generation = generation_of(request)
     rendered = backend.render(generation)
-    generation = dataclasses.replace(generation, prompt=rendered.text, special=rendered.special)
+    blocks = tuple(request_chain(request)) if backend.KEEPS_PREFIXES else ()
+    generation = dataclasses.replace(
+        generation, prompt=rendered.text, special=rendered.special, blocks=blocks
+    )
     return Prepared(generation, (*request.stop, *rendered.stops))
 
 

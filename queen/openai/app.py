@@ -38,6 +38,8 @@ from queen.service import Accepted, QueenService
 log = structlog.get_logger("queen.openai")
 
 REQUEST_ID = "x-request-id"
+# Requests with the same value stick to one worker (cache-aware routing), like `user`.
+SESSION_AFFINITY = "x-session-affinity"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -109,6 +111,8 @@ class Front:
         if len(reference) > MAX_NAME_LENGTH:
             raise ApiError(400, f"{REQUEST_ID} is longer than {MAX_NAME_LENGTH} characters")
         wanted.request.request_id = reference
+        if affinity := request.headers.get(SESSION_AFFINITY, ""):
+            wanted.request.session_id = params.session_key(affinity)
         try:
             accepted = self.service.accept(wanted.request, client, NoDeadline())
         except StatusError as refused:

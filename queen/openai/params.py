@@ -9,10 +9,12 @@ max_tokens cap, ...) are the queen's admission's to check, the same as for gRPC.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import common_pb2
 
 # Chat roles as the contract has them; OpenAI's newer `developer` is the system's voice.
@@ -207,7 +209,17 @@ def common(body: object, known: frozenset[str], request: common_pb2.InferRequest
     sampling(body, request)
     stream, include_usage = streaming(body)
     user = text(body, "user") or ""
+    request.session_id = session_key(text(body, "prompt_cache_key") or user)
     return Wanted(request, chat=False, stream=stream, include_usage=include_usage, user=user)
+
+
+def session_key(name: str) -> str:
+    """The session a request sticks to (cache-aware routing): `prompt_cache_key`, else `user`
+    (an X-Session-Affinity header overrides both). A name too long for session_id goes as
+    its digest, so any caller-chosen key works and stays stable."""
+    if len(name) <= MAX_NAME_LENGTH:
+        return name
+    return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
 
 
 def max_tokens(body: Mapping[str, Any], *names: str) -> int:

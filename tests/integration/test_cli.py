@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -83,7 +84,9 @@ async def test_infer_streams_tokens(live: Proc) -> None:
     assert "4 tokens, finish=length" in out.stderr
     as_json = apiary("infer", "demo", "a b", "--max-tokens", "3", "--json", queen=live)
     chunks = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert [c["text"] for c in chunks] == ["a", " b", " a"]
+    # One line per message; tokens that come while one is written share the next.
+    assert "".join(c["text"] for c in chunks) == "a b a"
+    assert sum(len(c["token_ids"]) for c in chunks) == 3
     assert chunks[-1]["finish_reason"] == "length"
 
 
@@ -507,3 +510,17 @@ async def test_output_piped_into_a_reader_that_stops_early(live: Proc) -> None:
     )
     assert piped.stdout.startswith("queen ")
     assert "Traceback" not in piped.stderr
+
+
+async def test_several_queens_the_next_when_one_cannot_be_reached(live: Proc) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+    queens = f"{dead},{live.address}"
+    out = apiary("infer", "demo", "a b", "--max-tokens", "2", "--queen", queens)
+    assert out.returncode == 0 and out.stdout == "a b\n", out.stderr
+    direct = apiary("infer", "demo", "c d", "--max-tokens", "2", "--direct", "--queen", queens)
+    assert direct.returncode == 0 and direct.stdout == "c d\n", direct.stderr
+    none = apiary("status", "--queen", f"{dead},127.0.0.1:1")
+    assert none.returncode == 1
+    assert f"cannot reach any queen at {dead},127.0.0.1:1" in none.stderr

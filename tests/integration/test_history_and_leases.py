@@ -11,6 +11,7 @@ import pytest
 
 from harness import Cluster, wait_until
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc, worker_pb2_grpc
+from tests.streams import tokens_in
 
 
 def infer(tokens: int = 4, **kw: Any) -> common_pb2.InferRequest:
@@ -31,7 +32,7 @@ async def test_history_survives_a_queen_crash_and_running_requests_are_marked_fa
     for i in range(3):
         await collect(stub, infer(request_id=f"done-{i}"))
     with pytest.raises(grpc.aio.AioRpcError):
-        await collect(stub, infer(request_id="bad", tokens=0))  # refused before acceptance
+        await collect(stub, infer(request_id="bad", tokens=10**6))  # refused before acceptance
     running = asyncio.create_task(collect(stub, infer(tokens=100, request_id="cut-short")))
 
     async def is_running() -> bool:
@@ -154,7 +155,7 @@ async def test_direct_lease_reserves_a_slot_until_the_call_ends_or_the_lease_exp
         await collect(direct, infer())
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     chunks = await collect(direct, infer(tokens=10, lease_id=lease.lease_id))
-    assert len(chunks) == 10
+    assert tokens_in(chunks) == 10
 
     async def idle() -> bool:
         return (await model()).idle == 1
@@ -174,8 +175,25 @@ async def test_direct_lease_reserves_a_slot_until_the_call_ends_or_the_lease_exp
 
     early = await stub.Lease(queen_pb2.LeaseRequest(model="demo", ttl_seconds=60))
     assert (await model()).busy == 1
+
+    async def worker_serves_others() -> bool:
+        try:
+            await collect(direct, infer(tokens=1))
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return False
+        return True
+
+    async def worker_holds_it() -> bool:
+        return not await worker_serves_others()
+
+    await wait_until(worker_holds_it)  # the worker heard of the lease
     await stub.ReleaseLease(queen_pb2.ReleaseLeaseRequest(lease_id=early.lease_id))
     await wait_until(idle, timeout=3)
+    await wait_until(worker_serves_others)  # and heard it was given back: no call may use it
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(direct, infer(lease_id=early.lease_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ReleaseLease(queen_pb2.ReleaseLeaseRequest(lease_id=early.lease_id))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -26,6 +26,8 @@ QUEEN_FAMILIES = {
     "apiary_queue_wait_seconds": "histogram",
     "apiary_prompt_tokens": "counter",
     "apiary_cached_prompt_tokens": "counter",
+    "apiary_prompt_cache_hits": "counter",
+    "apiary_prompt_cache_hit_ratio": "gauge",
     "apiary_completion_tokens": "counter",
     "apiary_request_tokens_per_second": "histogram",
     "apiary_heartbeats": "counter",

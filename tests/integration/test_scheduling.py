@@ -13,6 +13,7 @@ import pytest
 
 from harness import Cluster, Proc, wait_until
 from protos.v1 import common_pb2, queen_pb2
+from tests.streams import tokens_in
 
 
 def infer(model: str = "demo", tokens: int = 4, **kw: Any) -> common_pb2.InferRequest:
@@ -98,7 +99,7 @@ async def test_routing_policy_per_queen_and_per_request(cluster: Cluster) -> Non
         common_pb2.ROUTING_POLICY_LOTTERY,
         common_pb2.ROUTING_POLICY_SHORTEST_QUEUE,
     ):
-        assert len(await collect(stub, infer(policy=policy))) == 4
+        assert tokens_in(await collect(stub, infer(policy=policy))) == 4
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(stub, infer(policy=42))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -185,7 +186,7 @@ async def test_autospawn_starts_exactly_one_worker_for_concurrent_requests(
     await wait_until(lambda: _hive_known(admin))
     stub = cluster.queen_stub(queen)
     results = await asyncio.gather(*(collect(stub, infer(model="lazy")) for _ in range(6)))
-    assert all(len(r) == 4 for r in results)
+    assert all(tokens_in(r) == 4 for r in results)
     workers = (await admin.ListWorkers(queen_pb2.ListWorkersRequest(model="lazy"))).workers
     assert len(workers) == 1
     hive = (await admin.GetHive(queen_pb2.GetHiveRequest(hive_id="h1"))).hive
@@ -267,7 +268,7 @@ async def test_request_waiting_on_a_frozen_hive_moves_to_another_before_its_firs
     finally:
         for proc in procs:
             proc.resume()
-    assert all(len(r) == 5 for r in results)  # none lost, none failed
+    assert all(tokens_in(r) == 5 for r in results)  # none lost, none failed
     h2_workers = (
         await cluster.admin_stub(queen).ListWorkers(queen_pb2.ListWorkersRequest(hive_id="h2"))
     ).workers

@@ -25,6 +25,7 @@ from protos.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from tests.streams import tokens_in
 
 
 def infer(**kw: Any) -> common_pb2.InferRequest:
@@ -106,7 +107,7 @@ async def test_each_role_may_call_only_its_own_methods(cluster: Cluster, certs: 
         assert await code_of(worker_stub.Infer(infer())) == expected
 
     client, admin, registry, hive_stub, worker_stub = stubs(tokens["client"])
-    assert len(await collect(client, infer())) == 3
+    assert tokens_in(await collect(client, infer())) == 3
     assert await code_of(client.ListModels(queen_pb2.ListModelsRequest())) is None
     assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) == P
     assert (
@@ -117,11 +118,11 @@ async def test_each_role_may_call_only_its_own_methods(cluster: Cluster, certs: 
     assert await code_of(worker_stub.Infer(infer())) == U
     lease = await client.Lease(queen_pb2.LeaseRequest(model="demo"))
     direct = worker_pb2_grpc.WorkerStub(cluster.channel(lease.address, tokens["client"]))
-    assert len(await collect(direct, infer(lease_id=lease.lease_id))) == 3
+    assert tokens_in(await collect(direct, infer(lease_id=lease.lease_id))) == 3
 
     # The admin token is for the queen only: a hive does not take it (the queen forwards).
     client, admin, registry, hive_stub, worker_stub = stubs(tokens["admin"])
-    assert len(await collect(client, infer())) == 3
+    assert tokens_in(await collect(client, infer())) == 3
     assert await code_of(admin.ListHives(queen_pb2.ListHivesRequest())) is None
     assert await code_of(admin.ListProcesses(queen_pb2.HiveRequest(hive_id="h1"))) is None
     assert await code_of(hive_stub.ListWorkers(hive_pb2.ListHiveWorkersRequest())) == U
@@ -152,6 +153,54 @@ async def test_each_role_may_call_only_its_own_methods(cluster: Cluster, certs: 
     for path in (cluster.tmp / "state-h1" / "logs").glob("*.log"):
         text = path.read_text()
         assert all(value not in text for value in tokens.values())
+
+
+async def test_a_lease_is_a_one_call_credential_for_its_worker_only(
+    cluster: Cluster, certs: Path
+) -> None:
+    """The worker checks a lease by itself: forged, another worker's, reused and expired
+    leases are refused (UNAUTHENTICATED: with tokens a lease is a credential)."""
+    tokens = tokens_of(certs)
+    cluster.server_args = ["--tokens-file", str(certs / "tokens.json")]
+    cluster.token = tokens["admin"]
+    queen = cluster.start_queen()
+    cluster.start_hive(queen, "h1", "model=demo,count=2")
+    workers = await cluster.wait_workers(queen, "demo", 2)
+    client = queen_pb2_grpc.QueenStub(cluster.channel(queen.address, tokens["client"]))
+
+    def direct(address: str) -> Any:
+        return worker_pb2_grpc.WorkerStub(cluster.channel(address, tokens["client"]))
+
+    async def refused(address: str, lease_id: str) -> grpc.StatusCode | None:
+        return await code_of(direct(address).Infer(infer(lease_id=lease_id)))
+
+    lease = await client.Lease(queen_pb2.LeaseRequest(model="demo"))
+    other = next(w.address for w in workers if w.address != lease.address)
+    body, _, signature = lease.lease_id.rpartition(".")
+    lease_id, _, expires = body.partition(".")
+    forged = [
+        f"{lease_id}.{int(expires) + 3_600_000}.{signature}",  # a later expiry
+        f"l-{'A' * 22}.{expires}.{signature}",  # another lease's id
+        f"{body}.{'A' * len(signature)}",  # a made-up signature
+        "l-nothing",
+    ]
+    U = grpc.StatusCode.UNAUTHENTICATED
+    for token in forged:
+        assert await refused(lease.address, token) == U, token
+    assert await refused(other, lease.lease_id) == U  # signed for its own worker only
+    chunks = await collect(direct(lease.address), infer(lease_id=lease.lease_id))
+    assert tokens_in(chunks) == 3
+    assert await refused(lease.address, lease.lease_id) == U  # replayed
+
+    short = await client.Lease(queen_pb2.LeaseRequest(model="demo", ttl_seconds=0.2))
+    admin = cluster.admin_stub(queen)
+
+    async def slot_back() -> bool:
+        listed = await admin.ListWorkers(queen_pb2.ListWorkersRequest())
+        return all(w.state == common_pb2.WORKER_STATE_IDLE for w in listed.workers)
+
+    await wait_until(slot_back)  # the queen takes the slot back after the lease's end
+    assert await refused(short.address, short.lease_id) == U  # expired
 
 
 async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
@@ -190,7 +239,7 @@ async def test_tls_and_mutual_tls(cluster: Cluster, certs: Path) -> None:
         cert=str(certs / "client.pem"), key=str(certs / "client.key"), ca=str(certs / "ca.pem")
     )
     await cluster.wait_workers(queen, "demo", 1, timeout=20)
-    assert len(await collect(cluster.queen_stub(queen), infer())) == 3
+    assert tokens_in(await collect(cluster.queen_stub(queen), infer())) == 3
     # The impostor has been told no (its heartbeat failed) and is still not in the registry.
     await wait_until(lambda: "PERMISSION_DENIED" in impostor.log())
     hives = (await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives
@@ -310,9 +359,9 @@ async def test_limits_per_client_and_per_request(cluster: Cluster, certs: Path) 
 
     await wait_until(both_streaming)
     assert await code_of(client.Infer(infer())) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert len(await collect(other, infer())) == 3  # the limit is per token
+    assert tokens_in(await collect(other, infer())) == 3  # the limit is per token
     await asyncio.gather(*holding)
-    assert len(await collect(client, infer())) == 3
+    assert tokens_in(await collect(client, infer())) == 3
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(client, infer(prompt="x" * 1001))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 1000" in (

@@ -18,6 +18,7 @@ from apiary.protoutil import READY_STATES
 from harness import Cluster, Proc, stays_true
 from harness import wait_until as eventually
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
+from tests.streams import tokens_in
 
 FAST = ("--restart-backoff", "0.1", "--term-grace", "0.5")
 
@@ -83,7 +84,7 @@ async def test_worker_that_crashes_after_n_requests_comes_back_with_the_same_id(
     # 4 requests: 2 per worker (LRU alternates), then the 5th finds its worker dying on it and
     # is retried on the other before any chunk was sent; none of them fails.
     for _ in range(5):
-        assert len(await collect(stub)) == 4
+        assert tokens_in(await collect(stub)) == 4
     pids = {w.id: w.pid for w in workers}
 
     restarted = await wait_worker(
@@ -92,7 +93,7 @@ async def test_worker_that_crashes_after_n_requests_comes_back_with_the_same_id(
     assert restarted.id in pids and restarted.pid != pids[restarted.id]
     assert not psutil.pid_exists(pids[restarted.id])
     await cluster.wait_workers(queen, "demo", 2)
-    assert len(await collect(stub)) == 4
+    assert tokens_in(await collect(stub)) == 4
 
 
 async def test_hung_worker_fails_health_checks_and_is_killed(cluster: Cluster) -> None:
@@ -172,7 +173,7 @@ async def test_boot_workers_are_never_idle_retired(cluster: Cluster) -> None:
         return demo == kept
 
     await stays_true(demo_unchanged, seconds=2.0)  # twice the idle timeout, checks every 0.2 s
-    assert len(await collect(cluster.queen_stub(queen))) == 4
+    assert tokens_in(await collect(cluster.queen_stub(queen))) == 4
 
 
 async def test_graceful_stop_lets_the_stream_finish_and_force_does_not(cluster: Cluster) -> None:
@@ -242,7 +243,7 @@ async def test_sigkilled_hive_restarts_and_readopts_its_workers(cluster: Cluster
             assert by_id[worker_id].pid == pid and by_id[worker_id].restart_count == 0
     assert len(await hive_workers(cluster, hive)) == 3
     stub = cluster.queen_stub(queen)
-    assert all(len(r) == 4 for r in await asyncio.gather(*(collect(stub) for _ in range(6))))
+    assert all(tokens_in(r) == 4 for r in await asyncio.gather(*(collect(stub) for _ in range(6))))
 
     # An adopted worker (not the hive's child) still has its death seen at once: through its
     # pidfd (an exit of unknown status), not after health checks failed.

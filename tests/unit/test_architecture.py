@@ -30,6 +30,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 
 # Logic without I/O: given a Clock, driven by tests; no sockets, processes, threads or sleeping.
 PURE_MODULES = (
+    "apiary/leasetoken.py",
     "hive/states.py",
     "hive/policy.py",
     "queen/registry.py",
@@ -37,6 +38,7 @@ PURE_MODULES = (
     "queen/stats.py",
     "queen/retry.py",
     "queen/quotas.py",
+    "queen/leasebook.py",
     "queen/endings.py",
     "queen/openai/params.py",
     "queen/openai/shapes.py",

@@ -30,6 +30,11 @@ def beat(*records: common_pb2.WorkerRecord, **fields: object) -> queen_pb2.HiveH
     return queen_pb2.HiveHeartbeat(**{**base, **fields}, workers=records)  # type: ignore[arg-type]
 
 
+TOO_MANY_BLOCKS = common_pb2.WorkerSample(
+    id="w1", prefix_cache=common_pb2.PrefixCache(blocks=range(4097))
+)
+
+
 def problem_of(b: queen_pb2.HiveHeartbeat) -> str | None:
     return beat_problem(b, LIMITS) or changed_records(b, lambda _: None, LIMITS)[1]
 
@@ -53,6 +58,7 @@ def problem_of(b: queen_pb2.HiveHeartbeat) -> str | None:
         (beat(record("w1"), record("w1")), "'w1' is listed twice"),
         (beat(record(load_progress=float("nan"))), "load_progress must be within 0..1"),
         (beat(backends=["echo", "x y"]), "backends[]"),
+        (beat(samples=[TOO_MANY_BLOCKS]), "prefix_cache.blocks: at most 4096"),
     ],
 )
 def test_a_bad_field_is_named(bad: queen_pb2.HiveHeartbeat, named: str) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+import grpc
 import pytest
 
-from cli.errors import connection_problem
+from cli.errors import connection_problem, rpc_error_text
 from cli.output import PullProgressLines, fit_widths, table, terminal_width, worker_rows
 from cli.up import banner, daemon_flags, metrics_ports
 from protos.v1 import common_pb2, hive_pb2
@@ -129,6 +130,25 @@ def test_connection_errors_say_what_is_wrong(
     assert expected in problem if expected else problem == ""
     if "closed the connection" in expected and not tls_ca:
         assert "cannot reach" not in problem
+
+
+def test_the_clients_errors_read_as_one_line_naming_every_queen() -> None:
+    """apiary.client raises grpc.aio.AioRpcError (not a grpc.Call): read the same way."""
+    refused = CONNECT + "UNKNOWN: ipv4:127.0.0.1:7071: Failed to connect to remote host: refused"
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), refused, None
+    )
+    assert rpc_error_text(error, ADDRESS) == (
+        "UNAVAILABLE: cannot reach the queen at 127.0.0.1:7070; is it running? "
+        "(--queen, or APIARY_QUEEN)"
+    )
+    assert rpc_error_text(error, "127.0.0.1:7070,127.0.0.1:7071").startswith(
+        "UNAVAILABLE: cannot reach any queen at 127.0.0.1:7070,127.0.0.1:7071; are they running?"
+    )
+    missing = grpc.aio.AioRpcError(
+        grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "unknown model", None
+    )
+    assert rpc_error_text(missing, ADDRESS) == "NOT_FOUND: unknown model"
 
 
 def up_args(**overrides: object) -> argparse.Namespace:

@@ -44,6 +44,16 @@ def test_a_full_chat_request_maps_every_field() -> None:
     )  # fmt: skip
 
 
+def test_the_session_is_prompt_cache_key_else_user_and_long_keys_go_as_a_digest() -> None:
+    assert chat(prompt_cache_key="tenant-1", user="u-1").request.session_id == "tenant-1"
+    assert chat(user="u-1").request.session_id == "u-1"
+    assert chat().request.session_id == ""
+    long = chat(user="x" * 500).request.session_id
+    assert long.startswith("sha256:") and len(long) <= 128
+    assert long == chat(user="x" * 500).request.session_id
+    assert long != chat(user="y" * 500).request.session_id
+
+
 def test_absent_and_null_parameters_leave_the_defaults() -> None:
     request = chat(temperature=None, max_tokens=None, stop=None, stream=None).request
     assert request.max_tokens == 0  # the queen's default

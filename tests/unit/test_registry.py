@@ -318,10 +318,11 @@ def test_tag_pools_per_model_stay_bounded() -> None:
     assert reg.pool_size("m", frozenset({"t1", "t9"})) == 1
 
 
-def test_a_new_registry_warms_up_for_two_intervals() -> None:
-    reg, clock, _ = make(interval=1.0)
+def test_a_new_registry_warms_up_for_two_intervals_and_a_reconnect_backoff() -> None:
+    """A hive whose channel backed off while the queen was down reconnects within 1 s."""
+    reg, clock, _ = make(interval=0.2)
     assert reg.warming_up()
-    clock.advance(1.9)
+    clock.advance(1.39)
     assert reg.warming_up()
-    clock.advance(0.1)
+    clock.advance(0.02)
     assert not reg.warming_up()

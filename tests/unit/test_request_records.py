@@ -84,9 +84,12 @@ class Rows(History):
         }
 
     def started(
-        self, request_id: str, worker_id: str, hive_id: str, at: float, attempt: int
-    ) -> None:
-        self.rows[request_id].update(status=queen_pb2.REQUEST_STATUS_RUNNING, worker=worker_id)
+        self, request_id: str, worker_id: str, hive_id: str, at: float, attempt: int,
+        policy: int = 0,
+    ) -> None:  # fmt: skip
+        self.rows[request_id].update(
+            status=queen_pb2.REQUEST_STATUS_RUNNING, worker=worker_id, policy=policy
+        )
 
     def finish(
         self,
@@ -181,6 +184,7 @@ async def test_the_queen_makes_its_own_id_and_echoes_the_clients_reference(
     (queen_id,) = rows(cluster).rows
     assert sent[0].request_id == queen_id != "mine" and len(queen_id) == 32
     assert rows(cluster).only() == {
+        "policy": common_pb2.ROUTING_POLICY_LEAST_LOADED,  # the model's default (echo workers)
         "client": "shop",
         "client_request_id": "mine",
         "status": queen_pb2.REQUEST_STATUS_COMPLETED,

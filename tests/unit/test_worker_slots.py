@@ -1,8 +1,14 @@
-"""A worker's own slot accounting: calls, lease holds, and the refusals it answers with."""
+"""A worker's own slot accounting: calls, slots held for leases, spent leases, and the
+refusals it answers with. Times are on the queen's clock, given by the test."""
 
 from __future__ import annotations
 
+from apiary.leasetoken import LeaseToken
 from worker.slots import Refusal, Slots
+
+
+def lease(name: str, expires_at: float = 100.0) -> LeaseToken:
+    return LeaseToken(f"l-{name}", expires_at)
 
 
 def test_calls_take_slots_until_full() -> None:
@@ -20,54 +26,57 @@ def test_calls_take_slots_until_full() -> None:
 
 def test_a_held_slot_is_not_free_for_other_calls() -> None:
     slots = Slots("w1", 1)
-    assert slots.reserve("l1", 30, serving=True) is None
+    assert slots.hold(lease("a"), stream=1, now=0.0)
     assert slots.free == 0
     refused = slots.start()
     assert refused is not None and refused.code == "RESOURCE_EXHAUSTED"
-    assert slots.reserve("l2", 30, serving=True) == Refusal(
-        "RESOURCE_EXHAUSTED", "worker w1 has no free slot to hold"
-    )
+    # Every slot is held: a second hold holds nothing (its token still works if one frees).
+    assert not slots.hold(lease("b"), stream=1, now=0.0)
+    assert slots.start(lease("a"), now=1.0) is None  # the holder takes its own slot
+    assert (slots.in_flight, slots.holds, slots.free) == (1, {}, 0)
 
 
-def test_the_lease_holder_uses_its_slot_once() -> None:
-    slots = Slots("w1", 1)
-    slots.reserve("l1", 30, serving=True)
-    assert slots.start("l1") is None
-    assert (slots.in_flight, slots.unused_holds(), slots.free) == (1, 0, 0)
-    assert slots.start("l1") == Refusal(
-        "FAILED_PRECONDITION",
-        "lease 'l1' is unknown, expired or already used on worker w1; "
-        "ask the queen for a new lease",
-    )
-    slots.finish()
-    assert slots.free == 1  # used holds do not count, only the call did
-    slots.drop("l1")
-    assert slots.holds == {} and slots.free == 1
-
-
-def test_unknown_and_expired_leases_are_refused() -> None:
+def test_a_lease_is_good_for_one_call() -> None:
     slots = Slots("w1", 2)
-    unknown = slots.start("nope")
-    assert unknown is not None and unknown.code == "FAILED_PRECONDITION"
-    slots.reserve("l1", 30, serving=True)
-    slots.expire("l1")
-    expired = slots.start("l1")
-    assert expired is not None and expired.code == "FAILED_PRECONDITION"
-    assert slots.free == 1  # an expired hold counts until its stream drops it
-    slots.drop("l1")
+    assert slots.start(lease("a"), now=1.0) is None  # not announced yet: a free slot serves
+    slots.finish()
+    assert slots.start(lease("a"), now=2.0) == Refusal(
+        "FAILED_PRECONDITION",
+        "lease 'l-a' is already used on worker w1; ask the queen for a new lease",
+    )
+    assert not slots.hold(lease("a"), stream=1, now=2.0)  # a late notice holds nothing
     assert slots.free == 2
-    slots.expire("gone")  # a hold already dropped: nothing to do
 
 
-def test_hold_refusals_in_order() -> None:
+def test_expired_leases_are_refused_and_forgotten() -> None:
+    slots = Slots("w1", 2)
+    assert slots.hold(lease("a", expires_at=10.0), stream=1, now=0.0)
+    assert slots.free == 1
+    expired = slots.start(lease("a", expires_at=10.0), now=10.0)
+    assert expired is not None and expired.code == "FAILED_PRECONDITION"
+    assert "expired" in expired.message
+    assert slots.holds == {} and slots.free == 2  # its hold went with it
+    slots.start(lease("b", expires_at=20.0), now=11.0)
+    assert "l-b" in slots.spent
+    slots.expire(20.0)
+    assert slots.spent == {}  # past its expiry a replay is refused as expired anyway
+
+
+def test_a_revoked_lease_frees_its_slot_and_cannot_be_used() -> None:
     slots = Slots("w1", 1)
-    assert slots.reserve("", 30, serving=False) == Refusal(
-        "INVALID_ARGUMENT", "lease_id is required and must be new"
-    )
-    assert slots.reserve("l1", 0, serving=False) == Refusal(
-        "INVALID_ARGUMENT", "ttl_seconds must be > 0"
-    )
-    assert slots.reserve("l1", 30, serving=False) == Refusal("UNAVAILABLE", "worker is not serving")
-    assert slots.reserve("l1", 30, serving=True) is None
-    repeated = slots.reserve("l1", 30, serving=True)
-    assert repeated is not None and repeated.message == "lease_id is required and must be new"
+    slots.hold(lease("a"), stream=1, now=0.0)
+    slots.revoke(lease("a"), now=1.0)
+    assert slots.free == 1
+    refused = slots.start(lease("a"), now=2.0)
+    assert refused is not None and refused.code == "FAILED_PRECONDITION"
+    slots.revoke(lease("never-held"), now=2.0)  # revoked before its notice: spent all the same
+    assert slots.start(lease("never-held"), now=3.0) is not None
+
+
+def test_the_holds_of_a_stream_go_with_it() -> None:
+    slots = Slots("w1", 3)
+    slots.hold(lease("a"), stream=1, now=0.0)
+    slots.hold(lease("b"), stream=2, now=0.0)
+    assert slots.drop_holds(1) == 1
+    assert set(slots.holds) == {"l-b"} and slots.free == 2
+    assert slots.start(lease("a"), now=1.0) is None  # its token still works while a slot is free

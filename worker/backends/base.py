@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
+from protos.v1 import common_pb2
+
 # Called during load with (fraction done 0..1, what is happening); from any thread.
 Progress = Callable[[float, str], None]
 
@@ -32,6 +34,9 @@ class GenerationRequest:
     messages: tuple[Message, ...] = ()
     # The prompt holds a template's special tokens (e.g. <|im_start|>), to be read as such.
     special: bool = False
+    # The request's prefix block hashes (apiary/prefix.py), for backends that keep prompt
+    # states (KEEPS_PREFIXES): what they report as held once they hold it.
+    blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class Backend(abc.ABC):
     FOR_TESTING: ClassVar[bool] = False
     # Concurrent generations one instance can run (an engine context is not shared).
     MAX_SLOTS: ClassVar[int] = 256
+    # Keeps computed prompt states and reports them (prefix_cache): requests carry blocks.
+    KEEPS_PREFIXES: ClassVar[bool] = False
 
     @classmethod
     def devices(cls) -> list[str]:
@@ -116,6 +123,10 @@ class Backend(abc.ABC):
         if not request.messages:
             return Rendered(request.prompt)
         return Rendered(plain_chat(request.messages))
+
+    def prefix_cache(self) -> common_pb2.PrefixCache | None:
+        """What the backend holds of computed prompts (None: it keeps none)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook; most backends free nothing
         """Free what load() took."""

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Self
 
 import structlog
 
+from protos.v1 import common_pb2
 from worker.backends.base import (
     Backend,
     BackendOptionError,
@@ -31,6 +32,8 @@ from worker.backends.base import (
     parse_int_option,
 )
 from worker.backends.chat_templates import NAMED_FORMATS, formatter_for, render_chat
+from worker.backends.prompt_cache import PromptCache, default_cache_ram_mb
+from worker.prefix_states import PrefixStates
 
 log = structlog.get_logger("worker.llamacpp")
 
@@ -49,12 +52,17 @@ class LlamaCppBackend(Backend):
     MAX_SLOTS: ClassVar[int] = 1
     OPTIONS: ClassVar[Mapping[str, str]] = {
         "model_path": "GGUF file (the hive fills it from its model catalog)",
-        "threads": "CPU threads for decoding (default: the CPUs this process may use)",
+        "threads": "CPU threads for prompt evaluation and decoding (default: the CPUs this "
+        "process may use)",
         "context_size": "context window in tokens, prompt and completion (default 2048)",
         "gpu_layers": "layers offloaded to the GPU (default 0; -1 = all)",
         "chat_format": "how chats are rendered: the model's own template by default; for a "
         "model without one (or to override it): " + ", ".join(NAMED_FORMATS),
+        "cache_ram_mb": "memory for saved prompt states beyond the live context, restored when "
+        "a prompt shares their prefix (default: 1/16 of the machine's memory, at most 1024; "
+        "0 = the live context only)",
     }
+    KEEPS_PREFIXES: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -64,8 +72,10 @@ class LlamaCppBackend(Backend):
         context_size: int,
         gpu_layers: int,
         chat_format: str = "",
+        cache_ram_mb: int = 0,
     ):
         self.chat_format = chat_format
+        self.prompts = PromptCache(PrefixStates(cache_ram_mb * 1_000_000))
         self._formatter: Any = None
         self.model = model
         self.model_path = model_path
@@ -103,9 +113,11 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' option chat_format={chat_format!r} is not one of "
                 f"{', '.join(NAMED_FORMATS)}"
             )
+        cache_ram_mb = parse_int_option(cls.name, options, "cache_ram_mb", default_cache_ram_mb())
         return cls(
             model,
             chat_format=chat_format,
+            cache_ram_mb=cache_ram_mb,
             model_path=path,
             threads=threads,
             context_size=parse_int_option(cls.name, options, "context_size", 2048) or 2048,
@@ -129,6 +141,9 @@ class LlamaCppBackend(Backend):
                 model_path=self.model_path,
                 n_ctx=self.context_size,
                 n_threads=self.threads,
+                # Prompt evaluation too: llama-cpp-python's default is every CPU, so one
+                # worker's prefill would spin threads over its neighbours' cores.
+                n_threads_batch=self.threads,
                 n_gpu_layers=self.gpu_layers,
                 verbose=False,
             )
@@ -183,7 +198,8 @@ class LlamaCppBackend(Backend):
         with self._lock:
             llm = self.llm
             prompt = self._tokens(request.prompt, request.special)
-            cached = reusable_prefix(llm, prompt)
+            cached = self.prompts.prepare(llm, prompt)
+            self.prompts.started(prompt, request.blocks, cached)
             if len(prompt) + request.max_tokens > self.context_size:
                 raise ValueError(
                     f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceed "
@@ -218,21 +234,12 @@ class LlamaCppBackend(Backend):
             if tail or pending:
                 yield Piece(tail, len(pending), tuple(pending), cached)
 
+    def prefix_cache(self) -> common_pb2.PrefixCache:
+        return self.prompts.report
+
     async def close(self) -> None:
         self.llm = None
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def reusable_prefix(llm: Any, prompt: list[int]) -> int:
-    """Prompt tokens llama-cpp-python's generate() will not evaluate again: the longest common
-    prefix with what its context holds (one is replayed when the whole prompt matches)."""
-    held = list(llm._input_ids) if llm.n_tokens else []
-    common = 0
-    for a, b in zip(held, prompt, strict=False):
-        if a != b:
-            break
-        common += 1
-    return common - 1 if common and common == len(prompt) else common
 
 
 @contextlib.contextmanager

@@ -1,0 +1,311 @@
+"""apiary.client without a cluster: which queens, in which order, which failures move a call
+to another queen, the failover and wait-for-ready loops driven by fake calls, and the
+blocking client's loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from apiary.client import AsyncClient, infer_request, queens_from
+from apiary.client.admin import catalog_name
+from apiary.client.blocking import LoopThread
+from apiary.client.queens import Backoff, Rotation, deadline_passed, grpc_timeout, unreached
+from protos.v1 import common_pb2
+
+# grpc's own words for a refused connection and an unresolvable name.
+REFUSED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+    "Failed to connect to remote host: Connection refused"
+)
+UNRESOLVED = "errors resolving nohost.invalid:7070: [hostname lookup error: Domain name not found]"
+STOPPING = "queen shutting down: it takes no new requests; retry on another queen"
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
+# ---- queens_from ----------------------------------------------------------------------------
+
+
+def test_queens_from_a_comma_list_or_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("APIARY_QUEEN", raising=False)
+    assert queens_from("a:1") == ("a:1",)
+    assert queens_from(" a:1 , b:2 ,") == ("a:1", "b:2")
+    assert queens_from(["a:1", "b:2", "a:1"]) == ("a:1", "b:2")  # each once, first place kept
+    assert queens_from(None) == ("127.0.0.1:7070",)
+    monkeypatch.setenv("APIARY_QUEEN", "x:1,y:2")
+    assert queens_from(None) == ("x:1", "y:2")
+    monkeypatch.setenv("APIARY_QUEEN", "")
+    assert queens_from(None) == ("127.0.0.1:7070",)
+    nothings: list[str | list[str]] = ["", " , ", []]
+    for nothing in nothings:
+        with pytest.raises(ValueError, match="no queen address"):
+            queens_from(nothing)
+
+
+# ---- unreached: what may go to another queen ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "moves"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, REFUSED, True),
+        (grpc.StatusCode.UNAVAILABLE, UNRESOLVED, True),
+        (grpc.StatusCode.UNAVAILABLE, "DNS resolution failed for nohost:1", True),
+        (grpc.StatusCode.UNAVAILABLE, STOPPING, True),
+        # The request may have reached a queen: never sent twice.
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", False),
+        (grpc.StatusCode.UNAVAILABLE, "Connection reset by peer", False),
+        (grpc.StatusCode.UNAVAILABLE, "every worker of model 'demo' has failed", False),
+        # Another queen would say the same.
+        (grpc.StatusCode.NOT_FOUND, "unknown model 'x'", False),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False),
+        (grpc.StatusCode.UNAUTHENTICATED, "failed to connect to all addresses", False),
+    ],
+)
+def test_only_failures_that_prove_nothing_was_served_move_a_call(
+    code: grpc.StatusCode, details: str, moves: bool
+) -> None:
+    assert unreached(rpc_error(code, details)) is moves
+
+
+def test_an_rpc_error_without_a_status_never_moves() -> None:
+    assert not unreached(grpc.RpcError())
+
+
+# ---- rotation, backoff, deadlines -----------------------------------------------------------
+
+
+def test_rotation_starts_with_the_queen_that_answered_last() -> None:
+    rotation = Rotation(("a", "b", "c"))
+    assert rotation.order() == ["a", "b", "c"]
+    rotation.answered("b")
+    assert rotation.order() == ["b", "c", "a"]
+    rotation.answered("elsewhere")
+    assert rotation.order() == ["b", "c", "a"]
+    rotation.answered("a")
+    assert rotation.order() == ["a", "b", "c"]
+
+
+def test_backoff_doubles_to_its_cap_and_never_passes_the_deadline() -> None:
+    backoff = Backoff()
+    assert [backoff.pause(10) for _ in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
+    assert backoff.pause(0.01) == 0.01
+    assert backoff.pause(-1) == 0.0
+    assert Backoff().pause(math.inf) == 0.05
+
+
+def test_grpc_timeouts_and_the_deadline_error() -> None:
+    assert grpc_timeout(math.inf) is None
+    assert grpc_timeout(2.5) == 2.5
+    assert grpc_timeout(-0.1) == 0.0
+    error = deadline_passed(3)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline of 3 s" in (error.details() or "")
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+def test_infer_request_from_a_prompt_or_a_chat() -> None:
+    plain = infer_request("demo", "hello", max_tokens=3, stop=["."], request_id="r1")
+    assert (plain.model, plain.prompt, plain.max_tokens, list(plain.stop)) == (
+        "demo",
+        "hello",
+        3,
+        ["."],
+    )
+    assert not plain.HasField("temperature")  # unset: the backend's default, not 0
+    chat = infer_request(
+        "demo",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            common_pb2.ChatMessage(role="user", content="hi"),
+        ],
+        temperature=0.5,
+        policy=common_pb2.ROUTING_POLICY_LEAST_LOADED,
+    )
+    assert [(m.role, m.content) for m in chat.messages] == [("system", "be brief"), ("user", "hi")]
+    assert chat.temperature == 0.5 and chat.prompt == ""
+    assert chat.policy == common_pb2.ROUTING_POLICY_LEAST_LOADED
+
+
+def test_a_pulled_model_is_named_after_its_file() -> None:
+    assert catalog_name("https://example.org/m/qwen-0.5b.gguf") == "qwen-0.5b"
+    assert catalog_name("/models/tiny.gguf") == "tiny"
+
+
+# ---- the failover and wait-for-ready loops, with fake calls ---------------------------------
+
+
+class Script:
+    """A client whose calls are answered per queen from lists of outcomes (an exception to
+    raise, or a value to return; the last one repeats), recording which queen was asked."""
+
+    def __init__(self, client: AsyncClient, outcomes: dict[str, list[object]]) -> None:
+        self.client, self.outcomes = client, outcomes
+        # Channels are made once per address on this loop: a call's channel names its queen.
+        self.queen_of = {id(client.channel(address)): address for address in client.queens}
+        self.asked: list[str] = []
+
+    async def call(self, channel: grpc.aio.Channel, left: float | None) -> object:
+        address = self.queen_of[id(channel)]
+        self.asked.append(address)
+        steps = self.outcomes[address]
+        outcome = steps.pop(0) if len(steps) > 1 else steps[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def scripted(outcomes: dict[str, list[object]], timeout: float = 5.0, wait: bool = True) -> Script:
+    client = AsyncClient(list(outcomes), token="", timeout=timeout, wait_for_ready=wait)
+    return Script(client, outcomes)
+
+
+async def test_a_call_moves_to_the_next_queen_and_stays_with_the_one_that_answered() -> None:
+    script = scripted({"a:1": [rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)], "b:2": ["ok"]})
+    assert await script.client.unary(script.call) == "ok"
+    assert await script.client.unary(script.call) == "ok"
+    assert script.asked == ["a:1", "b:2", "b:2"]  # the second call starts where one answered
+    await script.client.close()
+
+
+async def test_a_failure_another_queen_would_repeat_is_raised_at_once() -> None:
+    not_found = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown model 'x'")
+    script = scripted({"a:1": [not_found], "b:2": ["ok"]})
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await script.client.unary(script.call)
+    assert raised.value is not_found and script.asked == ["a:1"]
+    await script.client.close()
+
+
+async def test_while_every_queen_is_down_a_call_waits_for_one_to_come_back() -> None:
+    down = rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)
+    script = scripted({"a:1": [down, down, down, "back"], "b:2": [down]})
+    assert await script.client.unary(script.call) == "back"
+    assert script.asked == ["a:1", "b:2"] * 3 + ["a:1"]
+    await script.client.close()
+
+
+async def test_waiting_for_ready_ends_at_the_deadline_with_the_last_failure() -> None:
+    down = rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)
+    script = scripted({"a:1": [down]}, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await script.client.unary(script.call)
+    assert raised.value is down
+    assert 0.25 <= time.monotonic() - started < 2
+    await script.client.close()
+
+
+async def test_without_waiting_for_ready_every_queen_is_tried_once() -> None:
+    down = rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)
+    script = scripted({"a:1": [down], "b:2": [down]}, wait=False)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await script.client.unary(script.call)
+    assert script.asked == ["a:1", "b:2"]
+    await script.client.close()
+
+
+async def test_a_deadline_already_past_is_deadline_exceeded() -> None:
+    script = scripted({"a:1": ["never asked"]}, timeout=0)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await script.client.unary(script.call)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and script.asked == []
+    await script.client.close()
+
+
+class FakeStream:
+    """A server stream that yields `items`, then raises `error` if given."""
+
+    def __init__(self, items: list[str], error: grpc.aio.AioRpcError | None = None) -> None:
+        self.items, self.error, self.cancelled = items, error, False
+
+    async def _run(self) -> AsyncIterator[str]:
+        for item in self.items:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._run()
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_a_stream_moves_to_another_queen_only_before_its_first_item() -> None:
+    client = AsyncClient("a:1,b:2", token="", timeout=5)
+    stopping = rpc_error(grpc.StatusCode.UNAVAILABLE, STOPPING)
+    streams = {"a:1": FakeStream([], stopping), "b:2": FakeStream(["x", "y"])}
+    by_channel = {id(client.channel(a)): s for a, s in streams.items()}
+    items = [item async for item in client.stream(lambda ch, left: by_channel[id(ch)])]
+    assert items == ["x", "y"] and streams["a:1"].cancelled
+
+    cut = FakeStream(["x"], rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED))
+    got: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for item in client.stream(lambda ch, left: cut):
+            got.append(item)
+    assert got == ["x"]  # delivered, then the failure: never replayed elsewhere
+    await client.close()
+
+
+async def test_channels_belong_to_the_loop_that_made_them() -> None:
+    client = AsyncClient("a:1", token="")
+    first = client.channel("a:1")
+    assert client.channel("a:1") is first
+
+    async def elsewhere() -> grpc.aio.Channel:
+        return client.channel("a:1")
+
+    other = await asyncio.to_thread(asyncio.run, elsewhere())
+    assert other is not first
+    await client.close()
+
+
+# ---- the blocking client's loop thread ------------------------------------------------------
+
+
+def test_the_loop_thread_runs_coroutines_and_streams_and_closes_streams_left_early() -> None:
+    thread = LoopThread()
+    closed: list[bool] = []
+
+    async def numbers() -> AsyncIterator[int]:
+        try:
+            for number in range(10):
+                yield number
+        finally:
+            closed.append(True)
+
+    async def double(number: int) -> int:
+        return number * 2
+
+    assert thread.run(double(21)) == 42
+    assert list(thread.iterate(numbers())) == list(range(10)) and closed == [True]
+    for number in thread.iterate(numbers()):
+        if number == 2:
+            break
+    assert closed == [True, True]  # the generator was closed on its loop when left
+
+    async def failing() -> None:
+        raise rpc_error(grpc.StatusCode.NOT_FOUND, "nope")
+
+    with pytest.raises(grpc.aio.AioRpcError):  # errors cross the thread unchanged
+        thread.run(failing())
+
+    async def nothing() -> None:
+        return None
+
+    thread.stop(nothing())
+    with pytest.raises(RuntimeError, match="closed"):
+        thread.run(double(1))
