@@ -196,6 +196,7 @@ async def test_the_dashboard_shows_the_cluster_live_and_acts_on_it(
     viewport(browser, 390, 844, mobile=True)
     wide = browser.execute_script("return document.documentElement.scrollWidth - innerWidth")
     assert wide <= 1, f"the page is {wide}px wider than a phone's screen"
+    browser.save_screenshot(str(tmp_path / "dashboard-phone.png"))
     assert "FAILED" in shown_workers(browser)[other]["text"]
 
 
