@@ -154,6 +154,7 @@ def banner(args: argparse.Namespace, queen: str, backend: str, http: str = "") -
     ]
     if http:
         lines.append(f"OpenAI API: {http}/v1 (any OpenAI SDK: base_url={http}/v1)")
+        lines.append(f"Dashboard: {http}/ (in a browser)")
     if args.state_dir:
         lines.append(f"State: {args.state_dir}/queen and {args.state_dir}/hive-{args.hive_id}.")
     if args.metrics_port > 0:

@@ -60,8 +60,11 @@ class EventBus:
         if self._subscribers:
             self.publish([queen_pb2.Event(kind=kind, time=timestamp(now), **fields)])  # type: ignore[arg-type]
 
-    def subscribe(self, kinds: Iterable[queen_pb2.EventKind.ValueType] = ()) -> Subscriber:
-        sub = Subscriber(kinds, self.backlog)
+    def subscribe(
+        self, kinds: Iterable[queen_pb2.EventKind.ValueType] = (), backlog: int | None = None
+    ) -> Subscriber:
+        """A new subscriber; `backlog` (default the bus's) bounds what it holds unread."""
+        sub = Subscriber(kinds, backlog or self.backlog)
         self._subscribers.add(sub)
         return sub
 

@@ -20,6 +20,7 @@ from apiary.metrics import SnapshotCollector, hive_counters
 from apiary.protoutil import READY_STATES, health_name, state_name
 from protos.v1 import common_pb2, queen_pb2
 from queen import endings
+from queen.dashboard.series import Series
 from queen.history import History
 from queen.registry import Registry
 from queen.scheduler import Scheduler
@@ -92,6 +93,8 @@ class QueenMetrics:
         # Requests by outcome since this queen started (`apiary status` reads them).
         self.outcomes: Tally[str] = Tally()
         self.started_at = time.time()
+        # The last 15 minutes in 5-second points, for the dashboard's chart.
+        self.series = Series()
         r.register(SnapshotCollector(lambda: cluster_metrics(registry, scheduler)))
         r.register(SnapshotCollector(self._hit_ratio))
         if history is not None:
@@ -146,7 +149,9 @@ class QueenMetrics:
         """A request the queen took, at its end."""
         label = self.model_label(model)
         self.requests.labels(label, code).inc()
-        self.outcomes[endings.outcome(code)] += 1
+        outcome = endings.outcome(code)
+        self.outcomes[outcome] += 1
+        self.series.ended(outcome != endings.FAILED, ttft)
         self.duration.labels(label).observe(seconds)
         if ttft is not None:
             self.ttft.labels(label).observe(ttft)

@@ -25,6 +25,7 @@ from queen.autospawn import Autospawner, SpawnPlan
 from queen.beats import BeatLimits
 from queen.channels import Channels
 from queen.cluster import Cluster
+from queen.dashboard.routes import Dashboard
 from queen.endings import DEFAULT_MAX_WAIT
 from queen.events import EventBus
 from queen.heartbeats import QueenRegistryService
@@ -38,6 +39,7 @@ from queen.quotas import Quotas
 from queen.registry import Registry, RegistrySettings
 from queen.scheduler import DEFAULT_CACHE_WAIT, Scheduler
 from queen.service import QueenService
+from queen.web import web_app
 
 log = structlog.get_logger("queen")
 
@@ -121,8 +123,9 @@ class Queen:
     cluster: Cluster
     sweeper: asyncio.Task[None]
     service: QueenService
-    # The OpenAI-compatible HTTP front, when --http-listen asks for one.
+    # The HTTP front (the OpenAI-compatible API and the dashboard), when --http-listen asks.
     http: HttpFront | None = None
+    dashboard: Dashboard | None = None
     _stopping: asyncio.Task[None] | None = None
     # Set by a second SIGTERM/SIGINT: the grace ends now.
     hurried: asyncio.Event = field(default_factory=asyncio.Event)
@@ -157,6 +160,8 @@ class Queen:
             )
             await in_flight.finished(CUT_WAIT)
         self.sweeper.cancel()
+        if self.dashboard is not None:
+            self.dashboard.live.stop()  # open pages' streams end, so the front can close
         if self.http is not None:
             await self.http.stop()
         await self.running.stop(FINAL_GRACE)
@@ -208,23 +213,31 @@ async def create_server(
         cluster, security.tokens, config.quotas(), config.max_lease_ttl, config.max_wait
     )
 
+    admin = QueenAdminService(cluster)
+
     def register(server: grpc.aio.Server) -> None:
         queen_pb2_grpc.add_QueenServicer_to_server(service, server)
         queen_pb2_grpc.add_QueenRegistryServicer_to_server(
             QueenRegistryService(cluster, security, config.beat_limits), server
         )
-        queen_pb2_grpc.add_QueenAdminServicer_to_server(QueenAdminService(cluster), server)
+        queen_pb2_grpc.add_QueenAdminServicer_to_server(admin, server)
 
     running = await start_server(
         listen, register, SERVICE_NAMES, security=security, methods=METHODS
     )
-    http = None
+    http, dashboard = None, None
     if config.http_listen:
+        # The dashboard decides who may call each admin RPC as this gRPC server does.
+        verdict = security.interceptor(METHODS).verdict
+        dashboard = Dashboard(service, admin, verdict, security.tokens.enabled)
         try:
-            http = await serve_http(config.http_listen, service, security)
+            http = await serve_http(
+                config.http_listen, service, security, web_app(service, dashboard)
+            )
         except BaseException:
             await running.stop(0)
             await cluster.close()
             raise
+        dashboard.live.start()
     sweeper = asyncio.get_running_loop().create_task(cluster.sweep_forever(), name="sweep")
-    return Queen(running, cluster, sweeper, service, http)
+    return Queen(running, cluster, sweeper, service, http, dashboard)

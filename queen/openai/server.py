@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import structlog
 import uvicorn
+from starlette.types import ASGIApp
 
 from apiary.security import Security
 from queen.openai.app import openai_app
@@ -77,12 +78,15 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
-async def serve_http(listen: str, service: QueenService, security: Security) -> HttpFront:
-    """Start the front on `listen`; raises OSError if it cannot listen there."""
+async def serve_http(
+    listen: str, service: QueenService, security: Security, app: ASGIApp | None = None
+) -> HttpFront:
+    """Start the front on `listen` (serving `app`, by default the OpenAI API alone); raises
+    OSError if it cannot listen there."""
     security.check_listen(listen, "--http-listen")
     tls = security.tls
     config = uvicorn.Config(
-        openai_app(service), lifespan="off", log_config=None, access_log=False,
+        app or openai_app(service), lifespan="off", log_config=None, access_log=False,
         server_header=False, timeout_graceful_shutdown=CLOSE_GRACE,
         ssl_certfile=tls.cert or None, ssl_keyfile=tls.key or None,
         ssl_ca_certs=tls.client_ca or None,

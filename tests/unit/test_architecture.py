@@ -44,6 +44,9 @@ PURE_MODULES = (
     "worker/completion.py",
     "queen/openai/params.py",
     "queen/openai/shapes.py",
+    "queen/dashboard/series.py",
+    "queen/dashboard/forms.py",
+    "queen/dashboard/gate.py",
     "worker/slots.py",
 )
 IMPURE = frozenset({"asyncio", "psutil", "os", "grpc", "time", "socket", "subprocess", "threading"})
@@ -51,6 +54,8 @@ IMPURE = frozenset({"asyncio", "psutil", "os", "grpc", "time", "socket", "subpro
 PURE_EXCEPTIONS = {
     # grpc.StatusCode is a plain enum: the retry decision is about status codes.
     ("queen/retry.py", "grpc"),
+    # The gRPC door's verdict is a status code; the gate passes it on.
+    ("queen/dashboard/gate.py", "grpc"),
 }
 
 MAX_FUNCTION_LINES = 60

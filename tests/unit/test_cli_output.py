@@ -166,6 +166,9 @@ def test_up_banner_commands_reach_the_queen_it_started() -> None:
     assert " status --queen 127.0.0.1:7171\n" in text
     assert " infer demo 'hello bees' --max-tokens 20 --queen 127.0.0.1:7171\n" in text
     assert "/s/queen and /s/hive-local" in text and "port 9100, hive on port 9101" in text
+    assert "Dashboard" not in text  # no HTTP front, no page
+    served = banner(up_args(), "127.0.0.1:7070", "echo", "http://127.0.0.1:8080")
+    assert "Dashboard: http://127.0.0.1:8080/ " in served
 
 
 def test_up_passes_state_and_metrics_on() -> None:
