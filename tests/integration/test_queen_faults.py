@@ -158,8 +158,9 @@ async def test_what_the_grace_cannot_wait_for_is_ended_and_recorded_so(cluster: 
         cut,
     )
     assert said, cut
-    # The queen counts a chunk once written; one written as the stream is cut may be lost.
-    assert received <= int(said[1]) <= received + 1
+    # The queen counts a chunk once its write completed: one in the wire as the stream is cut
+    # may be counted and lost, or arrive uncounted.
+    assert abs(int(said[1]) - received) <= 1
     assert 10 <= received < 1000
     assert await stopped(queen, 15) == 0
     queen = cluster.start_queen()
@@ -168,7 +169,7 @@ async def test_what_the_grace_cannot_wait_for_is_ended_and_recorded_so(cluster: 
     assert history["running"].error == f"UNAVAILABLE: {cut}"
     # Tokens as written by the queen: those received, and any of a chunk lost in the cut.
     recorded = history["running"].completion_tokens
-    assert max(tokens_in(chunks), int(said[1])) <= recorded <= tokens_in(chunks) + 16
+    assert abs(recorded - tokens_in(chunks)) <= 16
     assert history["waiting"].status == Status.REQUEST_STATUS_FAILED
     assert history["waiting"].error == f"UNAVAILABLE: {ended}"
 
