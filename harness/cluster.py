@@ -125,8 +125,9 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start_queen(self, port: int = 0, *extra: str) -> Proc:
-        """A queen; restarted ones share the cluster's queen state dir (history, drains)."""
+    def start_queen(self, port: int = 0, *extra: str, state: str = "queen-state") -> Proc:
+        """A queen; restarted ones share the cluster's queen state dir (history, drains). A
+        second queen running beside the first needs a `state` of its own."""
         argv = [
             "queen",
             "--listen",
@@ -134,7 +135,7 @@ class Cluster:
             "--heartbeat-interval",
             str(self.heartbeat_interval),
             "--state-dir",
-            str(self.tmp / "queen-state"),
+            str(self.tmp / state),
             *self.server_args,
             *extra,
         ]

@@ -15,7 +15,7 @@ from apiary import logs
 from apiary.errors import StatusError
 from apiary.metrics import publish
 from apiary.options import parse_key_values
-from apiary.paths import default_state_dir
+from apiary.paths import StateDirBusy, default_state_dir
 from apiary.protoutil import enum_parser
 from apiary.security import SecurityError, check_hive_tokens, security_from_args
 from apiary.serving import (
@@ -28,7 +28,7 @@ from hive.policy import RestartSettings
 from hive.server import HiveConfig, create_server
 from hive.spec import WorkerSpec
 from hive.states import LifecycleSettings
-from hive.store import StateDirBusy, WorkerStore
+from hive.store import WorkerStore
 from hive.supervisor import SupervisorSettings
 from protos.v1 import common_pb2
 
@@ -74,8 +74,10 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
 def build_parser(prog: str = "python -m hive") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run a hive: spawns and supervises workers.")
     p.add_argument(
-        "--queen", default=DEFAULT_QUEEN, help=f"queen address (default {DEFAULT_QUEEN})"
-    )
+        "--queen", default=DEFAULT_QUEEN, metavar="A[,B...]",
+        help=f"queen address, or several separated by commas: the hive heartbeats to each "
+        f"(default {DEFAULT_QUEEN})",
+    )  # fmt: skip
     p.add_argument("--listen", default="127.0.0.1:7071", help="host:port for the Hive service")
     p.add_argument(
         "--advertise",
@@ -213,7 +215,7 @@ async def run(args: argparse.Namespace) -> int:
         write_port_file(args.port_file, hive.running.port)
     log.info(
         "hive listening",
-        address=hive.heartbeat.hive_address,
+        address=hive.heartbeats[0].hive_address,
         queen=args.queen,
         state_dir=str(store.state_dir),
     )

@@ -39,6 +39,8 @@ METHODS = method_table(
 @dataclass
 class HiveConfig:
     hive_id: str
+    # One queen's address, or several separated by commas: the hive heartbeats to each, so
+    # every queen knows the whole cluster and routes on its own.
     queen: str
     listen: str
     # The address the queen dials (default: the listen address with the bound port).
@@ -55,7 +57,8 @@ class Hive:
     running: RunningServer
     supervisor: Supervisor
     service: HiveService
-    heartbeat: HeartbeatLoop
+    # One loop per queen.
+    heartbeats: list[HeartbeatLoop]
     tasks: list[asyncio.Task[None]]
 
     async def stop(self) -> None:
@@ -63,9 +66,9 @@ class Hive:
         then the hive says it is leaving and stops serving."""
         # Health watchers (and load balancers) hear it first.
         await self.running.health.enter_graceful_shutdown()
-        self.tasks[1].cancel()  # no health checks on workers being stopped
+        self.tasks[0].cancel()  # no health checks on workers being stopped
         await self.supervisor.stop_all()
-        await self.heartbeat.leave()
+        await asyncio.gather(*(beat.leave() for beat in self.heartbeats))
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -96,8 +99,31 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
     supervisor.hive_address = host_port(config.listen, running.port)
     # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
     await supervisor.adopt()
-    heartbeat = HeartbeatLoop(
-        config.queen,
+    heartbeats = [heartbeat_loop(queen, config, supervisor, catalog, security)
+                  for queen in queens(config.queen)]  # fmt: skip
+
+    def poke_all() -> None:
+        for beat in heartbeats:
+            beat.poke()
+
+    supervisor.on_change = poke_all
+    tasks = [
+        asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
+        *(asyncio.create_task(b.run(), name=f"heartbeat to {b.queen}") for b in heartbeats),
+    ]
+    return Hive(running, supervisor, service, heartbeats, tasks)
+
+
+def queens(addresses: str) -> list[str]:
+    """The queens of `--queen A,B` (each once, in order)."""
+    return list(dict.fromkeys(a.strip() for a in addresses.split(",") if a.strip()))
+
+
+def heartbeat_loop(
+    queen: str, config: HiveConfig, supervisor: Supervisor, catalog: Catalog, security: Security
+) -> HeartbeatLoop:
+    return HeartbeatLoop(
+        queen,
         config.hive_id,
         config.advertise or supervisor.hive_address,
         lambda: heartbeat_table(supervisor),
@@ -113,9 +139,3 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
         problems=lambda: [supervisor.persist_error] if supervisor.persist_error else [],
         instance=supervisor.launcher.instance.nonce,
     )
-    supervisor.on_change = heartbeat.poke
-    tasks = [
-        asyncio.create_task(heartbeat.run(), name="heartbeat"),
-        asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
-    ]
-    return Hive(running, supervisor, service, heartbeat, tasks)

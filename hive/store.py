@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -10,11 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from apiary.paths import claim
+
 FORMAT_VERSION = 1
-
-
-class StateDirBusy(Exception):
-    """Another live hive owns this state directory."""
 
 
 class TableUnreadable(Exception):
@@ -102,24 +99,8 @@ class WorkerStore:
         return self.state_dir / "logs" / f"{worker_id}.log"
 
     def lock(self) -> None:
-        """Claim the state dir for this process; two hives sharing one would fight over workers."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.state_dir / "hive.lock", "a+")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "unknown"
-            lock_file.close()
-            raise StateDirBusy(
-                f"another hive (pid {holder}) is using state dir {self.state_dir}; "
-                "stop it or give this hive its own --state-dir"
-            ) from None
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(str(os.getpid()))
-        lock_file.flush()
-        self._lock_file = lock_file
+        """Claim the state dir for this process (StateDirBusy if another hive has it)."""
+        self._lock_file = claim(self.state_dir, "hive")
 
     def unlock(self) -> None:
         if self._lock_file is not None:

@@ -11,7 +11,7 @@ import structlog
 
 from apiary import logs
 from apiary.metrics import publish
-from apiary.paths import default_state_dir
+from apiary.paths import StateDirBusy, claim, default_state_dir
 from apiary.protoutil import enum_parser
 from apiary.security import SecurityError, check_queen_tokens, security_from_args
 from apiary.serving import add_server_args, stop_event_on_signals, write_port_file
@@ -215,10 +215,12 @@ async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     config = config_of(args)
     try:
+        # One queen per state dir: two would write one request history.
+        state_lock = claim(config.state_dir, "queen")
         security = security_from_args(args)
         check_queen_tokens(security.tokens)
         queen = await create_server(args.listen, config, security=security)
-    except (OSError, SecurityError) as exc:
+    except (OSError, SecurityError, StateDirBusy) as exc:
         log.error("queen cannot start", error=str(exc))
         return 1
     log.info("security", tokens=repr(security.tokens), tls=bool(security.tls.cert))
@@ -248,6 +250,7 @@ async def run(args: argparse.Namespace) -> int:
     hurry.cancel()
     if metrics is not None:
         metrics.stop()
+    state_lock.close()
     log.info("queen stopped")
     return 0
 

@@ -14,12 +14,15 @@ import grpc
 from apiary.client.admin import AsyncAdmin
 from apiary.client.queens import (
     DEFAULT_TIMEOUT,
+    MAX_RESUMES,
     TOKEN_ENV,
     Backoff,
     Rotation,
     deadline_passed,
     grpc_timeout,
+    queen_lost,
     queens_from,
+    resumed,
     unreached,
 )
 from apiary.client.requests import InferOptions, Message, infer_request
@@ -207,10 +210,39 @@ class AsyncClient:
         self, request: common_pb2.InferRequest, *, timeout: float | None = None
     ) -> AsyncIterator[common_pb2.InferChunk]:
         """Stream the completion of a whole InferRequest (see `infer_request`)."""
+        return self._resuming(request, self._seconds(timeout))
+
+    def _infer_stream(
+        self, request: common_pb2.InferRequest, seconds: float
+    ) -> AsyncIterator[common_pb2.InferChunk]:
         return self.stream(
             lambda channel, left: queen_pb2_grpc.QueenStub(channel).Infer(request, timeout=left),
-            timeout,
+            seconds,
         )
+
+    async def _resuming(
+        self, request: common_pb2.InferRequest, seconds: float
+    ) -> AsyncIterator[common_pb2.InferChunk]:
+        """One stream, whatever happens to the queen relaying it: if that queen goes away
+        mid-stream, the rest comes from another (or the same, once back), asked to continue
+        after the token ids already received, so nothing is missing or repeated. Indexes are
+        renumbered to stay consecutive."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        received, index, resumes = list(request.continuation.token_ids), 0, 0
+        asked = request
+        while True:
+            try:
+                async for chunk in self._infer_stream(asked, deadline - loop.time()):
+                    received.extend(chunk.token_ids)
+                    chunk.index, index = index, index + 1
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                if not queen_lost(exc) or resumes >= MAX_RESUMES or deadline <= loop.time():
+                    raise
+                resumes += 1
+                asked = resumed(request, received)
 
     async def list_models(self, *, timeout: float | None = None) -> list[queen_pb2.ModelInfo]:
         """The models the cluster serves, with worker counts by state and queue length."""

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import grpc
 
+from protos.v1 import common_pb2
+
 QUEEN_ENV = "APIARY_QUEEN"
 TOKEN_ENV = "APIARY_TOKEN"
 DEFAULT_QUEEN = "127.0.0.1:7070"
@@ -43,6 +45,33 @@ def unreached(exc: grpc.RpcError) -> bool:
         return False
     details = (exc.details() or "").lower()
     return details.startswith(SHUTTING_DOWN) or any(text in details for text in NOT_CONNECTED)
+
+
+# How a stream's queen going away mid-stream reads (its process killed, its host cut off): the
+# stream can resume on another queen. A worker's failure relayed by a live queen reads as the
+# queen's own message instead, and is the caller's to see.
+QUEEN_LOST = ("socket closed", "connection reset", "stream removed", "broken pipe",
+              "connection refused", "goaway", "end of tcp stream")  # fmt: skip
+# Times a stream resumes on another queen before its failure is the caller's.
+MAX_RESUMES = 3
+
+
+def queen_lost(exc: grpc.RpcError) -> bool:
+    """The stream's queen went away (or stopped and cut it): the rest may come from another."""
+    if unreached(exc):
+        return True
+    if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call):
+        return False
+    details = (exc.details() or "").lower()
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and any(t in details for t in QUEEN_LOST)
+
+
+def resumed(request: common_pb2.InferRequest, token_ids: list[int]) -> common_pb2.InferRequest:
+    """`request`, continuing after `token_ids` (InferRequest.continuation)."""
+    again = common_pb2.InferRequest()
+    again.CopyFrom(request)
+    again.continuation.token_ids[:] = token_ids
+    return again
 
 
 def grpc_timeout(seconds_left: float) -> float | None:

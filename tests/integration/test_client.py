@@ -206,7 +206,7 @@ async def test_a_dead_queen_first_then_the_live_one(live: tuple[Proc, str]) -> N
 
 
 async def test_a_stopping_queen_sends_new_requests_to_the_next(cluster: Cluster) -> None:
-    first, second = cluster.start_queen(), cluster.start_queen()
+    first, second = cluster.start_queen(), cluster.start_queen(state="second-queen")
     cluster.start_hive(first, hive_id(), "model=demo,count=1,token_delay=0.05")
     cluster.start_hive(second, hive_id(), "model=demo,count=1")
     await cluster.wait_workers(first, "demo", 1)
@@ -317,3 +317,36 @@ async def test_tokens_and_tls(
     ) as bare:
         handshake = await failure(bare.list_models())  # mTLS: refused without a certificate
         assert handshake.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_hive_beats_to_two_queens_and_a_stream_resumes_when_its_queen_is_killed(
+    cluster: Cluster,
+) -> None:
+    first = cluster.start_queen()
+    second = cluster.start_queen(state="second-queen")
+    both = f"{first.address},{second.address}"
+    cluster.start_hive(both, hive_id(), "model=demo,count=2,token_delay=0.02")
+    for queen in (first, second):  # each queen knows the whole cluster and routes on its own
+        await cluster.wait_workers(queen, "demo", 2)
+    async with AsyncClient([first.address, second.address], timeout=30) as client:
+        whole, _ = await text_of(client.infer("demo", "one two three", max_tokens=60))
+        stream = client.infer("demo", "one two three", max_tokens=60)
+        chunks = [await anext(stream) for _ in range(5)]
+        first.signal(signal.SIGKILL)  # the queen relaying it: the first in the client's order
+        chunks += [chunk async for chunk in stream]
+    # One stream to the caller: no gap, no repeat, consecutive indexes, usage for the whole.
+    assert "".join(c.text for c in chunks) == whole
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert chunks[-1].completion_tokens == 60
+    listed = await cluster.admin_stub(second).ListRequests(queen_pb2.ListRequestsRequest())
+    resumed = [r for r in listed.requests if r.status == queen_pb2.REQUEST_STATUS_COMPLETED]
+    assert resumed and all(r.completion_tokens == 60 for r in resumed)  # usage for the whole
+
+
+def test_a_second_queen_on_the_same_state_dir_refuses_to_start(cluster: Cluster) -> None:
+    cluster.start_queen()
+    with pytest.raises(RuntimeError) as refused:
+        cluster.start_queen()  # the cluster's one queen state dir
+    assert "another queen (pid" in str(refused.value) and "its own --state-dir" in str(
+        refused.value
+    )
