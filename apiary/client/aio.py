@@ -84,6 +84,8 @@ class AsyncClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.admin = AsyncAdmin(self)
+        # Streams resumed on another queen after theirs went away mid-stream (since made).
+        self.resumes = 0
 
     def __repr__(self) -> str:
         return f"AsyncClient({','.join(self.queens)!r}, timeout={self.timeout:g})"
@@ -242,6 +244,7 @@ class AsyncClient:
                 if not queen_lost(exc) or resumes >= MAX_RESUMES or deadline <= loop.time():
                     raise
                 resumes += 1
+                self.resumes += 1
                 asked = resumed(request, received)
 
     async def list_models(self, *, timeout: float | None = None) -> list[queen_pb2.ModelInfo]:
