@@ -37,7 +37,7 @@ class EchoBackend(Backend):
     name: ClassVar[str] = "echo"
     FOR_TESTING: ClassVar[bool] = True
     OPTIONS: ClassVar[Mapping[str, str]] = {
-        "token_delay": "seconds to sleep before each token (default 0)",
+        "token_delay": "seconds between tokens, kept on a schedule (default 0)",
         "load_delay": "seconds load() takes, to imitate loading weights (default 0)",
         "fault_exit_on_load": "tests only: exit with this code while loading (default: off)",
         "fault_crash_after": "tests only: the process dies when request N+1 arrives (default: off)",
@@ -105,9 +105,12 @@ class EchoBackend(Backend):
         if self.fault_fail_requests:
             raise RuntimeError("echo fault_fail_requests: failing on purpose")
         words = echoed_words(request)
+        # On a schedule (token i at start + (i + 1) x token_delay), not a sleep per token, so a
+        # busy loop's lateness does not add up over a stream: a steady N tokens/s, like a model.
+        start = time.monotonic()
         for i in range(request.max_tokens):
             if self.token_delay:
-                await asyncio.sleep(self.token_delay)
+                await asyncio.sleep(start + (i + 1) * self.token_delay - time.monotonic())
             else:
                 # Yield to the loop so a long stream never starves other RPCs.
                 await asyncio.sleep(0)
