@@ -32,6 +32,7 @@ from queen.registry import Outcome, Registry, RegistrySettings, Slot
 
 SIZES = (10, 100, 1_000, 10_000)
 PER_HIVE = 8
+ROUNDS = 3  # ingest: heartbeat and baseline windows alternate this many times
 MAX_CALLS = 200_000  # per ingest measurement: loads are bounded in count as well as time
 POLICIES = {
     "least-loaded": common_pb2.ROUTING_POLICY_LEAST_LOADED,
@@ -95,40 +96,86 @@ def pick_cost(size: int, policy: int, picks: int) -> float:
     return statistics.median(rounds)
 
 
-async def ingest(queen: str, size: int, seconds: float, concurrency: int) -> tuple[float, float]:
-    """(heartbeats/s, baseline health checks/s) into one queen process."""
+async def drive(call: Any, requests: Sequence[Any], seconds: float, concurrency: int) -> float:
+    """Calls per second of `concurrency` closed loops, bounded by `seconds` and MAX_CALLS."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def one(offset: int) -> None:
+        nonlocal done
+        i = offset
+        while time.perf_counter() < stop and done < MAX_CALLS:
+            await call(requests[i % len(requests)])
+            i += concurrency
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
+async def ingest(
+    queen: str, size: int, seconds: float, concurrency: int
+) -> tuple[float, float, float]:
+    """(heartbeats/s, baseline health checks/s, median ratio) into one queen process: the two
+    alternate in ROUNDS windows of seconds / ROUNDS each, so a neighbour's load on the box
+    weighs on both alike; the ratio is the median of the rounds' ratios."""
     hives = max(size // PER_HIVE, 1)
     beats = [
         heartbeat(10_000 + size + h, min(PER_HIVE, size), model=f"scale{size}")
         for h in range(hives)
     ]
+    window = seconds / ROUNDS
     async with grpc.aio.insecure_channel(queen) as channel:
         registry = queen_pb2_grpc.QueenRegistryStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         for beat in beats:  # everyone joins first: we measure steady-state replacement
             await registry.Heartbeat(beat)
-
-        async def drive(call: Any, requests: Sequence[Any]) -> float:
-            done = 0
-            stop = time.perf_counter() + seconds
-
-            async def one(offset: int) -> None:
-                nonlocal done
-                i = offset
-                while time.perf_counter() < stop and done < MAX_CALLS:
-                    await call(requests[i % len(requests)])
-                    i += concurrency
-                    done += 1
-
-            start = time.perf_counter()
-            await asyncio.gather(*(one(k) for k in range(concurrency)))
-            return done / (time.perf_counter() - start)
-
-        rate = await drive(registry.Heartbeat, beats)
-        baseline = await drive(health.Check, [health_pb2.HealthCheckRequest()])
+        checks = [health_pb2.HealthCheckRequest()]
+        await drive(registry.Heartbeat, beats, 0.2, concurrency)  # warm-up, both paths
+        await drive(health.Check, checks, 0.2, concurrency)
+        rates, baselines = [], []
+        for _ in range(ROUNDS):
+            rates.append(await drive(registry.Heartbeat, beats, window, concurrency))
+            baselines.append(await drive(health.Check, checks, window, concurrency))
         for beat in beats:
             await registry.Heartbeat(queen_pb2.HiveHeartbeat(hive_id=beat.hive_id, leaving=True))
-    return rate, baseline
+    ratio = statistics.median(r / b for r, b in zip(rates, baselines, strict=True))
+    return statistics.median(rates), statistics.median(baselines), ratio
+
+
+def pick_costs(picks: int) -> None:
+    print("\n## pick cost (acquire + release, in-process registry, all workers one model)")
+    print(f"{'policy':>15} " + " ".join(f"{s:>9}" for s in SIZES) + "   ratio 10k/10")
+    for name, policy in POLICIES.items():
+        costs = [pick_cost(size, policy, picks) for size in SIZES]
+        row = " ".join(f"{c:>7.2f}us" for c in costs)
+        ratio = costs[-1] / costs[0]
+        verdict = "ok" if ratio <= 1.5 else "ABOVE 1.5x"
+        if name == "cache-aware":
+            fast = "ok" if max(costs) < 100 else "ABOVE"
+            verdict += f", {fast} (< 100 us per pick, 8 KB prompts)"
+        print(f"{name:>15} {row}   {ratio:5.2f}x {verdict}", flush=True)
+
+
+async def ingests(seconds: float, concurrency: int) -> None:
+    print("\n## heartbeat ingest (real queen process, 8-worker hives, "
+          f"{concurrency} concurrent senders)")  # fmt: skip
+    print(f"{'workers':>8} {'hives':>6} {'beats/s':>9} {'checks/s':>9} {'ratio':>6}"
+          f"   (medians of {ROUNDS} alternating rounds)")  # fmt: skip
+    cluster = Cluster(heartbeat_interval=3600.0)
+    try:
+        # The queen's per-hive heartbeat budget (2 per interval) lifted: one simulated hive
+        # stands for many here; the budget is still checked on every beat.
+        queen = cluster.start_queen(0, "--max-beats-per-interval", "1e9")
+        for size in SIZES:
+            rate, baseline, ratio = await ingest(queen.address, size, seconds, concurrency)
+            verdict = "ok" if ratio >= 0.8 else "BELOW 0.8x"
+            print(f"{size:>8} {max(size // PER_HIVE, 1):>6} {rate:>9.0f} {baseline:>9.0f} "
+                  f"{ratio:>5.2f}x {verdict}", flush=True)  # fmt: skip
+    finally:
+        await cluster.close()
+    print("\nbeats/s is also how many 8-worker hives one queen keeps at a 1 s heartbeat.")
 
 
 async def main() -> None:
@@ -136,34 +183,13 @@ async def main() -> None:
     p.add_argument("--picks", type=int, default=20_000, help="per size, policy and round")
     p.add_argument("--seconds", type=float, default=3.0, help="per ingest measurement")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--part", choices=["pick", "ingest", "both"], default="both")
     args = p.parse_args()
-
     print(f"# bench/scale.py: python {sys.version.split()[0]}, grpcio {grpc.__version__}")
-    print("\n## pick cost (acquire + release, in-process registry, all workers one model)")
-    print(f"{'policy':>15} " + " ".join(f"{s:>9}" for s in SIZES) + "   ratio 10k/10")
-    for name, policy in POLICIES.items():
-        costs = [pick_cost(size, policy, args.picks) for size in SIZES]
-        row = " ".join(f"{c:>7.2f}us" for c in costs)
-        ratio = costs[-1] / costs[0]
-        verdict = "ok" if ratio <= 1.5 else "ABOVE 1.5x"
-        if name == "cache-aware":
-            fast = "ok" if max(costs) < 100 else "ABOVE"
-            verdict += f", {fast} (< 100 us per pick, 8 KB prompts)"
-        print(f"{name:>15} {row}   {ratio:5.2f}x {verdict}")
-
-    print("\n## heartbeat ingest (real queen process, 8-worker hives, "
-          f"{args.concurrency} concurrent senders)")  # fmt: skip
-    print(f"{'workers':>8} {'hives':>6} {'beats/s':>9} {'checks/s':>9} {'ratio':>6}")
-    cluster = Cluster(heartbeat_interval=3600.0)
-    try:
-        queen = cluster.start_queen()
-        for size in SIZES:
-            rate, baseline = await ingest(queen.address, size, args.seconds, args.concurrency)
-            print(f"{size:>8} {max(size // PER_HIVE, 1):>6} {rate:>9.0f} {baseline:>9.0f} "
-                  f"{rate / baseline:>5.2f}x")  # fmt: skip
-    finally:
-        await cluster.close()
-    print("\nbeats/s is also how many 8-worker hives one queen keeps at a 1 s heartbeat.")
+    if args.part in ("pick", "both"):
+        pick_costs(args.picks)
+    if args.part in ("ingest", "both"):
+        await ingests(args.seconds, args.concurrency)
 
 
 if __name__ == "__main__":

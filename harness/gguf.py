@@ -26,6 +26,9 @@ class Shape:
 TINY = Shape()
 # Prefill clearly dominates: ~2.5 ms a token on 2 cores (bench/prefix.py).
 PREFILL_BOUND = Shape(n_embd=512, n_head=8, n_ff=1024, n_layer=8, n_ctx=4096)
+# Decodes like a small real model here: ~25 ms a token on 2 cores (~620 MB of F32 weights, a
+# few seconds to write; bench/engine.py).
+REALISTIC = Shape(n_embd=1024, n_head=16, n_ff=2816, n_layer=12, n_ctx=512)
 WORDS = [
     "the", "a", "bee", "bees", "hive", "queen", "worker", "honey", "flower", "flies", "to",
     "and", "of", "in", "is", "on", "sun", "field", "wax", "comb", "buzz", "sweet", "gold",

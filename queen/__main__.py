@@ -22,7 +22,12 @@ from apiary.validation import (
 )
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
-from queen.beats import DEFAULT_MAX_WORKER_SLOTS, DEFAULT_MAX_WORKERS_PER_HIVE, BeatLimits
+from queen.beats import (
+    DEFAULT_BEATS_PER_INTERVAL,
+    DEFAULT_MAX_WORKER_SLOTS,
+    DEFAULT_MAX_WORKERS_PER_HIVE,
+    BeatLimits,
+)
 from queen.endings import DEFAULT_MAX_WAIT
 from queen.leases import DEFAULT_MAX_TTL
 from queen.progress import DEFAULT_MIGRATION_LIMIT
@@ -63,6 +68,13 @@ def add_health_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_WORKER_SLOTS,
         help="slots one worker may report (more is refused)",
+    )
+    p.add_argument(
+        "--max-beats-per-interval",
+        type=float,
+        default=DEFAULT_BEATS_PER_INTERVAL,
+        help="heartbeats one hive may send per interval after a burst of 16 (more are told to "
+        "slow down; default 2: one, and one more on a change)",
     )
 
 
@@ -203,7 +215,9 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         autospawn={p.model: p for p in args.autospawn},
         autospawn_catalog=args.autospawn_catalog,
         hive_identity_from_cert=args.hive_identity_from_cert,
-        beat_limits=BeatLimits(args.max_workers_per_hive, args.max_worker_slots),
+        beat_limits=BeatLimits(
+            args.max_workers_per_hive, args.max_worker_slots, args.max_beats_per_interval
+        ),
         shutdown_grace=args.shutdown_grace,
         http_listen=args.http_listen,
         max_wait=args.max_wait,
@@ -265,6 +279,8 @@ async def hurry_on(signalled: asyncio.Event, queen: Queen) -> None:
 def args_problem(args: argparse.Namespace) -> str:
     if args.heartbeat_interval <= 0:
         return "--heartbeat-interval must be > 0"
+    if args.max_beats_per_interval <= 0:
+        return "--max-beats-per-interval must be > 0"
     if args.max_lease_ttl <= 0:
         return "--max-lease-ttl must be > 0"
     if args.migration_limit < 0:

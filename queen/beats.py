@@ -28,6 +28,7 @@ MAX_BACKENDS = 32
 MAX_CATALOG = 1024
 MAX_PROBLEMS = 16
 MAX_PROBLEM_LENGTH = 1024
+DEFAULT_BEATS_PER_INTERVAL = 2.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
@@ -36,6 +37,7 @@ _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 class BeatLimits:
     max_workers: int = DEFAULT_MAX_WORKERS_PER_HIVE
     max_worker_slots: int = DEFAULT_MAX_WORKER_SLOTS
+    beats_per_interval: float = DEFAULT_BEATS_PER_INTERVAL
 
 
 def host_of(address: str) -> str:

@@ -40,7 +40,9 @@ class QueenRegistryService(queen_pb2_grpc.QueenRegistryServicer):
         self.cluster = cluster
         self.security = security or Security()
         self.limits = limits or BeatLimits()
-        self.budget = BeatBudget(cluster.registry.interval)
+        self.budget = BeatBudget(
+            cluster.registry.interval, per_interval=self.limits.beats_per_interval
+        )
 
     def identity_problem(self, beat: queen_pb2.HiveHeartbeat, context: Context) -> str | None:
         """Why the caller may not speak for `beat.hive_id` (None: it may)."""
@@ -86,8 +88,9 @@ class QueenRegistryService(queen_pb2_grpc.QueenRegistryServicer):
         if not self.budget.allow(request.hive_id, self.cluster.clock.monotonic()):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"hive {request.hive_id} heartbeats too often; send at most one per half "
-                f"interval ({self.cluster.registry.interval / 2:g}s); try again in "
+                f"hive {request.hive_id} heartbeats too often; send at most "
+                f"{self.limits.beats_per_interval:g} per interval "
+                f"({self.cluster.registry.interval:g}s); try again in "
                 f"{self.budget.wait_hint(request.hive_id):.1f}s",
             )
         problem = beat_problem(request, self.limits)

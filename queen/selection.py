@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import heapq
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -62,40 +63,41 @@ class Routable(Protocol):
 class SpeedScale:
     """The pool's fastest measured speed: speeds are judged relative to it.
 
-    Kept lazily: a new maximum is seen at once; when the fastest worker slows down the
-    maximum is found again on the next read. That scan is O(n), but it happens on about
-    one slot given back in n (the fastest worker's own), so it costs O(1) per slot on average.
+    A max-heap of (speed, worker) entries with lazy deletion: a new speed pushes an entry, and
+    entries that no longer match a worker's speed are dropped when they reach the top. So
+    when the fastest worker slows down (and under the score policy the fastest is picked most
+    often) the next fastest is found in O(log n), not by a scan of the pool. The heap is
+    compacted when stale entries outnumber live ones (O(1) per update on average).
     """
 
     def __init__(self) -> None:
         self._speeds: dict[str, float] = {}
-        self._fastest = 0.0
-        self._fastest_id = ""
-        self._stale = False
+        self._heap: list[tuple[float, str]] = []  # (-speed, worker id), stale ones included
 
     @property
     def fastest(self) -> float:
-        if self._stale:
-            self._stale = False
-            self._fastest_id, self._fastest = max(
-                self._speeds.items(), key=lambda item: item[1], default=("", 0.0)
-            )
-        return self._fastest
+        heap, speeds = self._heap, self._speeds
+        while heap:
+            negative, worker_id = heap[0]
+            if speeds.get(worker_id) == -negative:
+                return -negative
+            heapq.heappop(heap)
+        return 0.0
 
     def note(self, worker_id: str, speed: float | None) -> None:
         if speed is None:
             self.forget(worker_id)
             return
+        if self._speeds.get(worker_id) == speed:
+            return
         self._speeds[worker_id] = speed
-        if speed >= self._fastest:
-            self._fastest, self._fastest_id = speed, worker_id
-        elif worker_id == self._fastest_id:
-            self._stale = True
+        heapq.heappush(self._heap, (-speed, worker_id))
+        if len(self._heap) > 2 * len(self._speeds) + 64:
+            self._heap = [(-v, k) for k, v in self._speeds.items()]
+            heapq.heapify(self._heap)
 
     def forget(self, worker_id: str) -> None:
-        if self._speeds.pop(worker_id, None) is not None and worker_id == self._fastest_id:
-            self._stale = True
-            self._fastest = 0.0
+        self._speeds.pop(worker_id, None)
 
     def of(self, worker: Routable) -> float:
         """Speed in (0, 1]; a worker not yet measured counts as the fastest, so it gets tried."""

@@ -37,7 +37,7 @@ class EchoBackend(Backend):
     name: ClassVar[str] = "echo"
     FOR_TESTING: ClassVar[bool] = True
     OPTIONS: ClassVar[Mapping[str, str]] = {
-        "token_delay": "seconds to sleep before each token (default 0)",
+        "token_delay": "seconds between tokens, kept on a schedule (default 0)",
         "load_delay": "seconds load() takes, to imitate loading weights (default 0)",
         "fault_exit_on_load": "tests only: exit with this code while loading (default: off)",
         "fault_crash_after": "tests only: the process dies when request N+1 arrives (default: off)",
@@ -106,10 +106,13 @@ class EchoBackend(Backend):
             raise RuntimeError("echo fault_fail_requests: failing on purpose")
         words = echoed_words(request)
         # A continuation goes on from the token it reached: the same words, in turn.
-        start = len(request.continuation)
-        for i in range(start, start + request.max_tokens):
+        first = len(request.continuation)
+        # On a schedule (token n at start + (n + 1) x token_delay), not a sleep per token, so a
+        # busy loop's lateness does not add up over a stream: a steady N tokens/s, like a model.
+        start = time.monotonic()
+        for n, i in enumerate(range(first, first + request.max_tokens)):
             if self.token_delay:
-                await asyncio.sleep(self.token_delay)
+                await asyncio.sleep(start + (n + 1) * self.token_delay - time.monotonic())
             else:
                 # Yield to the loop so a long stream never starves other RPCs.
                 await asyncio.sleep(0)
