@@ -79,12 +79,20 @@ class PrefixIndex:
         """The worker took a request with these hashes: it holds them soon."""
         held = self._held.setdefault(worker_id, set())
         until = now + PROVISIONAL
+        index = self._holders
+        # On every cache-aware pick (bench/scale.py): _entry inlined.
         for block in hashes:
-            holders = self._entry(block)
-            if holders.get(worker_id) != CONFIRMED:
-                self.entries += worker_id not in holders
-                holders[worker_id] = until
+            holders = index.get(block)
+            if holders is None:
+                holders = index[block] = {}
+            else:
+                index.move_to_end(block)
+            current = holders.get(worker_id)
+            if current is None:
+                self.entries += 1
                 held.add(block)
+            if current != CONFIRMED:
+                holders[worker_id] = until
         self._evict()
 
     def reported(self, worker_id: str, blocks: Sequence[int], now: float) -> None:
@@ -119,16 +127,21 @@ class PrefixIndex:
         """Worker -> how many leading blocks of `hashes` it holds (those holding `least` or
         more)."""
         found: dict[str, int] = {}
+        expired: list[tuple[int, str]] = []
+        index = self._holders
         for depth in range(len(hashes), max(least, 1) - 1, -1):
-            holders = self._holders.get(hashes[depth - 1])
+            block = hashes[depth - 1]
+            holders = index.get(block)
             if not holders:
                 continue
-            self._holders.move_to_end(hashes[depth - 1])
-            for worker_id, until in list(holders.items()):
+            index.move_to_end(block)
+            for worker_id, until in holders.items():
                 if until < now:
-                    self._drop(hashes[depth - 1], worker_id)  # routed, never confirmed
+                    expired.append((block, worker_id))  # routed, never confirmed
                 elif worker_id not in found:
                     found[worker_id] = depth
+        for block, worker_id in expired:
+            self._drop(block, worker_id)
         return found
 
     def holders_of(self, block: int) -> int:
