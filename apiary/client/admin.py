@@ -4,12 +4,14 @@ which the queen forwards: one address and one credential for the operator."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
+from apiary.client.queens import grpc_timeout, unreached
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
 
 if TYPE_CHECKING:
@@ -165,9 +167,20 @@ class AsyncAdmin:
         limit: int = 0,
         timeout: float | None = None,
     ) -> list[queen_pb2.RequestRecord]:
-        """The queen's request history, newest first (`limit` 0: the queen's default)."""
+        """The request history, newest first (`limit` 0: the queen's default, 100). Each queen
+        keeps its own: given several, every one is asked and the answers merged; a queen that
+        cannot be reached is left out while another answers."""
         request = queen_pb2.ListRequestsRequest(status=status, model=model, limit=limit)
-        return list((await self._call(lambda stub: stub.ListRequests, request, timeout)).requests)
+        if len(self._client.queens) == 1:
+            reply = await self._call(lambda stub: stub.ListRequests, request, timeout)
+            return list(reply.requests)
+        left = grpc_timeout(self._client.timeout if timeout is None else timeout)
+        replies = await asyncio.gather(
+            *(queen_pb2_grpc.QueenAdminStub(self._client.channel(queen)).ListRequests(
+                request, timeout=left) for queen in self._client.queens),
+            return_exceptions=True,
+        )  # fmt: skip
+        return merged_history(replies, limit or 100)
 
     # ---- a hive's catalog, processes and backends, through the queen ----------------------
 
@@ -240,3 +253,22 @@ class AsyncAdmin:
         """One backend, with its version, devices and options."""
         request = queen_pb2.HiveBackendRequest(hive_id=hive_id, name=name)
         return (await self._call(lambda stub: stub.GetBackend, request, timeout)).backend
+
+
+def merged_history(
+    replies: Sequence[queen_pb2.ListRequestsResponse | BaseException], limit: int
+) -> list[queen_pb2.RequestRecord]:
+    """Several queens' histories as one, newest first; the first failure if none answered,
+    or if one refused (an unreachable queen is left out)."""
+    failures = [r for r in replies if isinstance(r, BaseException)]
+    refused = [f for f in failures if not (isinstance(f, grpc.RpcError) and unreached(f))]
+    if refused or len(failures) == len(replies):
+        raise (refused or failures)[0]
+    records = {
+        record.id: record
+        for reply in replies
+        if isinstance(reply, queen_pb2.ListRequestsResponse)
+        for record in reply.requests
+    }
+    newest = sorted(records.values(), key=lambda r: r.accepted_at.ToNanoseconds(), reverse=True)
+    return newest[:limit]

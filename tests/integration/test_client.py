@@ -350,3 +350,21 @@ def test_a_second_queen_on_the_same_state_dir_refuses_to_start(cluster: Cluster)
     assert "another queen (pid" in str(refused.value) and "its own --state-dir" in str(
         refused.value
     )
+
+
+async def test_requests_of_several_queens_are_listed_as_one_history(cluster: Cluster) -> None:
+    first, second = cluster.start_queen(), cluster.start_queen(state="second-queen")
+    cluster.start_hive(f"{first.address},{second.address}", hive_id(), "model=demo,count=2")
+    for queen, reference in ((first, "via-first"), (second, "via-second")):
+        await cluster.wait_workers(queen, "demo", 2)
+        async with AsyncClient(queen.address) as one:
+            await text_of(one.send(infer_request("demo", "hi", max_tokens=2, request_id=reference)))
+    async with AsyncClient([first.address, second.address]) as both:
+        merged = await both.admin.list_requests()
+        assert [r.client_request_id for r in merged] == ["via-second", "via-first"]  # newest first
+        assert len(await both.admin.list_requests(limit=1)) == 1
+        second.signal(signal.SIGKILL)
+        assert await asyncio.to_thread(second.wait, 10) is not None
+        # A queen that cannot be reached is left out while another answers.
+        left = await both.admin.list_requests()
+        assert [r.client_request_id for r in left] == ["via-first"]
