@@ -64,8 +64,11 @@ class HeartbeatLoop:
         security: Security | None = None,
         problems: Callable[[], list[str]] = list,
         instance: str = "",
+        # The hive's drains: whether it is drained, and which of its workers are.
+        drains: Callable[[], tuple[bool, list[str]]] = lambda: (False, []),
     ) -> None:
         self.instance = instance
+        self.drains = drains
         self.problems = problems
         security = security or Security()
         self.backends = list(backends)
@@ -106,7 +109,10 @@ class HeartbeatLoop:
         self.sequence += 1
         self.sample()
         records, samples = ([], []) if leaving else self.workers()
+        drained, drained_workers = self.drains()
         beat = queen_pb2.HiveHeartbeat(
+            drained=drained,
+            drained_workers=drained_workers,
             stats=self.stats(),
             backends=self.backends,
             catalog=self.catalog(),

@@ -12,6 +12,7 @@ import structlog
 from apiary.security import OPEN, Security, method_table
 from apiary.serving import RunningServer, host_port, start_server
 from hive.catalog import Catalog
+from hive.drains import Drains
 from hive.heartbeat import HeartbeatLoop
 from hive.records import heartbeat_table, hive_stats
 from hive.service import HiveService
@@ -88,7 +89,8 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
         security=security,
     )  # fmt: skip
     catalog = Catalog(config.models_dir or store.state_dir / "models", config.allow_symlinks)
-    service = HiveService(supervisor, catalog)
+    drains = Drains.load(store.state_dir / "drains.json")
+    service = HiveService(supervisor, catalog, drains)
 
     def register(server: grpc.aio.Server) -> None:
         hive_pb2_grpc.add_HiveServicer_to_server(service, server)
@@ -99,7 +101,7 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
     supervisor.hive_address = host_port(config.listen, running.port)
     # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
     await supervisor.adopt()
-    heartbeats = [heartbeat_loop(queen, config, supervisor, catalog, security)
+    heartbeats = [heartbeat_loop(queen, config, supervisor, catalog, security, drains)
                   for queen in queens(config.queen)]  # fmt: skip
 
     def poke_all() -> None:
@@ -120,8 +122,9 @@ def queens(addresses: str) -> list[str]:
 
 
 def heartbeat_loop(
-    queen: str, config: HiveConfig, supervisor: Supervisor, catalog: Catalog, security: Security
-) -> HeartbeatLoop:
+    queen: str, config: HiveConfig, supervisor: Supervisor, catalog: Catalog, security: Security,
+    drains: Drains,
+) -> HeartbeatLoop:  # fmt: skip
     return HeartbeatLoop(
         queen,
         config.hive_id,
@@ -138,4 +141,5 @@ def heartbeat_loop(
         security=security,
         problems=lambda: [supervisor.persist_error] if supervisor.persist_error else [],
         instance=supervisor.launcher.instance.nonce,
+        drains=lambda: (drains.hive, drains.of(supervisor.workers)),
     )

@@ -13,7 +13,7 @@ import psutil
 import structlog
 
 from apiary.errors import StatusError
-from apiary.protoutil import timestamp
+from apiary.protoutil import naming, timestamp
 from apiary.security import bearer
 from apiary.serving import Context
 from apiary.validation import name_problem, tag_problem
@@ -26,6 +26,7 @@ from hive.catalog import (
     NoSpace,
     NotInCatalog,
 )
+from hive.drains import Drains
 from hive.launcher import WORKER_ID_ENV, ProcessIdentity
 from hive.records import worker_record, worker_records
 from hive.spec import WorkerSpec
@@ -48,9 +49,29 @@ MAX_SLOTS = 256
 
 
 class HiveService(hive_pb2_grpc.HiveServicer):
-    def __init__(self, supervisor: Supervisor, catalog: Catalog) -> None:
+    def __init__(self, supervisor: Supervisor, catalog: Catalog, drains: Drains) -> None:
         self.supervisor = supervisor
         self.catalog = catalog
+        self.drains = drains
+
+    async def SetDrain(
+        self, request: hive_pb2.SetDrainRequest, context: Context
+    ) -> hive_pb2.SetDrainResponse:
+        if request.worker_id and request.worker_id not in self.supervisor.workers:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"hive {self.supervisor.hive_id} has no worker {request.worker_id!r}; "
+                f"its workers: {naming(self.supervisor.workers)}",
+            )
+        try:
+            self.drains.set(request.worker_id, request.drained)
+        except OSError as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"hive {self.supervisor.hive_id} cannot save its drains: {exc}",
+            )
+        self.supervisor.on_change()  # every queen hears it now, not at the next interval
+        return hive_pb2.SetDrainResponse()
 
     def backend_for(self, model: str) -> str:
         """The backend a spawn names none for: the one its catalog entry says (a GGUF runs on

@@ -174,7 +174,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
     ) -> queen_pb2.DrainHiveResponse:
         hive = await self._hive(request.hive_id, context)
         drained = not request.undrain
-        await self.cluster.history.set_drain("hive", hive.id, drained)
+        await self._kept_by_hive(hive, "", drained, context)
         self.registry.drain_hive(hive.id, drained)
         if not drained:
             self.scheduler.dispatch_all()
@@ -186,12 +186,27 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
     ) -> queen_pb2.DrainWorkerResponse:
         entry = await self._worker(request.worker_id, context)
         drained = not request.undrain
-        await self.cluster.history.set_drain("worker", entry.id, drained)
+        hive = self.registry.hives.get(entry.record.hive_id)
+        if hive is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {entry.id}'s hive is not known right now"
+            )
+        await self._kept_by_hive(hive, entry.id, drained, context)
         self.registry.drain_worker(entry.id, drained)
         if not drained:
             self.scheduler.dispatch(entry.record.model)
         log.info("worker drain", worker_id=entry.id, drained=drained)
         return queen_pb2.DrainWorkerResponse(worker=self.registry.view(entry))
+
+    async def _kept_by_hive(
+        self, hive: HiveEntry, worker_id: str, drained: bool, context: Context
+    ) -> None:
+        """The hive keeps the drain (every queen hears it in its heartbeats): no hive, no drain."""
+        stub = self.cluster.channels.hive(hive.id, hive.address)
+        await self.relay(
+            hive, stub.SetDrain(hive_pb2.SetDrainRequest(worker_id=worker_id, drained=drained),
+                                timeout=10), context,
+        )  # fmt: skip
 
     async def WatchEvents(
         self, request: queen_pb2.WatchEventsRequest, context: Context

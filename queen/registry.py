@@ -232,8 +232,17 @@ class Registry:
                 result.removed.extend(self._upsert(hive, record))
         self._vouch(hive, reported)
         self._take_samples(hive, beat.samples)
+        self._take_drains(hive, beat)
         result.removed = [a for a in result.removed if a]
         return result
+
+    def _take_drains(self, hive: HiveEntry, beat: queen_pb2.HiveHeartbeat) -> None:
+        """The hive keeps the operators' drains (whichever queen they were sent to): its word
+        replaces ours, so every queen agrees, and a restarted one knows them again."""
+        self.drain_hive(hive.id, beat.drained)
+        drained = frozenset(beat.drained_workers)
+        for worker_id in hive.worker_ids:
+            self.drain_worker(worker_id, worker_id in drained)
 
     def _take_samples(self, hive: HiveEntry, samples: Iterable[common_pb2.WorkerSample]) -> None:
         """Figures for display only (never for routing): kept as they come, for known workers

@@ -168,15 +168,10 @@ class Queen:
         await self.cluster.close()
 
 
-def open_history(state_dir: Path, registry: Registry) -> History:
-    """The request history, with the drains operators set before this queen started."""
+def open_history(state_dir: Path) -> History:
+    """The request history. (Drains are the hives' to keep: they come with heartbeats.)"""
     history = History(state_dir / "history.sqlite3")
     history.open()
-    for kind, target in history.drains():
-        if kind == "hive":
-            registry.drain_hive(target, True)
-        else:
-            registry.drain_worker(target, True)
     return history
 
 
@@ -184,7 +179,7 @@ def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Clus
     registry = Registry(clock, config.registry_settings())
     channels = Channels(security)
     scheduler = Scheduler(registry, config.max_queue, cache_wait=config.cache_wait)
-    history = open_history(config.state_dir, registry)
+    history = open_history(config.state_dir)
     return Cluster(
         registry=registry,
         scheduler=scheduler,

@@ -7,8 +7,9 @@ slots itself because the queen's view can be a moment behind, and a lease holder
 calls the worker directly.
 
 A lease arrives as a token the worker checks by itself (apiary/leasetoken.py): a
-call may carry one the queen has not announced yet, and it is served if a slot is
-free. A lease the queen did announce (a hold) keeps its slot from other callers
+call may carry one the queen has not announced yet, and it is served if no call is
+using the slot (holds may be a moment stale: a released one is revoked in the next
+batch). A lease the queen did announce (a hold) keeps its slot from other callers
 until it is used, expires, is revoked or the stream that announced it ends. Either
 way a lease is good for one call: its id is spent until it expires.
 """
@@ -72,9 +73,11 @@ class Slots:
                     f"lease {lease.lease_id!r} is {problem} on worker {self.worker_id}; "
                     "ask the queen for a new lease",
                 )
-        held = lease is not None and lease.lease_id in self.holds
-        # A held lease takes its own slot; any other call needs a slot no lease holds.
-        taken = self.in_flight + (0 if held else len(self.holds))
+        # A call with a lease needs only a slot no call is using: the queen signed the lease, so
+        # its books have a slot for it, while ours may still hold one the queen has since
+        # released (its revocation comes a moment later, batched). Any other call needs a slot
+        # no lease holds.
+        taken = self.in_flight + (0 if lease is not None else len(self.holds))
         if taken >= self.total:
             return Refusal(
                 "RESOURCE_EXHAUSTED",

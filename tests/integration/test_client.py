@@ -368,3 +368,39 @@ async def test_requests_of_several_queens_are_listed_as_one_history(cluster: Clu
         # A queen that cannot be reached is left out while another answers.
         left = await both.admin.list_requests()
         assert [r.client_request_id for r in left] == ["via-first"]
+
+
+async def test_a_drain_sent_to_one_queen_holds_at_every_queen_and_across_restarts(
+    cluster: Cluster,
+) -> None:
+    first, second = cluster.start_queen(), cluster.start_queen(state="second-queen")
+    cluster.start_hive(f"{first.address},{second.address}", hive_id(), "model=demo,count=2")
+    (kept, drained) = sorted(w.id for w in await cluster.wait_workers(second, "demo", 2))
+    await cluster.wait_workers(first, "demo", 2)
+    async with AsyncClient(first.address) as via_first:
+        await via_first.admin.drain_worker(drained)
+
+    async def second_knows(expected: bool) -> bool:
+        async with AsyncClient(second.address) as via_second:
+            worker = await via_second.admin.get_worker(drained)
+            return worker.drained is expected
+
+    await wait_until(lambda: second_knows(True), 5)  # the hive told the other queen
+    async with AsyncClient(second.address) as via_second:
+        served = {
+            (await text_of(via_second.infer("demo", "x", max_tokens=1)))[1].worker_id
+            for _ in range(6)
+        }
+    assert served == {kept}  # the second queen routes around it too
+    second.signal(signal.SIGKILL)
+    await asyncio.to_thread(second.wait, 10)
+    second = cluster.start_queen(second.port, state="second-queen")
+    await wait_until(lambda: second_knows(True), 10)  # a restarted queen learns it again
+    async with AsyncClient(second.address) as via_second:
+        await via_second.admin.drain_worker(drained, undrain=True)
+    async with AsyncClient(first.address) as via_first:
+        await wait_until(lambda: undrained(via_first, drained), 5)
+
+
+async def undrained(client: AsyncClient, worker_id: str) -> bool:
+    return not (await client.admin.get_worker(worker_id)).drained

@@ -202,23 +202,26 @@ def test_failures_that_are_not_the_workers_fault_do_not_trip_the_breaker() -> No
     assert reg.workers["a"].breaker_until == 0 and reg.workers["a"].stats.failed == 5
 
 
-def test_drain_stops_new_routing_and_survives_the_workers_absence() -> None:
+def test_drains_are_the_hives_word_and_stop_new_routing() -> None:
     reg, _, events = make()
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
-    reg.drain_worker("a", True)
-    assert [pick(reg), pick(reg)] == ["b", None]
+    reg.drain_worker("a", True)  # an admin call: at once, before the hive's next beat
     assert reg.view(reg.workers["a"]).drained
-    reg.apply_heartbeat(beat("h1"))
-    reg.apply_heartbeat(beat("h1", record("a")))  # back (e.g. a queen or hive restart)
-    assert pick(reg) is None
-    reg.drain_worker("a", False)
-    assert pick(reg) == "a"
-    reg.drain_hive("h2", True)  # before the hive is known: applied when it joins
-    reg.apply_heartbeat(beat("h2", record("c", hive="h2")))
-    assert pick(reg) is None and reg.hives["h2"].drained
-    reg.drain_hive("h2", False)
-    assert pick(reg) == "c"
-    assert "WORKER_DRAINED" in kinds(events) and "HIVE_UNDRAINED" in kinds(events)
+    kept = beat("h1", record("a"), record("b"))
+    kept.drained_workers.append("a")
+    reg.apply_heartbeat(kept)  # the hive keeps it: still drained
+    assert [pick(reg), pick(reg)] == ["b", None]
+    fresh, _, _ = make()
+    fresh.apply_heartbeat(kept)  # a restarted queen learns it from the first beat
+    assert fresh.workers["a"].drained and not fresh.workers["b"].drained
+    reg.apply_heartbeat(beat("h1", record("a"), record("b")))  # undrained through another queen
+    assert not reg.workers["a"].drained
+    whole = beat("h2", record("c", hive="h2"))
+    whole.drained = True
+    reg.apply_heartbeat(whole)
+    assert reg.hives["h2"].drained and reg.is_drained(reg.workers["c"])
+    assert "WORKER_DRAINED" in kinds(events) and "WORKER_UNDRAINED" in kinds(events)
+    assert "HIVE_DRAINED" in kinds(events)
 
 
 def test_required_tags_select_a_subset() -> None:

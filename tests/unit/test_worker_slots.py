@@ -80,3 +80,16 @@ def test_the_holds_of_a_stream_go_with_it() -> None:
     assert slots.drop_holds(1) == 1
     assert set(slots.holds) == {"l-b"} and slots.free == 2
     assert slots.start(lease("a"), now=1.0) is None  # its token still works while a slot is free
+
+
+def test_a_new_lease_is_served_while_a_released_leases_hold_awaits_its_revocation() -> None:
+    """The queen released lease a and leased its slot as b; a's revocation comes in the next
+    batch, b's caller may come first: b is the queen's word, so it is served."""
+    slots = Slots("w1", 1)
+    assert slots.hold(lease("a"), stream=1, now=0.0)
+    assert slots.start(lease("b"), now=1.0) is None
+    assert slots.in_flight == 1
+    refused = slots.start(lease("c"), now=1.0)  # but never past the slots calls are using
+    assert refused is not None and refused.code == "RESOURCE_EXHAUSTED"
+    refused = slots.start()  # and a call without a lease still respects the hold
+    assert refused is not None
