@@ -44,3 +44,14 @@ def claim(state_dir: Path, owner: str) -> TextIO:
     lock_file.write(str(os.getpid()))
     lock_file.flush()
     return lock_file
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write-then-rename (synced first), so a crash mid-write leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -86,3 +86,12 @@ def enum_parser(enum: EnumWrapper, prefix: str, what: str) -> Callable[[str], An
 
     parse.__name__ = what  # argparse shows it in usage errors
     return parse
+
+
+def continued(request: common_pb2.InferRequest, token_ids: list[int]) -> common_pb2.InferRequest:
+    """`request`, continuing a completion after `token_ids` (InferRequest.continuation): what a
+    queen sends the next worker when one fails mid-stream, and a client the next queen."""
+    again = common_pb2.InferRequest()
+    again.CopyFrom(request)
+    again.continuation.token_ids[:] = token_ids
+    return again

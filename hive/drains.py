@@ -11,12 +11,13 @@ logged), never a crash.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+
+from apiary.paths import replace_file
 
 log = structlog.get_logger("hive.drains")
 
@@ -63,10 +64,4 @@ class Drains:
         return sorted(self.workers.intersection(worker_ids))
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"hive": self.hive, "workers": sorted(self.workers)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, json.dumps({"hive": self.hive, "workers": sorted(self.workers)}))

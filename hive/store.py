@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from apiary.paths import claim
+from apiary.paths import claim, replace_file
 
 FORMAT_VERSION = 1
 
@@ -145,10 +144,5 @@ class WorkerStore:
 
     def save(self, rows: list[WorkerRow]) -> None:
         """Write-then-rename, so a crash mid-write leaves the previous table whole."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"version": FORMAT_VERSION, "workers": [r.to_json() for r in rows]}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        table = {"version": FORMAT_VERSION, "workers": [r.to_json() for r in rows]}
+        replace_file(self.path, json.dumps(table))

@@ -347,17 +347,6 @@ class History:
             wait=wait,
         )
 
-    async def set_drain(self, kind: str, target: str, drained: bool) -> None:
-        """Store a drain, once it is committed (or dropped, counted as any row)."""
-        sql = (
-            "INSERT OR IGNORE INTO drains (kind, id) VALUES (?, ?)"
-            if drained
-            else "DELETE FROM drains WHERE kind=? AND id=?"
-        )
-        done = self._put(sql, (kind, target), wait=True)
-        assert done is not None
-        await done
-
     def drains(self) -> list[tuple[str, str]]:
         """The stored drains; none if the history cannot be read (logged)."""
         if not self._ready:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from apiary.protoutil import continued
 from protos.v1 import common_pb2
 
 # Moves per request (--migration-limit): a request that kills every worker it lands on (a
@@ -57,10 +58,7 @@ class Progress:
     def continued(self, request: common_pb2.InferRequest) -> common_pb2.InferRequest:
         """The request for the next worker: the same, continuing from here."""
         self.moves += 1
-        moved = common_pb2.InferRequest()
-        moved.CopyFrom(request)
-        moved.continuation.token_ids[:] = self.token_ids
-        return moved
+        return continued(request, self.token_ids)
 
     def why_not(self, max_tokens: int, limit: int) -> str:
         """Why a failed stream cannot go on (for its error text)."""

@@ -46,6 +46,11 @@ class Failure:
     # The status details, or why the hive counts as lost.
     details: str | None
 
+    @property
+    def cause(self) -> str:
+        """ "CODE: details" (or "hive lost: why"), as error texts say it."""
+        return f"{self.code.name if self.code is not None else 'hive lost'}: {self.details}"
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -143,8 +148,7 @@ def _after_status(
 
 
 def failure_text(failure: Failure) -> str:
-    code = failure.code.name if failure.code is not None else "hive lost"
-    return f"worker {failure.worker_id}: {code}: {failure.details}"
+    return f"worker {failure.worker_id}: {failure.cause}"
 
 
 def every_worker_tried(tried: Collection[str], addresses: Iterable[str]) -> bool:
@@ -155,11 +159,10 @@ def every_worker_tried(tried: Collection[str], addresses: Iterable[str]) -> bool
 
 def stranded(failure: Failure, chunks_sent: int, why: str) -> StatusError:
     """The error of a stream its worker failed mid-way and no other worker continued."""
-    code = failure.code.name if failure.code is not None else "hive lost"
     return StatusError(
         grpc.StatusCode.UNAVAILABLE,
         f"worker {failure.worker_id} failed after {chunks_sent} token chunk(s) were delivered "
-        f"({code}: {failure.details}); the stream is incomplete" + (f"; {why}" if why else ""),
+        f"({failure.cause}); the stream is incomplete" + (f"; {why}" if why else ""),
     )
 
 

@@ -319,8 +319,7 @@ class Route:
         """Said everywhere: log, event, history, metric."""
         delivered = len(self.progress.token_ids) - len(self.request.continuation.token_ids)
         detail = (
-            f"after {delivered} token(s) from {failure.worker_id} "
-            f"({failure.code.name if failure.code else 'hive lost'}: {failure.details}); "
+            f"after {delivered} token(s) from {failure.worker_id} ({failure.cause}); "
             f"move {self.progress.moves} of at most {self.cluster.migration_limit}"
         )
         log.warning(

@@ -22,10 +22,10 @@ from apiary.client.queens import (
     grpc_timeout,
     queen_lost,
     queens_from,
-    resumed,
     unreached,
 )
 from apiary.client.requests import InferOptions, Message, infer_request
+from apiary.protoutil import continued
 from apiary.security import Security, TlsFiles
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc, worker_pb2_grpc
 
@@ -245,7 +245,7 @@ class AsyncClient:
                     raise
                 resumes += 1
                 self.resumes += 1
-                asked = resumed(request, received)
+                asked = continued(request, received)
 
     async def list_models(self, *, timeout: float | None = None) -> list[queen_pb2.ModelInfo]:
         """The models the cluster serves, with worker counts by state and queue length."""

@@ -9,8 +9,6 @@ from collections.abc import Iterable
 
 import grpc
 
-from protos.v1 import common_pb2
-
 QUEEN_ENV = "APIARY_QUEEN"
 TOKEN_ENV = "APIARY_TOKEN"
 DEFAULT_QUEEN = "127.0.0.1:7070"
@@ -64,14 +62,6 @@ def queen_lost(exc: grpc.RpcError) -> bool:
         return False
     details = (exc.details() or "").lower()
     return exc.code() == grpc.StatusCode.UNAVAILABLE and any(t in details for t in QUEEN_LOST)
-
-
-def resumed(request: common_pb2.InferRequest, token_ids: list[int]) -> common_pb2.InferRequest:
-    """`request`, continuing after `token_ids` (InferRequest.continuation)."""
-    again = common_pb2.InferRequest()
-    again.CopyFrom(request)
-    again.continuation.token_ids[:] = token_ids
-    return again
 
 
 def grpc_timeout(seconds_left: float) -> float | None:
