@@ -335,6 +335,8 @@ async def test_process_operations_are_scoped_to_the_hive_that_launched_them(
         env={**cluster.env(), "APIARY_WORKER_ID": "w-by-hand"},
     )
     try:
+        # /proc shows the new environment once the child has exec'd (not at once on a busy box).
+        await eventually(lambda: started_as_worker(by_hand.pid), 10)
         killed = await stub.KillProcess(hive_pb2.KillProcessRequest(pid=by_hand.pid), timeout=10)
         assert killed.process.owner == hive_pb2.PROCESS_OWNER_ORPHAN
         assert by_hand.wait(5) == -signal.SIGKILL
@@ -377,3 +379,10 @@ async def test_second_hive_on_the_same_state_dir_refuses_to_start(cluster: Clust
     cluster.start_hive(queen, "h1")
     with pytest.raises(RuntimeError, match="another hive"):
         cluster.start_hive(queen, "h1")
+
+
+def started_as_worker(pid: int) -> bool:
+    try:
+        return "APIARY_WORKER_ID" in psutil.Process(pid).environ()
+    except psutil.Error:
+        return False
