@@ -48,8 +48,11 @@ def unreached(exc: grpc.RpcError) -> bool:
 # How a stream's queen going away mid-stream reads (its process killed, its host cut off): the
 # stream can resume on another queen. A worker's failure relayed by a live queen reads as the
 # queen's own message instead, and is the caller's to see.
+# A host cut off is noticed by the client's keepalive pings (aio.CLIENT_OPTIONS): grpc says
+# "Stream removed (recvmsg:Connection timed out (110))" or "keepalive watchdog timeout".
 QUEEN_LOST = ("socket closed", "connection reset", "stream removed", "broken pipe",
-              "connection refused", "goaway", "end of tcp stream")  # fmt: skip
+              "connection refused", "goaway", "end of tcp stream", "keepalive",
+              "connection timed out")  # fmt: skip
 # Times a stream resumes on another queen before its failure is the caller's.
 MAX_RESUMES = 3
 

@@ -127,3 +127,58 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
     assert seen["same_worker_ids"], seen
     assert seen["requests"] > 20
     assert seen["failures"] == [], seen["failures"][:5]
+
+
+@pytest.fixture
+def two_queens_net() -> Iterator[Topology]:
+    topology = Topology(["queen1", "queen2", "hive1", "hive2", "client"]).up()
+    try:
+        yield topology
+    finally:
+        topology.close()
+
+
+@pytest.mark.timeout(150)
+async def test_a_queens_host_cut_off_under_load_costs_no_request(
+    cluster: Cluster, two_queens_net: Topology, tmp_path: Path
+) -> None:
+    """Issue #15: clients given both queens finish every stream through the other queen when
+    the first queen's host drops off the network mid-load (packets dropped, nothing said)."""
+    net, a = two_queens_net, two_queens_net.addresses
+    # Plain text between these namespaces only (the TLS case is the test above).
+    common = ["--heartbeat-interval", str(INTERVAL), "--insecure"]
+    queens = [
+        cluster.start(
+            name,
+            ["queen", "--listen", f"{a[name]}:7070", "--state-dir", str(tmp_path / name), *common],
+            prefix=net.exec_prefix(name),
+            host=a[name],
+        )
+        for name in ("queen1", "queen2")
+    ]
+    both = ",".join(q.address for q in queens)
+    for hive in ("hive1", "hive2"):
+        cluster.start(
+            hive,
+            ["hive", "--queen", both, "--listen", f"{a[hive]}:7071", "--hive-id", hive,
+             "--worker-host", a[hive], "--state-dir", str(tmp_path / hive),
+             "--spawn", "model=demo,backend=echo,count=2,slots=16,token_delay=0.02", *common],
+            prefix=net.exec_prefix(hive),
+            host=a[hive],
+        )  # fmt: skip
+    driver = subprocess.run(
+        [*net.exec_prefix("client"), sys.executable,
+         str(ROOT / "tests/integration/partition_driver.py"), "--queens", both,
+         "--switch", net.bridge_ns, "--veth", net.veth("queen1")],
+        capture_output=True, text=True, timeout=120, env=cluster.env(),
+    )  # fmt: skip
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    seen = json.loads(driver.stdout.strip().splitlines()[-1])
+    print("queen partition:", json.dumps(seen))
+    problems = {k: v for k, v in seen.items() if k.startswith(("failed", "wrong text"))}
+    assert problems == {}, problems
+    assert seen["completed"] == seen["accepted"]
+    # Streams were cut mid-way at the lost queen and resumed on the other one ...
+    assert seen["resumed"] >= 1, seen
+    # ... within a few keepalive intervals, and the load went on through the other queen.
+    assert seen["completed_after_cut"] >= 32, seen

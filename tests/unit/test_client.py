@@ -15,7 +15,14 @@ import pytest
 from apiary.client import AsyncClient, infer_request, queens_from
 from apiary.client.admin import catalog_name
 from apiary.client.blocking import LoopThread
-from apiary.client.queens import Backoff, Rotation, deadline_passed, grpc_timeout, unreached
+from apiary.client.queens import (
+    Backoff,
+    Rotation,
+    deadline_passed,
+    grpc_timeout,
+    queen_lost,
+    unreached,
+)
 from protos.v1 import common_pb2
 
 # grpc's own words for a refused connection and an unresolvable name.
@@ -78,6 +85,29 @@ def test_only_failures_that_prove_nothing_was_served_move_a_call(
 
 def test_an_rpc_error_without_a_status_never_moves() -> None:
     assert not unreached(grpc.RpcError())
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "resumes"),
+    [
+        # The queen's process died, or it stopped and cut the stream.
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", True),
+        (grpc.StatusCode.UNAVAILABLE, "Connection reset by peer", True),
+        (grpc.StatusCode.UNAVAILABLE, STOPPING, True),
+        # Its host vanished, seen by the client's keepalive pings (as grpc words it here).
+        (grpc.StatusCode.UNAVAILABLE, "Stream removed (recvmsg:Connection timed out (110))", True),
+        (grpc.StatusCode.UNAVAILABLE, "keepalive watchdog timeout", True),
+        # A live queen reporting a failure it could not mend: the caller's to see.
+        (grpc.StatusCode.UNAVAILABLE, "every worker of model 'demo' has failed", False),
+        (grpc.StatusCode.UNAVAILABLE, "failed after 3 migrations: 12 token(s) delivered", False),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1", False),
+    ],
+)
+def test_a_stream_resumes_on_another_queen_only_when_its_queen_went_away(
+    code: grpc.StatusCode, details: str, resumes: bool
+) -> None:
+    assert queen_lost(rpc_error(code, details)) is resumes
 
 
 # ---- rotation, backoff, deadlines -----------------------------------------------------------

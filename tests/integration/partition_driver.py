@@ -1,0 +1,97 @@
+"""Runs inside the client host's network namespace: streams through two queens while the first
+queen's host is cut off from the network, and reports what the client library saw.
+
+Started by test_multihost.py with `ip netns exec`; prints one JSON object for the test to judge.
+The load is closed-loop client-library streams given both queens, bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from apiary.client import AsyncClient
+from apiary.protoutil import READY_STATES
+from harness.wait import wait_until
+
+PROMPT = "one two three"
+TOKENS = 20
+
+
+def echo_text(tokens: int) -> str:
+    """What the echo backend streams for PROMPT when nothing interrupts it."""
+    words = PROMPT.split()
+    return " ".join(words[i % len(words)] for i in range(tokens))
+
+
+async def ready_workers(queen: str) -> int:
+    """Ready workers one queen sees (0 while it cannot be asked)."""
+    one = AsyncClient(queen, timeout=2, wait_for_ready=False)
+    try:
+        listed = await one.admin.list_workers()
+        return sum(1 for w in listed if w.state in READY_STATES)
+    except grpc.aio.AioRpcError:
+        return 0
+    finally:
+        await one.close()
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--queens", required=True, help="A,B: the first one's host is cut")
+    p.add_argument("--switch", required=True)
+    p.add_argument("--veth", required=True, help="the switch port of the first queen's host")
+    p.add_argument("--seconds", type=float, default=14.0)
+    args = p.parse_args()
+    queens = args.queens.split(",")
+    client = AsyncClient(args.queens, timeout=30)
+    for queen in queens:
+        await wait_until(functools.partial(_all_ready, queen), 30)
+    tally: Counter[str] = Counter()
+    expected = echo_text(TOKENS)
+    stop_at = time.monotonic() + args.seconds
+
+    async def stream_loop() -> None:
+        while time.monotonic() < stop_at and tally["accepted"] < 5000:
+            tally["accepted"] += 1
+            text = ""
+            try:
+                async for chunk in client.infer("demo", PROMPT, max_tokens=TOKENS):
+                    text += chunk.text
+            except grpc.aio.AioRpcError as exc:
+                tally[f"failed {exc.code().name}: {exc.details()}"] += 1
+                continue
+            tally["completed" if text == expected else f"wrong text: {text!r}"] += 1
+
+    load = [asyncio.create_task(stream_loop()) for _ in range(16)]
+    await wait_until(lambda: tally["completed"] >= 16, 15)  # the load flows before the cut
+    subprocess.run(["ip", "-n", args.switch, "link", "set", args.veth, "down"], check=True)
+    cut_at = time.monotonic()
+    completed_at_cut = tally["completed"]
+    await asyncio.gather(*load)
+    out: dict[str, Any] = dict(tally)
+    out["completed_after_cut"] = tally["completed"] - completed_at_cut
+    out["seconds_after_cut"] = round(time.monotonic() - cut_at, 2)
+    out["resumed"] = client.resumes
+    await client.close()
+    print(json.dumps(out))
+
+
+async def _all_ready(queen: str) -> bool:
+    return await ready_workers(queen) == 4
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
