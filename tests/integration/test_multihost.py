@@ -20,13 +20,18 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=f"multi-host tests sk
 INTERVAL = 1.0
 
 
-@pytest.fixture
-def net() -> Iterator[Topology]:
-    topology = Topology(["queen", "hive1", "hive2", "client"]).up()
+def network(*hosts: str) -> Iterator[Topology]:
+    """The hosts, up for one test and removed after it, whatever happened."""
+    topology = Topology(list(hosts)).up()
     try:
         yield topology
     finally:
         topology.close()
+
+
+@pytest.fixture
+def net() -> Iterator[Topology]:
+    yield from network("queen", "hive1", "hive2", "client")
 
 
 @pytest.mark.timeout(120)
@@ -131,11 +136,7 @@ async def test_two_hives_a_cut_link_and_tls_with_tokens_across_hosts(
 
 @pytest.fixture
 def two_queens_net() -> Iterator[Topology]:
-    topology = Topology(["queen1", "queen2", "hive1", "hive2", "client"]).up()
-    try:
-        yield topology
-    finally:
-        topology.close()
+    yield from network("queen1", "queen2", "hive1", "hive2", "client")
 
 
 @pytest.mark.timeout(150)
