@@ -85,6 +85,9 @@ def send(queen: str, token: str, hive_id: str, rate: float, seconds: float) -> N
         except grpc.RpcError as exc:
             name = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
             counts[name] = counts.get(name, 0) + 1
+        except Exception as exc:  # counted and reported, the flood goes on
+            name = type(exc).__name__
+            counts[name] = counts.get(name, 0) + 1
         time.sleep(max(start + (n + 1) / rate - time.monotonic(), 0.0))
     print(json.dumps(counts))
 
@@ -124,10 +127,21 @@ def start_senders(
             cwd=ROOT,
             env=cluster.env(),
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         for hive_id in SENDERS
     ]
+
+
+def sender_counts(sender: subprocess.Popen[str]) -> dict[str, int]:
+    """What a sender's beats got back, by status; a sender that failed says why here."""
+    out, err = sender.communicate(timeout=60)
+    lines = out.strip().splitlines()
+    if sender.returncode != 0 or not lines:
+        raise RuntimeError(f"a flood sender exited with {sender.returncode}: {err[-2000:]}")
+    counts: dict[str, int] = json.loads(lines[-1])
+    return counts
 
 
 @dataclass
@@ -161,7 +175,7 @@ async def measure(args: argparse.Namespace) -> Result:
             cluster, queen.address, tokens["hives"], args.rate, args.seconds + 1
         )
         flooded = await latencies(stub, args.seconds, 20_000)
-        counts = [json.loads(s.communicate(timeout=60)[0].strip() or "{}") for s in senders]
+        counts = [sender_counts(sender) for sender in senders]
     finally:
         await cluster.close()
     return Result(
