@@ -28,6 +28,7 @@ from harness.wait import wait_until
 
 PROMPT = "one two three"
 TOKENS = 20
+STREAMS = 16
 
 
 def echo_text(tokens: int) -> str:
@@ -75,13 +76,17 @@ async def main() -> None:
                 continue
             tally["completed" if text == expected else f"wrong text: {text!r}"] += 1
 
-    load = [asyncio.create_task(stream_loop()) for _ in range(16)]
-    await wait_until(lambda: tally["completed"] >= 16, 15)  # the load flows before the cut
+    load = [asyncio.create_task(stream_loop()) for _ in range(STREAMS)]
+    await wait_until(lambda: tally["completed"] >= STREAMS, 15)  # the load flows before the cut
     subprocess.run(["ip", "-n", args.switch, "link", "set", args.veth, "down"], check=True)
     cut_at = time.monotonic()
     completed_at_cut = tally["completed"]
+    out: dict[str, Any] = {}
+    # Every stream the lost queen was relaying resumes on the other one.
+    await wait_until(lambda: client.resumes >= STREAMS, args.seconds)
+    out["all_resumed_after"] = round(time.monotonic() - cut_at, 2)
     await asyncio.gather(*load)
-    out: dict[str, Any] = dict(tally)
+    out.update(tally)
     out["completed_after_cut"] = tally["completed"] - completed_at_cut
     out["seconds_after_cut"] = round(time.monotonic() - cut_at, 2)
     out["resumed"] = client.resumes

@@ -179,7 +179,7 @@ async def test_a_queens_host_cut_off_under_load_costs_no_request(
     problems = {k: v for k, v in seen.items() if k.startswith(("failed", "wrong text"))}
     assert problems == {}, problems
     assert seen["completed"] == seen["accepted"]
-    # Streams were cut mid-way at the lost queen and resumed on the other one ...
-    assert seen["resumed"] >= 1, seen
-    # ... within a few keepalive intervals, and the load went on through the other queen.
+    # The streams cut mid-way at the lost queen (all of them: the client tries the first queen
+    # first) resumed on the other one, and the load went on through it.
+    assert seen["resumed"] >= 16, seen
     assert seen["completed_after_cut"] >= 32, seen
