@@ -80,8 +80,14 @@ class HiveEntry:
     problems: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkerEntry:
+    """A worker as the queen knows it: the hive's record and the queen's own counts.
+
+    Plain attributes, not reads of the record: a protobuf string field makes a new str at
+    every read, and picks read these on every worker they judge (fixed for the entry's life:
+    a worker that moves hive or model gets a new entry)."""
+
     record: common_pb2.WorkerRecord
     stats: WorkerStatsTracker = field(default_factory=WorkerStatsTracker)
     # Slots the queen has handed out on this worker right now.
@@ -95,10 +101,19 @@ class WorkerEntry:
     breaker_until: float = 0.0
     # What changes every beat (cpu, memory, last activity), apart from the record.
     sample: common_pb2.WorkerSample | None = None
+    id: str = field(init=False)
+    hive_id: str = field(init=False)
+    model: str = field(init=False)
+    address: str = field(init=False)
+    tags: frozenset[str] = field(init=False)
 
-    @property
-    def id(self) -> str:
-        return self.record.id
+    def __post_init__(self) -> None:
+        self.id, self.hive_id, self.model = self.record.id, self.record.hive_id, self.record.model
+        self.renew(self.record)
+
+    def renew(self, record: common_pb2.WorkerRecord) -> None:
+        """The hive's newer record of this worker."""
+        self.record, self.address, self.tags = record, record.address, frozenset(record.tags)
 
     @property
     def slots_total(self) -> int:
@@ -388,7 +403,7 @@ class Registry:
                     state=record.state,
                     previous_state=entry.record.state,
                 )
-            entry.record = record
+            entry.renew(record)
             entry.unreachable = False
         hive.worker_ids.add(record.id)
         self._touch(entry)
@@ -523,7 +538,7 @@ class Registry:
             self._touch(entry)
 
     def is_drained(self, entry: WorkerEntry) -> bool:
-        hive = self.hives.get(entry.record.hive_id)
+        hive = self.hives.get(entry.hive_id)
         return entry.drained or (hive is not None and hive.drained)
 
     # ---- routing ----------------------------------------------------------
@@ -541,12 +556,13 @@ class Registry:
     def _touch(self, entry: WorkerEntry) -> None:
         """Re-key the worker in every pool of its model."""
         eligible = self.routable(entry)
-        tags = entry.record.tags
-        for pool in self._pools.get(entry.record.model, {}).values():
-            if pool.admits(tags):
+        pools = self._pools.get(entry.model)
+        if pools is None:
+            self._pool(entry.model, frozenset())
+            return
+        for pool in pools.values():
+            if pool.admits(entry.tags):
                 pool.update(entry, eligible)
-        if entry.record.model not in self._pools:
-            self._pool(entry.record.model, frozenset())
 
     def _pool(self, model: str, tags: frozenset[str]) -> Pool:
         pools = self._pools.setdefault(model, {})
@@ -555,7 +571,7 @@ class Registry:
             pool = Pool(model, tags, self._rng)
             for worker_id in self._by_model.get(model, ()):
                 entry = self.workers[worker_id]
-                if pool.admits(entry.record.tags):
+                if pool.admits(entry.tags):
                     pool.update(entry, self.routable(entry))
             if len(pools) >= MAX_POOLS_PER_MODEL:
                 # Every worker change updates every pool of its model, and clients choose the
@@ -569,13 +585,13 @@ class Registry:
     def _judge(self, exclude: frozenset[str]) -> Judge:
         def judge(worker_id: str) -> Verdict:
             entry = self.workers[worker_id]
-            hive = self.hives.get(entry.record.hive_id)
+            hive = self.hives.get(entry.hive_id)
             if hive is None:
                 return Verdict.DROP
             health = self._note_health(hive)
             if health == common_pb2.HIVE_HEALTH_UNHEALTHY:
                 return Verdict.DROP  # until the hive's next heartbeat re-adds it
-            if entry.record.address in exclude:
+            if entry.address in exclude:
                 return Verdict.SKIP
             if health == common_pb2.HIVE_HEALTH_DEGRADED:
                 return Verdict.LATER
@@ -637,7 +653,7 @@ class Registry:
         self._use_counter += 1
         entry.last_used = self._use_counter
         self._touch(entry)
-        return Slot(entry.id, entry.record.hive_id, entry.record.address, model)
+        return Slot(entry.id, entry.hive_id, entry.address, model)
 
     def _cache_pick(self, pool: Pool, want: Want, judge: Judge) -> tuple[str | None, bool]:
         """(a worker to take, or None; whether a busy holder is worth waiting for)."""
@@ -696,7 +712,7 @@ class Registry:
     def give_back(self, slot: Slot, outcome: Outcome) -> None:
         """Give the slot back and count the outcome; a slot on a worker since gone is dropped."""
         entry = self.workers.get(slot.worker_id)
-        if entry is None or entry.record.address != slot.address:
+        if entry is None or entry.address != slot.address:
             return
         entry.in_flight = max(entry.in_flight - 1, 0)
         self._use_counter += 1
