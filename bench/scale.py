@@ -32,7 +32,7 @@ from queen.registry import Outcome, Registry, RegistrySettings, Slot
 
 SIZES = (10, 100, 1_000, 10_000)
 PER_HIVE = 8
-ROUNDS = 3  # ingest: heartbeat and baseline windows alternate this many times
+ROUNDS = 9  # ingest: heartbeat and baseline windows alternate this many times (median)
 MAX_CALLS = 200_000  # per ingest measurement: loads are bounded in count as well as time
 POLICIES = {
     "least-loaded": common_pb2.ROUTING_POLICY_LEAST_LOADED,
