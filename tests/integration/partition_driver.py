@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from apiary.client import AsyncClient
 from apiary.protoutil import READY_STATES
 from harness.wait import wait_until
+from protos.v1 import worker_pb2, worker_pb2_grpc
 
 PROMPT = "one two three"
 TOKENS = 20
@@ -78,6 +80,13 @@ async def main() -> None:
 
     load = [asyncio.create_task(stream_loop()) for _ in range(STREAMS)]
     await wait_until(lambda: tally["completed"] >= STREAMS, 15)  # the load flows before the cut
+    # One long stream (30 s of tokens) relayed by the queen about to be lost, from a client of
+    # that queen alone: once the queen is gone its worker should stop making tokens nobody
+    # will read and give the slot back, without waiting for the stream's end.
+    lost_only = AsyncClient(queens[0], timeout=args.seconds, wait_for_ready=False)
+    long_stream = asyncio.create_task(_drain(lost_only.infer("long", PROMPT, max_tokens=600)))
+    long_model = AsyncClient(queens[1], timeout=2, wait_for_ready=False)
+    await wait_until(lambda: _long_slot(long_model, taken=True), 10)
     subprocess.run(["ip", "-n", args.switch, "link", "set", args.veth, "down"], check=True)
     cut_at = time.monotonic()
     completed_at_cut = tally["completed"]
@@ -85,7 +94,12 @@ async def main() -> None:
     # Every stream the lost queen was relaying resumes on the other one.
     await wait_until(lambda: client.resumes >= STREAMS, args.seconds)
     out["all_resumed_after"] = round(time.monotonic() - cut_at, 2)
+    await wait_until(lambda: _long_slot(long_model, taken=False), args.seconds)
+    out["long_stream_slot_freed_after"] = round(time.monotonic() - cut_at, 2)
+    long_stream.cancel()
+    await asyncio.gather(long_stream, return_exceptions=True)
     await asyncio.gather(*load)
+    await asyncio.gather(lost_only.close(), long_model.close())
     out.update(tally)
     out["completed_after_cut"] = tally["completed"] - completed_at_cut
     out["seconds_after_cut"] = round(time.monotonic() - cut_at, 2)
@@ -94,8 +108,25 @@ async def main() -> None:
     print(json.dumps(out))
 
 
+async def _drain(chunks: AsyncIterator[Any]) -> None:
+    async for _ in chunks:
+        pass
+
+
+async def _long_slot(client: AsyncClient, taken: bool) -> bool:
+    """Whether the one-slot `long` worker has its slot taken (or free again), asked of the
+    worker itself: each queen's view counts only its own streams."""
+    try:
+        (worker,) = await client.admin.list_workers(model="long")
+        stub = worker_pb2_grpc.WorkerStub(client.channel(worker.address))
+        status = await stub.GetStatus(worker_pb2.GetStatusRequest(), timeout=2)
+    except (grpc.aio.AioRpcError, ValueError):
+        return False
+    return (status.worker.slots_available == 0) is taken
+
+
 async def _all_ready(queen: str) -> bool:
-    return await ready_workers(queen) == 4
+    return await ready_workers(queen) == 5
 
 
 if __name__ == "__main__":

@@ -163,7 +163,10 @@ async def test_a_queens_host_cut_off_under_load_costs_no_request(
             hive,
             ["hive", "--queen", both, "--listen", f"{a[hive]}:7071", "--hive-id", hive,
              "--worker-host", a[hive], "--state-dir", str(tmp_path / hive),
-             "--spawn", "model=demo,backend=echo,count=2,slots=16,token_delay=0.02", *common],
+             "--spawn", "model=demo,backend=echo,count=2,slots=16,token_delay=0.02",
+             *(["--spawn", "model=long,backend=echo,count=1,slots=1,token_delay=0.05"]
+               if hive == "hive1" else []),
+             *common],
             prefix=net.exec_prefix(hive),
             host=a[hive],
         )  # fmt: skip
@@ -183,3 +186,7 @@ async def test_a_queens_host_cut_off_under_load_costs_no_request(
     # first) resumed on the other one, and the load went on through it.
     assert seen["resumed"] >= 16, seen
     assert seen["completed_after_cut"] >= 32, seen
+    # A 30 s stream the lost queen was relaying stopped at its worker once nobody could read it
+    # (grpc gives up on unacknowledged writes after the keepalive timeout): the slot came back
+    # long before the stream's end (the driver waits at most 14 s for it).
+    assert seen["long_stream_slot_freed_after"] < 14, seen
