@@ -1,8 +1,26 @@
-"""One exception that carries a gRPC status, raised deep and answered once at the RPC edge."""
+"""One exception that carries a gRPC status, raised deep and answered once at the RPC edge, and
+the mark on every status one of our servers gives itself."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+
+# Trailing metadata every call answered by one of our servers carries (apiary/serving.py sets it
+# first thing), whatever its status: a failure with it was a live server's decision, one without
+# it came from the connection (the server died or could not be reached). The words of a status
+# cannot tell them apart: a queen's own message may quote a worker's connection error.
+ANSWERED_KEY = "apiary-answered"
+ANSWERED = ((ANSWERED_KEY, "1"),)
+
+
+def answered(exc: grpc.RpcError) -> bool:
+    """The status was given by a live server of ours (not made by the transport)."""
+    # grpc.aio's errors are not grpc.Call, but both have trailing_metadata().
+    trailing = getattr(exc, "trailing_metadata", None)
+    pairs: Any = (trailing() if callable(trailing) else None) or ()
+    return any(pair[0] == ANSWERED_KEY for pair in pairs)
 
 
 class StatusError(Exception):

@@ -16,7 +16,7 @@ from grpc_health.v1 import _async as health_aio  # published as grpc_health.v1.h
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from apiary.errors import StatusError
+from apiary.errors import ANSWERED, StatusError
 from apiary.security import Security, add_security_args
 
 # The context every servicer method gets; request/response types are in the method signature.
@@ -121,6 +121,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 async def _refuse_undecodable(request: Any, context: Context, message: str) -> None:
+    context.set_trailing_metadata(ANSWERED)  # whatever the call's end: this server decided it
     if isinstance(request, _Undecodable):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
 
@@ -175,6 +176,7 @@ def _guarded_bidi(inner: Callable[..., Any], message: str) -> Callable[..., Any]
             yield request
 
     async def generator(requests: Any, context: Context) -> Any:
+        context.set_trailing_metadata(ANSWERED)
         try:
             async for response in inner(checked(requests), context):
                 yield response

@@ -368,10 +368,10 @@ class Registry:
 
     def _upsert(self, hive: HiveEntry, record: common_pb2.WorkerRecord) -> list[str]:
         removed: list[str] = []
+        if record.hive_id != hive.id:
+            record.hive_id = hive.id  # a record may leave it out (checked: never another's)
         entry = self.workers.get(record.id)
-        if entry is not None and (
-            entry.record.hive_id != hive.id or entry.record.model != record.model
-        ):
+        if entry is not None and (entry.hive_id != hive.id or entry.model != record.model):
             removed.append(self.forget_worker(record.id))  # moved hive or model: start over
             entry = None
         if entry is None:
@@ -563,6 +563,8 @@ class Registry:
         for pool in pools.values():
             if pool.admits(entry.tags):
                 pool.update(entry, eligible)
+            elif entry.id in pool.members:
+                pool.remove(entry.id)  # a tag the worker no longer carries
 
     def _pool(self, model: str, tags: frozenset[str]) -> Pool:
         pools = self._pools.setdefault(model, {})

@@ -34,17 +34,20 @@ Item = TypeVar("Item", covariant=True)
 
 # A client's channels reconnect quickly: a queen coming back is found within a second
 # (grpc's default backoff grows to two minutes). While calls are open they ping the queen
-# every 2 s: a queen whose host vanished (link cut, power lost: nothing says so) is noticed
-# within ~4 s and its streams resume elsewhere, not after the 30 s deadline or TCP's minutes.
+# every 2 s and give it 5 s to answer: a queen whose host vanished (link cut, power lost:
+# nothing says so) is given up within ~7 s and its streams resume elsewhere, not after the
+# deadline or TCP's minutes. grpc also uses the 5 s as TCP_USER_TIMEOUT (data unacknowledged
+# that long ends the connection), so it is not shorter: a lossy link must not cut streams.
 # Idle channels do not ping (a thousand idle clients cost a queen nothing); the queen accepts
 # pings at any rate (serving.SERVER_OPTIONS).
 CLIENT_KEEPALIVE_MS = 2000
+CLIENT_KEEPALIVE_TIMEOUT_MS = 5000
 CLIENT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", CLIENT_KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 0),
     # A server stream sends nothing after its request: without this, pings stop after two.
     ("grpc.http2.max_pings_without_data", 0),
@@ -242,16 +245,21 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         received, index, resumes = list(request.continuation.token_ids), 0, 0
-        asked = request
+        asked, exact = request, True
         while True:
             try:
                 async for chunk in self._infer_stream(asked, deadline - loop.time()):
                     received.extend(chunk.token_ids)
+                    # Text without its token ids (a backend that sends none) cannot be
+                    # continued exactly: such a stream is not resumed, it would repeat.
+                    exact = exact and (bool(chunk.token_ids) or not chunk.text)
                     chunk.index, index = index, index + 1
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                if not queen_lost(exc) or resumes >= MAX_RESUMES or deadline <= loop.time():
+                if not (queen_lost(exc) and exact) or resumes >= MAX_RESUMES:
+                    raise
+                if deadline <= loop.time():
                     raise
                 resumes += 1
                 self.resumes += 1

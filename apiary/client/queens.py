@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import grpc
 
+from apiary.errors import answered
+
 QUEEN_ENV = "APIARY_QUEEN"
 TOKEN_ENV = "APIARY_TOKEN"
 DEFAULT_QUEEN = "127.0.0.1:7070"
@@ -42,7 +44,10 @@ def unreached(exc: grpc.RpcError) -> bool:
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     details = (exc.details() or "").lower()
-    return details.startswith(SHUTTING_DOWN) or any(text in details for text in NOT_CONNECTED)
+    if details.startswith(SHUTTING_DOWN):
+        return True
+    # A queen's own failure may quote a worker's "failed to connect": it was served.
+    return not answered(exc) and any(text in details for text in NOT_CONNECTED)
 
 
 # How a stream's queen going away mid-stream reads (its process killed, its host cut off): the
@@ -61,8 +66,8 @@ def queen_lost(exc: grpc.RpcError) -> bool:
     """The stream's queen went away (or stopped and cut it): the rest may come from another."""
     if unreached(exc):
         return True
-    if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call):
-        return False
+    if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call) or answered(exc):
+        return False  # a live queen ended it on purpose, even quoting a connection error
     details = (exc.details() or "").lower()
     return exc.code() == grpc.StatusCode.UNAVAILABLE and any(t in details for t in QUEEN_LOST)
 

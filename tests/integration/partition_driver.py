@@ -64,10 +64,11 @@ async def main() -> None:
         await wait_until(functools.partial(_all_ready, queen), 30)
     tally: Counter[str] = Counter()
     expected = echo_text(TOKENS)
-    stop_at = time.monotonic() + args.seconds
+    # Until --seconds after the cut (set then); bounded before it by the waits' deadlines.
+    stop_at = [time.monotonic() + 60]
 
     async def stream_loop() -> None:
-        while time.monotonic() < stop_at and tally["accepted"] < 5000:
+        while time.monotonic() < stop_at[0] and tally["accepted"] < 5000:
             tally["accepted"] += 1
             text = ""
             try:
@@ -83,12 +84,14 @@ async def main() -> None:
     # One long stream (30 s of tokens) relayed by the queen about to be lost, from a client of
     # that queen alone: once the queen is gone its worker should stop making tokens nobody
     # will read and give the slot back, without waiting for the stream's end.
-    lost_only = AsyncClient(queens[0], timeout=args.seconds, wait_for_ready=False)
+    # Its deadline is well past the stream's end: the worker must not stop it for that reason.
+    lost_only = AsyncClient(queens[0], timeout=120, wait_for_ready=False)
     long_stream = asyncio.create_task(_drain(lost_only.infer("long", PROMPT, max_tokens=600)))
     long_model = AsyncClient(queens[1], timeout=2, wait_for_ready=False)
     await wait_until(lambda: _long_slot(long_model, taken=True), 10)
     subprocess.run(["ip", "-n", args.switch, "link", "set", args.veth, "down"], check=True)
     cut_at = time.monotonic()
+    stop_at[0] = cut_at + args.seconds
     completed_at_cut = tally["completed"]
     out: dict[str, Any] = {}
     # Every stream the lost queen was relaying resumes on the other one.

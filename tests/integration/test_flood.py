@@ -27,6 +27,8 @@ def test_a_heartbeat_flood_is_told_to_slow_down_and_clients_are_served() -> None
     result = json.loads(run.stdout.strip().splitlines()[-1])
     baseline, flooded = result["requests"]
     assert baseline > 0 and flooded > 0, result  # every request completed (a failure ends the run)
+    # Far from the bench's own bound (2x), so only a flood that really stalls clients fails it.
+    assert flooded >= baseline / 10, result
     for counts in result["senders"].values():
         assert counts.get("OK", 0) > 0  # a valid hive is heard...
         assert counts.get("RESOURCE_EXHAUSTED", 0) > counts["OK"]  # ...and told to slow down

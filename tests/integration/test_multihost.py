@@ -186,7 +186,7 @@ async def test_a_queens_host_cut_off_under_load_costs_no_request(
     # first) resumed on the other one, and the load went on through it.
     assert seen["resumed"] >= 16, seen
     assert seen["completed_after_cut"] >= 32, seen
-    # A 30 s stream the lost queen was relaying stopped at its worker once nobody could read it
-    # (grpc gives up on unacknowledged writes after the keepalive timeout): the slot came back
-    # long before the stream's end (the driver waits at most 14 s for it).
-    assert seen["long_stream_slot_freed_after"] < 14, seen
+    # A 30 s stream (with a 120 s deadline) the lost queen was relaying stopped at its worker
+    # once nobody could read it (grpc gives up on unacknowledged writes after the keepalive
+    # timeout): the slot came back long before the stream's end.
+    assert seen["long_stream_slot_freed_after"] < 10, seen

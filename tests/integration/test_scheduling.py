@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from apiary.client import AsyncClient
 from harness import Cluster, Proc, wait_until
 from protos.v1 import common_pb2, queen_pb2
 from tests.streams import tokens_in
@@ -210,6 +211,18 @@ async def test_with_no_migration_a_failure_after_the_first_chunk_is_reported_not
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     details = err.value.details() or ""
     assert "token chunk(s) were delivered" in details and "--migration-limit 0" in details
+    # The client library takes the queen's word: its message quotes the worker's connection
+    # error, but a live queen gave it, so the stream is not resumed behind the operator's back.
+    async with AsyncClient(queen.address, timeout=30) as client:
+        stream = client.infer("demo", "one two three", max_tokens=100)
+        first = await anext(stream)
+        (worker,) = [w for w in await client.admin.list_workers() if w.id == first.worker_id]
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            async for _ in stream:
+                pass
+        assert "--migration-limit 0" in (again.value.details() or "")
+        assert client.resumes == 0
 
 
 async def test_autospawn_starts_exactly_one_worker_for_concurrent_requests(

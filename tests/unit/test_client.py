@@ -23,6 +23,7 @@ from apiary.client.queens import (
     queen_lost,
     unreached,
 )
+from apiary.errors import ANSWERED
 from protos.v1 import common_pb2
 
 # grpc's own words for a refused connection and an unresolvable name.
@@ -34,8 +35,12 @@ UNRESOLVED = "errors resolving nohost.invalid:7070: [hostname lookup error: Doma
 STOPPING = "queen shutting down: it takes no new requests; retry on another queen"
 
 
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+def rpc_error(
+    code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
+) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details, None
+    )
 
 
 # ---- queens_from ----------------------------------------------------------------------------
@@ -85,6 +90,29 @@ def test_only_failures_that_prove_nothing_was_served_move_a_call(
 
 def test_an_rpc_error_without_a_status_never_moves() -> None:
     assert not unreached(grpc.RpcError())
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        # What a live queen says when a worker failed mid-stream and could not be continued,
+        # or no worker could take the request: both quote the worker's connection error.
+        "worker w-1 failed after 3 token chunk(s) were delivered (UNAVAILABLE: Stream removed "
+        "(recvmsg:Connection timed out (110))); the stream is incomplete; it already moved 3 "
+        "time(s) (--migration-limit 3)",
+        "no worker of model 'demo' could serve the request after 3 attempt(s); last error: "
+        "worker w-1: UNAVAILABLE: failed to connect to all addresses; last error: keepalive",
+    ],
+)
+def test_a_live_queens_own_failure_is_final_whatever_it_quotes(details: str) -> None:
+    answered = rpc_error(grpc.StatusCode.UNAVAILABLE, details, ANSWERED)
+    assert not unreached(answered) and not queen_lost(answered)
+    # The same words without the server's mark came from the connection itself.
+    assert queen_lost(rpc_error(grpc.StatusCode.UNAVAILABLE, details))
+
+
+def test_a_stopping_queen_cut_is_resumed_although_the_queen_said_it() -> None:
+    assert queen_lost(rpc_error(grpc.StatusCode.UNAVAILABLE, STOPPING, ANSWERED))
 
 
 @pytest.mark.parametrize(

@@ -241,6 +241,28 @@ def test_required_tags_select_a_subset() -> None:
     assert pick(reg) == "plain"
 
 
+def test_a_worker_that_loses_a_tag_leaves_that_tags_pool() -> None:
+    reg, _, _ = make()
+    reg.apply_heartbeat(beat("h1", record("w", slots=4, tags=("gpu",))))
+    slot = reg.take_slot("m", tags=["gpu"])
+    assert slot is not None and slot.worker_id == "w"
+    reg.give_back(slot, Outcome(ok=True))
+    reg.apply_heartbeat(beat("h1", record("w", slots=4)))  # the hive dropped the tag
+    assert pick(reg, tags=["gpu"]) is None
+    assert pick(reg) == "w"
+
+
+def test_a_record_without_its_hive_id_is_the_beating_hives() -> None:
+    reg, _, events = make()
+    reg.apply_heartbeat(beat("h1", record("w", slots=2)))
+    joined = len(events)
+    reg.apply_heartbeat(beat("h1", record("w", hive="", slots=2)))
+    reg.apply_heartbeat(beat("h1", record("w", hive="", slots=2)))
+    assert len(events) == joined  # the same worker: not dropped and re-added every beat
+    assert reg.workers["w"].record.hive_id == "h1"
+    assert pick(reg) == "w"
+
+
 def test_unreachable_worker_is_skipped_until_its_hive_reports_it_again() -> None:
     reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
