@@ -120,15 +120,17 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return handler  # client-streaming methods with one answer: none in our API
 
 
-async def _refuse_undecodable(request: Any, context: Context, message: str) -> None:
-    context.set_trailing_metadata(ANSWERED)  # whatever the call's end: this server decided it
+async def _begin(request: Any, context: Context, message: str) -> None:
+    """Every guarded call starts here: it is marked as answered by this server (whatever its
+    end, see apiary.errors.ANSWERED), and a request that did not decode is refused."""
+    context.set_trailing_metadata(ANSWERED)
     if isinstance(request, _Undecodable):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
 
 
 def _guarded_unary(inner: Callable[..., Any], message: str) -> Callable[..., Any]:
     async def unary(request: Any, context: Context) -> Any:
-        await _refuse_undecodable(request, context, message)
+        await _begin(request, context, message)
         try:
             return await inner(request, context)
         except StatusError as exc:
@@ -146,7 +148,7 @@ def _guarded_stream(inner: Callable[..., Any], message: str) -> Callable[..., An
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: Any, context: Context) -> Any:
-            await _refuse_undecodable(request, context, message)
+            await _begin(request, context, message)
             try:
                 async for response in inner(request, context):
                     yield response
@@ -156,7 +158,7 @@ def _guarded_stream(inner: Callable[..., Any], message: str) -> Callable[..., An
         return generator
 
     async def writer(request: Any, context: Context) -> Any:
-        await _refuse_undecodable(request, context, message)
+        await _begin(request, context, message)
         try:
             return await inner(request, context)
         except StatusError as exc:

@@ -29,19 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apiary.client import AsyncClient
 from harness import Cluster, Proc
+from harness.echo import echo_text
 from protos.v1 import queen_pb2
 
 PROMPT = "one two three"
 
 
-def echo_text(tokens: int) -> str:
-    words = PROMPT.split()
-    return " ".join(words[i % len(words)] for i in range(tokens))
-
-
 async def stream_loop(client: AsyncClient, tally: Tally[str], tokens: int, stop_at: float,
                       cap: int) -> None:  # fmt: skip
-    expected = echo_text(tokens)
+    expected = echo_text(PROMPT, tokens)
     while time.monotonic() < stop_at and tally["accepted"] < cap:
         tally["accepted"] += 1
         text = ""

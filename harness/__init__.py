@@ -2,8 +2,8 @@
 
 `cluster` (processes with a shared marker, torn down without leftovers), `wait` (the one
 polling helper and its observation-window twin), `lines` (a child's output, read as it comes),
-`gguf` (a tiny llama model written on the spot). Imports `apiary` and `protos` only: the tiers
-run as processes.
+`gguf` (a tiny llama model written on the spot), `echo` (what an echo worker streams).
+Imports `apiary` and `protos` only: the tiers run as processes.
 """
 
 from harness.cluster import MARKER_ENV, ROOT, Cluster, Proc

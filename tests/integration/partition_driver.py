@@ -25,18 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from apiary.client import AsyncClient
 from apiary.protoutil import READY_STATES
+from harness.echo import echo_text
 from harness.wait import wait_until
 from protos.v1 import worker_pb2, worker_pb2_grpc
 
 PROMPT = "one two three"
 TOKENS = 20
 STREAMS = 16
-
-
-def echo_text(tokens: int) -> str:
-    """What the echo backend streams for PROMPT when nothing interrupts it."""
-    words = PROMPT.split()
-    return " ".join(words[i % len(words)] for i in range(tokens))
 
 
 async def ready_workers(queen: str) -> int:
@@ -63,7 +58,7 @@ async def main() -> None:
     for queen in queens:
         await wait_until(functools.partial(_all_ready, queen), 30)
     tally: Counter[str] = Counter()
-    expected = echo_text(TOKENS)
+    expected = echo_text(PROMPT, TOKENS)
     # Until --seconds after the cut (set then); bounded before it by the waits' deadlines.
     stop_at = [time.monotonic() + 60]
 
