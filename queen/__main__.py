@@ -23,6 +23,7 @@ from apiary.validation import (
 from protos.v1 import common_pb2
 from queen.autospawn import SpawnPlan, parse_plan
 from queen.beats import (
+    BEAT_BURST,
     DEFAULT_BEATS_PER_INTERVAL,
     DEFAULT_MAX_WORKER_SLOTS,
     DEFAULT_MAX_WORKERS_PER_HIVE,
@@ -73,8 +74,9 @@ def add_health_args(p: argparse.ArgumentParser) -> None:
         "--max-beats-per-interval",
         type=float,
         default=DEFAULT_BEATS_PER_INTERVAL,
-        help="heartbeats one hive may send per interval after a burst of 16 (more are told to "
-        "slow down; default 2: one, and one more on a change)",
+        help=f"heartbeats one hive may send per interval after a burst of {BEAT_BURST:g} (more "
+        f"are told to slow down; default {DEFAULT_BEATS_PER_INTERVAL:g}: one, and one more on "
+        "a change)",
     )
 
 

@@ -29,6 +29,9 @@ MAX_CATALOG = 1024
 MAX_PROBLEMS = 16
 MAX_PROBLEM_LENGTH = 1024
 DEFAULT_BEATS_PER_INTERVAL = 2.0
+# Beats a hive may send at once before the per-interval rate applies (a restart, a burst of
+# changes).
+BEAT_BURST = 16.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
@@ -256,7 +259,10 @@ class BeatBudget:
 
     MAX_HIVES = 100_000
 
-    def __init__(self, interval: float, burst: float = 16.0, per_interval: float = 2.0) -> None:
+    def __init__(
+        self, interval: float, burst: float = BEAT_BURST,
+        per_interval: float = DEFAULT_BEATS_PER_INTERVAL,
+    ) -> None:  # fmt: skip
         self.rate = per_interval / interval
         self.burst = burst
         self._level: dict[str, tuple[float, float]] = {}  # hive id -> (beats left, when)

@@ -151,7 +151,8 @@ class Drops:
 
 
 class History:
-    """The requests table and the drains, in one SQLite file written by one thread."""
+    """The requests table, in one SQLite file written by one thread. (Its drains table is left
+    from before drains moved to the hives, and no longer read or written.)"""
 
     def __init__(self, path: Path, now: Callable[[], float] = time.monotonic) -> None:
         self.path = path
@@ -346,20 +347,6 @@ class History:
             (status, at, tokens, error[:500], attempts, request_id),
             wait=wait,
         )
-
-    def drains(self) -> list[tuple[str, str]]:
-        """The stored drains; none if the history cannot be read (logged)."""
-        if not self._ready:
-            return []
-        try:
-            conn = self._connect()
-            try:
-                return [(str(k), str(i)) for k, i in conn.execute("SELECT kind, id FROM drains")]
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            log.error("stored drains cannot be read", path=str(self.path), error=str(exc))
-            return []
 
     def status(self) -> queen_pb2.QueenStatus:
         """What the history adds to the queen's own status: whether it is degraded, and why."""

@@ -226,9 +226,7 @@ async def create_server(
         verdict = security.interceptor(METHODS).verdict
         dashboard = Dashboard(service, admin, verdict, security.tokens.enabled)
         try:
-            http = await serve_http(
-                config.http_listen, service, security, web_app(service, dashboard)
-            )
+            http = await serve_http(config.http_listen, security, web_app(service, dashboard))
         except BaseException:
             await running.stop(0)
             await cluster.close()

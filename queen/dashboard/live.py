@@ -27,7 +27,6 @@ from queen.scheduler import Scheduler
 log = structlog.get_logger("queen.dashboard")
 
 MAX_STREAMS = 16
-BACKLOG = 1000
 MAX_BATCH = 200
 BATCH_PAUSE = 0.25
 # A comment line this often keeps proxies and the browser from closing an idle stream.
@@ -54,12 +53,10 @@ class Stream:
 
     def batch(self) -> list[bytes]:
         """What is waiting, as messages: dropped events said first, at most MAX_BATCH
-        events (the newest; the others counted as dropped), then new points."""
+        events (the newest: the subscriber keeps no more and counts the others dropped),
+        then new points."""
         pending = self.subscriber.pending
         dropped, self.subscriber.dropped = self.subscriber.dropped, 0
-        while len(pending) > MAX_BATCH:
-            pending.popleft()
-            dropped += 1
         out = []
         if pending or dropped:
             events = [to_json(pending.popleft()) for _ in range(len(pending))]
@@ -103,7 +100,7 @@ class Live:
         """A new stream, or None when MAX_STREAMS are open."""
         if len(self.streams) >= self.max_streams:
             return None
-        stream = Stream(self.events.subscribe(backlog=BACKLOG))
+        stream = Stream(self.events.subscribe(backlog=MAX_BATCH))
         self.streams.add(stream)
         return stream
 

@@ -84,7 +84,3 @@ class Series:
         self._ended = self._failed = self._queue_peak = 0
         self._ttfts.clear()
         return point
-
-    def since(self, wall: float = 0.0) -> list[Point]:
-        """Points that ended after `wall`, oldest first."""
-        return [point for point in self.points if point.time > wall]

@@ -21,8 +21,6 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from apiary.security import Security
-from queen.openai.app import openai_app
-from queen.service import QueenService
 
 log = structlog.get_logger("queen.openai")
 
@@ -78,15 +76,12 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
-async def serve_http(
-    listen: str, service: QueenService, security: Security, app: ASGIApp | None = None
-) -> HttpFront:
-    """Start the front on `listen` (serving `app`, by default the OpenAI API alone); raises
-    OSError if it cannot listen there."""
+async def serve_http(listen: str, security: Security, app: ASGIApp) -> HttpFront:
+    """Start the front on `listen` serving `app`; raises OSError if it cannot listen there."""
     security.check_listen(listen, "--http-listen")
     tls = security.tls
     config = uvicorn.Config(
-        app or openai_app(service), lifespan="off", log_config=None, access_log=False,
+        app, lifespan="off", log_config=None, access_log=False,
         server_header=False, timeout_graceful_shutdown=CLOSE_GRACE,
         ssl_certfile=tls.cert or None, ssl_keyfile=tls.key or None,
         ssl_ca_certs=tls.client_ca or None,

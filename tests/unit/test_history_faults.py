@@ -153,7 +153,7 @@ async def test_a_history_that_cannot_be_set_up_is_tried_again_before_each_write(
     now = Now()
     history = History(state / "history.sqlite3", now=now)
     history.open()  # does not raise: routing never depends on the history
-    assert history.status().degraded and history.drains() == []
+    assert history.status().degraded
     await record(history, "lost")
     assert history.status().history_rows_dropped >= 2
     state.unlink()
