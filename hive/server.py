@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import structlog
 
+from apiary.client.queens import queens_from
 from apiary.security import OPEN, Security, method_table
 from apiary.serving import RunningServer, host_port, start_server
 from hive.catalog import Catalog
@@ -101,8 +102,13 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
     supervisor.hive_address = host_port(config.listen, running.port)
     # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
     await supervisor.adopt()
-    heartbeats = [heartbeat_loop(queen, config, supervisor, catalog, security, drains)
-                  for queen in queens(config.queen)]  # fmt: skip
+    backends = available_backends()  # what this machine can run: found once, told to all
+    heartbeats = [
+        # One loop samples the workers' cpu and memory for all: each sample is "since the
+        # previous one", and the queens are told the same figures.
+        heartbeat_loop(queen, config, supervisor, catalog, security, drains, backends, n == 0)
+        for n, queen in enumerate(queens_from(config.queen))
+    ]
 
     def poke_all() -> None:
         for beat in heartbeats:
@@ -116,14 +122,9 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
     return Hive(running, supervisor, service, heartbeats, tasks)
 
 
-def queens(addresses: str) -> list[str]:
-    """The queens of `--queen A,B` (each once, in order)."""
-    return list(dict.fromkeys(a.strip() for a in addresses.split(",") if a.strip()))
-
-
 def heartbeat_loop(
     queen: str, config: HiveConfig, supervisor: Supervisor, catalog: Catalog, security: Security,
-    drains: Drains,
+    drains: Drains, backends: list[str], samples: bool,
 ) -> HeartbeatLoop:  # fmt: skip
     return HeartbeatLoop(
         queen,
@@ -132,8 +133,8 @@ def heartbeat_loop(
         lambda: heartbeat_table(supervisor),
         config.heartbeat_interval,
         stats=lambda: hive_stats(supervisor),
-        sample=supervisor.sample_resources,
-        backends=available_backends(),
+        sample=supervisor.sample_resources if samples else lambda: None,
+        backends=backends,
         catalog=lambda: [
             queen_pb2.CatalogEntry(model=e.name, backend=e.backend)
             for e in catalog.cached_entries()

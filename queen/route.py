@@ -390,11 +390,9 @@ class Route:
     ) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The worker's chunks as they come, counted; the first names the worker."""
         chunk = await self._first(call, slot)
-        first = True
+        if isinstance(chunk, common_pb2.InferChunk):
+            chunk.worker_id = slot.worker_id  # after a move too: the client sees it
         while isinstance(chunk, common_pb2.InferChunk):
-            if first:
-                chunk.worker_id = slot.worker_id  # after a move too: the client sees it
-                first = False
             if self.sent == 0:
                 self.first_chunk_after = time.perf_counter() - self.started
             self.sent += 1
