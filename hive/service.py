@@ -128,7 +128,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         try:
             # Builds (does not load) the backend: bad option names and values fail here, not
             # later in a worker process.
-            cls.from_options(spec.model, options)
+            cls.from_options(spec.model, options, spec.slots)
         except BackendOptionError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if spec.restart_policy not in common_pb2.RestartPolicy.values():

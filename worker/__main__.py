@@ -194,7 +194,7 @@ async def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     try:
         options = parse_key_values(args.option, "backend option")
-        backend = create_backend(args.backend, args.model, options)
+        backend = create_backend(args.backend, args.model, options, max(args.slots, 1))
     except (KeyError, ValueError) as exc:
         message = exc.args[0] if exc.args else str(exc)
         log.error("bad backend configuration", error=message)

@@ -18,7 +18,7 @@ from apiary.security import OPEN, Security, TokenSet, bearer, method_table
 from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP, infer_request_problem
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from worker.backends import Backend
+from worker.backends import Backend, RequestRefused
 from worker.leases import LeaseDesk
 from worker.slots import Slots
 from worker.stream import render, stream
@@ -81,7 +81,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             try:
                 # The model's own template (and vocabulary), before a slot is taken: a chat
                 # or continuation it refuses is the client's mistake, said as such.
-                prepared = render(self.backend, request)
+                prepared = await render(self.backend, request)
             except ValueError as exc:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -100,6 +100,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     tokens = chunk.completion_tokens or tokens
                     yield chunk
                 ok = True
+            except RequestRefused as exc:
+                # The engine's own refusal of what was asked (before any token): the client's.
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"model {self.identity.model!r} cannot take this request: {exc}",
+                )
             except Exception as exc:
                 # A backend error is the worker's failure, said as a status, never a traceback.
                 log.exception("backend failed during a request")

@@ -44,10 +44,10 @@ class Prepared:
     stops: tuple[str, ...]
 
 
-def render(backend: Backend, request: common_pb2.InferRequest) -> Prepared:
+async def render(backend: Backend, request: common_pb2.InferRequest) -> Prepared:
     """Raises ValueError if the model's chat template refuses the messages."""
     generation = generation_of(request)
-    rendered = backend.render(generation)
+    rendered = await backend.render(generation)
     blocks = tuple(request_chain(request)) if backend.KEEPS_PREFIXES else ()
     generation = dataclasses.replace(
         generation, prompt=rendered.text, special=rendered.special, blocks=blocks
@@ -62,7 +62,7 @@ async def stream(
     a stop string); when the backend ends by itself (end of sequence) an empty closing
     chunk does."""
     started = time.perf_counter()
-    usage = Usage(prompt_tokens=backend.prompt_tokens(prepared.generation))
+    usage = Usage()
     # A continued completion counts the tokens it continues (max_tokens and usage cover all).
     usage.completion_tokens = len(prepared.generation.continuation)
     first = True
@@ -95,6 +95,9 @@ async def stream(
             if first:
                 usage.time_to_first_token = time.perf_counter() - started
                 usage.cached_prompt_tokens = piece.cached_prompt_tokens
+                usage.prompt_tokens = piece.prompt_tokens or backend.prompt_tokens(
+                    prepared.generation
+                )
                 first = False
             usage.completion_tokens += piece.tokens
             release = completion.feed(piece.text, list(piece.token_ids))
@@ -106,6 +109,8 @@ async def stream(
                 return
             if release.text or release.token_ids:
                 yield chunk(release)
+        if first:  # nothing generated at all
+            usage.prompt_tokens = backend.prompt_tokens(prepared.generation)
         yield chunk(completion.flush(), common_pb2.FINISH_REASON_STOP)
     finally:
         await pieces.aclose()  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ from worker.stream import render, stream
 
 async def run(request: common_pb2.InferRequest) -> list[common_pb2.InferChunk]:
     backend = EchoBackend("demo")
-    return [c async for c in stream(backend, request, render(backend, request))]
+    return [c async for c in stream(backend, request, await render(backend, request))]
 
 
 def chat(*turns: tuple[str, str], **kw: object) -> common_pb2.InferRequest:

@@ -75,7 +75,7 @@ def test_a_continuation_must_leave_something_to_generate_and_name_tokens() -> No
 
 async def run(req: common_pb2.InferRequest) -> list[common_pb2.InferChunk]:
     backend = EchoBackend("demo")
-    return [c async for c in stream(backend, req, render(backend, req))]
+    return [c async for c in stream(backend, req, await render(backend, req))]
 
 
 @pytest.mark.parametrize("cut", [1, 4, 7])

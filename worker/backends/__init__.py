@@ -16,6 +16,7 @@ from worker.backends.base import (
     Piece,
     Progress,
     Rendered,
+    RequestRefused,
 )
 
 # name -> "module:Class". Imported lazily so a hive can list backends without
@@ -81,9 +82,11 @@ def describe_backend(name: str) -> BackendDescription:
     )
 
 
-def create_backend(name: str, model: str, options: Mapping[str, str]) -> Backend:
+def create_backend(
+    name: str, model: str, options: Mapping[str, str], slots: int = 1
+) -> Backend:
     """Build (not load) a backend; raises KeyError or BackendOptionError with a readable message."""
-    return backend_class(name).from_options(model, options)
+    return backend_class(name).from_options(model, options, slots)
 
 
 __all__ = [
@@ -95,6 +98,7 @@ __all__ = [
     "Piece",
     "Progress",
     "Rendered",
+    "RequestRefused",
     "backend_class",
     "backend_names",
     "create_backend",

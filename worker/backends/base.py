@@ -61,6 +61,14 @@ class Piece:
     token_ids: tuple[int, ...] = ()
     # On the first piece: prompt tokens the backend reused from its cache.
     cached_prompt_tokens: int = 0
+    # On the first piece, from engines that count the prompt as they take it: its tokens
+    # (0: the worker asks prompt_tokens()).
+    prompt_tokens: int = 0
+
+
+class RequestRefused(ValueError):
+    """The engine refused this request as given (too long for its context, say): the client's
+    to change, said as INVALID_ARGUMENT."""
 
 
 class BackendOptionError(ValueError):
@@ -82,6 +90,9 @@ class Backend(abc.ABC):
     MAX_SLOTS: ClassVar[int] = 256
     # Keeps computed prompt states and reports them (prefix_cache): requests carry blocks.
     KEEPS_PREFIXES: ClassVar[bool] = False
+    # Computes on CPU threads (option `threads`) that its hive hands out, so that the engines
+    # of one machine never ask for more threads than it has cores.
+    USES_CPU_THREADS: ClassVar[bool] = False
 
     @classmethod
     def devices(cls) -> list[str]:
@@ -100,8 +111,9 @@ class Backend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_options(cls, model: str, options: Mapping[str, str]) -> Self:
-        """Validate options and build the backend without loading anything yet."""
+    def from_options(cls, model: str, options: Mapping[str, str], slots: int = 1) -> Self:
+        """Validate options and build the backend (for `slots` concurrent requests) without
+        loading anything yet."""
 
     @abc.abstractmethod
     async def load(self, progress: Progress) -> None:
@@ -120,9 +132,10 @@ class Backend(abc.ABC):
         """Tokens of the prompt as the model sees it (a rendered chat's included)."""
         return self.count_tokens(request.prompt)
 
-    def render(self, request: GenerationRequest) -> Rendered:
+    async def render(self, request: GenerationRequest) -> Rendered:
         """The prompt the model sees: a raw prompt as is; a chat in a plain documented form
-        (backends with a model's own template override this)."""
+        (backends with a model's own template override this). Raises ValueError if the model
+        cannot take the request."""
         if not request.messages:
             return Rendered(request.prompt)
         return Rendered(plain_chat(request.messages))

@@ -65,7 +65,7 @@ class EchoBackend(Backend):
         self.requests = 0
 
     @classmethod
-    def from_options(cls, model: str, options: Mapping[str, str]) -> Self:
+    def from_options(cls, model: str, options: Mapping[str, str], slots: int = 1) -> Self:
         cls.check_options(options)
 
         def maybe_int(key: str) -> int | None:

@@ -1,24 +1,30 @@
-"""The `llamacpp` backend: GGUF models through llama-cpp-python (the `llamacpp` extra).
+"""The `llamacpp` backend: GGUF models on llama.cpp's server engine, in-process (xllamacpp).
 
-Decoding runs on a thread of its own, one token at a time, handing each piece of
-text to the event loop as soon as it is decoded, so the worker keeps answering
-health checks while it generates and a cancelled stream stops decoding at the
-next token. llama_cpp is imported only when a model is loaded: a hive without
-the extra can still list this backend (as unavailable, saying why).
+A worker's slots are the engine's parallel sequences, decoded together (continuous batching).
+Every request goes to the engine as a completion of token-exact input: a raw prompt as is, a
+chat rendered by the model's own template, and a continued stream (migration) as that prompt
+followed by the token ids already sent. So a greedy continuation computes exactly what the
+uninterrupted run did. Each completion asks for the sampled token's log-probability, which
+carries its id: token ids travel on every chunk. The engine's prompt progress gives the
+prompt's token count and what came from its cache, with the first token.
+
+Each completion runs on a thread of its own (the engine's call blocks); its chunks are handed
+to the event loop as they come, and a consumer that goes away stops the sequence at the
+engine's next step. xllamacpp is imported only when a model is loaded: a hive without the
+extra can still list this backend (as unavailable, saying why).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import os
-import random
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Self
 
+import psutil
 import structlog
 
 from protos.v1 import common_pb2
@@ -29,69 +35,71 @@ from worker.backends.base import (
     Piece,
     Progress,
     Rendered,
+    RequestRefused,
     parse_int_option,
 )
-from worker.backends.chat_templates import NAMED_FORMATS, formatter_for, render_chat
-from worker.backends.prompt_cache import PromptCache, default_cache_ram_mb
-from worker.prefix_states import PrefixStates
+from worker.backends.cpu import engine_cpu_problem
+from worker.backends.engine_chunks import Failed, Finished, PromptProgress, Tokens, read_chunk
+from worker.backends.llama_engine import EngineConfig, LlamaEngine
+from worker.held_prefixes import HeldPrefixes
 
 log = structlog.get_logger("worker.llamacpp")
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
+DEFAULT_CONTEXT = 2048
+# The default budget of the engine's host-RAM prompt cache: a sixteenth of the machine's
+# memory, at most this.
+MAX_DEFAULT_CACHE_MB = 1024
+# Host-RAM cache tokens per MB assumed when reporting what the engine holds (a small model's
+# KV is ~20-100 KB a token; the report is a routing hint, and an overestimate costs at most a
+# cold prefill).
+CACHE_TOKENS_PER_MB = 10
+# llama.cpp's built-in chat templates a `chat_format` may name (for a model without its own).
+NAMED_FORMATS = ("chatml", "llama2", "llama3", "mistral-v7", "gemma", "zephyr", "phi3",
+                 "deepseek3", "command-r", "vicuna", "openchat", "granite")  # fmt: skip
 _DONE = object()
+
+
+def default_cache_ram_mb() -> int:
+    return min(MAX_DEFAULT_CACHE_MB, psutil.virtual_memory().total // 16 // 1_000_000)
 
 
 class LlamaCppBackend(Backend):
     name: ClassVar[str] = "llamacpp"
-    REQUIRES: ClassVar[tuple[str, ...]] = ("llama_cpp",)
-    PACKAGE: ClassVar[str] = "llama-cpp-python"
+    REQUIRES: ClassVar[tuple[str, ...]] = ("xllamacpp",)
+    PACKAGE: ClassVar[str] = "xllamacpp"
     EXTRA: ClassVar[str] = "llamacpp"
-    # One llama context decodes one sequence at a time.
-    MAX_SLOTS: ClassVar[int] = 1
+    # The engine's parallel sequences.
+    MAX_SLOTS: ClassVar[int] = 64
+    KEEPS_PREFIXES: ClassVar[bool] = True
+    USES_CPU_THREADS: ClassVar[bool] = True
     OPTIONS: ClassVar[Mapping[str, str]] = {
         "model_path": "GGUF file (the hive fills it from its model catalog)",
-        "threads": "CPU threads for prompt evaluation and decoding (default: the CPUs this "
-        "process may use)",
-        "context_size": "context window in tokens, prompt and completion (default 2048)",
-        "gpu_layers": "layers offloaded to the GPU (default 0; -1 = all)",
-        "chat_format": "how chats are rendered: the model's own template by default; for a "
-        "model without one (or to override it): " + ", ".join(NAMED_FORMATS),
-        "cache_ram_mb": "memory for saved prompt states beyond the live context, restored when "
-        "a prompt shares their prefix (default: 1/16 of the machine's memory, at most 1024; "
-        "0 = the live context only)",
+        "threads": "CPU threads of the engine, for all its slots (the hive hands them out: by "
+        "default the machine's cores shared among its engine workers)",
+        "context_size": f"context window of each slot in tokens, prompt and completion "
+        f"(default {DEFAULT_CONTEXT})",
+        "gpu_layers": "layers offloaded to a GPU (default 0; -1 = all)",
+        "chat_format": "a llama.cpp built-in chat template for a model whose file has none (or "
+        "to override it): " + ", ".join(NAMED_FORMATS),
+        "cache_ram_mb": "host memory for the engine's prompt cache beyond its slots (default: "
+        f"1/16 of the machine's memory, at most {MAX_DEFAULT_CACHE_MB}; 0 = the slots only)",
     }
-    KEEPS_PREFIXES: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        model: str,
-        model_path: str,
-        threads: int,
-        context_size: int,
-        gpu_layers: int,
-        chat_format: str = "",
-        cache_ram_mb: int = 0,
-    ):
-        self.chat_format = chat_format
-        self.prompts = PromptCache(PrefixStates(cache_ram_mb * 1_000_000))
-        self._formatter: Any = None
+    def __init__(self, model: str, config: EngineConfig) -> None:
         self.model = model
-        self.model_path = model_path
-        self.threads = threads
-        self.context_size = context_size
-        self.gpu_layers = gpu_layers
-        self.llm: Any = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
-        self._lock = threading.Lock()
+        self.config = config
+        self.engine = LlamaEngine(config)
+        capacity = config.slots * config.context_size + config.cache_ram_mb * CACHE_TOKENS_PER_MB
+        self.held = HeldPrefixes(capacity)
+        # One thread per slot for completions, and one for template calls and loading.
+        self._pool = ThreadPoolExecutor(max_workers=config.slots, thread_name_prefix="engine")
+        self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-calls")
 
     @classmethod
-    def devices(cls) -> list[str]:
-        return ["cpu"]
-
-    @classmethod
-    def from_options(cls, model: str, options: Mapping[str, str]) -> Self:
+    def from_options(cls, model: str, options: Mapping[str, str], slots: int = 1) -> Self:
         cls.check_options(options)
         path = options.get("model_path", "")
         if not path:
@@ -99,187 +107,158 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' needs a GGUF file: pull model {model!r} into the hive's "
                 "catalog (`apiary model pull`), or pass option model_path=FILE"
             )
-        threads = parse_int_option(cls.name, options, "threads", 0) or len(os.sched_getaffinity(0))
-        gpu_layers_raw = options.get("gpu_layers", "0")
-        try:
-            gpu_layers = int(gpu_layers_raw)
-        except ValueError:
-            raise BackendOptionError(
-                f"option gpu_layers={gpu_layers_raw!r} is not a whole number"
-            ) from None
         chat_format = options.get("chat_format", "")
         if chat_format and chat_format not in NAMED_FORMATS:
             raise BackendOptionError(
                 f"backend 'llamacpp' option chat_format={chat_format!r} is not one of "
                 f"{', '.join(NAMED_FORMATS)}"
             )
-        cache_ram_mb = parse_int_option(cls.name, options, "cache_ram_mb", default_cache_ram_mb())
-        return cls(
-            model,
-            chat_format=chat_format,
-            cache_ram_mb=cache_ram_mb,
+        config = EngineConfig(
             model_path=path,
-            threads=threads,
-            context_size=parse_int_option(cls.name, options, "context_size", 2048) or 2048,
-            gpu_layers=gpu_layers,
+            slots=max(slots, 1),
+            threads=parse_int_option(cls.name, options, "threads", 0)
+            or len(os.sched_getaffinity(0)),
+            context_size=parse_int_option(cls.name, options, "context_size", DEFAULT_CONTEXT)
+            or DEFAULT_CONTEXT,
+            gpu_layers=_whole(options.get("gpu_layers", "0"), "gpu_layers"),
+            cache_ram_mb=parse_int_option(cls.name, options, "cache_ram_mb", default_cache_ram_mb()),
+            chat_template=chat_format,
         )
+        return cls(model, config)
 
     async def load(self, progress: Progress) -> None:
+        problem = engine_cpu_problem()
+        if problem:
+            raise RuntimeError(problem)
+        if not os.path.isfile(self.config.model_path):
+            raise FileNotFoundError(f"model file {self.config.model_path} does not exist")
         loop = asyncio.get_running_loop()
-        self.llm = await loop.run_in_executor(self._pool, self._load_blocking, progress)
-        self._formatter, how = formatter_for(self.llm, self.chat_format)
-        log.info("chats rendered with " + how)
+        loading = loop.run_in_executor(self._calls, self.engine.start)
+        await _watch_load(loading, self.config.model_path, progress)
+        log.info("engine started", slots=self.config.slots, threads=self.config.threads,
+                 context_per_slot=self.config.context_size, cache_ram_mb=self.config.cache_ram_mb)  # fmt: skip
         progress(1.0, "loaded")
 
-    def _load_blocking(self, progress: Progress) -> Any:
-        if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"model file {self.model_path} does not exist")
-        import llama_cpp
-
-        with _progress_reported(llama_cpp, progress):
-            return llama_cpp.Llama(
-                model_path=self.model_path,
-                n_ctx=self.context_size,
-                n_threads=self.threads,
-                # Prompt evaluation too: llama-cpp-python's default is every CPU, so one
-                # worker's prefill would spin threads over its neighbours' cores.
-                n_threads_batch=self.threads,
-                n_gpu_layers=self.gpu_layers,
-                verbose=False,
-            )
-
     def count_tokens(self, text: str) -> int:
-        return len(self._tokens(text, special=False))
+        # Only asked when the engine did not count a prompt itself (it always does).
+        return len(text.encode()) // 4
 
-    def _tokens(self, text: str, special: bool) -> list[int]:
-        """A rendered chat holds its template's special tokens (and its BOS) as text."""
-        return list(self.llm.tokenize(text.encode(), add_bos=not special, special=special))
-
-    def prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._tokens(request.prompt, request.special))
-
-    def render(self, request: GenerationRequest) -> Rendered:
+    async def render(self, request: GenerationRequest) -> Rendered:
         self._check_vocabulary(request.continuation)
         if not request.messages:
             return Rendered(request.prompt)
-        return render_chat(self._formatter, request.messages)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        loop = asyncio.get_running_loop()
+        prompt = await loop.run_in_executor(self._calls, self.engine.apply_template, messages)
+        return Rendered(prompt, special=True)
+
+    def _check_vocabulary(self, token_ids: tuple[int, ...]) -> None:
+        vocabulary = self.engine.n_vocab
+        if vocabulary and any(token >= vocabulary for token in token_ids):
+            raise ValueError(
+                f"continuation.token_ids must be below this model's vocabulary size {vocabulary}"
+            )
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        prompt: object = request.prompt
+        if request.continuation:
+            # Text then ids: the engine tokenizes the text and appends the ids as they are.
+            prompt = [request.prompt, *request.continuation]
+        return {
+            "prompt": prompt,
+            "max_tokens": request.max_tokens,
+            "stream": True,
+            "return_progress": True,
+            "logprobs": 1,
+            "cache_prompt": True,
+            "temperature": DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+            "top_p": DEFAULT_TOP_P if request.top_p is None else request.top_p,
+            "top_k": DEFAULT_TOP_K if request.top_k is None else request.top_k,
+            "seed": -1 if request.seed is None else request.seed & 0xFFFFFFFF,
+        }  # fmt: skip
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[object] = asyncio.Queue()
+        chunks: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
 
         def hand_over(item: object) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        def decode() -> None:
+        def on_chunk(chunk: Any) -> bool:
+            hand_over(chunk)
+            return cancelled.is_set()
+
+        def complete() -> None:
             try:
-                for piece in self._decode(request, cancelled):
-                    hand_over(piece)
+                self.engine.complete(self._body(request), on_chunk)
             except BaseException as exc:  # handed to the event loop, raised there
                 hand_over(exc)
             finally:
                 hand_over(_DONE)
 
-        running = loop.run_in_executor(self._pool, decode)
+        running = loop.run_in_executor(self._pool, complete)
         try:
-            while (item := await pieces.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, Piece)
-                yield item
+            async for piece in self._pieces(request, chunks):
+                yield piece
         finally:
-            # The consumer went away (done, stop string, cancelled client): stop at the next token.
+            # The consumer went away (done, stop string, cancelled client): stop at the next step.
             cancelled.set()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(running)
 
-    def _decode(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[Piece]:
-        """Runs on the decoding thread."""
-        with self._lock:
-            llm = self.llm
-            prompt = self._tokens(request.prompt, request.special)
-            # A continued completion: the prompt and the tokens so far, computed as one.
-            prompt += request.continuation
-            cached = self.prompts.prepare(llm, prompt)
-            self.prompts.started(prompt, request.blocks, cached)
-            if len(prompt) + request.max_tokens > self.context_size:
-                raise ValueError(
-                    f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) exceed "
-                    f"this worker's context of {self.context_size} tokens"
-                )
-            seed = request.seed if request.seed is not None else random.getrandbits(32)
-            llm.set_seed(seed & 0xFFFFFFFF)
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            # The end of the sequence, or of the assistant's turn (chat templates).
-            ends = {llm.token_eos(), llm._model.token_eot()} - {-1}
-            produced: list[int] = []
-            pending: list[int] = []
-            for token in llm.generate(
-                prompt,
-                temp=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
-                top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
-                top_k=DEFAULT_TOP_K if request.top_k is None else request.top_k,
-                reset=True,
-            ):
-                if cancelled.is_set() or token in ends:
-                    break
-                raw = llm.detokenize([token], prev_tokens=prompt + produced)
-                produced.append(token)
-                pending.append(token)
-                text = utf8.decode(raw)
-                if text:
-                    yield Piece(text, len(pending), tuple(pending), cached)
-                    pending, cached = [], 0
-                if len(produced) >= request.max_tokens:
-                    break
-            tail = utf8.decode(b"", final=True)
-            if tail or pending:
-                yield Piece(tail, len(pending), tuple(pending), cached)
-
-    def _check_vocabulary(self, token_ids: tuple[int, ...]) -> None:
-        vocabulary = self.llm.n_vocab()
-        if any(token >= vocabulary for token in token_ids):
-            raise ValueError(
-                f"continuation.token_ids must be below this model's vocabulary size {vocabulary}"
-            )
+    async def _pieces(
+        self, request: GenerationRequest, chunks: asyncio.Queue[object]
+    ) -> AsyncIterator[Piece]:
+        prompt = cached = 0
+        first = True
+        while (item := await chunks.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            for event in read_chunk(item):
+                if isinstance(event, Failed):
+                    if 400 <= event.code < 500:
+                        raise RequestRefused(event.message)
+                    raise RuntimeError(f"engine error {event.code}: {event.message}")
+                if isinstance(event, PromptProgress):
+                    prompt, cached = event.total, event.cached
+                    continue
+                if first:
+                    self.held.computed(request.blocks, prompt, cached)
+                if isinstance(event, Tokens):
+                    yield Piece(event.text, len(event.ids), event.ids,
+                                cached if first else 0, prompt if first else 0)  # fmt: skip
+                elif isinstance(event, Finished) and first:
+                    yield Piece("", 0, (), event.cached_tokens, event.prompt_tokens or prompt)
+                first = False
 
     def prefix_cache(self) -> common_pb2.PrefixCache:
-        return self.prompts.report
+        return self.held.report()
 
     async def close(self) -> None:
-        self.llm = None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._calls, self.engine.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._calls.shutdown(wait=False)
 
 
-@contextlib.contextmanager
-def _progress_reported(llama_cpp: Any, progress: Progress) -> Iterator[None]:
-    """Report llama.cpp's own load progress.
-
-    llama-cpp-python's Llama() takes no progress callback, but builds its model params with
-    llama_model_default_params(); for the duration of the load we hand it params with our
-    callback set. If that internal ever changes, loading still works, without progress.
-    """
-    low = getattr(llama_cpp, "llama_cpp", None)
-    original = getattr(low, "llama_model_default_params", None)
-    callback_type = getattr(low, "llama_progress_callback", None)
-    if low is None or original is None or callback_type is None:
-        yield
-        return
-
-    def report(fraction: float, _user_data: object) -> bool:
-        progress(float(fraction), f"loading weights {fraction:.0%}")
-        return True  # keep loading
-
-    callback = callback_type(report)  # referenced here until loading ends: ctypes needs that
-
-    def params_with_progress() -> Any:
-        params = original()
-        params.progress_callback = callback
-        return params
-
-    low.llama_model_default_params = params_with_progress
+def _whole(raw: str, key: str) -> int:
     try:
-        yield
-    finally:
-        low.llama_model_default_params = original
+        return int(raw)
+    except ValueError:
+        raise BackendOptionError(f"option {key}={raw!r} is not a whole number") from None
+
+
+async def _watch_load(loading: asyncio.Future[None], path: str, progress: Progress) -> None:
+    """Report how far the load is while it runs: the engine reads the weights into this
+    process's memory (mapped or repacked), so the growth of its resident memory against the
+    file's size is the fraction read."""
+    me = psutil.Process()
+    before = me.memory_info().rss
+    size = max(os.path.getsize(path), 1)
+    while not loading.done():
+        fraction = min(0.95, max(0.0, (me.memory_info().rss - before) / size))
+        progress(fraction, f"loading weights {fraction:.0%}")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(loading), 0.1)
+    await loading
