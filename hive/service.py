@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -30,8 +31,9 @@ from hive.drains import Drains
 from hive.launcher import WORKER_ID_ENV, ProcessIdentity
 from hive.records import worker_record, worker_records
 from hive.spec import WorkerSpec
-from hive.states import Conflict
+from hive.states import Conflict, Phase
 from hive.supervisor import Supervisor, WorkerNotFound
+from hive.threads import ThreadsRefused, thread_share
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
 from worker.backends import (
     BackendDescription,
@@ -40,6 +42,7 @@ from worker.backends import (
     backend_names,
     describe_backend,
 )
+from worker.backends.base import parse_int_option
 
 PROGRESS_INTERVAL = 0.2
 
@@ -53,6 +56,10 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         self.supervisor = supervisor
         self.catalog = catalog
         self.drains = drains
+        # The cores this hive may use (its affinity), shared among its engine workers.
+        self.cores = len(os.sched_getaffinity(0))
+        # Threads given to --spawn workers before they run (hive/threads.py).
+        self.boot_threads: dict[str, int] = {}
 
     async def SetDrain(
         self, request: hive_pb2.SetDrainRequest, context: Context
@@ -87,9 +94,21 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 f"backend ({', '.join(backend_names())}; echo is for tests)",
             ) from None
 
-    def prepare(self, spec: WorkerSpec) -> WorkerSpec:
-        """Check a spawn against what this hive can do, and fill in what the hive knows
-        (the backend and model file from the catalog). Raises StatusError."""
+    def uses_threads(self, spec: WorkerSpec) -> bool:
+        """Whether the spec's backend computes on CPU threads its hive hands out."""
+        try:
+            return backend_class(spec.backend or self.backend_for(spec.model)).USES_CPU_THREADS
+        except (KeyError, StatusError):
+            return False
+
+    def prepare(
+        self, spec: WorkerSpec, count: int = 1, among: int = 0, boot: bool = False
+    ) -> WorkerSpec:
+        """Check a spawn of `count` workers against what this hive can do, and fill in what
+        the hive knows: the backend and model file from the catalog, and an engine's CPU
+        threads (shared `among` that many engine workers being spawned together). `boot`: a
+        --spawn spec, whose workers re-adopted from before a restart count as its own. Raises
+        StatusError."""
         if not spec.backend and not name_problem("model", spec.model):
             spec = dataclasses.replace(spec, backend=self.backend_for(spec.model))
         problem = name_problem("model", spec.model) or name_problem("backend", spec.backend)
@@ -125,6 +144,8 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                     f"--hive {self.supervisor.hive_id}",
                 ) from None
             options["model_path"] = str(self.catalog.path(entry))
+        if cls.USES_CPU_THREADS:
+            options["threads"] = str(self._threads(spec, options, count, max(among, count), boot))
         try:
             # Builds (does not load) the backend: bad option names and values fail here, not
             # later in a worker process.
@@ -136,6 +157,30 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown restart policy {spec.restart_policy}"
             )
         return dataclasses.replace(spec, backend_options=options)
+
+    def _threads(
+        self, spec: WorkerSpec, options: dict[str, str], count: int, among: int, boot: bool
+    ) -> int:
+        """hive/threads.py's share for this spawn, against the engine workers this hive runs
+        (and those already handed threads at boot)."""
+        try:
+            wanted = parse_int_option(spec.backend, options, "threads", 0) or None
+        except BackendOptionError as exc:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        held = dict(self.boot_threads)
+        for worker in self.supervisor.workers.values():
+            own = boot and (worker.spec.model, worker.spec.backend) == (spec.model, spec.backend)
+            if own or worker.life.phase in (Phase.FAILED, Phase.GONE, Phase.STOPPING):
+                continue
+            if backend_class(worker.spec.backend).USES_CPU_THREADS:
+                held[worker.id] = int(worker.spec.backend_options.get("threads", "0") or 0)
+        try:
+            share = thread_share(self.cores, held, wanted, count, among)
+        except ThreadsRefused as exc:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        if boot:
+            self.boot_threads[f"--spawn {spec.model}"] = share * count
+        return share
 
     async def SpawnWorker(
         self, request: hive_pb2.SpawnWorkerRequest, context: Context

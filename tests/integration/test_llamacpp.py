@@ -1,10 +1,12 @@
-"""The llamacpp backend end to end: a tiny GGUF pulled into a hive's catalog, a worker
-spawned on it by the queen, real tokens streamed through Queen.Infer."""
+"""The llamacpp backend end to end on a real model (SmolLM2-135M-Instruct, apiary/realmodel.py):
+pulled into a hive's catalog, one engine worker with many slots spawned by the queen, real
+tokens streamed through Queen.Infer and the OpenAI front."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import uuid
 from pathlib import Path
@@ -15,315 +17,310 @@ import openai
 import pytest
 
 from harness import Cluster, Proc, wait_until
-from harness.gguf import Shape, write_tiny_gguf
 from harness.ports import free_port
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 from tests.streams import tokens_in
 
-pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
+pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
+
+MODEL = "smollm2"
+CORES = len(os.sched_getaffinity(0))
 
 
-def infer(tokens: int = 12, **kw: Any) -> common_pb2.InferRequest:
-    return common_pb2.InferRequest(
-        model="tiny", prompt="the bees fly to the hive", max_tokens=tokens, **kw
-    )
+def chat(text: str, tokens: int = 16, **kw: Any) -> common_pb2.InferRequest:
+    messages = [common_pb2.ChatMessage(role="user", content=text)]
+    return common_pb2.InferRequest(model=MODEL, messages=messages, max_tokens=tokens, **kw)
 
 
-async def collect(stub: Any, request: common_pb2.InferRequest, timeout: float = 30) -> list[Any]:
+async def collect(stub: Any, request: common_pb2.InferRequest, timeout: float = 60) -> list[Any]:
     return [c async for c in stub.Infer(request, timeout=timeout)]
 
 
-async def pull_and_spawn(
-    cluster: Cluster, queen: Proc, hive: Proc, tmp: Path
-) -> common_pb2.WorkerRecord:
-    gguf = write_tiny_gguf(tmp / "tiny.gguf")
+def text_of(chunks: list[Any]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+async def hive_known(cluster: Cluster, queen: Proc) -> bool:
+    return bool((await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives)
+
+
+async def pull(cluster: Cluster, hive: Proc, model_file: Path) -> None:
     stages = [
         p
         async for p in cluster.hive_stub(hive).PullModel(
-            hive_pb2.PullModelRequest(source=str(gguf), name="tiny")
+            hive_pb2.PullModelRequest(source=str(model_file), name=MODEL)
         )
     ]
     assert stages[-1].stage == "done" and stages[-1].model.backend == "llamacpp"
+
+
+async def spawn(
+    cluster: Cluster, queen: Proc, slots: int = 8, **options: str
+) -> common_pb2.WorkerRecord:
     reply = await cluster.admin_stub(queen).SpawnWorker(
         queen_pb2.QueenSpawnWorkerRequest(
-            hive_id="h1",
-            model="tiny",
-            backend="llamacpp",
-            wait_ready=True,
-            backend_options={"threads": "1", "context_size": "256"},
+            model=MODEL, backend="llamacpp", slots=slots, wait_ready=True,
+            backend_options={"context_size": "1024", "cache_ram_mb": "64", **options},
         ),
-        timeout=60,
-    )
+        timeout=90,
+    )  # fmt: skip
     assert reply.worker.state == common_pb2.WORKER_STATE_IDLE
-    await cluster.wait_workers(queen, "tiny", 1)
     return reply.worker
 
 
-async def test_real_tokens_stream_one_by_one_with_counts(cluster: Cluster, tmp_path: Path) -> None:
-    queen = cluster.start_queen()
+async def engine_cluster(
+    cluster: Cluster, model_file: Path, *queen_args: str, slots: int = 8
+) -> tuple[Proc, Proc, common_pb2.WorkerRecord]:
+    queen = cluster.start_queen(0, *queen_args)
     hive = cluster.start_hive(queen, "h1")
-    await pull_and_spawn(cluster, queen, hive, tmp_path)
-    stub = cluster.queen_stub(queen)
-    chunks = [chunk async for chunk in stub.Infer(infer(tokens=24, seed=1), timeout=30)]
-    last = chunks[-1]
-    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert last.completion_tokens == 24
-    assert last.prompt_tokens > 1 and last.time_to_first_token_seconds > 0
-    # Every token, with its id (this model decodes 24 tokens in a few ms: those that pile up
-    # while a message is being written go together in the next, apiary/coalesce.py, so how
-    # many messages carry them depends on the machine's load).
-    assert tokens_in(chunks) == 24
-    assert [c.index for c in chunks] == list(range(len(chunks)))
-    text = "".join(c.text for c in chunks)
-    assert text.strip()
+    await wait_until(lambda: hive_known(cluster, queen), timeout=15)
+    await pull(cluster, hive, model_file)
+    worker = await spawn(cluster, queen, slots)
+    await cluster.wait_workers(queen, MODEL, 1)
+    return queen, hive, worker
 
 
-async def test_seeded_runs_repeat_and_sampling_and_stop_strings_apply(
-    cluster: Cluster, tmp_path: Path
+def worker_log(cluster: Cluster, worker: common_pb2.WorkerRecord) -> str:
+    return (cluster.tmp / "state-h1" / "logs" / f"{worker.id}.log").read_text(errors="replace")
+
+
+async def test_one_engine_streams_real_tokens_with_ids_and_reuses_its_prompts(
+    cluster: Cluster, real_model: Path
 ) -> None:
-    queen = cluster.start_queen()
-    hive = cluster.start_hive(queen, "h1")
-    await pull_and_spawn(cluster, queen, hive, tmp_path)
+    queen, _, worker = await engine_cluster(cluster, real_model)
+    # The engine's slots are the worker's; the hive handed it every core (its only engine).
+    assert worker.slots_total == 8 and worker.backend_options["threads"] == str(CORES)
+    stub = cluster.queen_stub(queen)
+    # Longer than a prefix block (apiary/prefix.py): the worker reports it as held.
+    question = "Bees live in hives and make honey from nectar. " * 8 + "What do bees make?"
+    chunks = await collect(stub, chat(question, 24, temperature=0.0))
+    last = chunks[-1]
+    assert last.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+    assert 0 < last.completion_tokens <= 24 and tokens_in(chunks) == last.completion_tokens
+    assert last.prompt_tokens > 20  # the model's own template adds its system turn
+    assert text_of(chunks).strip()
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    # The same prompt again: the engine's slot still holds it.
+    again = await collect(stub, chat(question, 24, temperature=0.0))
+    assert text_of(again) == text_of(chunks)
+    assert again[-1].cached_prompt_tokens >= last.prompt_tokens - 1
+
+    async def reported() -> common_pb2.PrefixCache | None:
+        got = await cluster.admin_stub(queen).GetWorker(
+            queen_pb2.GetWorkerRequest(worker_id=worker.id)
+        )
+        cache = got.worker.prefix_cache
+        return cache if cache.requests >= 2 else None
+
+    cache = await wait_until(reported, timeout=10)
+    assert cache.hits >= 1 and len(cache.blocks) >= 1
+
+
+async def test_seeds_sampling_and_stop_strings_apply(cluster: Cluster, real_model: Path) -> None:
+    queen, _, _ = await engine_cluster(cluster, real_model)
     stub = cluster.queen_stub(queen)
 
     async def text(**kw: Any) -> str:
-        return "".join(c.text for c in await collect(stub, infer(**kw)))
+        return text_of(await collect(stub, chat("Tell me a story about bees.", **kw)))
 
-    first, again, other = await text(seed=7), await text(seed=7), await text(seed=8)
-    assert first == again and first != other
-    greedy = await text(temperature=0.0, seed=1)
-    assert greedy == await text(temperature=0.0, seed=2)  # no sampling: the seed does not matter
-    assert await text(top_k=1, seed=3) == await text(top_k=1, seed=4)
-    # A stop string cuts the completion before it, and says so.
-    long = await text(seed=7, tokens=40)
-    stop_at = long[5:8]
-    chunks = await collect(stub, infer(seed=7, tokens=40, stop=[stop_at]))
-    cut = "".join(c.text for c in chunks)
-    assert cut == long[: long.index(stop_at)]
+    first, again = await text(seed=7, temperature=1.0), await text(seed=7, temperature=1.0)
+    assert first == again
+    others = {await text(seed=s, temperature=1.0) for s in (8, 9, 10)}
+    assert others - {first}  # another seed samples otherwise
+    assert await text(temperature=0.0, seed=1) == await text(temperature=0.0, seed=2)
+    long = await text(temperature=0.0, tokens=40)
+    stop_at = long[12:16]
+    chunks = await collect(stub, chat("Tell me a story about bees.", 40, temperature=0.0,
+                                      stop=[stop_at]))  # fmt: skip
+    assert text_of(chunks) == long[: long.index(stop_at)]
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await collect(stub, infer(temperature=11.0))
+        await collect(stub, chat("x", temperature=11.0))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_cancelled_stream_frees_the_slot_and_health_stays_answered(
-    cluster: Cluster, tmp_path: Path
+async def test_eight_concurrent_chats_share_one_engine_and_all_complete(
+    cluster: Cluster, real_model: Path
 ) -> None:
-    queen = cluster.start_queen()
-    hive = cluster.start_hive(queen, "h1")
-    worker = await pull_and_spawn(cluster, queen, hive, tmp_path)
+    queen, hive, worker = await engine_cluster(cluster, real_model)
     stub = cluster.queen_stub(queen)
-    call = stub.Infer(infer(tokens=200, seed=1))
-    assert isinstance(await call.read(), common_pb2.InferChunk)
+    busiest = 8
+
+    async def watch() -> None:
+        nonlocal busiest
+        while True:
+            got = await cluster.hive_stub(hive).GetWorker(
+                hive_pb2.GetHiveWorkerRequest(worker_id=worker.id)
+            )
+            busiest = min(busiest, got.worker.slots_available)
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(
+            *(collect(stub, chat(f"Write a poem about the number {i}.", 48)) for i in range(8))
+        )
+    finally:
+        watcher.cancel()
+    assert all(r[-1].finish_reason and tokens_in(r) == r[-1].completion_tokens for r in results)
+    assert all(r[-1].completion_tokens > 8 for r in results)
+    assert len({c.worker_id for r in results for c in r if c.worker_id}) == 1
+    assert busiest == 0  # all eight were in the one engine at once
+
+
+async def test_a_cancelled_stream_stops_decoding_and_gives_its_slot_back(
+    cluster: Cluster, real_model: Path
+) -> None:
+    queen, hive, worker = await engine_cluster(cluster, real_model)
+    stub = cluster.queen_stub(queen)
+    ask = chat("Count from 1 to 1000, one number per line.", 900, temperature=0.0)
+    prompt = (await collect(stub, chat(ask.messages[0].content, 1)))[-1].prompt_tokens
+    call = stub.Infer(ask, timeout=60)
+    for _ in range(3):
+        assert isinstance(await call.read(), common_pb2.InferChunk)
     call.cancel()
 
     async def idle() -> bool:
-        return (await stub.ListModels(queen_pb2.ListModelsRequest())).models[0].idle == 1
+        got = await cluster.hive_stub(hive).GetWorker(
+            hive_pb2.GetHiveWorkerRequest(worker_id=worker.id)
+        )
+        return got.worker.slots_available == 8
 
-    await wait_until(idle, timeout=5)
-    assert tokens_in(await collect(stub, infer(tokens=4, seed=1))) == 4
-    got = await cluster.hive_stub(hive).GetWorker(
-        hive_pb2.GetHiveWorkerRequest(worker_id=worker.id)
-    )
-    assert got.worker.health_failures == 0
+    await wait_until(idle, timeout=10)
+
+    def released() -> list[int]:
+        # llama.cpp logs each slot it releases with the tokens it then held.
+        found = re.findall(r"stop processing: n_tokens = (\d+)", worker_log(cluster, worker))
+        return [int(n) for n in found]
+
+    await wait_until(lambda: len(released()) >= 2, timeout=10)
+    generated = released()[-1] - prompt
+    assert generated < 100  # of 900 asked: it stopped when the stream did
+    assert tokens_in(await collect(stub, chat("Say hi.", 4))) >= 1
 
 
-async def test_catalog_spawn_refusals(cluster: Cluster, tmp_path: Path) -> None:
+async def test_spawns_an_engine_cannot_serve_are_refused_saying_why(
+    cluster: Cluster, real_model: Path, tmp_path: Path
+) -> None:
     queen = cluster.start_queen()
     hive = cluster.start_hive(queen, "h1")
+    await wait_until(lambda: hive_known(cluster, queen), timeout=15)
     admin = cluster.admin_stub(queen)
-    await wait_until(lambda: _hive_known(admin))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
+
+    async def refused(slots: int = 1, **options: str) -> Any:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.SpawnWorker(
+                queen_pb2.QueenSpawnWorkerRequest(
+                    hive_id="h1", model=MODEL, backend="llamacpp", slots=slots, wait_ready=True,
+                    backend_options={"model_path": str(real_model), **options},
+                    restart_policy=common_pb2.RESTART_POLICY_NEVER,
+                ),
+                timeout=60,
+            )  # fmt: skip
+        return err.value
+
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
         await admin.SpawnWorker(
             queen_pb2.QueenSpawnWorkerRequest(hive_id="h1", model="missing", backend="llamacpp")
         )
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "apiary model pull" in (err.value.details() or "")
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await admin.SpawnWorker(
-            queen_pb2.QueenSpawnWorkerRequest(
-                hive_id="h1",
-                model="x",
-                backend="llamacpp",
-                slots=2,
-                backend_options={"model_path": "/nonexistent.gguf"},
-            )
-        )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "slots must be 1..1" in (
-        err.value.details() or ""
+    assert missing.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "apiary model pull" in (missing.value.details() or "")
+    err = await refused(slots=65)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "slots must be 1..64" in err.details()
+    err = await refused(threads=str(CORES + 1))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"threads={CORES + 1} does not fit" in err.details()
+    assert f"on {CORES} core(s)" in err.details()
+    not_a_model = tmp_path / "notes.gguf"
+    not_a_model.write_text("hello, not a model")
+    err = await refused(model_path=str(not_a_model))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is not a GGUF file" in err.details()
+    # The hive's cores are all held by one engine: another is refused, with the arithmetic.
+    await pull(cluster, hive, real_model)
+    first = await spawn(cluster, queen, 2)
+    err = await refused()
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"{CORES} of {CORES} core(s) are held by engine workers ({first.id} {CORES})" in (
+        err.details()
     )
-    del hive
 
 
-async def _hive_known(admin: Any) -> bool:
-    return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
-
-
-async def test_queen_lists_which_hives_have_a_model_and_autospawns_from_catalogs(
-    cluster: Cluster, tmp_path: Path
+async def test_queen_autospawns_an_engine_from_a_hive_catalog(
+    cluster: Cluster, real_model: Path
 ) -> None:
     queen = cluster.start_queen(0, "--autospawn-catalog")
     hive = cluster.start_hive(queen, "h1")
-    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
-    async for _ in cluster.hive_stub(hive).PullModel(
-        hive_pb2.PullModelRequest(source=f"file://{gguf}", name="tiny")
-    ):
-        pass
+    await wait_until(lambda: hive_known(cluster, queen), timeout=15)
+    await pull(cluster, hive, real_model)
     stub = cluster.queen_stub(queen)
 
     async def listed() -> queen_pb2.ModelInfo | None:
         models = (await stub.ListModels(queen_pb2.ListModelsRequest())).models
-        return next((m for m in models if m.name == "tiny"), None)
+        return next((m for m in models if m.name == MODEL), None)
 
     info = await wait_until(listed)
     assert list(info.hives) == ["h1"] and info.idle == 0
-    results = await asyncio.gather(*(collect(stub, infer(tokens=3, seed=1)) for _ in range(3)))
-    assert all(r[-1].completion_tokens == 3 for r in results)
-    workers = (
-        await cluster.admin_stub(queen).ListWorkers(queen_pb2.ListWorkersRequest(model="tiny"))
-    ).workers
+    results = await asyncio.gather(*(collect(stub, chat(f"Hi {i}", 3)) for i in range(3)))
+    assert all(r[-1].completion_tokens >= 1 for r in results)
+    workers = (await cluster.admin_stub(queen).ListWorkers(
+        queen_pb2.ListWorkersRequest(model=MODEL))).workers  # fmt: skip
     assert len(workers) == 1 and workers[0].backend == "llamacpp"
 
 
-async def spawn_file(
-    cluster: Cluster, queen: Proc, gguf: Path, model: str, **options: str
-) -> common_pb2.WorkerRecord:
-    reply = await cluster.admin_stub(queen).SpawnWorker(
-        queen_pb2.QueenSpawnWorkerRequest(
-            model=model,
-            backend="llamacpp",
-            wait_ready=True,
-            backend_options={"threads": "1", "context_size": "256", "model_path": str(gguf),
-                             **options},
-        ),
-        timeout=60,
-    )  # fmt: skip
-    return reply.worker
-
-
-def chat(model: str, *turns: tuple[str, str], tokens: int = 8) -> common_pb2.InferRequest:
-    messages = [common_pb2.ChatMessage(role=r, content=c) for r, c in turns]
-    return common_pb2.InferRequest(model=model, messages=messages, max_tokens=tokens, seed=3)
-
-
-async def test_chats_render_with_the_models_own_template_or_a_named_fallback(
-    cluster: Cluster, tmp_path: Path
+async def test_the_openai_sdk_chats_through_the_models_own_template(
+    cluster: Cluster, real_model: Path
 ) -> None:
-    queen = cluster.start_queen()
-    cluster.start_hive(queen, "h1")
-    await wait_until(lambda: _hives(cluster, queen), timeout=10)
-    templated = await spawn_file(cluster, queen, write_tiny_gguf(tmp_path / "t.gguf"), "tmpl")
-    plain = write_tiny_gguf(tmp_path / "p.gguf", chat_template=None)
-    fallback = await spawn_file(cluster, queen, plain, "plain")
-    stub = cluster.queen_stub(queen)
-    turns = (("system", "be sweet"), ("user", "the bees fly to the hive"))
-    chunks = await collect(stub, chat("tmpl", *turns))
-    last = chunks[-1]
-    # The same chat again: the worker's context still holds the prompt's prefix.
-    again = (await collect(stub, chat("tmpl", *turns)))[-1]
-    assert again.cached_prompt_tokens >= last.prompt_tokens - 1
-    # Rendered "<s>[system] be sweet</s>[user] ...</s>[assistant]", <s> and </s> read as the
-    # special tokens they are: fewer tokens than the same text sent as a raw prompt.
-    rendered = "<s>[system] be sweet</s>[user] the bees fly to the hive</s>[assistant]"
-    raw = common_pb2.InferRequest(model="tmpl", prompt=rendered, max_tokens=1)
-    as_text = (await collect(stub, raw))[-1].prompt_tokens
-    assert last.prompt_tokens <= as_text - 1 - 3  # BOS added to text; 3 markers: 1 token each
-    assert last.completion_tokens == 8 == sum(len(c.token_ids) for c in chunks)
-    assert "".join(c.text for c in chunks).strip()
-    logs = {w.id: (cluster.tmp / "state-h1" / "logs" / f"{w.id}.log").read_text()
-            for w in (templated, fallback)}  # fmt: skip
-    assert "chats rendered with the model's chat template" in logs[templated.id]
-    assert "chats rendered with the chatml chat format" in logs[fallback.id]
-    assert (await collect(stub, chat("plain", *turns)))[-1].completion_tokens == 8
-
-
-async def test_a_chat_the_template_refuses_is_the_clients_mistake(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    strict = (
-        "{% for m in messages %}{% if m.role == 'system' %}"
-        "{{ raise_exception('this model takes no system turn') }}{% endif %}"
-        "{{ m.content }}{% endfor %}"
-    )
-    queen = cluster.start_queen()
-    cluster.start_hive(queen, "h1")
-    await wait_until(lambda: _hives(cluster, queen), timeout=10)
-    await spawn_file(
-        cluster, queen, write_tiny_gguf(tmp_path / "s.gguf", chat_template=strict), "strict"
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await collect(cluster.queen_stub(queen), chat("strict", ("system", "x"), ("user", "y")))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "this model takes no system turn" in (err.value.details() or "")
-
-
-async def _hives(cluster: Cluster, queen: Proc) -> bool:
-    return bool((await cluster.admin_stub(queen).ListHives(queen_pb2.ListHivesRequest())).hives)
-
-
-async def test_the_openai_sdk_chats_with_a_real_template(cluster: Cluster, tmp_path: Path) -> None:
     port = free_port()
-    queen = cluster.start_queen(0, "--http-listen", f"127.0.0.1:{port}")
-    cluster.start_hive(queen, "h1")
-    await wait_until(lambda: _hives(cluster, queen), timeout=10)
-    await spawn_file(cluster, queen, write_tiny_gguf(tmp_path / "t.gguf"), "tmpl")
-    turns = (("system", "be sweet"), ("user", "the bees fly to the hive"))
-    by_grpc = await collect(cluster.queen_stub(queen), chat("tmpl", *turns))
+    queen, _, _ = await engine_cluster(cluster, real_model, "--http-listen", f"127.0.0.1:{port}")
+    question = "What is the capital of France?"
+    by_grpc = await collect(cluster.queen_stub(queen), chat(question, 16, temperature=0.0))
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
-    messages: list[Any] = [{"role": role, "content": text} for role, text in turns]
+    messages: list[Any] = [{"role": "user", "content": question}]
     whole = await client.chat.completions.create(
-        model="tmpl", messages=messages, max_tokens=8, seed=3
+        model=MODEL, messages=messages, max_tokens=16, temperature=0
     )
-    # The same template, tokens and sampling as over gRPC: the same words.
-    assert whole.choices[0].message.content == "".join(c.text for c in by_grpc)
+    assert whole.choices[0].message.content == text_of(by_grpc)
     assert whole.usage is not None and whole.usage.prompt_tokens == by_grpc[-1].prompt_tokens
-    assert whole.usage.completion_tokens == 8 and whole.choices[0].finish_reason == "length"
     assert whole.usage.prompt_tokens_details is not None
-    assert (whole.usage.prompt_tokens_details.cached_tokens or 0) > 0  # the prefix gRPC left
+    assert (whole.usage.prompt_tokens_details.cached_tokens or 0) > 0  # what gRPC's left
     stream = await client.chat.completions.create(
-        model="tmpl", messages=messages, max_tokens=8, seed=3, stream=True
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True
     )
     streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
     assert streamed == whole.choices[0].message.content
+    await client.close()
 
 
-# Decoding takes ~5 ms a token here (a 512 x 8 random-weight llama): a stream lasts long
-# enough to kill its worker in the middle.
-SLOW_DECODE = Shape(n_embd=512, n_head=8, n_ff=1024, n_layer=8, n_ctx=512)
-
-
-async def test_greedy_a_worker_killed_mid_stream_the_text_is_byte_identical(
-    cluster: Cluster, tmp_path: Path
+async def test_a_worker_serving_eight_streams_is_killed_and_every_one_moves_byte_identical(
+    cluster: Cluster, real_model: Path
 ) -> None:
     queen = cluster.start_queen()
-    cluster.start_hive(queen, f"greedy-{uuid.uuid4().hex[:8]}")
-    gguf = write_tiny_gguf(tmp_path / "slow.gguf", shape=SLOW_DECODE)
-    admin = cluster.admin_stub(queen)
-    await wait_until(lambda: any_hive(admin))
-    options = {"threads": "1", "context_size": "512", "model_path": str(gguf)}
-    for _ in range(2):
-        spawn = queen_pb2.QueenSpawnWorkerRequest(
-            model="tiny", backend="llamacpp", wait_ready=True, backend_options=options
-        )
-        await admin.SpawnWorker(spawn, timeout=60)
+    hive = cluster.start_hive(queen, f"greedy-{uuid.uuid4().hex[:8]}")
+    await wait_until(lambda: hive_known(cluster, queen), timeout=15)
+    await pull(cluster, hive, real_model)
+    victim = await spawn(cluster, queen, 8, threads="1")
     stub = cluster.queen_stub(queen)
-    greedy = infer(tokens=150, temperature=0.0)
-    whole = await collect(stub, greedy, timeout=60)
-    call = stub.Infer(greedy, timeout=60)
-    chunks: list[Any] = [await call.read() for _ in range(5)]
-    serving = (
-        await admin.GetWorker(queen_pb2.GetWorkerRequest(worker_id=chunks[0].worker_id))
-    ).worker
-    os.kill(serving.pid, signal.SIGKILL)
-    while isinstance(chunk := await call.read(), common_pb2.InferChunk):
-        chunks.append(chunk)
-    assert "".join(c.text for c in chunks) == "".join(c.text for c in whole)
-    assert [i for c in chunks for i in c.token_ids] == [i for c in whole for i in c.token_ids]
-    assert chunks[-1].completion_tokens == whole[-1].completion_tokens
-    assert len({c.worker_id for c in chunks if c.worker_id}) == 2  # it did move
-    (row,) = (await admin.ListRequests(queen_pb2.ListRequestsRequest(limit=1))).requests
-    assert row.migrations == 1 and row.status == queen_pb2.REQUEST_STATUS_COMPLETED
+    asks = [chat(f"Write a long story about a bee named {name}.", 120, temperature=0.0)
+            for name in ("Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")]  # fmt: skip
+    whole = await asyncio.gather(*(collect(stub, ask) for ask in asks))
+    calls = [stub.Infer(ask, timeout=120) for ask in asks]
+    begun = [[await call.read(), await call.read()] for call in calls]
+    assert {chunks[0].worker_id for chunks in begun} == {victim.id}  # all eight on one engine
+    await spawn(cluster, queen, 8, threads="1")
+    os.kill(victim.pid, signal.SIGKILL)
 
+    async def rest(call: Any, chunks: list[Any]) -> list[Any]:
+        while isinstance(chunk := await call.read(), common_pb2.InferChunk):
+            chunks.append(chunk)
+        return chunks
 
-async def any_hive(admin: Any) -> bool:
-    return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
+    moved = await asyncio.gather(*(rest(call, chunks) for call, chunks in zip(calls, begun)))
+    for got, expected in zip(moved, whole, strict=True):
+        assert text_of(got) == text_of(expected)
+        assert [i for c in got for i in c.token_ids] == [i for c in expected for i in c.token_ids]
+        assert got[-1].completion_tokens == expected[-1].completion_tokens
+        assert len({c.worker_id for c in got if c.worker_id}) == 2  # it did move
+    rows = (await cluster.admin_stub(queen).ListRequests(
+        queen_pb2.ListRequestsRequest(limit=8))).requests  # fmt: skip
+    assert all(r.migrations == 1 and r.status == queen_pb2.REQUEST_STATUS_COMPLETED for r in rows)

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from worker.backends.cpu import engine_cpu_problem
+
 # llama.cpp's log lines that say why a load failed.
 _CAUSE_WORDS = ("error", "failed", "unable", "invalid", "cannot", "not ")
 
@@ -79,7 +81,10 @@ class LlamaEngine:
 
     def start(self) -> None:
         """Load the model and start the engine (blocks for the load). Raises EngineStartError."""
-        import xllamacpp
+        problem = engine_cpu_problem() or gguf_problem(self.config.model_path)
+        if problem:
+            raise EngineStartError(problem)
+        import xllamacpp  # type: ignore[import-untyped]  # ships no type hints
 
         self._private = tempfile.mkdtemp(prefix="apiary-engine-")  # mode 0700
         params = self._params(xllamacpp.CommonParams())
@@ -154,6 +159,16 @@ class LlamaEngine:
         del server  # the engine's destructor terminates its loop and joins it
         if self._private:
             shutil.rmtree(self._private, ignore_errors=True)
+
+
+def gguf_problem(path: str) -> str:
+    """Why `path` cannot be a model file ('' if it may be one)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        return f"model file {path} cannot be read: {exc.strerror or exc}"
+    return "" if magic == b"GGUF" else f"model file {path} is not a GGUF file"
 
 
 def _message_of(answer: dict[str, Any]) -> str:

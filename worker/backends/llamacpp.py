@@ -38,7 +38,6 @@ from worker.backends.base import (
     RequestRefused,
     parse_int_option,
 )
-from worker.backends.cpu import engine_cpu_problem
 from worker.backends.engine_chunks import Failed, Finished, PromptProgress, Tokens, read_chunk
 from worker.backends.llama_engine import EngineConfig, LlamaEngine
 from worker.held_prefixes import HeldPrefixes
@@ -121,22 +120,20 @@ class LlamaCppBackend(Backend):
             context_size=parse_int_option(cls.name, options, "context_size", DEFAULT_CONTEXT)
             or DEFAULT_CONTEXT,
             gpu_layers=_whole(options.get("gpu_layers", "0"), "gpu_layers"),
-            cache_ram_mb=parse_int_option(cls.name, options, "cache_ram_mb", default_cache_ram_mb()),
+            cache_ram_mb=parse_int_option(
+                cls.name, options, "cache_ram_mb", default_cache_ram_mb()
+            ),
             chat_template=chat_format,
         )
         return cls(model, config)
 
     async def load(self, progress: Progress) -> None:
-        problem = engine_cpu_problem()
-        if problem:
-            raise RuntimeError(problem)
-        if not os.path.isfile(self.config.model_path):
-            raise FileNotFoundError(f"model file {self.config.model_path} does not exist")
         loop = asyncio.get_running_loop()
         loading = loop.run_in_executor(self._calls, self.engine.start)
         await _watch_load(loading, self.config.model_path, progress)
-        log.info("engine started", slots=self.config.slots, threads=self.config.threads,
-                 context_per_slot=self.config.context_size, cache_ram_mb=self.config.cache_ram_mb)  # fmt: skip
+        config = self.config
+        log.info("engine started", slots=config.slots, threads=config.threads,
+                 context_per_slot=config.context_size, cache_ram_mb=config.cache_ram_mb)  # fmt: skip
         progress(1.0, "loaded")
 
     def count_tokens(self, text: str) -> int:
@@ -171,11 +168,11 @@ class LlamaCppBackend(Backend):
             "return_progress": True,
             "logprobs": 1,
             "cache_prompt": True,
-            "temperature": DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
-            "top_p": DEFAULT_TOP_P if request.top_p is None else request.top_p,
-            "top_k": DEFAULT_TOP_K if request.top_k is None else request.top_k,
+            "temperature": _given(request.temperature, DEFAULT_TEMPERATURE),
+            "top_p": _given(request.top_p, DEFAULT_TOP_P),
+            "top_k": _given(request.top_k, DEFAULT_TOP_K),
             "seed": -1 if request.seed is None else request.seed & 0xFFFFFFFF,
-        }  # fmt: skip
+        }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         loop = asyncio.get_running_loop()
@@ -242,6 +239,10 @@ class LlamaCppBackend(Backend):
         self._calls.shutdown(wait=False)
 
 
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _whole(raw: str, key: str) -> int:
     try:
         return int(raw)
@@ -255,10 +256,17 @@ async def _watch_load(loading: asyncio.Future[None], path: str, progress: Progre
     file's size is the fraction read."""
     me = psutil.Process()
     before = me.memory_info().rss
-    size = max(os.path.getsize(path), 1)
+    size = max(await asyncio.to_thread(_size_of, path), 1)
     while not loading.done():
         fraction = min(0.95, max(0.0, (me.memory_info().rss - before) / size))
         progress(fraction, f"loading weights {fraction:.0%}")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(loading), 0.1)
     await loading
+
+
+def _size_of(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
