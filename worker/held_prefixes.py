@@ -3,9 +3,9 @@
 llama.cpp's server engine keeps each slot's last prompt in its KV cache (a new request goes to
 the slot whose prompt it shares most with) and, within `cache_ram_mb`, saved slot states in
 host memory. The worker cannot see inside it, but it knows what it sent: the prefix block
-hashes (apiary/prefix.py) of each request, newest first, kept while their tokens fit in what
-the engine can hold (its slots' contexts plus the tokens its RAM cache budget can keep). The
-queen's cache-aware pick reads these blocks; the counters give hit ratios.
+hashes (apiary/prefix.py) of each request, newest first: the newest `slots` prompts (one per
+slot), and older ones while their tokens fit in what the RAM cache can keep. The queen's
+cache-aware pick reads these blocks; the counters give hit ratios.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ MAX_REPORTED_BLOCKS = 4096
 
 @dataclass
 class HeldPrefixes:
-    # Prompt tokens the engine can hold at once (slots' contexts and its RAM cache).
-    capacity_tokens: int
+    # Prompts the engine keeps live, one per slot.
+    slots: int
+    # Prompt tokens its host-RAM cache can keep besides.
+    ram_tokens: int
     # Block chain of a request -> its prompt tokens; newest last.
     _held: OrderedDict[tuple[int, ...], int] = field(default_factory=OrderedDict)
     requests: int = 0
@@ -40,10 +42,12 @@ class HeldPrefixes:
             return
         self._held.pop(blocks, None)
         self._held[blocks] = prompt_tokens
-        held = sum(self._held.values())
-        while len(self._held) > 1 and held > self.capacity_tokens:
+        older = len(self._held) - self.slots
+        saved = sum(tokens for _, tokens in zip(range(older), self._held.values(), strict=False))
+        while older > 0 and saved > self.ram_tokens:
             _, tokens = self._held.popitem(last=False)
-            held -= tokens
+            saved -= tokens
+            older -= 1
 
     def report(self) -> common_pb2.PrefixCache:
         blocks = list(dict.fromkeys(b for chain in reversed(self._held) for b in chain))

@@ -305,7 +305,7 @@ async def test_a_worker_serving_eight_streams_is_killed_and_every_one_moves_byte
             for name in ("Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")]  # fmt: skip
     whole = await asyncio.gather(*(collect(stub, ask) for ask in asks))
     calls = [stub.Infer(ask, timeout=120) for ask in asks]
-    begun = [[await call.read(), await call.read()] for call in calls]
+    begun: list[list[Any]] = [[await call.read(), await call.read()] for call in calls]
     assert {chunks[0].worker_id for chunks in begun} == {victim.id}  # all eight on one engine
     await spawn(cluster, queen, 8, threads="1")
     os.kill(victim.pid, signal.SIGKILL)
@@ -315,7 +315,8 @@ async def test_a_worker_serving_eight_streams_is_killed_and_every_one_moves_byte
             chunks.append(chunk)
         return chunks
 
-    moved = await asyncio.gather(*(rest(call, chunks) for call, chunks in zip(calls, begun)))
+    pairs = zip(calls, begun, strict=True)
+    moved = await asyncio.gather(*(rest(call, chunks) for call, chunks in pairs))
     for got, expected in zip(moved, whole, strict=True):
         assert text_of(got) == text_of(expected)
         assert [i for c in got for i in c.token_ids] == [i for c in expected for i in c.token_ids]

@@ -91,8 +91,7 @@ class LlamaCppBackend(Backend):
         self.model = model
         self.config = config
         self.engine = LlamaEngine(config)
-        capacity = config.slots * config.context_size + config.cache_ram_mb * CACHE_TOKENS_PER_MB
-        self.held = HeldPrefixes(capacity)
+        self.held = HeldPrefixes(config.slots, config.cache_ram_mb * CACHE_TOKENS_PER_MB)
         # One thread per slot for completions, and one for template calls and loading.
         self._pool = ThreadPoolExecutor(max_workers=config.slots, thread_name_prefix="engine")
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-calls")
@@ -131,9 +130,9 @@ class LlamaCppBackend(Backend):
         loop = asyncio.get_running_loop()
         loading = loop.run_in_executor(self._calls, self.engine.start)
         await _watch_load(loading, self.config.model_path, progress)
-        config = self.config
-        log.info("engine started", slots=config.slots, threads=config.threads,
-                 context_per_slot=config.context_size, cache_ram_mb=config.cache_ram_mb)  # fmt: skip
+        c = self.config
+        log.info("engine started", slots=c.slots, threads=c.threads,
+                 context_per_slot=c.context_size, cache_ram_mb=c.cache_ram_mb)  # fmt: skip
         progress(1.0, "loaded")
 
     def count_tokens(self, text: str) -> int:
