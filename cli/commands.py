@@ -42,9 +42,12 @@ from protos.v1 import common_pb2, hive_pb2
 
 def request_from_flags(args: argparse.Namespace) -> common_pb2.InferRequest:
     """The InferRequest `apiary infer` sends; sampling flags left out stay unset."""
+    turns = [{"role": "system", "content": args.system}] if args.system else []
+    turns.append({"role": "user", "content": args.prompt})
     request = infer_request(
         args.model,
-        args.prompt,
+        args.prompt if args.raw else "",
+        () if args.raw else turns,
         max_tokens=args.max_tokens,
         policy=args.policy,
         required_tags=args.tag,

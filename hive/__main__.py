@@ -52,7 +52,7 @@ def parse_spawn(text: str) -> tuple[WorkerSpec, int]:
         raise argparse.ArgumentTypeError("--spawn needs model=NAME")
     try:
         count = int(fields.pop("count", "1"))
-        slots = int(fields.pop("slots", "1"))
+        slots = int(fields.pop("slots", "0"))  # 0: the backend's default
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--spawn count/slots must be integers: {exc}") from None
     restart = fields.pop("restart", "")

@@ -128,6 +128,8 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 f"{described.unavailable_reason}",
             )
         limit = min(MAX_SLOTS, cls.MAX_SLOTS)
+        if not spec.slots:
+            spec = dataclasses.replace(spec, slots=cls.DEFAULT_SLOTS)
         if not 1 <= spec.slots <= limit:
             raise StatusError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -190,7 +192,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 WorkerSpec(
                     model=request.model,
                     backend=request.backend,
-                    slots=request.slots or 1,
+                    slots=request.slots,
                     device=request.device or "cpu",
                     backend_options=dict(request.backend_options),
                     restart_policy=request.restart_policy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import openai
 import psutil
 import pytest
 
@@ -247,6 +249,7 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
         [
             APIARY or "apiary",
             "up",
+            "--echo",
             "--queen-listen",
             f"127.0.0.1:{queen_port}",
             "--hive-listen",
@@ -303,6 +306,58 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
     finally:
         if up.poll() is None:
             up.kill()
+            up.wait()
+
+
+async def test_up_on_a_real_model_serves_eight_concurrent_streamed_chats(
+    cluster: Cluster, real_model: Path
+) -> None:
+    pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
+    queen_port, hive_port = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), APIARY_LOG_FORMAT="json")
+    env["XDG_STATE_HOME"] = str(cluster.tmp / "xdg")
+    env[MARKER_ENV] = cluster.marker
+    up = subprocess.Popen(
+        [APIARY or "apiary", "up", "--gguf", str(real_model), "--model", "smollm2",
+         "--queen-listen", f"127.0.0.1:{queen_port}", "--hive-listen", f"127.0.0.1:{hive_port}",
+         "--http-listen", "127.0.0.1:0"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        printed = Lines(up.stdout)
+        await wait_until(lambda: printed.has("Ctrl-C here stops everything"), timeout=90)
+        assert printed.has("1 'smollm2' worker(s) on the llamacpp engine"), printed.text()
+        url = re.search(r"OpenAI API: (http://127\.0\.0\.1:\d+)/v1", printed.text())
+        assert url is not None, printed.text()
+        queen = f"127.0.0.1:{queen_port}"
+        said = apiary("infer", "smollm2", "Tell me about bees.", "--max-tokens", "12",
+                      "--queen", queen)  # fmt: skip
+        assert said.returncode == 0 and said.stdout.strip(), said.stderr
+        client = openai.AsyncOpenAI(base_url=f"{url[1]}/v1", api_key="-", max_retries=0)
+
+        async def streamed(i: int) -> tuple[str, str | None]:
+            stream = await client.chat.completions.create(
+                model="smollm2", max_tokens=48, stream=True,
+                messages=[{"role": "user", "content": f"Write a poem about the number {i}."}],
+            )  # fmt: skip
+            text, reason = "", None
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    reason = chunk.choices[0].finish_reason or reason
+            return text, reason
+
+        results = await asyncio.wait_for(asyncio.gather(*(streamed(i) for i in range(8))), 120)
+        await client.close()
+        assert all(text.strip() and reason in ("stop", "length") for text, reason in results)
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(30) == 0
+        assert cluster.marked_processes() == []
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
             up.wait()
 
 

@@ -86,8 +86,9 @@ class Backend(abc.ABC):
     EXTRA: ClassVar[str] = ""
     # Exists for tests and benchmarks only.
     FOR_TESTING: ClassVar[bool] = False
-    # Concurrent generations one instance can run (an engine context is not shared).
+    # Concurrent generations one instance can run, and how many a spawn that names none gets.
     MAX_SLOTS: ClassVar[int] = 256
+    DEFAULT_SLOTS: ClassVar[int] = 1
     # Keeps computed prompt states and reports them (prefix_cache): requests carry blocks.
     KEEPS_PREFIXES: ClassVar[bool] = False
     # Computes on CPU threads (option `threads`) that its hive hands out, so that the engines
