@@ -1,7 +1,8 @@
 # The two commands a new user runs: `make run` and `make test`.
-# `make run` installs the core only (a minute or two); `make test` adds the dev tools and the
-# llamacpp extra (llama-cpp-python compiles llama.cpp on its first install: several minutes,
-# then pip reuses the wheel); `APIARY_MODEL=FILE.gguf make run` adds the llamacpp extra too.
+# `make run` installs the core and the llamacpp extra (xllamacpp, a prebuilt wheel: nothing
+# compiles) and serves the real default model (fetched once, apiary/realmodel.py); `ECHO=1`
+# runs the echo demo instead (core only); `APIARY_MODEL=FILE.gguf make run` serves any GGUF.
+# `make test` adds the dev tools.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -39,9 +40,9 @@ $(GENERATED): $(PROTOS) $(CORE)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# APIARY_MODEL=path/to/model.gguf make run: the same cluster on a real model (llamacpp).
-run: proto $(if $(APIARY_MODEL),$(LLAMA))
-	$(VENV)/bin/apiary up
+# APIARY_MODEL=path/to/model.gguf make run: the same cluster on another GGUF; ECHO=1: echo demo.
+run: proto $(if $(ECHO),,$(LLAMA))
+	$(VENV)/bin/apiary up $(if $(ECHO),--echo)
 
 # The grpc-js interop test's client (skipped, saying why, where Node.js/npm are missing).
 JS := tests/interop/js

@@ -1,22 +1,21 @@
-"""Cache-aware routing through the queen vs least-loaded, on a model where prefill dominates.
+"""Cache-aware routing through the queen vs least-loaded, on the real model.
 
-Writes a random-weight llama GGUF at bench time (512 dims x 8 layers: ~1 s to compute a
-1,500-token prompt on this machine), starts a queen and a hive, and for each run spawns 2
-fresh llamacpp workers (so no run inherits another's caches), then sends tenants' traffic:
-each request a tenant's ~1,500-token system prompt plus a short question of its own,
-max_tokens 4, at concurrency 2. Runs: 4 tenants evenly, then one hot tenant with 80% of the
+SmolLM2-135M-Instruct (apiary/realmodel.py), 2 llamacpp workers of 1 thread each, spawned
+fresh for each run (no run inherits another's caches). Tenants' traffic: each request a
+tenant's system prompt (~1,000 tokens of its own words) plus a short question of its own,
+max_tokens 4. Prefill dominates here: a cold 1,000-token prompt costs seconds on one thread,
+a cached one tens of milliseconds. Runs: 4 tenants evenly, then one hot tenant with 80% of the
 requests; each with least-loaded, then with cache-aware. Prints mean/p50/p90 time to first
-token, each worker's share of requests, and the share of prompt tokens served from a
-computed prefix, then cache-aware's gain over least-loaded against the targets
-(>= 5x mean TTFT evenly; >= 2x with the hot tenant while each worker serves >= 25%).
+token, each worker's share of requests, and the share of prompt tokens served from a cache,
+then cache-aware's gain over least-loaded against the targets (>= 5x mean TTFT evenly; >= 2x
+with the hot tenant while each worker serves >= 25%).
 
-Each worker's saved-state budget (cache_ram_mb) matters as much as routing. The targets are
-measured with a budget of one saved state beyond the live context (--pressure-ram-mb 40;
-a state of this model's 1,500-token prompt is ~25 MB): a worker holds half the tenants'
-prefixes, the regime a real model's states (~0.75 GB for 1,500 tokens of a 7B model) put a
-worker in. A last pair of runs gives each worker the backend's default budget (room for
-every tenant), where least-loaded also ends up finding prefixes saved after one miss per
-tenant and worker: the gain is then the misses saved, and it shrinks as a run goes on.
+What a worker can hold matters as much as routing. The measured runs give each worker
+`--slots` (2) slots and no host-RAM prompt cache (`--pressure-ram-mb` 0): a worker holds half
+the tenants' prefixes, the regime a real deployment is in when its tenants' prefixes outgrow
+its KV (a 7B model's 1,500-token prefix is ~0.75 GB). A last pair of runs gives each worker
+the backend's defaults (8 slots, a 1 GB RAM cache: room for every tenant), where least-loaded
+also finds prefixes after one miss per tenant and worker: the gain is then the misses saved.
 """
 
 from __future__ import annotations
@@ -34,8 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apiary.realmodel import model_path
 from harness import Cluster, Proc, wait_until
-from harness.gguf import PREFILL_BOUND, WORDS, write_tiny_gguf
+from harness.gguf import WORDS
 from protos.v1 import common_pb2, queen_pb2
 
 POLICIES = {
@@ -78,19 +78,19 @@ def schedule(requests: int, tenants: int, hot: float, seed: int) -> list[int]:
 
 
 async def fresh_workers(
-    cluster: Cluster, queen: Proc, gguf: Path, cache_ram_mb: int | None
+    cluster: Cluster, queen: Proc, gguf: Path, cache_ram_mb: int | None, slots: int
 ) -> list[str]:
-    """Retire every worker, then spawn 2 new ones (empty caches)."""
+    """Retire every worker, then spawn 2 new ones (empty caches); `slots` 0: the default."""
     admin = cluster.admin_stub(queen)
     for worker in (await admin.ListWorkers(queen_pb2.ListWorkersRequest())).workers:
         await admin.RetireWorker(queen_pb2.RetireWorkerRequest(worker_id=worker.id), timeout=60)
-    options = {"threads": "1", "context_size": "4096", "model_path": str(gguf)}
+    options = {"threads": "1", "context_size": "2048", "model_path": str(gguf)}
     if cache_ram_mb is not None:
         options["cache_ram_mb"] = str(cache_ram_mb)
     ids = []
     for _ in range(2):
         reply = await admin.SpawnWorker(
-            queen_pb2.QueenSpawnWorkerRequest(model="bench", backend="llamacpp",
+            queen_pb2.QueenSpawnWorkerRequest(model="bench", backend="llamacpp", slots=slots,
                                               wait_ready=True, backend_options=options),
             timeout=120,
         )  # fmt: skip
@@ -145,26 +145,27 @@ def line(scenario: str, budget: str, name: str, run: Run) -> str:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--requests", type=int, default=60)
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--prefix-words", type=int, default=470, help="~1,500 tokens")
+    p.add_argument("--prefix-words", type=int, default=600, help="~1,000 tokens")
+    p.add_argument("--slots", type=int, default=2, help="each worker's, in the measured runs")
     p.add_argument("--trace", action="store_true", help="print every request")
     p.add_argument("--queen-args", default="", help="extra queen flags, e.g. '--cache-wait 5'")
     p.add_argument("--scenarios", default="even,hot 80%,even*", help="which runs, by name")
-    p.add_argument("--pressure-ram-mb", type=int, default=40,
-                   help="each worker's saved-state budget for the measured runs")  # fmt: skip
+    p.add_argument("--pressure-ram-mb", type=int, default=0,
+                   help="each worker's host-RAM prompt cache in the measured runs")  # fmt: skip
     args = p.parse_args()
     cluster = Cluster(heartbeat_interval=1.0)
     try:
-        gguf = write_tiny_gguf(cluster.tmp / "prefill.gguf", shape=PREFILL_BOUND)
+        gguf = model_path()
         queen = cluster.start_queen(0, *args.queen_args.split())
         cluster.start_hive(queen, "bench")
         await wait_until(lambda: hive_known(cluster, queen), timeout=30)
         print(f"# bench/prefix.py: {args.requests} requests per run, {args.tenants} tenants, "
               f"~{args.prefix_words}-word system prompts, max_tokens 4, concurrency "
-              f"{args.concurrency}, 2 llamacpp workers (512x8 random-weight llama, 1 thread "
-              f"each)")  # fmt: skip
+              f"{args.concurrency}, 2 llamacpp workers on {gguf.name} (1 thread each; measured "
+              f"runs {args.slots} slots, {args.pressure_ram_mb} MB RAM cache)")  # fmt: skip
         print(f"{'traffic':>8} {'budget':>7} {'policy':>12} {'n':>4} {'mean ms':>8} "
               f"{'p50 ms':>7} {'p90 ms':>7} {'shares':>9} {'cached':>7}")  # fmt: skip
         results: dict[tuple[str, str], Run] = {}
@@ -175,10 +176,11 @@ async def main() -> None:
                 continue
             tenants = schedule(args.requests, args.tenants, hot, seed=7)
             for name, policy in POLICIES.items():
-                await fresh_workers(cluster, queen, gguf, budget)
+                slots = args.slots if budget is not None else 0
+                await fresh_workers(cluster, queen, gguf, budget, slots)
                 run = await drive(cluster, queen, tenants, policy, args)
                 results[(scenario, name)] = run
-                shown = f"{budget}MB" if budget is not None else "default"
+                shown = f"{slots}s/{budget}MB" if budget is not None else "default"
                 print(line(scenario, shown, name, run), flush=True)
         if len(results) == 2 * len(runs):
             verdicts(results)

@@ -8,6 +8,8 @@ import re
 
 import grpc
 
+from apiary.errors import answered
+
 TLS_FLAGS = "check --tls-ca (and --tls-cert/--tls-key if the queen requires client certificates)"
 
 
@@ -74,6 +76,8 @@ def rpc_error_text(exc: grpc.RpcError, queen: str, tls_ca: str = "", tls_cert: s
     if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call):
         return f"ERROR: {exc}"
     code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
+    # A status the queen itself gave (its words may quote a worker's connection error) is
+    # said as it is; only a failure to reach the queen is read for TLS and address hints.
+    if code == grpc.StatusCode.UNAVAILABLE and not answered(exc):
         details = connection_problem(details, queen, tls_ca, tls_cert) or details
     return f"{code.name}: {details}"

@@ -55,6 +55,32 @@ def add_up_verb(sub: Subparsers) -> None:
         help="the queen's OpenAI-compatible HTTP API (port 0: any; 'off': none)",
     )  # fmt: skip
     p.add_argument("--hive-id", default="local", help="the hive's id")
+    add_worker_flags(p)
+    p.add_argument(
+        "--state-dir",
+        default="",
+        metavar="DIR",
+        help="the queen's state in DIR/queen, the hive's in DIR/hive-ID "
+        "(default: each daemon's own, under $XDG_STATE_HOME/apiary)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        metavar="PORT",
+        help="Prometheus metrics: the queen on PORT, the hive on PORT+1 (0: any free ports; "
+        "default off)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "console", "json"],
+        default=None,
+        help="logs: key=value on a terminal, JSON lines otherwise (auto)",
+    )
+
+
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    """What the hive runs: the model (or the echo demo), how many workers, their slots."""
     p.add_argument(
         "--model", default="",
         help=f"model name (default: {MODEL_NAME}, the GGUF's name, or demo with --echo)",
@@ -82,27 +108,6 @@ def add_up_verb(sub: Subparsers) -> None:
         type=float,
         default=0.05,
         help="echo backend: seconds per token, so streaming is visible (echo is for demos/tests)",
-    )
-    p.add_argument(
-        "--state-dir",
-        default="",
-        metavar="DIR",
-        help="the queen's state in DIR/queen, the hive's in DIR/hive-ID "
-        "(default: each daemon's own, under $XDG_STATE_HOME/apiary)",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=-1,
-        metavar="PORT",
-        help="Prometheus metrics: the queen on PORT, the hive on PORT+1 (0: any free ports; "
-        "default off)",
-    )
-    p.add_argument(
-        "--log-format",
-        choices=["auto", "console", "json"],
-        default=None,
-        help="logs: key=value on a terminal, JSON lines otherwise (auto)",
     )
 
 

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from harness import Cluster, Proc, wait_until
-from harness.gguf import write_tiny_gguf
 from harness.ports import free_port
 from protos.v1 import common_pb2, queen_pb2
 
@@ -29,7 +28,7 @@ def system_prompt(tenant: int, words: int = 120) -> str:
 
 def ask(tenant: int, question: str, tokens: int = 2, **fields: Any) -> common_pb2.InferRequest:
     return common_pb2.InferRequest(
-        model="tiny", prompt=f"{system_prompt(tenant)} {question}", max_tokens=tokens, seed=1,
+        model="smollm2", prompt=f"{system_prompt(tenant)} {question}", max_tokens=tokens, seed=1,
         **fields,
     )  # fmt: skip
 
@@ -38,22 +37,24 @@ async def last_chunk(cluster: Cluster, queen: Proc, request: common_pb2.InferReq
     return [c async for c in cluster.queen_stub(queen).Infer(request, timeout=60)][-1]
 
 
-async def two_llama_workers(cluster: Cluster, tmp_path: Path, *queen_args: str) -> Proc:
-    pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
+async def two_llama_workers(cluster: Cluster, model_file: Path, *queen_args: str) -> Proc:
+    """Two one-slot engine workers of the real model, a core each."""
+    pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
     queen = cluster.start_queen(0, *queen_args)
     cluster.start_hive(queen, "ca-h1")
-    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     admin = cluster.admin_stub(queen)
     await wait_until(lambda: hives(admin))
+    options = {"threads": "1", "context_size": "1024", "cache_ram_mb": "0",
+               "model_path": str(model_file)}  # fmt: skip
     for _ in range(2):
         await admin.SpawnWorker(
             queen_pb2.QueenSpawnWorkerRequest(
-                model="tiny", backend="llamacpp", wait_ready=True,
-                backend_options={"threads": "1", "context_size": "512", "model_path": str(gguf)},
+                model="smollm2", backend="llamacpp", slots=1, wait_ready=True,
+                backend_options=options,
             ),
             timeout=60,
         )  # fmt: skip
-    await cluster.wait_workers(queen, "tiny", 2)
+    await cluster.wait_workers(queen, "smollm2", 2)
     return queen
 
 
@@ -71,9 +72,9 @@ async def served_by(cluster: Cluster, queen: Proc) -> dict[str, str]:
 
 
 async def test_a_tenant_goes_back_to_the_worker_holding_its_prefix(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, real_model: Path
 ) -> None:
-    queen = await two_llama_workers(cluster, tmp_path)
+    queen = await two_llama_workers(cluster, real_model)
     first = await last_chunk(cluster, queen, ask(0, "where", request_id="a1"))
     assert first.cached_prompt_tokens == 0
     other = await last_chunk(cluster, queen, ask(1, "where", request_id="b1"))
@@ -89,8 +90,10 @@ async def test_a_tenant_goes_back_to_the_worker_holding_its_prefix(
     del other
 
 
-async def test_a_hot_tenant_is_spread_over_both_workers(cluster: Cluster, tmp_path: Path) -> None:
-    queen = await two_llama_workers(cluster, tmp_path)
+async def test_a_hot_tenant_is_spread_over_both_workers(
+    cluster: Cluster, real_model: Path
+) -> None:
+    queen = await two_llama_workers(cluster, real_model)
     # Both workers' first decode (buffers allocated: slow) is done before timing matters.
     await asyncio.gather(*(last_chunk(cluster, queen, ask(t, "warm")) for t in (1, 2)))
     for i in range(8):  # one at a time: enough requests for the tenant's share to count
@@ -112,12 +115,12 @@ async def test_a_hot_tenant_is_spread_over_both_workers(cluster: Cluster, tmp_pa
 
 
 async def test_over_http_user_prompt_cache_key_and_the_affinity_header_pick_the_session(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, real_model: Path
 ) -> None:
     port = free_port()
-    queen = await two_llama_workers(cluster, tmp_path, "--http-listen", f"127.0.0.1:{port}")
+    queen = await two_llama_workers(cluster, real_model, "--http-listen", f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}/v1/completions"
-    short = {"model": "tiny", "prompt": "hi", "max_tokens": 1}  # too short for prefix matching
+    short = {"model": "smollm2", "prompt": "hi", "max_tokens": 1}  # too short for prefix matching
     async with httpx.AsyncClient(timeout=30) as http:
 
         async def post(body: dict[str, Any], **headers: str) -> None:

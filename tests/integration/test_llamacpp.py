@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import openai
+import psutil
 import pytest
 
 from harness import Cluster, Proc, wait_until
@@ -90,6 +91,14 @@ async def test_one_engine_streams_real_tokens_with_ids_and_reuses_its_prompts(
     queen, _, worker = await engine_cluster(cluster, real_model)
     # The engine's slots are the worker's; the hive handed it every core (its only engine).
     assert worker.slots_total == 8 and worker.backend_options["threads"] == str(CORES)
+    # The engine's own listener is no network door: the worker's one TCP listener is its gRPC
+    # port, and the engine's Unix socket sits in a directory only its user may enter.
+    process = psutil.Process(worker.pid)
+    listening = [c for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert [c.laddr.port for c in listening] == [int(worker.address.rsplit(":", 1)[1])]
+    sockets = [str(c.laddr) for c in process.net_connections("unix") if c.laddr]
+    engine = [path for path in sockets if "apiary-engine-" in path]
+    assert len(engine) == 1 and os.stat(os.path.dirname(engine[0])).st_mode & 0o077 == 0
     stub = cluster.queen_stub(queen)
     # Longer than a prefix block (apiary/prefix.py): the worker reports it as held.
     question = "Bees live in hives and make honey from nectar. " * 8 + "What do bees make?"

@@ -49,8 +49,9 @@ def test_a_built_wheel_installs_and_serves_a_first_token(tmp_path: Path) -> None
     assert version.returncode == 0 and "0.1.0" in version.stdout + version.stderr
     queen, hive = free_port(), free_port()
     up = subprocess.Popen(
-        [str(apiary), "up", "--echo", "--queen-listen", f"127.0.0.1:{queen}", "--http-listen", "127.0.0.1:0",
-         "--hive-listen", f"127.0.0.1:{hive}", "--token-delay", "0"],
+        [str(apiary), "up", "--echo", "--queen-listen", f"127.0.0.1:{queen}",
+         "--http-listen", "127.0.0.1:0", "--hive-listen", f"127.0.0.1:{hive}",
+         "--token-delay", "0"],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip

@@ -132,6 +132,22 @@ def test_connection_errors_say_what_is_wrong(
         assert "cannot reach" not in problem
 
 
+def test_a_failure_the_queen_answered_is_said_as_the_queen_said_it() -> None:
+    """Its words may quote a worker's connection error: no TLS hint for those (every worker of
+    a model dead of SIGILL once read as 'the queen probably requires TLS')."""
+    said = ("no worker of model 'm' could serve: worker w-1 failed (UNAVAILABLE: Socket closed) "
+            "after 3 attempt(s)")  # fmt: skip
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+        grpc.aio.Metadata(("apiary-answered", "1")), said, None,
+    )  # fmt: skip
+    assert rpc_error_text(error, ADDRESS) == f"UNAVAILABLE: {said}"
+    unanswered = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), said, None
+    )
+    assert "probably requires TLS" in rpc_error_text(unanswered, ADDRESS)
+
+
 def test_the_clients_errors_read_as_one_line_naming_every_queen() -> None:
     """apiary.client raises grpc.aio.AioRpcError (not a grpc.Call): read the same way."""
     refused = CONNECT + "UNKNOWN: ipv4:127.0.0.1:7071: Failed to connect to remote host: refused"
@@ -164,7 +180,7 @@ def test_up_banner_commands_reach_the_queen_it_started() -> None:
     assert " status\n" in text and "--queen" not in text
     text = banner(up_args(state_dir="/s", metrics_port=9100), "127.0.0.1:7171", "echo")
     assert " status --queen 127.0.0.1:7171\n" in text
-    assert " infer demo 'hello bees' --max-tokens 20 --queen 127.0.0.1:7171\n" in text
+    assert " infer demo 'Tell me about bees.' --max-tokens 64 --queen 127.0.0.1:7171\n" in text
     assert "/s/queen and /s/hive-local" in text and "port 9100, hive on port 9101" in text
     assert "Dashboard" not in text  # no HTTP front, no page
     served = banner(up_args(), "127.0.0.1:7070", "echo", "http://127.0.0.1:8080")

@@ -19,6 +19,7 @@ it wrote while loading become the error's message (they still reach the worker's
 from __future__ import annotations
 
 import contextlib
+import glob
 import http.client
 import json
 import os
@@ -32,8 +33,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from worker.backends.cpu import engine_cpu_problem
 
+# The engine's private directory, named after its process: apiary-engine-PID-RANDOM.
+_DIR_PREFIX = "apiary-engine-"
 # llama.cpp's log lines that say why a load failed.
 _CAUSE_WORDS = ("error", "failed", "unable", "invalid", "cannot", "not ")
 
@@ -86,7 +91,8 @@ class LlamaEngine:
             raise EngineStartError(problem)
         import xllamacpp  # type: ignore[import-untyped]  # ships no type hints
 
-        self._private = tempfile.mkdtemp(prefix="apiary-engine-")  # mode 0700
+        _sweep_stale_dirs()
+        self._private = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # mode 0700
         params = self._params(xllamacpp.CommonParams())
         with _stderr_kept() as lines:
             try:
@@ -159,6 +165,15 @@ class LlamaEngine:
         del server  # the engine's destructor terminates its loop and joins it
         if self._private:
             shutil.rmtree(self._private, ignore_errors=True)
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the private directories of engines whose process is gone (killed, they could
+    not remove their own)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_DIR_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(_DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def gguf_problem(path: str) -> str:
