@@ -35,7 +35,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout, in place of bench/ (whose http.py would shadow the standard library's).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import httpx
 
@@ -136,6 +137,7 @@ class InProcess:
         params.hostnames = [f"{self._dir}/engine.sock"]
         params.api_keys = [os.urandom(16).hex()]
         params.ui = False
+        params.verbosity = -1
         self.server = xllamacpp.Server(params)
 
     def _blocking(self, i: int, out: list[tuple[int, float]]) -> None:

@@ -186,7 +186,7 @@ def worker_details(worker: common_pb2.WorkerRecord) -> str:
 
 
 def prompt_cache_text(worker: common_pb2.WorkerRecord) -> str:
-    """Saved prompt states and how often requests reused a computed prefix ('-': none kept)."""
+    """Prompts held and how often requests reused a computed prefix ('-': none kept)."""
     if not worker.HasField("prefix_cache"):
         return "-"
     cache = worker.prefix_cache
@@ -194,8 +194,9 @@ def prompt_cache_text(worker: common_pb2.WorkerRecord) -> str:
     reused = (
         f"{cache.cached_prompt_tokens / cache.prompt_tokens:.0%}" if cache.prompt_tokens else "-"
     )
+    size = f", {cache.state_bytes / 2**20:.0f} MiB" if cache.state_bytes else ""
     return (
-        f"{cache.states} saved state(s), {cache.state_bytes / 2**20:.0f} MiB; "
+        f"{cache.states} prompt(s) held{size}; "
         f"hit ratio {hits} of {cache.requests} request(s), {reused} of prompt tokens reused; "
         f"{len(cache.blocks)} prefix block(s) held"
     )
