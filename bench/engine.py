@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 # The checkout, in place of bench/ (whose http.py would shadow the standard library's).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 

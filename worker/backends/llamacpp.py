@@ -39,6 +39,7 @@ from worker.backends.base import (
     parse_int_option,
 )
 from worker.backends.engine_chunks import Failed, Finished, PromptProgress, Tokens, read_chunk
+from worker.backends.gguf_meta import kv_bytes_per_token
 from worker.backends.llama_engine import EngineConfig, LlamaEngine
 from worker.held_prefixes import HeldPrefixes
 
@@ -51,10 +52,9 @@ DEFAULT_CONTEXT = 2048
 # The default budget of the engine's host-RAM prompt cache: a sixteenth of the machine's
 # memory, at most this.
 MAX_DEFAULT_CACHE_MB = 1024
-# Host-RAM cache tokens per MB assumed when reporting what the engine holds (a small model's
-# KV is ~20-100 KB a token; the report is a routing hint, and an overestimate costs at most a
-# cold prefill).
-CACHE_TOKENS_PER_MB = 10
+# Host-RAM cache tokens per MB assumed when the model file does not say its KV size (a small
+# model's KV is ~20-100 KB a token; the report is a routing hint).
+CACHE_TOKENS_PER_MB = 20
 # llama.cpp's built-in chat templates a `chat_format` may name (for a model without its own).
 NAMED_FORMATS = ("chatml", "llama2", "llama3", "mistral-v7", "gemma", "zephyr", "phi3",
                  "deepseek3", "command-r", "vicuna", "openchat", "granite")  # fmt: skip
@@ -131,6 +131,10 @@ class LlamaCppBackend(Backend):
 
     async def load(self, progress: Progress) -> None:
         loop = asyncio.get_running_loop()
+        path = self.config.model_path
+        per_token = await loop.run_in_executor(self._calls, kv_bytes_per_token, path)
+        if per_token:  # what the RAM cache's budget holds, for the held-prefix report
+            self.held.ram_tokens = self.config.cache_ram_mb * 2**20 // per_token
         loading = loop.run_in_executor(self._calls, self.engine.start)
         await _watch_load(loading, self.config.model_path, progress)
         c = self.config
