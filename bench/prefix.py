@@ -11,7 +11,7 @@ then cache-aware's gain over least-loaded against the targets (>= 5x mean TTFT e
 with the hot tenant while each worker serves >= 25%).
 
 What a worker can hold matters as much as routing. The measured runs give each worker
-`--slots` (2) slots and no host-RAM prompt cache (`--pressure-ram-mb` 0): a worker holds half
+`--slots` (1) slot and a 40 MB host-RAM prompt cache (`--pressure-ram-mb`): a worker holds half
 the tenants' prefixes, the regime a real deployment is in when its tenants' prefixes outgrow
 its KV (a 7B model's 1,500-token prefix is ~0.75 GB). A last pair of runs gives each worker
 the backend's defaults (8 slots, a 1 GB RAM cache: room for every tenant), where least-loaded
@@ -149,11 +149,11 @@ async def main() -> None:
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--prefix-words", type=int, default=600, help="~1,000 tokens")
-    p.add_argument("--slots", type=int, default=2, help="each worker's, in the measured runs")
+    p.add_argument("--slots", type=int, default=1, help="each worker's, in the measured runs")
     p.add_argument("--trace", action="store_true", help="print every request")
     p.add_argument("--queen-args", default="", help="extra queen flags, e.g. '--cache-wait 5'")
     p.add_argument("--scenarios", default="even,hot 80%,even*", help="which runs, by name")
-    p.add_argument("--pressure-ram-mb", type=int, default=0,
+    p.add_argument("--pressure-ram-mb", type=int, default=40,
                    help="each worker's host-RAM prompt cache in the measured runs")  # fmt: skip
     args = p.parse_args()
     cluster = Cluster(heartbeat_interval=1.0)
