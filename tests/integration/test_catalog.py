@@ -143,13 +143,13 @@ async def test_bad_pulls_leave_nothing_in_the_catalog(
 
 
 async def test_delete_is_refused_while_a_worker_uses_the_model(
-    cluster: Cluster, gguf: Path
+    cluster: Cluster, real_model: Path
 ) -> None:
-    pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
+    pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
     queen = cluster.start_queen()
     hive = cluster.start_hive(queen, "h1")
     stub = cluster.hive_stub(hive)
-    await pull(stub, str(gguf), "tiny")
+    await pull(stub, str(real_model), "tiny")
     spawned = await stub.SpawnWorker(
         hive_pb2.SpawnWorkerRequest(model="tiny", backend="llamacpp", wait_ready=True), timeout=60
     )
@@ -189,7 +189,7 @@ async def test_loading_progress_is_reported_while_a_worker_loads(cluster: Cluste
 
 
 async def test_a_spawn_without_a_backend_takes_the_catalogs_and_never_guesses_echo(
-    cluster: Cluster, gguf: Path
+    cluster: Cluster, real_model: Path
 ) -> None:
     queen = cluster.start_queen()
     hive = cluster.start_hive(queen, "h1")
@@ -199,8 +199,8 @@ async def test_a_spawn_without_a_backend_takes_the_catalogs_and_never_guesses_ec
     details = err.value.details() or ""
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "not in hive h1's catalog (models: none)" in details and "echo is for tests" in details
-    pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
-    await pull(stub, str(gguf), "tiny")
+    pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
+    await pull(stub, str(real_model), "tiny")
     spawned = await stub.SpawnWorker(
         hive_pb2.SpawnWorkerRequest(model="tiny", wait_ready=True), timeout=60
     )
