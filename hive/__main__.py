@@ -220,9 +220,10 @@ async def run(args: argparse.Namespace) -> int:
         state_dir=str(store.state_dir),
     )
     engines = sum(count for spec, count in args.spawn if hive.service.uses_threads(spec))
+    booting: dict[str, int] = {}  # threads given to the specs prepared so far
     for spec, count in args.spawn:
         try:
-            prepared = hive.service.prepare(spec, count, among=engines, boot=True)
+            prepared = hive.service.prepare(spec, count, among=engines, booting=booting)
             hive.supervisor.boot.append((prepared, count))
         except StatusError as refused:
             log.error("cannot spawn", spec=str(spec), error=refused.message)

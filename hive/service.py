@@ -58,8 +58,6 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         self.drains = drains
         # The cores this hive may use (its affinity), shared among its engine workers.
         self.cores = len(os.sched_getaffinity(0))
-        # Threads given to --spawn workers before they run (hive/threads.py).
-        self.boot_threads: dict[str, int] = {}
 
     async def SetDrain(
         self, request: hive_pb2.SetDrainRequest, context: Context
@@ -102,13 +100,18 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             return False
 
     def prepare(
-        self, spec: WorkerSpec, count: int = 1, among: int = 0, boot: bool = False
+        self,
+        spec: WorkerSpec,
+        count: int = 1,
+        among: int = 0,
+        booting: dict[str, int] | None = None,
     ) -> WorkerSpec:
         """Check a spawn of `count` workers against what this hive can do, and fill in what
         the hive knows: the backend and model file from the catalog, and an engine's CPU
-        threads (shared `among` that many engine workers being spawned together). `boot`: a
-        --spawn spec, whose workers re-adopted from before a restart count as its own. Raises
-        StatusError."""
+        threads (shared `among` that many engine workers being spawned together). `booting`:
+        the threads already given to the --spawn specs prepared before this one, which this
+        one's are added to; its workers re-adopted from before a restart count as its own.
+        Raises StatusError."""
         if not spec.backend and not name_problem("model", spec.model):
             spec = dataclasses.replace(spec, backend=self.backend_for(spec.model))
         problem = name_problem("model", spec.model) or name_problem("backend", spec.backend)
@@ -147,7 +150,9 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 ) from None
             options["model_path"] = str(self.catalog.path(entry))
         if cls.USES_CPU_THREADS:
-            options["threads"] = str(self._threads(spec, options, count, max(among, count), boot))
+            options["threads"] = str(
+                self._threads(spec, options, count, max(among, count), booting)
+            )
         try:
             # Builds (does not load) the backend: bad option names and values fail here, not
             # later in a worker process.
@@ -161,15 +166,21 @@ class HiveService(hive_pb2_grpc.HiveServicer):
         return dataclasses.replace(spec, backend_options=options)
 
     def _threads(
-        self, spec: WorkerSpec, options: dict[str, str], count: int, among: int, boot: bool
+        self,
+        spec: WorkerSpec,
+        options: dict[str, str],
+        count: int,
+        among: int,
+        booting: dict[str, int] | None,
     ) -> int:
         """hive/threads.py's share for this spawn, against the engine workers this hive runs
-        (and those already handed threads at boot)."""
+        (and, at boot, the --spawn specs given threads before this one)."""
         try:
             wanted = parse_int_option(spec.backend, options, "threads", 0) or None
         except BackendOptionError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        held = dict(self.boot_threads)
+        boot = booting is not None
+        held = dict(booting or {})
         for worker in self.supervisor.workers.values():
             own = boot and (worker.spec.model, worker.spec.backend) == (spec.model, spec.backend)
             if own or worker.life.phase in (Phase.FAILED, Phase.GONE, Phase.STOPPING):
@@ -180,8 +191,8 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             share = thread_share(self.cores, held, wanted, count, among)
         except ThreadsRefused as exc:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        if boot:
-            self.boot_threads[f"--spawn {spec.model}"] = share * count
+        if booting is not None:
+            booting[f"--spawn {spec.model}"] = share * count
         return share
 
     async def SpawnWorker(

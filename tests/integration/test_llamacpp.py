@@ -255,6 +255,20 @@ async def test_spawns_an_engine_cannot_serve_are_refused_saying_why(
     )
 
 
+async def test_a_boot_engine_holds_its_threads_once_and_a_later_spawn_gets_the_rest(
+    cluster: Cluster, real_model: Path
+) -> None:
+    if CORES < 2:
+        pytest.skip("needs 2 cores: one for the boot engine, one for the later spawn")
+    queen = cluster.start_queen()
+    boot = f"model={MODEL},backend=llamacpp,slots=2,threads=1,model_path={real_model}"
+    cluster.start_hive(queen, "h1", boot)
+    (booted,) = await cluster.wait_workers(queen, MODEL, 1, timeout=60)
+    assert booted.backend_options["threads"] == "1"
+    later = await spawn(cluster, queen, 2, model_path=str(real_model))
+    assert later.backend_options["threads"] == str(CORES - 1)
+
+
 async def test_queen_autospawns_an_engine_from_a_hive_catalog(
     cluster: Cluster, real_model: Path
 ) -> None:
