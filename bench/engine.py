@@ -45,6 +45,7 @@ from apiary.realmodel import model_path
 from harness import Cluster, Proc, wait_until
 from harness.ports import free_port
 from protos.v1 import queen_pb2
+from worker.backends.llama_engine import EngineConfig, LlamaEngine
 
 TOKENS = 64
 TOPICS = ["bees", "rivers", "mountains", "the moon", "bread", "winter", "a lighthouse", "clocks",
@@ -122,24 +123,12 @@ class HttpFront:
 
 
 class InProcess:
-    """xllamacpp's engine in this process: the same model, slots and threads as worker (a)."""
+    """The worker's engine host (worker/backends/llama_engine.py) in this process, with the
+    same model, slots and threads as worker (a), called through the engine's own chat path."""
 
     def __init__(self, path: Path, slots: int, threads: int, context: int) -> None:
-        import xllamacpp  # type: ignore[import-untyped]
-
-        params = xllamacpp.CommonParams()
-        params.model.path = str(path)
-        params.n_parallel, params.n_ctx = slots, slots * context
-        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
-        params.use_jinja = True
-        params.cache_ram_mib = 0
-        self._dir = f"/tmp/apiary-bench-{os.getpid()}"
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        params.hostnames = [f"{self._dir}/engine.sock"]
-        params.api_keys = [os.urandom(16).hex()]
-        params.ui = False
-        params.verbosity = -1
-        self.server = xllamacpp.Server(params)
+        self.engine = LlamaEngine(EngineConfig(str(path), slots, threads, context))
+        self.engine.start()
 
     def _blocking(self, i: int, out: list[tuple[int, float]]) -> None:
         began, first, tokens = time.perf_counter(), 0.0, 0
@@ -153,7 +142,7 @@ class InProcess:
                 tokens = chunk["usage"]["completion_tokens"]
             return False
 
-        self.server.handle_chat_completions(body(i), on_chunk)
+        self.engine.chat(body(i), on_chunk)
         out.append((tokens, first))
 
     async def chat(self, i: int) -> tuple[int, float]:

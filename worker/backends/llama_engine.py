@@ -128,6 +128,11 @@ class LlamaEngine:
         (the engine then cancels the sequence before its next step)."""
         self._server.handle_completions(body, on_chunk)
 
+    def chat(self, body: dict[str, Any], on_chunk: Callable[[Any], bool]) -> None:
+        """The engine's own streamed chat completion, as a plain xllamacpp user would call it
+        (bench/engine.py's floor; the worker sends token-exact completions instead)."""
+        self._server.handle_chat_completions(body, on_chunk)
+
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         """A chat rendered by the model's own template, with the assistant's turn opened."""
         answer = self._call("POST", "/apply-template", {"messages": messages})
