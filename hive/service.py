@@ -140,15 +140,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
             )
         options = dict(spec.backend_options)
         if "model_path" in cls.OPTIONS and not options.get("model_path"):
-            try:
-                entry = self.catalog.get(spec.model)
-            except NotInCatalog as exc:
-                raise StatusError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{exc}; pull it first: apiary model pull SOURCE --name {spec.model} "
-                    f"--hive {self.supervisor.hive_id}",
-                ) from None
-            options["model_path"] = str(self.catalog.path(entry))
+            options["model_path"] = self._model_file(spec.model)
         if cls.USES_CPU_THREADS:
             options["threads"] = str(
                 self._threads(spec, options, count, max(among, count), booting)
@@ -164,6 +156,18 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown restart policy {spec.restart_policy}"
             )
         return dataclasses.replace(spec, backend_options=options)
+
+    def _model_file(self, model: str) -> str:
+        """The catalog's file of `model`, or FAILED_PRECONDITION saying how to pull it."""
+        try:
+            entry = self.catalog.get(model)
+        except NotInCatalog as exc:
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{exc}; pull it first: apiary model pull SOURCE --name {model} "
+                f"--hive {self.supervisor.hive_id}",
+            ) from None
+        return str(self.catalog.path(entry))
 
     def _threads(
         self,
