@@ -6,7 +6,7 @@ content, in order) — the same for every worker of a model. That text is cut in
 BLOCK_BYTES and each block's hash covers every block before it, so one hash names a whole
 prefix: two requests share their first n blocks exactly when their n-th hashes are equal.
 A worker that holds a request's prefix state reports its hashes; the queen matches a new
-request's hashes against them (queen/prefix_index.py). A partial last block is not hashed:
+request's hashes against them (queen/routing/prefix_index.py). A partial last block is not hashed:
 a match is always a whole number of blocks. Pure.
 """
 

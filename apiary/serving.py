@@ -134,7 +134,7 @@ def _guarded_unary(inner: Callable[..., Any], message: str) -> Callable[..., Any
         try:
             return await inner(request, context)
         except StatusError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailers)
 
     return unary
 
@@ -153,7 +153,7 @@ def _guarded_stream(inner: Callable[..., Any], message: str) -> Callable[..., An
                 async for response in inner(request, context):
                     yield response
             except StatusError as exc:
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, exc.message, exc.trailers)
 
         return generator
 
@@ -162,7 +162,7 @@ def _guarded_stream(inner: Callable[..., Any], message: str) -> Callable[..., An
         try:
             return await inner(request, context)
         except StatusError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailers)
 
     return writer
 
@@ -183,7 +183,7 @@ def _guarded_bidi(inner: Callable[..., Any], message: str) -> Callable[..., Any]
             async for response in inner(checked(requests), context):
                 yield response
         except StatusError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailers)
 
     return generator
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apiary.clock import SystemClock
 from harness import Cluster
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen.prefix_index import Want
+from queen.routing.prefix_index import Want
 from queen.registry import Outcome, Registry, RegistrySettings, Slot
 
 SIZES = (10, 100, 1_000, 10_000)

@@ -20,11 +20,11 @@ from queen.autospawn import Autospawner
 from queen.channels import Channels
 from queen.events import EventBus
 from queen.history import History
-from queen.leases import LeaseManager
+from queen.leases.manager import LeaseManager
 from queen.metrics import QueenMetrics
-from queen.progress import DEFAULT_MIGRATION_LIMIT
+from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
 from queen.registry import BeatResult, Registry
-from queen.scheduler import Scheduler
+from queen.routing.desk import Scheduler
 
 log = structlog.get_logger("queen")
 

@@ -19,11 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from apiary.metrics import SnapshotCollector, hive_counters
 from apiary.protoutil import READY_STATES, health_name, state_name
 from protos.v1 import common_pb2, queen_pb2
-from queen import endings
-from queen.dashboard.series import Series
+from queen.requests import endings
+from queen.http.dashboard.series import Series
 from queen.history import History
 from queen.registry import Registry
-from queen.scheduler import Scheduler
+from queen.routing.desk import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The model label of a request for a model the cluster has never heard of.

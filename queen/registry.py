@@ -6,7 +6,7 @@ events go to a callback the I/O layer wires to the event bus.
 Heartbeats are the truth about which workers exist and in what state; the
 queen's own slot count is the truth about slots in use (a heartbeat can be up to
 an interval old, so it never overwrites them). Picks go through per-pool
-indexes (queen/selection.py), so a pick never scans the fleet.
+indexes (queen/routing/selection.py), so a pick never scans the fleet.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from apiary.protoutil import READY_STATES, timestamp
 from apiary.serving import MAX_RECONNECT_BACKOFF_MS
 from protos.v1 import common_pb2, queen_pb2
 from queen.beats import host_of, same_host
-from queen.prefix_index import (
+from queen.routing.prefix_index import (
     ENTRY_BYTES,
     Candidates,
     Demand,
@@ -31,8 +31,8 @@ from queen.prefix_index import (
     choose,
     least_match,
 )
-from queen.selection import Judge, Pool, SpeedScale, Verdict, score
-from queen.stats import WorkerStatsTracker
+from queen.routing.selection import Judge, Pool, SpeedScale, Verdict, score
+from queen.routing.stats import WorkerStatsTracker
 
 DEGRADED_AFTER_INTERVALS = 2
 MAX_POOLS_PER_MODEL = 32

@@ -20,26 +20,26 @@ from apiary.validation import (
     DEFAULT_MAX_TOKENS_CAP,
 )
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen.admin import QueenAdminService
+from queen.rpc.admin import QueenAdminService
 from queen.autospawn import Autospawner, SpawnPlan
 from queen.beats import BeatLimits
 from queen.channels import Channels
 from queen.cluster import Cluster
-from queen.dashboard.routes import Dashboard
-from queen.endings import DEFAULT_MAX_WAIT
+from queen.http.dashboard.routes import Dashboard
+from queen.requests.endings import DEFAULT_MAX_WAIT
 from queen.events import EventBus
-from queen.heartbeats import QueenRegistryService
+from queen.rpc.heartbeats import QueenRegistryService
 from queen.history import History
-from queen.leases import DEFAULT_MAX_TTL, LeaseManager
+from queen.leases.manager import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
-from queen.openai.server import HttpFront, serve_http
-from queen.prefix_index import ENTRY_BYTES
-from queen.progress import DEFAULT_MIGRATION_LIMIT
-from queen.quotas import Quotas
+from queen.http.server import HttpFront, serve_http
+from queen.routing.prefix_index import ENTRY_BYTES
+from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
+from queen.requests.quotas import Quotas
 from queen.registry import Registry, RegistrySettings
-from queen.scheduler import DEFAULT_CACHE_WAIT, Scheduler
-from queen.service import QueenService
-from queen.web import web_app
+from queen.routing.desk import DEFAULT_CACHE_WAIT, Scheduler
+from queen.rpc.queen import QueenService
+from queen.http.app import web_app
 
 log = structlog.get_logger("queen")
 
@@ -96,7 +96,7 @@ class QueenConfig:
     max_wait: float = DEFAULT_MAX_WAIT
     # Where the OpenAI-compatible HTTP front listens ("" = no front).
     http_listen: str = ""
-    # How many times a request may move mid-stream to another worker (queen/progress.py).
+    # How many times a request may move mid-stream to another worker (queen/requests/progress.py).
     migration_limit: int = DEFAULT_MIGRATION_LIMIT
 
     def registry_settings(self) -> RegistrySettings:

@@ -15,10 +15,10 @@ from queen.channels import Channels
 from queen.cluster import Cluster
 from queen.events import EventBus
 from queen.history import History
-from queen.leases import LeaseManager
+from queen.leases.manager import LeaseManager
 from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
-from queen.scheduler import Scheduler
+from queen.routing.desk import Scheduler
 from tests.fakes import FakeClock
 
 # The end of a stream as grpc.aio says it (grpc-stubs does not declare it).

@@ -34,28 +34,28 @@ PURE_MODULES = (
     "hive/states.py",
     "hive/policy.py",
     "queen/registry.py",
-    "queen/selection.py",
-    "queen/stats.py",
-    "queen/retry.py",
-    "queen/quotas.py",
-    "queen/leasebook.py",
-    "queen/endings.py",
-    "queen/progress.py",
+    "queen/routing/selection.py",
+    "queen/routing/stats.py",
+    "queen/requests/retry.py",
+    "queen/requests/quotas.py",
+    "queen/leases/book.py",
+    "queen/requests/endings.py",
+    "queen/requests/progress.py",
     "worker/completion.py",
-    "queen/openai/params.py",
-    "queen/openai/shapes.py",
-    "queen/dashboard/series.py",
-    "queen/dashboard/forms.py",
-    "queen/dashboard/gate.py",
+    "queen/http/openai/params.py",
+    "queen/http/openai/shapes.py",
+    "queen/http/dashboard/series.py",
+    "queen/http/dashboard/forms.py",
+    "queen/http/dashboard/gate.py",
     "worker/slots.py",
 )
 IMPURE = frozenset({"asyncio", "psutil", "os", "grpc", "time", "socket", "subprocess", "threading"})
 # Imports a pure module may still make, and why.
 PURE_EXCEPTIONS = {
     # grpc.StatusCode is a plain enum: the retry decision is about status codes.
-    ("queen/retry.py", "grpc"),
+    ("queen/requests/retry.py", "grpc"),
     # The gRPC door's verdict is a status code; the gate passes it on.
-    ("queen/dashboard/gate.py", "grpc"),
+    ("queen/http/dashboard/gate.py", "grpc"),
 }
 
 MAX_FUNCTION_LINES = 60

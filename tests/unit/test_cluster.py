@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
 from queen.registry import Outcome
-from queen.scheduler import ModelGone
+from queen.routing.desk import ModelGone
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeChannels, beat, make_cluster, record
 

@@ -9,12 +9,12 @@ import json
 import pytest
 
 from protos.v1 import queen_pb2
-from queen.dashboard import live
-from queen.dashboard.live import Live, Stream
-from queen.dashboard.series import Point, Series, percentile
+from queen.http.dashboard import live
+from queen.http.dashboard.live import Live, Stream
+from queen.http.dashboard.series import Point, Series, percentile
 from queen.events import EventBus
 from queen.registry import Registry
-from queen.scheduler import Scheduler
+from queen.routing.desk import Scheduler
 from tests.fakes import FakeClock, settle
 
 

@@ -1,4 +1,4 @@
-"""queen/endings.py: the gRPC code a request ended with (the metric's label) and its outcome
+"""queen/requests/endings.py: the gRPC code a request ended with (the metric's label) and its outcome
 (the status totals), from what its record says."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from protos.v1 import queen_pb2
-from queen import endings
+from queen.requests import endings
 
 
 @pytest.mark.parametrize(

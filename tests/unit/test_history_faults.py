@@ -18,7 +18,7 @@ from protos.v1 import queen_pb2
 from queen.history import History
 from queen.metrics import QueenMetrics
 from queen.registry import Registry
-from queen.scheduler import Scheduler
+from queen.routing.desk import Scheduler
 from tests.fakes import FakeClock
 
 COMPLETED = queen_pb2.REQUEST_STATUS_COMPLETED

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from queen.openai.server import bind
+from queen.http.server import bind
 
 
 async def test_connections_of_the_front_have_nodelay() -> None:

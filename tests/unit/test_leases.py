@@ -13,7 +13,7 @@ import pytest
 from apiary.leasetoken import lease_key, verify
 from protos.v1 import worker_pb2
 from queen.cluster import Cluster
-from queen.leases import EXPIRY_GRACE, NOTICE_BATCH, RELINK_DELAY
+from queen.leases.manager import EXPIRY_GRACE, NOTICE_BATCH, RELINK_DELAY
 from queen.registry import Slot
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeChannels, FakeLeaseCall, beat, make_cluster, record, rpc_error

@@ -1,4 +1,4 @@
-"""queen/openai/params.py and shapes.py: OpenAI bodies read into InferRequests (every
+"""queen/http/openai/params.py and shapes.py: OpenAI bodies read into InferRequests (every
 parameter carried out or refused by name), and answers written in OpenAI's shapes."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from protos.v1 import common_pb2
-from queen.openai import params
-from queen.openai.shapes import Answer, from_status
+from queen.http.openai import params
+from queen.http.openai.shapes import Answer, from_status
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from apiary.prefix import BLOCK_BYTES, chain, input_bytes, matched_blocks, request_chain
 from protos.v1 import common_pb2, queen_pb2
-from queen.prefix_index import (
+from queen.routing.prefix_index import (
     PROVISIONAL,
     Candidates,
     Choice,

@@ -9,9 +9,9 @@ import pytest
 
 from apiary.validation import infer_request_problem
 from protos.v1 import common_pb2
-from queen.progress import Progress
+from queen.requests.progress import Progress
 from queen.registry import Outcome
-from queen.retry import Failure, decide
+from queen.requests.retry import Failure, decide
 from worker.backends.echo import EchoBackend
 from worker.stream import render, stream
 

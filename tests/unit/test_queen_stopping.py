@@ -13,11 +13,11 @@ import grpc
 import pytest
 
 from protos.v1 import common_pb2, queen_pb2
-from queen import endings
+from queen.requests import endings
 from queen.cluster import Cluster
 from queen.registry import Slot
-from queen.route import InFlight
-from queen.service import QueenService
+from queen.requests.route import InFlight
+from queen.rpc.queen import QueenService
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeCall, FakeChannels, beat, chunk, make_cluster, record
 from tests.unit.test_request_records import TOKENS, Aborted, Context, Rows

@@ -18,10 +18,10 @@ from apiary.security import TokenSet
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
 from queen.history import History
-from queen.quotas import Quotas
+from queen.requests.quotas import Quotas
 from queen.registry import Outcome
-from queen.route import Waits
-from queen.service import QueenService
+from queen.requests.route import Waits
+from queen.rpc.queen import QueenService
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeCall, FakeChannels, beat, chunk, make_cluster, record
 
@@ -61,7 +61,7 @@ class Context:
         for callback in self.callbacks:
             callback(self)
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any = ()) -> None:
         raise Aborted(code, details)
 
 

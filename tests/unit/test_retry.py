@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from queen.registry import Outcome
-from queen.retry import (
+from queen.requests.retry import (
     MAX_ATTEMPTS,
     RETRYABLE,
     WORKER_FAULTS,

@@ -11,7 +11,7 @@ import pytest
 from apiary.errors import StatusError
 from protos.v1 import common_pb2
 from queen.cluster import Cluster
-from queen.route import Route
+from queen.requests.route import Route
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import (
     FakeChannels,

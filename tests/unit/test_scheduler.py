@@ -8,7 +8,7 @@ import pytest
 
 from protos.v1 import common_pb2, queen_pb2
 from queen.registry import Outcome, Registry
-from queen.scheduler import ModelGone, QueueFull, Scheduler
+from queen.routing.desk import ModelGone, QueueFull, Scheduler
 from tests.fakes import FakeClock
 
 

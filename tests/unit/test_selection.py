@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from protos.v1 import common_pb2
-from queen.selection import Pool, SampleIndex, SpeedScale, Verdict, make_index
+from queen.routing.selection import Pool, SampleIndex, SpeedScale, Verdict, make_index
 
 
 @dataclass

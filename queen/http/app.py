@@ -7,9 +7,9 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from queen.dashboard.routes import ERROR_HANDLERS, Dashboard
-from queen.openai.app import openai_app
-from queen.service import QueenService
+from queen.http.dashboard.routes import ERROR_HANDLERS, Dashboard
+from queen.http.openai.app import openai_app
+from queen.rpc.queen import QueenService
 
 
 def web_app(service: QueenService, dashboard: Dashboard) -> Starlette:

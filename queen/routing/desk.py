@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos.v1 import common_pb2
-from queen.prefix_index import Want
+from queen.routing.prefix_index import Want
 from queen.registry import Outcome, Registry, Slot
 
 # Seconds a cache-aware request waits for a busy worker holding its prefix (--cache-wait).

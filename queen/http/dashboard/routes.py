@@ -1,6 +1,6 @@
 """The dashboard's endpoints: the page and its assets, JSON data under /api/, the event
 stream (/api/stream, server-sent events), and the actions (POST), each through the admin
-servicer the CLI's RPCs reach (queen/dashboard/local.py) after the gate (gate.py).
+servicer the CLI's RPCs reach (queen/http/dashboard/local.py) after the gate (gate.py).
 
 Listings are bounded (the first MAX_LISTED workers and hives, with the totals) and one
 snapshot serves every open page for SNAPSHOT_AGE: turning records into JSON runs on the
@@ -25,15 +25,15 @@ from starlette.types import Receive, Scope, Send
 
 from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import queen_pb2
-from queen.admin import QueenAdminService
-from queen.dashboard import forms, local
-from queen.dashboard.gate import Gate, Verdict
-from queen.dashboard.live import Live, Stream
-from queen.openai.app import SSE_HEADERS, ClientGone, send_body, send_start, until_disconnect
-from queen.openai.shapes import ApiError
-from queen.service import QueenService
+from queen.rpc.admin import QueenAdminService
+from queen.http.dashboard import forms, local
+from queen.http.dashboard.gate import Gate, Verdict
+from queen.http.dashboard.live import Live, Stream
+from queen.http.openai.app import SSE_HEADERS, ClientGone, send_body, send_start, until_disconnect
+from queen.http.openai.shapes import ApiError
+from queen.rpc.queen import QueenService
 
-log = structlog.get_logger("queen.dashboard")
+log = structlog.get_logger("queen.http.dashboard")
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP front as a Starlette application on the queen's event loop.
 
-A request is read (queen/openai/params.py), taken or refused by the same admission as gRPC
+A request is read (queen/http/openai/params.py), taken or refused by the same admission as gRPC
 Infer (QueenService.accept: quotas, the model, validation), and routed by the same Route:
 scheduler, failover, history, events and metrics are the gRPC ones. The answer waits for the
 first chunk before sending its status, so a refusal or a failure before any token is a real
@@ -31,11 +31,11 @@ from apiary.security import TokenSet
 from apiary.serving import MAX_MESSAGE_BYTES
 from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import common_pb2
-from queen.openai import params
-from queen.openai.shapes import Answer, ApiError, error_event, from_status, model_list, model_object
-from queen.service import Accepted, QueenService
+from queen.http.openai import params
+from queen.http.openai.shapes import Answer, ApiError, error_event, from_status, model_list, model_object
+from queen.rpc.queen import Accepted, QueenService
 
-log = structlog.get_logger("queen.openai")
+log = structlog.get_logger("queen.http.openai")
 
 REQUEST_ID = "x-request-id"
 # Requests with the same value stick to one worker (cache-aware routing), like `user`.

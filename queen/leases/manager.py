@@ -34,11 +34,11 @@ from apiary.clock import Clock, SystemClock
 from apiary.leasetoken import PREFIX, lease_id_of, lease_key, mint
 from protos.v1 import worker_pb2
 from queen.channels import Channels
-from queen.leasebook import Lease, LeaseBook
+from queen.leases.book import Lease, LeaseBook
 from queen.registry import Outcome, Slot
-from queen.scheduler import Scheduler
+from queen.routing.desk import Scheduler
 
-log = structlog.get_logger("queen.leases")
+log = structlog.get_logger("queen.leases.manager")
 
 DEFAULT_TTL = 30.0
 # The longest lease a client may ask for unless the queen is told otherwise (--max-lease-ttl):

@@ -11,12 +11,12 @@ import structlog
 from apiary.protoutil import READY_STATES, naming, timestamp
 from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
-from queen.admission import tags_problem
+from queen.requests.admission import tags_problem
 from queen.cluster import Cluster
-from queen.hive_calls import HiveCalls
+from queen.rpc.hive_calls import HiveCalls
 from queen.registry import HiveEntry, WorkerEntry
 
-log = structlog.get_logger("queen.admin")
+log = structlog.get_logger("queen.rpc.admin")
 
 
 class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):

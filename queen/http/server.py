@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 
 from apiary.security import Security
 
-log = structlog.get_logger("queen.openai")
+log = structlog.get_logger("queen.http.openai")
 
 # Once the queen has drained: how long open HTTP connections get to finish.
 CLOSE_GRACE = 2

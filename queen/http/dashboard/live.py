@@ -19,12 +19,12 @@ from typing import Any
 import structlog
 
 from apiary.clock import Clock
-from queen.dashboard.forms import to_json
-from queen.dashboard.series import Point, Series
+from queen.http.dashboard.forms import to_json
+from queen.http.dashboard.series import Point, Series
 from queen.events import EventBus, Subscriber
-from queen.scheduler import Scheduler
+from queen.routing.desk import Scheduler
 
-log = structlog.get_logger("queen.dashboard")
+log = structlog.get_logger("queen.http.dashboard")
 
 MAX_STREAMS = 16
 MAX_BATCH = 200

@@ -5,7 +5,7 @@ objects; only the transport differs. In-process rather than a loopback gRPC chan
 queen itself: that channel would need the queen's gRPC address to be reachable from itself
 (it may listen on one interface only), a client certificate when the queen asks for one
 (mTLS), and a token to present (the operator's, carried across one more hop). The gate
-(queen/dashboard/gate.py) has already applied the gRPC door's rules to the caller.
+(queen/http/dashboard/gate.py) has already applied the gRPC door's rules to the caller.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import grpc
 
 from apiary.errors import StatusError
 from apiary.serving import Context
-from queen.openai.shapes import from_status
+from queen.http.openai.shapes import from_status
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")

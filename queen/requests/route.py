@@ -1,8 +1,8 @@
 """One request's way through the cluster: a slot, an attempt, the relay of its chunks, and on
-failure what queen/retry.py decides; then the request's record (history, events, metrics).
+failure what queen/requests/retry.py decides; then the request's record (history, events, metrics).
 
 The record is made exactly once, however the request ends: completed, failed with a status,
-or cut short by its call (cancelled, deadline passed; queen/endings.py says which). grpc.aio
+or cut short by its call (cancelled, deadline passed; queen/requests/endings.py says which). grpc.aio
 ends a handler's generator in two ways when the call goes: CancelledError where it awaits
 (the worker's next chunk, a free slot), or, when it was suspended at a yield (sending to the
 client), by dropping it, which closes it with GeneratorExit; and it calls the call's
@@ -28,18 +28,19 @@ import structlog
 from apiary.coalesce import coalesced
 from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
-from queen import endings, retry
-from queen.admission import model_problem
+from queen.requests import endings
+from queen.requests import retry
+from queen.requests.admission import model_problem
 from queen.cluster import Cluster
 from queen.metrics import Usage
-from queen.prefix_index import Want
-from queen.progress import Progress
-from queen.quotas import Quota
+from queen.routing.prefix_index import Want
+from queen.requests.progress import Progress
+from queen.requests.quotas import Quota
 from queen.registry import Outcome, Slot
-from queen.retry import Decision, Failure
-from queen.scheduler import ModelGone, QueueFull
+from queen.requests.retry import Decision, Failure
+from queen.routing.desk import ModelGone, QueueFull
 
-log = structlog.get_logger("queen.route")
+log = structlog.get_logger("queen.requests.route")
 
 # The longest a stream's end waits for its history row to be committed (normally well under a
 # millisecond); past it the stream ends all the same.
@@ -179,7 +180,7 @@ class HiveLost(Exception):
 
 
 class Route:
-    """Carries out one request's attempts; the decisions are queen/retry.py's."""
+    """Carries out one request's attempts; the decisions are queen/requests/retry.py's."""
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from queen.beats import BeatBudget, BeatLimits, beat_problem, changed_records, h
 from queen.cluster import Cluster
 from queen.registry import HiveTaken
 
-log = structlog.get_logger("queen.heartbeats")
+log = structlog.get_logger("queen.rpc.heartbeats")
 
 
 def certificate_names(context: Context) -> set[str]:

@@ -21,7 +21,7 @@ Reply = TypeVar("Reply")
 
 
 class HiveCalls:
-    """The forwarding half of the QueenAdmin service (a mixin: see queen/admin.py)."""
+    """The forwarding half of the QueenAdmin service (a mixin: see queen/rpc/admin.py)."""
 
     cluster: Cluster
 

@@ -1,10 +1,10 @@
 """Whether a request whose attempt failed is tried again, and what the failure counts as.
 
-Pure: plain values in, a `Decision` out; the route (queen/route.py) carries it
+Pure: plain values in, a `Decision` out; the route (queen/requests/route.py) carries it
 out. Before the first chunk reaches the client a failed attempt is retried on
 another worker (up to 3 attempts, backoff 0.1 s doubling, within the client's
 deadline). After it, a worker's fault moves the stream to another worker, which
-continues from the exact token reached (queen/progress.py; at once, up to
+continues from the exact token reached (queen/requests/progress.py; at once, up to
 --migration-limit moves); a stream that cannot move ends with UNAVAILABLE saying
 how much was delivered and why.
 """
@@ -69,7 +69,7 @@ class Decision:
     backoff: float = 0.0
     # What the final error says went wrong last, if every attempt fails.
     last_error: str = ""
-    # Mid-stream: the next attempt continues the completion (queen/progress.py).
+    # Mid-stream: the next attempt continues the completion (queen/requests/progress.py).
     migrate: bool = False
 
 

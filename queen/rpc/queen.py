@@ -1,6 +1,6 @@
-"""The Queen service: admits requests, routes each Infer (queen/route.py), hands out direct
+"""The Queen service: admits requests, routes each Infer (queen/requests/route.py), hands out direct
 leases, and lists the models served. What each client may hold at once is counted per
-client (queen/quotas.py). Once the queen is stopping it takes no new request."""
+client (queen/requests/quotas.py). Once the queen is stopping it takes no new request."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from apiary.protoutil import READY_STATES, timestamp
 from apiary.security import TokenSet, bearer
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen import endings
-from queen.admission import admit
+from queen.requests import endings
+from queen.requests.admission import admit
 from queen.cluster import Cluster
-from queen.leasebook import Lease as DirectLease
-from queen.leases import DEFAULT_MAX_TTL, DEFAULT_TTL
-from queen.quotas import Quotas, References, Refusal, peer_host
+from queen.leases.book import Lease as DirectLease
+from queen.leases.manager import DEFAULT_MAX_TTL, DEFAULT_TTL
+from queen.requests.quotas import Quotas, References, Refusal, peer_host
 from queen.registry import Registry, Slot
-from queen.route import Call, Caller, InFlight, Route, Stopping, Waits
-from queen.scheduler import ModelGone, QueueFull
+from queen.requests.route import Call, Caller, InFlight, Route, Stopping, Waits
+from queen.routing.desk import ModelGone, QueueFull
 
 # Identities that may call the Queen service, and so have a name to be counted under.
 CALLER_ROLES = frozenset({"client", "admin"})
@@ -102,7 +102,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         try:
             accepted = self.accept(request, self.client_of(context), context)
         except StatusError as refused:
-            await context.abort(refused.code, refused.message)
+            await context.abort(refused.code, refused.message, refused.trailers)
         # However grpc.aio ends the call, this runs; the generator may never resume.
         # (grpc-stubs declares DoneCallback a class; any callable of the context will do.)
         context.add_done_callback(lambda _: accepted.close())  # type: ignore[arg-type]
@@ -112,7 +112,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
                     async for chunk in chunks:
                         yield chunk
             except StatusError as failed:
-                await context.abort(failed.code, failed.message)
+                await context.abort(failed.code, failed.message, failed.trailers)
             finally:
                 accepted.close()
 
@@ -187,7 +187,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             lease = await self._lease(request, ttl, self.client_of(context), context)
         except StatusError as exc:
             self._count_lease(request.model, exc.code.name)
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailers)
         except asyncio.CancelledError:
             self._count_lease(request.model, "CANCELLED")
             raise
