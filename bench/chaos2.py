@@ -4,11 +4,11 @@ then one queen die — none of them restarted.
 Two queens; two hives heartbeating to both, each with 2 echo workers; 32 closed-loop clients of
 apiary.client.AsyncClient given both queens, each streaming 20 tokens x 10 ms requests. SIGKILL
 one worker, then one hive with its workers (a machine lost), then the queen most streams go
-through. A worker's death moves its streams mid-way to another worker (queen/requests/progress.py); the
-queen's death makes the clients resume on the other queen from the token they reached. Every
-completed text is checked against the uninterrupted echo text. Target: 0 failed requests and
-no text with a missing or repeated token. Bounded in time (--seconds) and count
-(--max-requests).
+through. A worker's death moves its streams mid-way to another worker
+(queen/requests/progress.py); the queen's death makes the clients resume on the other queen
+from the token they reached. Every completed text is checked against the uninterrupted echo
+text. Target: 0 failed requests and no text with a missing or repeated token. Bounded in time
+(--seconds) and count (--max-requests).
 """
 
 from __future__ import annotations

@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apiary.clock import SystemClock
 from harness import Cluster
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
+from queen.registry import Registry, RegistrySettings
+from queen.routing.ask import Ask, Outcome, Slot
 from queen.routing.prefix_index import Want
-from queen.registry import Outcome, Registry, RegistrySettings, Slot
+from queen.routing.router import Router
 
 SIZES = (10, 100, 1_000, 10_000)
 PER_HIVE = 8
@@ -75,7 +77,8 @@ def heartbeat(hive: int, workers: int, model: str = "m") -> queen_pb2.HiveHeartb
 def pick_cost(size: int, policy: int, picks: int) -> float:
     """Median microseconds per acquire + release over 5 rounds."""
     asks = requests() if policy == common_pb2.ROUTING_POLICY_CACHE_AWARE else []
-    registry = Registry(SystemClock(), RegistrySettings(interval=3600.0), seed=1)
+    registry = Registry(SystemClock(), RegistrySettings(interval=3600.0))
+    router = Router(registry, seed=1)
     for hive in range(max(size // PER_HIVE, 1)):
         registry.apply_heartbeat(heartbeat(hive, min(PER_HIVE, size)))
     window: collections.deque[Slot] = collections.deque()
@@ -85,11 +88,9 @@ def pick_cost(size: int, policy: int, picks: int) -> float:
         start = time.perf_counter()
         for n in range(picks):
             if len(window) >= in_flight:
-                registry.give_back(
-                    window.popleft(), Outcome(ok=True, duration=0.5, tokens=8 + n % 5)
-                )
+                router.give_back(window.popleft(), Outcome(ok=True, duration=0.5, tokens=8 + n % 5))
             want = Want(asks[n % len(asks)]) if asks else None
-            lease = registry.take_slot("m", policy=policy, want=want)  # type: ignore[arg-type]
+            lease = router.take(Ask("m", policy=policy, want=want))  # type: ignore[arg-type]
             if lease is not None:
                 window.append(lease)
         rounds.append((time.perf_counter() - start) / picks * 1e6)

@@ -17,7 +17,8 @@ from apiary.options import parse_key_values
 from apiary.protoutil import naming
 from protos.v1 import common_pb2, hive_pb2
 from queen.channels import Channels
-from queen.registry import HiveEntry, Registry
+from queen.members import HiveEntry
+from queen.registry import Registry
 
 log = structlog.get_logger("queen.autospawn")
 

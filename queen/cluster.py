@@ -22,9 +22,11 @@ from queen.events import EventBus
 from queen.history import History
 from queen.leases.manager import LeaseManager
 from queen.metrics import QueenMetrics
-from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
 from queen.registry import BeatResult, Registry
-from queen.routing.desk import Scheduler
+from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
+from queen.requests.served import model_problem
+from queen.routing.desk import Desk
+from queen.routing.router import Router
 
 log = structlog.get_logger("queen")
 
@@ -90,7 +92,8 @@ class Cluster:
     """What the queen's services share. Building one connects its parts' callbacks to it."""
 
     registry: Registry
-    scheduler: Scheduler
+    router: Router
+    desk: Desk
     channels: Channels
     events: EventBus
     history: History
@@ -113,11 +116,18 @@ class Cluster:
 
     def __post_init__(self) -> None:
         # The parts report here; the follow-ups that cross parts happen in this class only.
-        self.registry.on_event = self.on_event
-        self.channels.worker_at = self.registry.worker_at
-        self.scheduler.expecting = self.expecting
+        registry, desk = self.registry, self.desk
+        registry.on_event = self.router.on_event = self.on_event
+        # A pick that finds a hive's health changed has the registry say so (picks say nothing).
+        self.router.on_health = registry.note_health
+        self.channels.worker_at = registry.worker_at
+        desk.expecting = self.expecting
+        desk.explain = lambda model: model_problem(registry, self.autospawn, model)
+        desk.on_waited = lambda model, seconds: self.metrics.queue_wait.labels(model).observe(
+            seconds
+        )
         self.autospawn.on_spawned = self.autospawned
-        self.autospawn.on_failure = self.scheduler.fail
+        self.autospawn.on_failure = desk.fail
 
     def status(self) -> queen_pb2.QueenStatus:
         """The queen's own status: its history's health and its request totals."""
@@ -136,12 +146,12 @@ class Cluster:
         Raises HiveTaken if another running hive process has the id."""
         result = self.registry.apply_heartbeat(beat, changed, host_names)
         self._follow_up(beat.hive_id, result)
-        self.scheduler.dispatch_all()
+        self.desk.dispatch_all()
 
     def apply_worker(self, record: common_pb2.WorkerRecord) -> None:
         """One worker's fresh record from its hive's reply, as good as a heartbeat's."""
         self._follow_up(record.hive_id, self.registry.apply_worker(record))
-        self.scheduler.dispatch(record.model)
+        self.desk.dispatch(record.model)
 
     def _follow_up(self, hive_id: str, result: BeatResult) -> None:
         self.channels.discard_all(result.removed)
@@ -189,7 +199,8 @@ class Cluster:
     def sweep(self) -> None:
         """Health transitions, TTL removals and circuit breakers, then hand out freed slots."""
         self.channels.discard_all(self.registry.sweep())
-        self.scheduler.dispatch_all()
+        self.router.sweep()
+        self.desk.dispatch_all()
 
     async def sweep_forever(self) -> None:
         """Sweep every half heartbeat interval, on the cluster's clock."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -19,11 +19,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from apiary.metrics import SnapshotCollector, hive_counters
 from apiary.protoutil import READY_STATES, health_name, state_name
 from protos.v1 import common_pb2, queen_pb2
-from queen.requests import endings
-from queen.http.dashboard.series import Series
 from queen.history import History
 from queen.registry import Registry
-from queen.routing.desk import Scheduler
+from queen.requests import endings
+from queen.routing.desk import Desk
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The model label of a request for a model the cluster has never heard of.
@@ -45,9 +44,7 @@ class Usage:
 
 
 class QueenMetrics:
-    def __init__(
-        self, registry: Registry, scheduler: Scheduler, history: History | None = None
-    ) -> None:
+    def __init__(self, registry: Registry, desk: Desk, history: History | None = None) -> None:
         self.registry = registry
         self.prometheus = CollectorRegistry()
         r = self.prometheus
@@ -93,9 +90,9 @@ class QueenMetrics:
         # Requests by outcome since this queen started (`apiary status` reads them).
         self.outcomes: Tally[str] = Tally()
         self.started_at = time.time()
-        # The last 15 minutes in 5-second points, for the dashboard's chart.
-        self.series = Series()
-        r.register(SnapshotCollector(lambda: cluster_metrics(registry, scheduler)))
+        # Told of every request's end (ok, time to first chunk): the dashboard's chart.
+        self.on_finished: list[Callable[[bool, float | None], None]] = []
+        r.register(SnapshotCollector(lambda: cluster_metrics(registry, desk)))
         r.register(SnapshotCollector(self._hit_ratio))
         if history is not None:
             r.register(SnapshotCollector(lambda: history_metrics(history)))
@@ -151,7 +148,8 @@ class QueenMetrics:
         self.requests.labels(label, code).inc()
         outcome = endings.outcome(code)
         self.outcomes[outcome] += 1
-        self.series.ended(outcome != endings.FAILED, ttft)
+        for listener in self.on_finished:
+            listener(outcome != endings.FAILED, ttft)
         self.duration.labels(label).observe(seconds)
         if ttft is not None:
             self.ttft.labels(label).observe(ttft)
@@ -178,12 +176,12 @@ class QueenMetrics:
         return into
 
 
-def cluster_metrics(registry: Registry, scheduler: Scheduler) -> Iterable[Metric]:
+def cluster_metrics(registry: Registry, desk: Desk) -> Iterable[Metric]:
     """Gauges of the live registry, read at scrape time."""
     yield worker_gauge(registry)
     queue = GaugeMetricFamily("apiary_queue_depth", "Requests waiting for a slot", labels=["model"])
     for model in registry.models():
-        queue.add_metric([model], scheduler.queue_depth(model))
+        queue.add_metric([model], desk.queue_depth(model))
     yield queue
     hives = GaugeMetricFamily("apiary_hives", "Hives by health", labels=["health"])
     health = Tally(health_name(registry.health_of(h)) for h in registry.hives.values())

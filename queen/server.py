@@ -20,26 +20,27 @@ from apiary.validation import (
     DEFAULT_MAX_TOKENS_CAP,
 )
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen.rpc.admin import QueenAdminService
 from queen.autospawn import Autospawner, SpawnPlan
 from queen.beats import BeatLimits
 from queen.channels import Channels
 from queen.cluster import Cluster
-from queen.http.dashboard.routes import Dashboard
-from queen.requests.endings import DEFAULT_MAX_WAIT
 from queen.events import EventBus
-from queen.rpc.heartbeats import QueenRegistryService
 from queen.history import History
+from queen.http.app import web_app
+from queen.http.dashboard.routes import Dashboard
+from queen.http.server import HttpFront, serve_http
 from queen.leases.manager import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
-from queen.http.server import HttpFront, serve_http
-from queen.routing.prefix_index import ENTRY_BYTES
+from queen.registry import Registry, RegistrySettings
+from queen.requests.endings import DEFAULT_MAX_WAIT
 from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
 from queen.requests.quotas import Quotas
-from queen.registry import Registry, RegistrySettings
-from queen.routing.desk import DEFAULT_CACHE_WAIT, Scheduler
+from queen.routing.desk import DEFAULT_CACHE_WAIT, Desk
+from queen.routing.prefix_index import ENTRY_BYTES
+from queen.routing.router import Router, RoutingSettings
+from queen.rpc.admin import QueenAdminService
+from queen.rpc.heartbeats import QueenRegistryService
 from queen.rpc.queen import QueenService
-from queen.http.app import web_app
 
 log = structlog.get_logger("queen")
 
@@ -103,6 +104,10 @@ class QueenConfig:
         return RegistrySettings(
             interval=self.heartbeat_interval,
             hive_ttl_intervals=self.hive_ttl_intervals,
+        )
+
+    def routing_settings(self) -> RoutingSettings:
+        return RoutingSettings(
             default_policy=self.policy,
             cache_index_entries=self.cache_index_mb * 1_000_000 // ENTRY_BYTES,
             breaker_failures=self.breaker_failures,
@@ -177,24 +182,26 @@ def open_history(state_dir: Path) -> History:
 
 def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Cluster:
     registry = Registry(clock, config.registry_settings())
+    router = Router(registry, config.routing_settings())
     channels = Channels(security)
-    scheduler = Scheduler(registry, config.max_queue, cache_wait=config.cache_wait)
+    desk = Desk(router, config.max_queue, config.cache_wait, config.max_wait)
     history = open_history(config.state_dir)
     return Cluster(
         registry=registry,
-        scheduler=scheduler,
+        router=router,
+        desk=desk,
         channels=channels,
         events=EventBus(),
         history=history,
         autospawn=Autospawner(registry, channels, config.autospawn, config.autospawn_catalog),
-        leases=LeaseManager(scheduler, channels, clock),
+        leases=LeaseManager(desk, channels, clock),
         clock=clock,
         max_tokens_cap=config.max_tokens_cap,
         default_max_tokens=config.default_max_tokens,
         max_prompt_bytes=config.max_prompt_bytes,
         max_streams_per_client=config.max_streams_per_client,
         migration_limit=config.migration_limit,
-        metrics=QueenMetrics(registry, scheduler, history),
+        metrics=QueenMetrics(registry, desk, history),
         hive_identity_from_cert=config.hive_identity_from_cert,
     )
 

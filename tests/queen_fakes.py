@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 
@@ -18,7 +18,10 @@ from queen.history import History
 from queen.leases.manager import LeaseManager
 from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
-from queen.routing.desk import Scheduler
+from queen.routing.ask import Ask, Outcome, Slot
+from queen.routing.desk import Desk
+from queen.routing.prefix_index import Want
+from queen.routing.router import Router, RoutingSettings
 from tests.fakes import FakeClock
 
 # The end of a stream as grpc.aio says it (grpc-stubs does not declare it).
@@ -148,24 +151,27 @@ def make_cluster(
     interval: float = 1.0,
     hive_ttl_intervals: float = 10.0,
 ) -> Cluster:
-    """Real registry, scheduler and events; the history is never opened (nothing is written)."""
+    """Real registry, router, desk and events; the history is never opened (nothing is
+    written)."""
     settings = RegistrySettings(interval=interval, hive_ttl_intervals=hive_ttl_intervals)
-    registry = Registry(clock, settings, seed=1)
+    registry = Registry(clock, settings)
+    router = Router(registry, seed=1)
     channels = channels or FakeChannels()
-    scheduler = Scheduler(registry)
+    desk = Desk(router)
     return Cluster(
         registry=registry,
-        scheduler=scheduler,
+        router=router,
+        desk=desk,
         channels=channels,
         events=EventBus(),
         history=History(tmp / "history.sqlite3"),
         autospawn=Autospawner(registry, channels, {}),
-        leases=LeaseManager(scheduler, channels, clock),
+        leases=LeaseManager(desk, channels, clock),
         clock=clock,
         max_tokens_cap=1000,
         max_prompt_bytes=10_000,
         max_streams_per_client=0,
-        metrics=QueenMetrics(registry, scheduler),
+        metrics=QueenMetrics(registry, desk),
     )
 
 
@@ -182,3 +188,56 @@ def record(worker_id: str, hive: str = "h1", model: str = "m") -> common_pb2.Wor
 
 def beat(hive: str, *workers: common_pb2.WorkerRecord) -> queen_pb2.HiveHeartbeat:
     return queen_pb2.HiveHeartbeat(hive_id=hive, address=f"{hive}:1", workers=workers)
+
+
+class Fleet:
+    """A registry with its router on it, as the cluster wires them (no I/O), for tests of
+    membership and picks together: the registry's calls and the router's are its own
+    (`fleet.apply_heartbeat`, `fleet.policy_for`), and `take_slot` asks the router as the desk
+    would."""
+
+    def __init__(
+        self,
+        clock: FakeClock,
+        settings: RegistrySettings | None = None,
+        routing: RoutingSettings | None = None,
+        events: list[queen_pb2.Event] | None = None,
+    ) -> None:
+        record_event = events.append if events is not None else lambda event: None
+        self.registry = Registry(clock, settings, on_event=record_event)
+        self.router = Router(self.registry, routing, seed=1, on_event=record_event,
+                             on_health=self.registry.note_health)  # fmt: skip
+
+    def __getattr__(self, name: str) -> Any:
+        """The registry's attribute, else the router's (`fleet.policy_for`)."""
+        if hasattr(self.registry, name):
+            return getattr(self.registry, name)
+        return getattr(self.router, name)
+
+    def take_slot(
+        self,
+        model: str,
+        exclude: frozenset[str] | set[str] = frozenset(),
+        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
+        tags: frozenset[str] | list[str] = frozenset(),
+        want: Want | None = None,
+        affinity: bool = True,
+    ) -> Slot | None:
+        ask = Ask(model, frozenset(tags), policy, want, frozenset(exclude))
+        return self.router.take(ask, affinity)
+
+    def give_back(self, slot: Slot, outcome: Outcome) -> None:
+        self.router.give_back(slot, outcome)
+
+    def sweep(self) -> list[str]:
+        removed = self.registry.sweep()
+        self.router.sweep()
+        return removed
+
+
+def split_settings(**settings: object) -> tuple[RegistrySettings, RoutingSettings]:
+    """Keyword settings of either kind, each to its own."""
+    names = set(RegistrySettings.__dataclass_fields__)
+    mine = {k: v for k, v in settings.items() if k in names}
+    theirs = {k: v for k, v in settings.items() if k not in names}
+    return RegistrySettings(**mine), RoutingSettings(**theirs)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import heapq
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from queen.registry import Slot
+from queen.routing.ask import Slot
 
 
 def _nothing() -> None:

@@ -35,8 +35,8 @@ from apiary.leasetoken import PREFIX, lease_id_of, lease_key, mint
 from protos.v1 import worker_pb2
 from queen.channels import Channels
 from queen.leases.book import Lease, LeaseBook
-from queen.registry import Outcome, Slot
-from queen.routing.desk import Scheduler
+from queen.routing.ask import Outcome, Slot
+from queen.routing.desk import Desk
 
 log = structlog.get_logger("queen.leases.manager")
 
@@ -59,10 +59,8 @@ def _nothing() -> None:
 
 
 class LeaseManager:
-    def __init__(
-        self, scheduler: Scheduler, channels: Channels, clock: Clock | None = None
-    ) -> None:
-        self.scheduler = scheduler
+    def __init__(self, desk: Desk, channels: Channels, clock: Clock | None = None) -> None:
+        self.desk = desk
         self.channels = channels
         self.clock = clock or SystemClock()
         self.book = LeaseBook()
@@ -106,7 +104,7 @@ class LeaseManager:
         return True
 
     def _finish(self, lease: Lease, outcome: Outcome) -> None:
-        self.scheduler.give_back(lease.slot, outcome)
+        self.desk.give_back(lease.slot, outcome)
         lease.on_end()
 
     def _key(self, slot: Slot) -> bytes:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from apiary.errors import StatusError
-from queen.registry import Outcome
+from queen.routing.ask import Outcome, Slot
 
 MAX_ATTEMPTS = 3
 BACKOFF_SECONDS = 0.1
@@ -172,3 +172,10 @@ def gave_up(model: str, attempts: int, last_error: str) -> StatusError:
         f"no worker of model {model!r} could serve the request after "
         f"{attempts} attempt(s); last error: {last_error}",
     )
+
+
+def failure_of(exc: Exception, slot: Slot) -> Failure:
+    """An attempt's failure (a worker's status, or its hive lost) as `decide` takes it."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return Failure(slot.worker_id, slot.address, exc.code(), exc.details())
+    return Failure(slot.worker_id, slot.address, None, str(exc))

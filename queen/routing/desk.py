@@ -1,10 +1,14 @@
-"""Waiting for a slot: a bounded FIFO per model in front of the registry's slots.
+"""The one door for routing: a request (an Infer's attempt, a lease) asks the desk for a slot,
+and gets one or its final status.
 
-A freed slot is handed straight to the oldest waiter that it suits, so a new
-request never overtakes one that has been waiting for the same kind of worker.
-A cache-aware request may decline free workers to wait for a busy one holding its prompt's
-prefix; it does so for at most `cache_wait` seconds, and meanwhile does not hold back
-requests behind it that would take the free workers.
+Behind the door, a bounded FIFO per model in front of the router: a freed slot is handed
+straight to the oldest waiter that it suits, so a new request never overtakes one that has
+been waiting for the same kind of worker. A cache-aware request may decline free workers to
+wait for a busy one holding its prompt's prefix; it does so for at most `cache_wait` seconds,
+and meanwhile does not hold back requests behind it that would take the free workers.
+
+Every wait is counted against the client's quota of waiting requests, lasts at most
+--max-wait, and ends when the queen stops.
 """
 
 from __future__ import annotations
@@ -14,97 +18,131 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protos.v1 import common_pb2
-from queen.routing.prefix_index import Want
-from queen.registry import Outcome, Registry, Slot
+import grpc
+
+from apiary.errors import StatusError
+from queen.requests import endings
+from queen.requests.quotas import Quota
+from queen.routing.ask import Ask, Outcome, Slot
+from queen.routing.router import Router
 
 # Seconds a cache-aware request waits for a busy worker holding its prefix (--cache-wait).
 DEFAULT_CACHE_WAIT = 1.0
 
 
-class QueueFull(Exception):
-    pass
-
-
 class ModelGone(Exception):
-    """Every worker of the model left while the request waited."""
+    """Every worker of the model left while the request waited (or the wait was ended)."""
 
 
 @dataclass(eq=False)
 class _Waiter:
     future: asyncio.Future[Slot]
-    exclude: frozenset[str]
-    policy: common_pb2.RoutingPolicy.ValueType
-    tags: frozenset[str]
-    want: Want | None = None
+    ask: Ask
     # Until when (loop time) it may decline free workers to wait for a holder of its prefix.
     affinity_until: float = 0.0
 
-    def take(self, registry: Registry, model: str, now: float) -> Slot | None:
-        return registry.take_slot(model, self.exclude, self.policy, self.tags, self.want,
-                                  affinity=now < self.affinity_until)  # fmt: skip
 
-
-class Scheduler:
+class Desk:
     def __init__(
         self,
-        registry: Registry,
+        router: Router,
         max_queue: int = 1024,
-        expecting: Callable[[str], bool] = lambda model: False,
         cache_wait: float = DEFAULT_CACHE_WAIT,
+        max_wait: float = endings.DEFAULT_MAX_WAIT,
+        queued: Quota | None = None,
     ) -> None:
-        self.registry = registry
+        self.router = router
         self.max_queue = max_queue
         self.cache_wait = cache_wait
-        # True while a worker of the model is on its way (autospawn): waiters keep waiting.
-        self.expecting = expecting
+        self.max_wait = max_wait
+        # Each client's waiting requests (the service sets its own quota).
+        self.queued_quota = queued or Quota("requests waiting", "", 0, "")
+        # Wired by the cluster: a worker of the model is on its way (waiters keep waiting);
+        # why a model is not served (NOT_FOUND...), if it is not; how long a slot took.
+        self.expecting: Callable[[str], bool] = lambda model: False
+        self.explain: Callable[[str], StatusError | None] = lambda model: None
+        self.on_waited: Callable[[str, float], None] = lambda model, seconds: None
+        self.stopping = False
         self._waiters: dict[str, deque[_Waiter]] = {}
         self.queued = 0
 
     def queue_depth(self, model: str) -> int:
         return len(self._waiters.get(model, ()))
 
-    def try_take_slot(
-        self,
-        model: str,
-        exclude: frozenset[str] = frozenset(),
-        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
-        tags: frozenset[str] = frozenset(),
-        want: Want | None = None,
-    ) -> Slot | None:
+    async def take(self, client: str, ask: Ask, time_remaining: float | None) -> Slot:
+        """A slot for one of `client`'s requests, waiting until its deadline (`time_remaining`
+        seconds; None: none) but at most --max-wait. Raises StatusError, the request's final
+        status: UNAVAILABLE once the queen stops; RESOURCE_EXHAUSTED beyond the client's
+        waits or the queue's bound; DEADLINE_EXCEEDED; NOT_FOUND or UNAVAILABLE if the model
+        is gone."""
+        if self.stopping:
+            raise _stopped()
+        slot = self.try_take(ask)
+        if slot is not None:
+            self.on_waited(ask.model, 0.0)
+            return slot
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        refused = self.queued_quota.acquire(client)
+        if refused is not None:
+            raise StatusError(grpc.StatusCode[refused.code], refused.message)
+        timeout, capped = endings.slot_wait(time_remaining, self.max_wait)
+        try:
+            slot = await self._wait(ask, timeout)
+        except TimeoutError:
+            raise self._timed_out(ask.model, capped) from None
+        except ModelGone as gone:
+            raise self._gone(ask.model, gone) from None
+        finally:
+            self.queued_quota.release(client)
+        self.on_waited(ask.model, loop.time() - began)
+        return slot
+
+    def _timed_out(self, model: str, capped: bool) -> StatusError:
+        others = self.queue_depth(model)
+        if capped:
+            message = endings.waited_too_long(model, self.max_wait, others)
+        else:
+            message = (
+                f"no free worker of model {model!r} before the deadline; {others} other "
+                "request(s) waiting"
+            )
+        return StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+    def _gone(self, model: str, gone: ModelGone) -> StatusError:
+        if self.stopping:
+            return _stopped()
+        # Unknown after all (e.g. once a restarted queen has heard every hive): say so.
+        return self.explain(model) or StatusError(grpc.StatusCode.UNAVAILABLE, str(gone))
+
+    def try_take(self, ask: Ask) -> Slot | None:
         """A slot at once, or None, without queueing (and without overtaking waiters that
         would take any free worker)."""
-        queue = self._waiters.get(model)
+        queue = self._waiters.get(ask.model)
         if queue and any(not w.affinity_until for w in queue):
             return None
-        return self.registry.take_slot(model, exclude, policy, tags, want)
+        return self.router.take(ask)
 
-    async def take_slot(
-        self,
-        model: str,
-        timeout: float | None,
-        exclude: frozenset[str] = frozenset(),
-        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
-        tags: frozenset[str] = frozenset(),
-        want: Want | None = None,
-    ) -> Slot:
-        """A slot on a free worker of `model`, waiting up to `timeout` seconds.
-
-        Raises TimeoutError, QueueFull or ModelGone.
-        """
-        slot = self.try_take_slot(model, exclude, policy, tags, want)
+    async def _wait(self, ask: Ask, timeout: float | None) -> Slot:
+        """A slot on a free worker, waiting up to `timeout` seconds in the model's queue.
+        Raises TimeoutError, ModelGone, or StatusError if the queue is full."""
+        slot = self.try_take(ask)
         if slot is not None:
             return slot
         if self.queued >= self.max_queue:
-            raise QueueFull(f"{self.queued} requests are already queued (limit {self.max_queue})")
+            raise StatusError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queen queue is full: {self.queued} requests are already queued (limit "
+                f"{self.max_queue}); retry later",
+            )
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), exclude, policy, tags, want)
+        waiter = _Waiter(loop.create_future(), ask)
         wakeup = None
-        if want is not None and self.registry.has_free(model):
+        if ask.want is not None and self.router.has_free(ask.model):
             # Free workers were declined for a busy holder of the prefix: not for long.
             waiter.affinity_until = loop.time() + self.cache_wait
-            wakeup = loop.call_later(self.cache_wait, self.dispatch, model)
-        queue = self._waiters.setdefault(model, deque())
+            wakeup = loop.call_later(self.cache_wait, self.dispatch, ask.model)
+        queue = self._waiters.setdefault(ask.model, deque())
         queue.append(waiter)
         self.queued += 1
         try:
@@ -113,14 +151,11 @@ class Scheduler:
             async with asyncio.timeout(timeout):
                 return await waiter.future
         except BaseException:
-            if (
-                waiter.future.done()
-                and not waiter.future.cancelled()
-                and not waiter.future.exception()
-            ):
+            future = waiter.future
+            if future.done() and not future.cancelled() and not future.exception():
                 # A slot was handed to us just as we gave up: pass it on, never leak it.
-                self.give_back(waiter.future.result(), Outcome(ok=None))
-            waiter.future.cancel()
+                self.give_back(future.result(), Outcome(ok=None))
+            future.cancel()
             raise
         finally:
             if wakeup is not None:
@@ -128,12 +163,12 @@ class Scheduler:
             self.queued -= 1
             if waiter in queue:
                 queue.remove(waiter)
-            if not queue and self._waiters.get(model) is queue:
-                del self._waiters[model]
+            if not queue and self._waiters.get(ask.model) is queue:
+                del self._waiters[ask.model]
 
     def give_back(self, slot: Slot, outcome: Outcome) -> None:
         """Return a slot, count how it went, and wake a waiter it suits."""
-        self.registry.give_back(slot, outcome)
+        self.router.give_back(slot, outcome)
         self.dispatch(slot.model)
 
     def dispatch(self, model: str) -> None:
@@ -141,22 +176,17 @@ class Scheduler:
         queue = self._waiters.get(model)
         if not queue:
             return
-        if not self.registry.has_model(model) and not self.expecting(model):
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.future.done():
-                    waiter.future.set_exception(
-                        ModelGone(f"every worker of model {model!r} left while the request waited")
-                    )
+        if not self.router.registry.has_model(model) and not self.expecting(model):
+            self.fail(model, f"every worker of model {model!r} left while the request waited")
             return
         now = asyncio.get_running_loop().time()
         for waiter in list(queue):
-            if not self.registry.has_free(model):
+            if not self.router.has_free(model):
                 return
             if waiter.future.done():
                 queue.remove(waiter)
                 continue
-            slot = waiter.take(self.registry, model, now)
+            slot = self.router.take(waiter.ask, affinity=now < waiter.affinity_until)
             if slot is not None:
                 queue.remove(waiter)
                 waiter.future.set_result(slot)
@@ -172,3 +202,14 @@ class Scheduler:
     def dispatch_all(self) -> None:
         for model in list(self._waiters):
             self.dispatch(model)
+
+    def stop(self) -> None:
+        """The queen is shutting down: every wait ends (UNAVAILABLE, saying so) and none
+        begins."""
+        self.stopping = True
+        for model in list(self._waiters):
+            self.fail(model, endings.ended_while_waiting())
+
+
+def _stopped() -> StatusError:
+    return StatusError(grpc.StatusCode.UNAVAILABLE, endings.ended_while_waiting(), stopping=True)

@@ -11,10 +11,10 @@ import structlog
 from apiary.protoutil import READY_STATES, naming, timestamp
 from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
-from queen.requests.admission import tags_problem
 from queen.cluster import Cluster
+from queen.members import HiveEntry, WorkerEntry
+from queen.requests.admission import tags_problem
 from queen.rpc.hive_calls import HiveCalls
-from queen.registry import HiveEntry, WorkerEntry
 
 log = structlog.get_logger("queen.rpc.admin")
 
@@ -23,7 +23,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.registry = cluster.registry
-        self.scheduler = cluster.scheduler
+        self.desk = cluster.desk
         self.channels = cluster.channels
 
     def hive_info(self, hive: HiveEntry) -> queen_pb2.HiveInfo:
@@ -177,7 +177,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         await self._kept_by_hive(hive, "", drained, context)
         self.registry.drain_hive(hive.id, drained)
         if not drained:
-            self.scheduler.dispatch_all()
+            self.desk.dispatch_all()
         log.info("hive drain", hive_id=hive.id, drained=drained)
         return queen_pb2.DrainHiveResponse(hive=self.hive_info(hive))
 
@@ -194,7 +194,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         await self._kept_by_hive(hive, entry.id, drained, context)
         self.registry.drain_worker(entry.id, drained)
         if not drained:
-            self.scheduler.dispatch(entry.record.model)
+            self.desk.dispatch(entry.record.model)
         log.info("worker drain", worker_id=entry.id, drained=drained)
         return queen_pb2.DrainWorkerResponse(worker=self.registry.view(entry))
 

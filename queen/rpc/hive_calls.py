@@ -15,7 +15,7 @@ from apiary.protoutil import naming
 from apiary.serving import Context
 from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc, queen_pb2
 from queen.cluster import Cluster
-from queen.registry import HiveEntry
+from queen.members import HiveEntry
 
 Reply = TypeVar("Reply")
 

@@ -1,5 +1,5 @@
-"""The Queen service: admits requests, routes each Infer (queen/requests/route.py), hands out direct
-leases, and lists the models served. What each client may hold at once is counted per
+"""The Queen service: admits requests, routes each Infer (queen/requests/route.py), hands out
+direct leases, and lists the models served. What each client may hold at once is counted per
 client (queen/requests/quotas.py). Once the queen is stopping it takes no new request."""
 
 from __future__ import annotations
@@ -14,19 +14,22 @@ import grpc
 import structlog
 
 from apiary.errors import StatusError
-from apiary.protoutil import READY_STATES, timestamp
+from apiary.protoutil import timestamp
 from apiary.security import TokenSet, bearer
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen.requests import endings
-from queen.requests.admission import admit
 from queen.cluster import Cluster
 from queen.leases.book import Lease as DirectLease
 from queen.leases.manager import DEFAULT_MAX_TTL, DEFAULT_TTL
+from queen.members import live_state
+from queen.registry import Registry
+from queen.requests import endings
+from queen.requests.admission import admit
+from queen.requests.in_flight import InFlight
 from queen.requests.quotas import Quotas, References, Refusal, peer_host
-from queen.registry import Registry, Slot
-from queen.requests.route import Call, Caller, InFlight, Route, Stopping, Waits
-from queen.routing.desk import ModelGone, QueueFull
+from queen.requests.record import Caller
+from queen.requests.route import Call, Route
+from queen.routing.ask import Ask, Slot
 
 # Identities that may call the Queen service, and so have a name to be counted under.
 CALLER_ROLES = frozenset({"client", "admin"})
@@ -44,8 +47,8 @@ class Accepted:
         """Log lines within name the request (the queen's id, the client's reference)."""
         route = self.route
         with structlog.contextvars.bound_contextvars(
-            request_id=route.request.request_id, client=route.caller.client,
-            client_request_id=route.caller.reference, model=route.request.model,
+            request_id=route.request.request_id, client=route.record.caller.client,
+            client_request_id=route.record.caller.reference, model=route.request.model,
         ):  # fmt: skip
             yield
 
@@ -68,13 +71,15 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         self.quotas = quotas or Quotas.of(max_streams=cluster.max_streams_per_client)
         self.references = References()
         self.max_lease_ttl = max_lease_ttl
-        self.waits = Waits(cluster, self.quotas.queued, max_wait)
+        # The desk counts each client's waits against the same quotas.
+        self.desk = cluster.desk
+        self.desk.queued_quota, self.desk.max_wait = self.quotas.queued, max_wait
         self.in_flight = InFlight()
 
     def stop(self) -> None:
         """The queen is stopping: new Infer and Lease calls are refused, and requests waiting
         for a slot end now (UNAVAILABLE, saying so); streams in flight go on."""
-        self.waits.stop()
+        self.desk.stop()
 
     def client_of(self, context: Context) -> str:
         """Whom a gRPC call counts against (see client_named)."""
@@ -131,15 +136,15 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         forward.CopyFrom(request)
         # Always the queen's own id: a client's request_id is only its reference.
         forward.request_id = uuid.uuid4().hex
-        route = Route(self.cluster, forward, call, Caller(client, request.request_id), self.waits)
+        route = Route(self.cluster, forward, call, Caller(client, request.request_id))
         self.in_flight.add(route)
         return Accepted(route, self._closer(route))
 
     def _infer_problem(self, request: common_pb2.InferRequest, client: str) -> StatusError | None:
         """Why the request is not taken; None if it is (then its stream and reference are
         counted, until its route's closer runs)."""
-        if self.waits.stopping:
-            return StatusError(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping())
+        if self.desk.stopping:
+            return _refused_while_stopping()
         problem = admit(self.cluster, request)
         if problem is not None:
             return problem
@@ -169,8 +174,9 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             closed = True
             route.ended()
             self.in_flight.discard(route)
-            self.quotas.streams.release(route.caller.client)
-            self.references.drop(route.caller.client, route.caller.reference)
+            caller = route.record.caller
+            self.quotas.streams.release(caller.client)
+            self.references.drop(caller.client, caller.reference)
 
         return close
 
@@ -201,8 +207,8 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         )
 
     def _lease_problem(self, request: queen_pb2.LeaseRequest) -> StatusError | None:
-        if self.waits.stopping:
-            return StatusError(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping())
+        if self.desk.stopping:
+            return _refused_while_stopping()
         problem = admit(self.cluster, request)
         if problem is None and not 0 <= request.ttl_seconds <= self.max_lease_ttl:
             problem = StatusError(
@@ -236,22 +242,8 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def _lease_slot(
         self, request: queen_pb2.LeaseRequest, client: str, context: Context
     ) -> Slot:
-        try:
-            return await self.waits.slot(
-                client, request.model, context.time_remaining(), frozenset(), request.policy,
-                frozenset(request.required_tags),
-            )  # fmt: skip
-        except Stopping:
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, endings.ended_while_waiting()) from None
-        except TimeoutError:
-            raise StatusError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no free worker of model {request.model!r} before the deadline",
-            ) from None
-        except QueueFull as exc:
-            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        except ModelGone as exc:
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        ask = Ask(request.model, frozenset(request.required_tags), request.policy)
+        return await self.desk.take(client, ask, context.time_remaining())
 
     async def ReleaseLease(
         self, request: queen_pb2.ReleaseLeaseRequest, context: Context
@@ -272,7 +264,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     ) -> queen_pb2.ListModelsResponse:
         registry = self.cluster.registry
         models = [
-            model_info(registry, name, self.cluster.scheduler.queue_depth(name))
+            model_info(registry, name, self.desk.queue_depth(name))
             for name in sorted(set(registry.models()) | registry.catalog_models())
         ]
         return queen_pb2.ListModelsResponse(models=models)
@@ -284,11 +276,7 @@ def model_info(registry: Registry, name: str, queued: int) -> queen_pb2.ModelInf
         name=name, queued=queued, hives=sorted(h.id for h in registry.catalog_hives(name))
     )
     for entry in registry.workers_of_model(name):
-        state = entry.record.state
-        if state in READY_STATES:
-            state = (
-                common_pb2.WORKER_STATE_BUSY if entry.in_flight else common_pb2.WORKER_STATE_IDLE
-            )
+        state = live_state(entry)
         if state == common_pb2.WORKER_STATE_IDLE:
             info.idle += 1
         elif state == common_pb2.WORKER_STATE_BUSY:
@@ -298,3 +286,7 @@ def model_info(registry: Registry, name: str, queued: int) -> queen_pb2.ModelInf
         elif state == common_pb2.WORKER_STATE_FAILED:
             info.failed += 1
     return info
+
+
+def _refused_while_stopping() -> StatusError:
+    return StatusError(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping(), stopping=True)

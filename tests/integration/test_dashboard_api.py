@@ -84,8 +84,8 @@ async def test_a_page_that_goes_away_releases_its_event_subscription(
     open_queen: tuple[Queen, httpx.AsyncClient],
 ) -> None:
     queen, client = open_queen
-    assert queen.http.dashboard is not None
-    live, bus = queen.http.dashboard.live, queen.cluster.events
+    assert queen.dashboard is not None
+    live, bus = queen.dashboard.live, queen.cluster.events
     live.max_streams = 2
     async with client.stream("GET", "/api/stream") as stream:
         assert stream.headers["content-type"] == "text/event-stream"
@@ -129,7 +129,7 @@ async def test_a_stopping_queen_ends_open_streams_saying_so(tmp_path: Path) -> N
             rest = [line async for line in lines]
             assert "event: bye" in rest
             await asyncio.wait_for(stopping, 10)
-    assert queen.http.dashboard is not None and not queen.http.dashboard.live.streams
+    assert queen.dashboard is not None and not queen.dashboard.live.streams
 
 
 async def test_requests_the_dashboard_does_not_take_are_4xx_saying_why(

@@ -6,8 +6,9 @@ import pytest
 
 from protos.v1 import common_pb2, queen_pb2
 from queen.beats import BeatBudget, BeatLimits, beat_problem, changed_records, same_host
-from queen.registry import HiveTaken, Registry, RegistrySettings
+from queen.registry import HiveTaken, RegistrySettings
 from tests.fakes import FakeClock
+from tests.queen_fakes import Fleet
 
 LIMITS = BeatLimits(max_workers=4, max_worker_slots=8)
 
@@ -81,10 +82,10 @@ def test_workers_must_be_on_their_hives_host() -> None:
     assert same_host("gpu-a.lan:5000", "10.0.0.2:7071", also={"gpu-a.lan"})  # certificate name
 
 
-def registry() -> tuple[Registry, FakeClock, list[queen_pb2.Event]]:
+def registry() -> tuple[Fleet, FakeClock, list[queen_pb2.Event]]:
     clock = FakeClock()
     events: list[queen_pb2.Event] = []
-    return Registry(clock, RegistrySettings(interval=1.0), on_event=events.append), clock, events
+    return Fleet(clock, RegistrySettings(interval=1.0), events=events), clock, events
 
 
 def test_a_hive_cannot_claim_another_live_hives_workers_or_addresses_elsewhere() -> None:

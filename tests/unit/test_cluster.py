@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 from structlog.testing import capture_logs
 
+from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
-from queen.registry import Outcome
-from queen.routing.desk import ModelGone
+from queen.routing.ask import Ask, Outcome
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeChannels, beat, make_cluster, record
 
@@ -43,8 +44,8 @@ async def test_sweep_marks_a_silent_hive_unhealthy_then_removes_it_after_the_ttl
     lost: list[str] = []
     cluster.hive_watch.watch("h1", lambda: lost.append("h1"))
     cluster.apply_heartbeat(beat("h1", record("a")))
-    assert cluster.scheduler.try_take_slot("m") is not None
-    waiting = asyncio.create_task(cluster.scheduler.take_slot("m", None))
+    assert cluster.desk.try_take(Ask("m")) is not None
+    waiting = asyncio.create_task(cluster.desk.take("client", Ask("m"), None))
     sweeper = asyncio.create_task(cluster.sweep_forever())
     try:
         await clock.run(2.9)  # degraded after 2 intervals, noticed by the sweep at 2.0
@@ -59,8 +60,9 @@ async def test_sweep_marks_a_silent_hive_unhealthy_then_removes_it_after_the_ttl
         assert "h1" in cluster.registry.hives and not waiting.done()
         await clock.run(0.1)  # the TTL: forgotten, its channels closed, its waiters told
         assert cluster.registry.hives == {} and discarded(cluster) == ["h1:wa"]
-        with pytest.raises(ModelGone):
+        with pytest.raises(StatusError) as gone:
             await waiting
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND  # the model is unknown now
         assert watcher.pending[-1].kind == queen_pb2.EVENT_KIND_HIVE_REMOVED
     finally:
         sweeper.cancel()
@@ -112,22 +114,22 @@ async def test_heartbeat_closes_channels_of_workers_gone_and_serves_waiters(
     cluster: Cluster,
 ) -> None:
     cluster.apply_heartbeat(beat("h1", record("a")))
-    slot = cluster.scheduler.try_take_slot("m")
+    slot = cluster.desk.try_take(Ask("m"))
     assert slot is not None
-    waiting = asyncio.create_task(cluster.scheduler.take_slot("m", None))
+    waiting = asyncio.create_task(cluster.desk.take("client", Ask("m"), None))
     await settle()
     cluster.apply_heartbeat(beat("h1", record("b")))
     assert discarded(cluster) == ["h1:wa"]
     assert (await waiting).worker_id == "b"
-    cluster.scheduler.give_back(slot, Outcome(ok=True))  # a worker since gone: dropped
+    cluster.desk.give_back(slot, Outcome(ok=True))  # a worker since gone: dropped
 
 
 async def test_a_spawn_reply_replacing_a_worker_closes_its_old_channel(
     cluster: Cluster,
 ) -> None:
     cluster.apply_heartbeat(beat("h1", record("a")))
-    assert cluster.scheduler.try_take_slot("m") is not None
-    waiting = asyncio.create_task(cluster.scheduler.take_slot("m", None))
+    assert cluster.desk.try_take(Ask("m")) is not None
+    waiting = asyncio.create_task(cluster.desk.take("client", Ask("m"), None))
     await settle()
     restarted = record("a")
     restarted.address = "h1:wa2"  # a new process behind the same id
@@ -139,7 +141,7 @@ async def test_a_spawn_reply_replacing_a_worker_closes_its_old_channel(
 async def test_autospawned_worker_is_applied_and_announced(cluster: Cluster) -> None:
     watcher = cluster.events.subscribe([queen_pb2.EVENT_KIND_AUTOSPAWN])
     cluster.apply_heartbeat(beat("h1"))
-    waiting = asyncio.create_task(cluster.scheduler.take_slot("m", None))
+    waiting = asyncio.create_task(cluster.desk.take("client", Ask("m"), None))
     await settle()
     cluster.autospawn.on_spawned(record("a"))  # as the autospawner calls it
     assert (await waiting).worker_id == "a"

@@ -9,12 +9,13 @@ import json
 import pytest
 
 from protos.v1 import queen_pb2
+from queen.events import EventBus
 from queen.http.dashboard import live
 from queen.http.dashboard.live import Live, Stream
 from queen.http.dashboard.series import Point, Series, percentile
-from queen.events import EventBus
 from queen.registry import Registry
-from queen.routing.desk import Scheduler
+from queen.routing.desk import Desk
+from queen.routing.router import Router
 from tests.fakes import FakeClock, settle
 
 
@@ -61,8 +62,8 @@ def test_a_series_needs_a_positive_interval_within_its_span() -> None:
         Series(interval=10, span=5)
 
 
-def sampler(clock: FakeClock, max_streams: int = 2) -> tuple[Live, Scheduler, EventBus]:
-    scheduler = Scheduler(Registry(clock))
+def sampler(clock: FakeClock, max_streams: int = 2) -> tuple[Live, Desk, EventBus]:
+    scheduler = Desk(Router(Registry(clock)))
     events = EventBus()
     return Live(Series(interval=5), events, scheduler, clock, max_streams), scheduler, events
 

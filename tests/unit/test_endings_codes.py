@@ -1,5 +1,5 @@
-"""queen/requests/endings.py: the gRPC code a request ended with (the metric's label) and its outcome
-(the status totals), from what its record says."""
+"""queen/requests/endings.py: the gRPC code a request ended with (the metric's label) and its
+outcome (the status totals), from what its record says."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from protos.v1 import queen_pb2
 from queen.history import History
 from queen.metrics import QueenMetrics
 from queen.registry import Registry
-from queen.routing.desk import Scheduler
+from queen.routing.desk import Desk
+from queen.routing.router import Router
 from tests.fakes import FakeClock
 
 COMPLETED = queen_pb2.REQUEST_STATUS_COMPLETED
@@ -106,7 +107,7 @@ async def test_a_full_disk_drops_rows_but_not_requests_and_writing_resumes(
 ) -> None:
     now = Now()
     history = SmallDisk(tmp_path / "history.sqlite3", now=now)
-    metrics = QueenMetrics(Registry(FakeClock()), Scheduler(Registry(FakeClock())), history)
+    metrics = QueenMetrics(Registry(FakeClock()), Desk(Router(Registry(FakeClock()))), history)
     history.open()
     await record(history, "before")
     history.pages = 1  # the disk is full from now on

@@ -14,7 +14,7 @@ from apiary.leasetoken import lease_key, verify
 from protos.v1 import worker_pb2
 from queen.cluster import Cluster
 from queen.leases.manager import EXPIRY_GRACE, NOTICE_BATCH, RELINK_DELAY
-from queen.registry import Slot
+from queen.routing.ask import Ask, Slot
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeChannels, FakeLeaseCall, beat, make_cluster, record, rpc_error
 
@@ -36,7 +36,7 @@ async def cluster(clock: FakeClock, tmp_path: Path) -> AsyncIterator[Cluster]:
 
 
 def take(cluster: Cluster, worker: str = "a") -> Slot:
-    slot = cluster.registry.take_slot("m", exclude={"h1:wb" if worker == "a" else "h1:wa"})
+    slot = cluster.router.take(Ask("m", exclude=frozenset({"h1:wb" if worker == "a" else "h1:wa"})))
     assert slot is not None and slot.worker_id == worker
     return slot
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from apiary.prefix import BLOCK_BYTES, chain, input_bytes, matched_blocks, request_chain
 from protos.v1 import common_pb2, queen_pb2
+from queen.routing.ask import Outcome
 from queen.routing.prefix_index import (
     PROVISIONAL,
     Candidates,
@@ -15,8 +16,8 @@ from queen.routing.prefix_index import (
     Want,
     choose,
 )
-from queen.registry import Outcome, Registry, RegistrySettings
 from tests.fakes import FakeClock
+from tests.queen_fakes import Fleet
 
 CACHE_AWARE = common_pb2.ROUTING_POLICY_CACHE_AWARE
 
@@ -134,9 +135,9 @@ def record(worker_id: str, backend: str = "llamacpp") -> common_pb2.WorkerRecord
     )  # fmt: skip
 
 
-def registry(*ids: str, backend: str = "llamacpp") -> tuple[Registry, FakeClock]:
+def registry(*ids: str, backend: str = "llamacpp") -> tuple[Fleet, FakeClock]:
     clock = FakeClock()
-    reg = Registry(clock, RegistrySettings(), seed=1)
+    reg = Fleet(clock)
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(
         hive_id="h1", address="h1:1", workers=[record(i, backend) for i in ids]))  # fmt: skip
     return reg, clock
@@ -153,7 +154,7 @@ def test_the_registry_routes_a_tenant_back_to_its_worker() -> None:
         reg.policy_for("m", common_pb2.ROUTING_POLICY_UNSPECIFIED) == CACHE_AWARE
     )  # llamacpp workers: cache-aware by default
     first = reg.take_slot("m", want=want("A"))
-    assert first is not None
+    assert first is not None and first.policy == CACHE_AWARE  # decided at the pick, once
     reg.give_back(first, outcome_ok())
     again = reg.take_slot("m", want=want("A", "another question"))
     assert again is not None and again.worker_id == first.worker_id

@@ -10,8 +10,8 @@ import pytest
 from apiary.validation import infer_request_problem
 from protos.v1 import common_pb2
 from queen.requests.progress import Progress
-from queen.registry import Outcome
 from queen.requests.retry import Failure, decide
+from queen.routing.ask import Outcome
 from worker.backends.echo import EchoBackend
 from worker.stream import render, stream
 

@@ -13,10 +13,10 @@ import grpc
 import pytest
 
 from protos.v1 import common_pb2, queen_pb2
-from queen.requests import endings
 from queen.cluster import Cluster
-from queen.registry import Slot
-from queen.requests.route import InFlight
+from queen.requests import endings
+from queen.requests.in_flight import InFlight
+from queen.routing.ask import Ask, Slot
 from queen.rpc.queen import QueenService
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeCall, FakeChannels, beat, chunk, make_cluster, record
@@ -79,7 +79,7 @@ async def drain(stream: AsyncGenerator[Any, None]) -> list[Any]:
 
 def held_slot(cluster: Cluster) -> Slot:
     """The only worker's only slot, taken: every request now waits."""
-    slot = cluster.scheduler.try_take_slot("m")
+    slot = cluster.desk.try_take(Ask("m"))
     assert slot is not None
     return slot
 
@@ -103,7 +103,7 @@ async def test_a_request_without_a_deadline_waits_at_most_max_wait(cluster: Clus
     )
     row = rows(cluster).only()
     assert (row["status"], row["error"]) == (DEADLINE, f"DEADLINE_EXCEEDED: {waited.value.details}")
-    assert service.quotas.queued.held("shop") == 0 and cluster.scheduler.queued == 0
+    assert service.quotas.queued.held("shop") == 0 and cluster.desk.queued == 0
     # A lease waits no longer.
     lease = queen_pb2.LeaseRequest(model="m")
     with pytest.raises(Aborted) as leased:
@@ -131,7 +131,7 @@ async def test_a_stopping_queen_refuses_new_requests_and_ends_waiting_ones(
     lease = queen_pb2.LeaseRequest(model="m")
     leasing = asyncio.create_task(service.Lease(lease, Context("t-search")))  # type: ignore[arg-type]
     await settle()
-    assert cluster.scheduler.queued == 2
+    assert cluster.desk.queued == 2
     service.stop()
     for task in (waiting, leasing):
         with pytest.raises(Aborted) as ended:
@@ -141,7 +141,7 @@ async def test_a_stopping_queen_refuses_new_requests_and_ends_waiting_ones(
     assert ended.value.details.startswith("queen shutting down: the request was still waiting")
     row = rows(cluster).only()
     assert (row["status"], row["error"]) == (FAILED, f"UNAVAILABLE: {ended.value.details}")
-    assert cluster.scheduler.queued == 0 and service.quotas.queued.held("shop") == 0
+    assert cluster.desk.queued == 0 and service.quotas.queued.held("shop") == 0
     assert service.quotas.leases.held("search") == 0 and not service.in_flight
     # New calls are refused before anything is recorded.
     for call in (drain(infer(service, Context("t-shop"))), service.Lease(lease, Context("t-shop"))):  # type: ignore[arg-type]

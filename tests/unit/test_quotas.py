@@ -1,5 +1,5 @@
-"""Per-client limits and request references (queen/requests/quotas.py), and how an early end is named
-(queen/requests/endings.py): plain values in, refusals and words out."""
+"""Per-client limits and request references (queen/requests/quotas.py), and how an early end is
+named (queen/requests/endings.py): plain values in, refusals and words out."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from protos.v1 import common_pb2, queen_pb2
-from queen.registry import Outcome, Registry, RegistrySettings, Slot
+from queen.routing.ask import Outcome, Slot
 from tests.fakes import FakeClock
+from tests.queen_fakes import Fleet, split_settings
 
 OK = Outcome(ok=True, duration=1.0, tokens=10)
 FAULT = Outcome(ok=False, worker_fault=True)
@@ -37,14 +38,13 @@ def beat(
     )
 
 
-def make(**settings: object) -> tuple[Registry, FakeClock, list[queen_pb2.Event]]:
+def make(**settings: object) -> tuple[Fleet, FakeClock, list[queen_pb2.Event]]:
     clock = FakeClock()
     events: list[queen_pb2.Event] = []
-    reg = Registry(clock, RegistrySettings(**settings), seed=1, on_event=events.append)  # type: ignore[arg-type]
-    return reg, clock, events
+    return Fleet(clock, *split_settings(**settings), events=events), clock, events
 
 
-def pick(reg: Registry, model: str = "m", **kw: object) -> str | None:
+def pick(reg: Fleet, model: str = "m", **kw: object) -> str | None:
     slot = reg.take_slot(model, **kw)  # type: ignore[arg-type]
     return slot.worker_id if slot else None
 
@@ -330,7 +330,7 @@ def test_stats_and_score_in_the_view() -> None:
 
 
 def test_tag_pools_per_model_stay_bounded() -> None:
-    from queen.registry import MAX_POOLS_PER_MODEL
+    from queen.routing.router import MAX_POOLS_PER_MODEL
 
     reg, _, _ = make()
     tags = tuple(f"t{i}" for i in range(10))
@@ -338,9 +338,9 @@ def test_tag_pools_per_model_stay_bounded() -> None:
     for i in range(MAX_POOLS_PER_MODEL * 2):
         wanted = [tags[j] for j in range(10) if i >> j & 1]
         assert pick(reg, tags=wanted) == "a"
-    assert len(reg._pools["m"]) <= MAX_POOLS_PER_MODEL
-    assert frozenset() in reg._pools["m"]
-    assert reg.pool_size("m", frozenset({"t1", "t9"})) == 1
+    assert len(reg.router._pools["m"]) <= MAX_POOLS_PER_MODEL
+    assert frozenset() in reg.router._pools["m"]
+    assert reg.router.pool_size("m", frozenset({"t1", "t9"})) == 1
 
 
 def test_a_new_registry_warms_up_for_two_intervals_and_a_reconnect_backoff() -> None:

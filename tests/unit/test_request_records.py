@@ -19,8 +19,7 @@ from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
 from queen.history import History
 from queen.requests.quotas import Quotas
-from queen.registry import Outcome
-from queen.requests.route import Waits
+from queen.routing.ask import Ask, Outcome
 from queen.rpc.queen import QueenService
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeCall, FakeChannels, beat, chunk, make_cluster, record
@@ -325,18 +324,19 @@ async def test_a_cancel_while_awaiting_the_worker_gives_everything_back(cluster:
 
 async def test_waits_count_per_client(cluster: Cluster) -> None:
     quota = Quotas.of(max_queued=1).queued
-    waits = Waits(cluster, quota)
-    taken = await waits.slot("shop", "m", None)  # free: no wait, not counted
+    desk = cluster.desk
+    desk.queued_quota = quota
+    taken = await desk.take("shop", Ask("m"), None)  # free: no wait, not counted
     assert quota.held("shop") == 0
-    shop = asyncio.create_task(waits.slot("shop", "m", None))
+    shop = asyncio.create_task(desk.take("shop", Ask("m"), None))
     await settle()
     with pytest.raises(StatusError) as full:
-        await waits.slot("shop", "m", None)
+        await desk.take("shop", Ask("m"), None)
     assert "client 'shop' already has 1 requests waiting" in str(full.value)
-    search = asyncio.create_task(waits.slot("search", "m", None))
+    search = asyncio.create_task(desk.take("search", Ask("m"), None))
     await settle()
     assert (quota.held("shop"), quota.held("search")) == (1, 1)
-    cluster.scheduler.give_back(taken, Outcome(ok=None))
+    desk.give_back(taken, Outcome(ok=None))
     await shop
     search.cancel()
     await asyncio.gather(search, return_exceptions=True)

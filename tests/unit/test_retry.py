@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from queen.registry import Outcome
 from queen.requests.retry import (
     MAX_ATTEMPTS,
     RETRYABLE,
@@ -17,6 +16,7 @@ from queen.requests.retry import (
     every_worker_tried,
     gave_up,
 )
+from queen.routing.ask import Outcome
 
 Code = grpc.StatusCode
 

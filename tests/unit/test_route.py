@@ -11,6 +11,7 @@ import pytest
 from apiary.errors import StatusError
 from protos.v1 import common_pb2
 from queen.cluster import Cluster
+from queen.requests.record import Caller
 from queen.requests.route import Route
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import (
@@ -44,7 +45,7 @@ def route(cluster: Cluster, remaining: float | None = 30.0) -> Route:
         request_id="r1",
         policy=common_pb2.ROUTING_POLICY_LRU,  # a (joined first), then b
     )
-    return Route(cluster, request, FakeContext(remaining))
+    return Route(cluster, request, FakeContext(remaining), Caller())
 
 
 async def drain(r: Route, into: list[common_pb2.InferChunk]) -> None:
@@ -71,17 +72,17 @@ async def test_unavailable_worker_is_left_for_another_after_a_backoff_on_the_clo
     relay = asyncio.create_task(drain(r, chunks))
     await settle()
     # Backing off before the second attempt, on the cluster's clock only.
-    assert clock.sleeping == 1 and r.attempts == 1 and chunks == []
+    assert clock.sleeping == 1 and r.record.attempts == 1 and chunks == []
     assert cluster.registry.workers["a"].unreachable
     assert cluster.registry.workers["a"].in_flight == 0  # its slot went back at once
     assert failovers(cluster) == 1
     clock.advance(0.09)
     await settle()
-    assert clock.sleeping == 1 and r.attempts == 1
+    assert clock.sleeping == 1 and r.record.attempts == 1
     await clock.run(0.02)
     await relay
     assert [c.text for c in chunks] == ["x", "y"]
-    assert chunks[0].worker_id == "b" and r.attempts == 2 and r.tokens == 2
+    assert chunks[0].worker_id == "b" and r.record.attempts == 2 and r.record.counts.tokens == 2
     assert cluster.registry.workers["b"].in_flight == 0
     assert cluster.registry.workers["b"].stats.completed == 1
 
@@ -96,7 +97,7 @@ async def test_a_full_worker_is_tried_again_after_the_backoff(tmp_path: Path) ->
     assert clock.sleeping == 1 and not cluster.registry.workers["a"].unreachable
     await clock.run(0.1)
     await relay
-    assert [c.text for c in chunks] == ["ok"] and r.attempts == 2
+    assert [c.text for c in chunks] == ["ok"] and r.record.attempts == 2
     assert cluster.registry.workers["a"].stats.failed == 0  # not counted as a failure
 
 

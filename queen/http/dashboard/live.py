@@ -19,10 +19,10 @@ from typing import Any
 import structlog
 
 from apiary.clock import Clock
+from queen.events import EventBus, Subscriber
 from queen.http.dashboard.forms import to_json
 from queen.http.dashboard.series import Point, Series
-from queen.events import EventBus, Subscriber
-from queen.routing.desk import Scheduler
+from queen.routing.desk import Desk
 
 log = structlog.get_logger("queen.http.dashboard")
 
@@ -88,10 +88,10 @@ class Live:
     """The sampler task and the open streams."""
 
     def __init__(
-        self, series: Series, events: EventBus, scheduler: Scheduler, clock: Clock,
+        self, series: Series, events: EventBus, desk: Desk, clock: Clock,
         max_streams: int = MAX_STREAMS,
     ) -> None:  # fmt: skip
-        self.series, self.events, self.scheduler, self.clock = series, events, scheduler, clock
+        self.series, self.events, self.desk, self.clock = series, events, desk, clock
         self.max_streams = max_streams
         self.streams: set[Stream] = set()
         self.sampler: asyncio.Task[None] | None = None
@@ -135,7 +135,7 @@ class Live:
 
     def step(self, started: float) -> float:
         """One look; returns when the current interval started."""
-        self.series.queue_seen(self.scheduler.queued)
+        self.series.queue_seen(self.desk.queued)
         now = self.clock.monotonic()
         if now - started < self.series.interval - QUEUE_LOOK / 2:
             return started

@@ -25,12 +25,13 @@ from starlette.types import Receive, Scope, Send
 
 from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import queen_pb2
-from queen.rpc.admin import QueenAdminService
 from queen.http.dashboard import forms, local
 from queen.http.dashboard.gate import Gate, Verdict
 from queen.http.dashboard.live import Live, Stream
+from queen.http.dashboard.series import Series
 from queen.http.openai.app import SSE_HEADERS, ClientGone, send_body, send_start, until_disconnect
 from queen.http.openai.shapes import ApiError
+from queen.rpc.admin import QueenAdminService
 from queen.rpc.queen import QueenService
 
 log = structlog.get_logger("queen.http.dashboard")
@@ -69,7 +70,10 @@ class Dashboard:
         self.service, self.admin = service, admin
         cluster = service.cluster
         self.clock = cluster.clock
-        self.live = Live(cluster.metrics.series, cluster.events, cluster.scheduler, cluster.clock)
+        # The chart's points, from every request's end from now on.
+        series = Series()
+        cluster.metrics.on_finished.append(series.ended)
+        self.live = Live(series, cluster.events, cluster.desk, cluster.clock)
         self.gate = Gate(verdict, tokens_enabled)
         self.page = (STATIC / "index.html").read_bytes()
         self.assets = {name: (STATIC / name).read_bytes() for name in ASSETS}

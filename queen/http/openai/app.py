@@ -32,7 +32,14 @@ from apiary.serving import MAX_MESSAGE_BYTES
 from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import common_pb2
 from queen.http.openai import params
-from queen.http.openai.shapes import Answer, ApiError, error_event, from_status, model_list, model_object
+from queen.http.openai.shapes import (
+    Answer,
+    ApiError,
+    error_event,
+    from_status,
+    model_list,
+    model_object,
+)
 from queen.rpc.queen import Accepted, QueenService
 
 log = structlog.get_logger("queen.http.openai")

@@ -1,18 +1,34 @@
-"""Waiting for slots: FIFO hand-off, deadlines, queue bounds, models that vanish."""
+"""The desk: FIFO hand-off, deadlines, queue bounds, models that vanish, each ending in the
+request's final status."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
+from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
-from queen.registry import Outcome, Registry
-from queen.routing.desk import ModelGone, QueueFull, Scheduler
+from queen.registry import Registry
+from queen.routing.ask import Ask, Outcome, Slot
+from queen.routing.desk import Desk
+from queen.routing.router import Router
 from tests.fakes import FakeClock
 
 
-def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, Scheduler]:
+class OneClientDesk(Desk):
+    """The desk, asked for any worker of a model by one client."""
+
+    async def take_slot(self, model: str, timeout: float | None) -> Slot:
+        return await self.take("client", Ask(model), timeout)
+
+
+def status_of(excinfo: pytest.ExceptionInfo[StatusError]) -> grpc.StatusCode:
+    return excinfo.value.code
+
+
+def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, OneClientDesk]:
     reg = Registry(FakeClock())
     records = [
         common_pb2.WorkerRecord(
@@ -26,7 +42,7 @@ def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, Scheduler]:
         for i in range(workers)
     ]
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h", workers=records))
-    return reg, Scheduler(reg, max_queue)
+    return reg, OneClientDesk(Router(reg, seed=1), max_queue)
 
 
 async def test_free_slot_is_granted_at_once() -> None:
@@ -63,15 +79,17 @@ async def test_new_request_does_not_overtake_waiters() -> None:
     sched.give_back(held, Outcome(ok=True))
     newcomer = asyncio.create_task(sched.take_slot("m", 0.05))
     assert (await waiter).worker_id == "w0"
-    with pytest.raises(TimeoutError):
+    with pytest.raises(StatusError) as timed_out:
         await newcomer
+    assert status_of(timed_out) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "before the deadline; 0 other request(s) waiting" in timed_out.value.message
     assert reg.workers["w0"].in_flight == 1
 
 
 async def test_timeout_leaves_no_waiter_and_no_leaked_slot() -> None:
     reg, sched = setup()
     held = await sched.take_slot("m", None)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(StatusError, match="before the deadline"):
         await sched.take_slot("m", 0.01)
     assert sched.queued == 0 and sched.queue_depth("m") == 0
     sched.give_back(held, Outcome(ok=True))
@@ -97,8 +115,10 @@ async def test_queue_is_bounded() -> None:
     await sched.take_slot("m", None)
     waiting = asyncio.create_task(sched.take_slot("m", 5))
     await asyncio.sleep(0)
-    with pytest.raises(QueueFull):
+    with pytest.raises(StatusError) as full:
         await sched.take_slot("m", 5)
+    assert status_of(full) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queen queue is full: 1 requests are already queued (limit 1)" in full.value.message
     waiting.cancel()
 
 
@@ -109,8 +129,10 @@ async def test_waiters_fail_when_every_worker_of_the_model_leaves() -> None:
     await asyncio.sleep(0)
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h"))
     sched.dispatch_all()
-    with pytest.raises(ModelGone):
+    with pytest.raises(StatusError) as gone:
         await waiting
+    assert status_of(gone) == grpc.StatusCode.UNAVAILABLE
+    assert "every worker of model 'm' left while the request waited" in gone.value.message
 
 
 async def test_new_worker_in_heartbeat_serves_waiters() -> None:
