@@ -7,12 +7,12 @@ table costs one equality test per worker (`changed_records`), not a full check.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from apiary.security import is_loopback
 from apiary.validation import MAX_NAME_LENGTH, name_problem, tag_problem
 from protos.v1 import common_pb2, queen_pb2
 
@@ -46,15 +46,6 @@ class BeatLimits:
 def host_of(address: str) -> str:
     """'10.0.0.2' of '10.0.0.2:7071', '::1' of '[::1]:7071'."""
     return address.rsplit(":", 1)[0].strip("[]")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def same_host(worker_address: str, hive_address: str, also: Iterable[str] = ()) -> bool:

@@ -7,8 +7,10 @@ gone get closed and waiting requests get the new slots, every time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -44,6 +46,10 @@ LOGGED_EVENTS = frozenset(
 )
 
 
+class HiveLost(Exception):
+    """The worker's hive went unhealthy while we waited for the first chunk."""
+
+
 class HiveWatch:
     """Lets requests waiting on a worker hear that its hive was lost."""
 
@@ -66,6 +72,36 @@ class HiveWatch:
     def lost(self, hive_id: str) -> None:
         for on_lost in self._waiting.pop(hive_id, {}).values():
             on_lost()
+
+    async def first(
+        self, hive_id: str, worker_id: str, call: Any, read: Callable[[Any], Awaitable[object]]
+    ) -> object:
+        """A worker call's first chunk (or EOF) as `read` gets it; HiveLost if the worker's
+        hive goes unhealthy first.
+
+        A worker cut off with its hive (a network partition) sends no error, just nothing;
+        waiting for TCP or keepalive to say so would stall the request for many seconds, while
+        the queen knows within 3 heartbeat intervals. Nothing has reached the client yet, so
+        the request can safely move to another worker.
+        """
+        lost = False
+
+        def on_lost() -> None:
+            nonlocal lost
+            lost = True
+            call.cancel()  # wakes the read below with CancelledError
+
+        key = self.watch(hive_id, on_lost)
+        try:
+            return await read(call)
+        except asyncio.CancelledError:
+            if not lost:
+                raise  # the request itself was cancelled
+            raise HiveLost(
+                f"hive {hive_id} of worker {worker_id} stopped heartbeating before the first chunk"
+            ) from None
+        finally:
+            self.unwatch(hive_id, key)
 
 
 def hive_lost(event: queen_pb2.Event) -> bool:

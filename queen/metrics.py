@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from apiary.metrics import SnapshotCollector, hive_counters
-from apiary.protoutil import READY_STATES, health_name, state_name
+from apiary.protoutil import health_name, state_name
 from protos.v1 import common_pb2, queen_pb2
 from queen.history import History
+from queen.members import live_state
 from queen.registry import Registry
 from queen.requests import endings
 from queen.routing.desk import Desk
@@ -203,12 +204,7 @@ def worker_gauge(registry: Registry) -> Metric:
     )  # fmt: skip
     counts: Tally[tuple[str, str]] = Tally()
     for entry in registry.workers.values():
-        state = entry.record.state
-        if state in READY_STATES:
-            name = "BUSY" if entry.in_flight else "IDLE"
-        else:
-            name = state_name(state)
-        counts[(entry.record.model, name)] += 1
+        counts[(entry.record.model, state_name(live_state(entry)))] += 1
     for model in registry.models():
         for name in WORKER_STATES:
             workers.add_metric([model, name], counts[(model, name)])

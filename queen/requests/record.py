@@ -129,6 +129,25 @@ class RequestRecord:
         self.cluster.history.migrated(self.request.request_id, moves)
         self.cluster.metrics.migrations.labels(self.request.model).inc()
 
+    def ended_early(
+        self, time_remaining: float | None, cut_short: str | None, waiting_for: str
+    ) -> None:
+        """The call ended before the request did (unless the request was already recorded):
+        record how, without awaiting."""
+        if self.recorded:
+            return
+        status, error = endings.call_ended(time_remaining, self.attempts, self.counts.delivered)
+        if cut_short is not None:
+            # The server's stop ended the call, after the grace ran out on this request.
+            status, error = queen_pb2.REQUEST_STATUS_FAILED, f"UNAVAILABLE: {cut_short}"
+        # Named here: a done-callback runs outside the handler's bound log context.
+        log.info(
+            "call ended before the request", request_id=self.request.request_id,
+            client_request_id=self.caller.reference, status=endings.label(status),
+            waiting_for=waiting_for,
+        )  # fmt: skip
+        self.end(status, error, wait=False)
+
     async def finish(self, status: queen_pb2.RequestStatus.ValueType, error: str) -> None:
         """The request's end, its history row committed before this returns."""
         committed = self.end(status, error, wait=True)

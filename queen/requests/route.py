@@ -27,7 +27,7 @@ import structlog
 from apiary.coalesce import coalesced
 from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
-from queen.cluster import Cluster
+from queen.cluster import Cluster, HiveLost
 from queen.requests import endings, retry
 from queen.requests.progress import Progress
 from queen.requests.record import Caller, RequestRecord
@@ -43,10 +43,6 @@ class Call(Protocol):
     request): the seconds its client still waits (None: no deadline)."""
 
     def time_remaining(self) -> float | None: ...
-
-
-class HiveLost(Exception):
-    """The worker's hive went unhealthy while we waited for the first chunk."""
 
 
 class Route:
@@ -198,7 +194,7 @@ class Route:
     ) -> AsyncGenerator[common_pb2.InferChunk, None]:
         """The worker's chunks as they come, counted; the first names the worker. They are
         read ahead while the client is sent the previous message (apiary/coalesce.py)."""
-        chunk = await self._first(call, slot)
+        chunk = await self.cluster.hive_watch.first(slot.hive_id, slot.worker_id, call, self._read)
         if isinstance(chunk, common_pb2.InferChunk):
             chunk.worker_id = slot.worker_id  # after a move too: the client sees it
         while isinstance(chunk, common_pb2.InferChunk):
@@ -206,34 +202,6 @@ class Route:
             self.progress.add(chunk)
             yield chunk
             chunk = await self._read(call)
-
-    async def _first(self, call: Any, slot: Slot) -> object:
-        """The first chunk (or EOF); HiveLost if the worker's hive goes unhealthy first.
-
-        A worker cut off with its hive (a network partition) sends no error, just nothing;
-        waiting for TCP or keepalive to say so would stall the request for many seconds, while
-        the queen knows within 3 heartbeat intervals. Nothing has reached the client yet, so
-        the request can safely move to another worker.
-        """
-        lost = False
-
-        def on_lost() -> None:
-            nonlocal lost
-            lost = True
-            call.cancel()  # wakes the read below with CancelledError
-
-        key = self.cluster.hive_watch.watch(slot.hive_id, on_lost)
-        try:
-            return await self._read(call)
-        except asyncio.CancelledError:
-            if not lost:
-                raise  # the request itself was cancelled
-            raise HiveLost(
-                f"hive {slot.hive_id} of worker {slot.worker_id} stopped heartbeating "
-                "before the first chunk"
-            ) from None
-        finally:
-            self.cluster.hive_watch.unwatch(slot.hive_id, key)
 
     def cut(self, grace: float) -> None:
         """The stopping queen's grace ran out: end the request with UNAVAILABLE saying so.
@@ -260,19 +228,6 @@ class Route:
         """The call ended before the request did: record how (unless the request was already
         recorded) and give back the slot and the worker call. Awaits nothing, so a done-callback
         or a generator closed with GeneratorExit can call it; calling it again does nothing."""
-        record = self.record
-        if not record.recorded:
-            status, error = endings.call_ended(
-                self.context.time_remaining(), record.attempts, record.counts.delivered
-            )
-            if self.cut_short is not None:
-                # The server's stop ended the call, after the grace ran out on this request.
-                status, error = queen_pb2.REQUEST_STATUS_FAILED, f"UNAVAILABLE: {self.cut_short}"
-            # Named here: a done-callback runs outside the handler's bound log context.
-            log.info(
-                "call ended before the request", request_id=self.request.request_id,
-                client_request_id=record.caller.reference, status=endings.label(status),
-                waiting_for="the client" if self.sending else "a worker or a slot",
-            )  # fmt: skip
-            record.end(status, error, wait=False)
+        waiting_for = "the client" if self.sending else "a worker or a slot"
+        self.record.ended_early(self.context.time_remaining(), self.cut_short, waiting_for)
         self._let_go(Outcome(ok=None))

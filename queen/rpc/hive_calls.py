@@ -6,10 +6,11 @@ hive with its own (queen) credential, so the admin token never leaves the queen.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from apiary.protoutil import naming
 from apiary.serving import Context
@@ -63,30 +64,36 @@ class HiveCalls:
             await context.abort(exc.code(), f"hive {hive.id}: {exc.details()}")
             raise  # not reached: abort raises
 
+    async def forward(
+        self,
+        hive_id: str,
+        context: Context,
+        method: Callable[[hive_pb2_grpc.HiveAsyncStub], Callable[..., Awaitable[Reply]]],
+        request: Message,
+    ) -> Reply:
+        """One unary call forwarded to the hive: its answer, or its refusal as ours."""
+        hive, stub = await self.on_hive(hive_id, context)
+        return await self.relay(
+            hive, method(stub)(request, timeout=context.time_remaining()), context
+        )
+
     async def ListCatalog(
         self, request: queen_pb2.HiveRequest, context: Context
     ) -> hive_pb2.ListCatalogResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
-        call = stub.ListModels(hive_pb2.ListCatalogRequest(), timeout=context.time_remaining())
-        return await self.relay(hive, call, context)
+        forward = hive_pb2.ListCatalogRequest()
+        return await self.forward(request.hive_id, context, lambda hive: hive.ListModels, forward)
 
     async def GetCatalogModel(
         self, request: queen_pb2.HiveModelRequest, context: Context
     ) -> hive_pb2.GetCatalogModelResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
         forward = hive_pb2.GetCatalogModelRequest(name=request.name)
-        return await self.relay(
-            hive, stub.GetModel(forward, timeout=context.time_remaining()), context
-        )
+        return await self.forward(request.hive_id, context, lambda hive: hive.GetModel, forward)
 
     async def DeleteCatalogModel(
         self, request: queen_pb2.HiveModelRequest, context: Context
     ) -> hive_pb2.DeleteCatalogModelResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
         forward = hive_pb2.DeleteCatalogModelRequest(name=request.name)
-        return await self.relay(
-            hive, stub.DeleteModel(forward, timeout=context.time_remaining()), context
-        )
+        return await self.forward(request.hive_id, context, lambda hive: hive.DeleteModel, forward)
 
     async def PullModel(
         self, request: queen_pb2.HivePullRequest, context: Context
@@ -104,40 +111,31 @@ class HiveCalls:
     async def ListProcesses(
         self, request: queen_pb2.HiveRequest, context: Context
     ) -> hive_pb2.ListProcessesResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
-        call = stub.ListProcesses(hive_pb2.ListProcessesRequest(), timeout=context.time_remaining())
-        return await self.relay(hive, call, context)
+        forward = hive_pb2.ListProcessesRequest()
+        return await self.forward(
+            request.hive_id, context, lambda hive: hive.ListProcesses, forward
+        )
 
     async def GetProcess(
         self, request: queen_pb2.HiveProcessRequest, context: Context
     ) -> hive_pb2.GetProcessResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
         forward = hive_pb2.GetProcessRequest(pid=request.pid)
-        return await self.relay(
-            hive, stub.GetProcess(forward, timeout=context.time_remaining()), context
-        )
+        return await self.forward(request.hive_id, context, lambda hive: hive.GetProcess, forward)
 
     async def KillProcess(
         self, request: queen_pb2.HiveProcessRequest, context: Context
     ) -> hive_pb2.KillProcessResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
         forward = hive_pb2.KillProcessRequest(pid=request.pid)
-        return await self.relay(
-            hive, stub.KillProcess(forward, timeout=context.time_remaining()), context
-        )
+        return await self.forward(request.hive_id, context, lambda hive: hive.KillProcess, forward)
 
     async def ListBackends(
         self, request: queen_pb2.HiveRequest, context: Context
     ) -> hive_pb2.ListBackendsResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
-        call = stub.ListBackends(hive_pb2.ListBackendsRequest(), timeout=context.time_remaining())
-        return await self.relay(hive, call, context)
+        forward = hive_pb2.ListBackendsRequest()
+        return await self.forward(request.hive_id, context, lambda hive: hive.ListBackends, forward)
 
     async def GetBackend(
         self, request: queen_pb2.HiveBackendRequest, context: Context
     ) -> hive_pb2.GetBackendResponse:
-        hive, stub = await self.on_hive(request.hive_id, context)
         forward = hive_pb2.GetBackendRequest(name=request.name)
-        return await self.relay(
-            hive, stub.GetBackend(forward, timeout=context.time_remaining()), context
-        )
+        return await self.forward(request.hive_id, context, lambda hive: hive.GetBackend, forward)

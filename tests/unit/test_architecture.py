@@ -34,6 +34,9 @@ PURE_MODULES = (
     "hive/states.py",
     "hive/policy.py",
     "queen/registry.py",
+    "queen/members.py",
+    "queen/routing/ask.py",
+    "queen/routing/router.py",
     "queen/routing/selection.py",
     "queen/routing/stats.py",
     "queen/requests/retry.py",
@@ -53,6 +56,8 @@ IMPURE = frozenset({"asyncio", "psutil", "os", "grpc", "time", "socket", "subpro
 # Imports a pure module may still make, and why.
 PURE_EXCEPTIONS = {
     # grpc.StatusCode is a plain enum: the retry decision is about status codes.
+    ("queen/requests/retry.py", "grpc"),
+    # A failed attempt is judged by its status code (and built from the worker's grpc error).
     ("queen/requests/retry.py", "grpc"),
     # The gRPC door's verdict is a status code; the gate passes it on.
     ("queen/http/dashboard/gate.py", "grpc"),
@@ -172,3 +177,149 @@ def test_no_single_letter_module_aliases_and_no_attribute_named_c() -> None:
             text = f"attribute {ast.unparse(first)} ({len(uses)} uses in the file)"
             offenders.append(f"{where(path, first)}: {text}")
     assert not offenders, "names that say nothing:\n" + "\n".join(sorted(offenders, key=by_place))
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of ours by dotted name (a package by its own name, for its __init__)."""
+    files = {}
+    for path in sources(*PRODUCT, "harness"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        files[".".join(parts)] = path
+    return files
+
+
+def imported_files(path: Path, name: str, files: dict[str, Path]) -> Iterator[str]:
+    """The modules of ours `path` imports, anywhere in it (lazy and type-only ones too)."""
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names if alias.name in files)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = name.split(".")[: -node.level if path.name != "__init__.py" else None]
+                base = base[: len(base) - node.level + 1] if path.name == "__init__.py" else base
+                module = ".".join([*base, *([module] if module else [])])
+            for alias in node.names:
+                if f"{module}.{alias.name}" in files:
+                    yield f"{module}.{alias.name}"
+                elif module in files:
+                    yield module
+
+
+def import_loops(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    loops: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        while work:
+            node, edges = work[-1]
+            step = next((edge for edge in edges if edge not in index or edge in stack), None)
+            if step is not None and step not in index:
+                index[step] = low[step] = len(index)
+                stack.append(step)
+                work.append((step, iter(sorted(graph[step]))))
+                continue
+            if step is not None:
+                low[node] = min(low[node], index[step])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = stack[stack.index(node) :]
+                del stack[stack.index(node) :]
+                if len(group) > 1:
+                    loops.append(sorted(group))
+    return loops
+
+
+def test_no_two_modules_import_each_other_directly_or_in_a_loop() -> None:
+    files = module_files()
+    graph = {
+        name: set(imported_files(path, name, files)) - {name} for name, path in files.items()
+    }
+    loops = import_loops(graph)
+    assert not loops, "modules that import each other:\n" + "\n".join(
+        " -> ".join(loop) for loop in loops
+    )
+
+
+def test_the_loop_finder_finds_loops() -> None:
+    """The check above, on a graph with a loop of three and a pair, and a tree."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}, "g": set()}
+    assert sorted(import_loops(graph)) == [["a", "b", "c"], ["d", "e"]]
+    assert import_loops({"a": {"b"}, "b": set()}) == []
+
+
+# What routing may not know of: the doors requests come through.
+NOT_FOR_ROUTING = ("queen.rpc", "queen.http", "starlette", "uvicorn")
+
+
+def test_routing_imports_no_rpc_or_http_code() -> None:
+    offenders = []
+    for path in sources("queen/routing"):
+        for node, module in imported_modules(parse(path), "queen"):
+            if module.startswith(NOT_FOR_ROUTING) or module.endswith("_pb2_grpc"):
+                offenders.append(f"{where(path, node)}: imports {module}")
+            if module == "grpc" and isinstance(node, ast.Import) and path.name != "desk.py":
+                offenders.append(f"{where(path, node)}: imports grpc (only the desk's statuses)")
+    assert not offenders, "routing reaching for the doors:\n" + "\n".join(offenders)
+
+
+def test_http_uses_the_services_only_through_their_public_calls() -> None:
+    """The HTTP side takes nothing private from the rest of the queen: no private name
+    imported, and no private attribute of another object read or set."""
+    offenders = []
+    for path in sources("queen/http"):
+        tree = parse(path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("queen."):
+                if not node.module.startswith("queen.http"):  # type: ignore[union-attr]
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    offenders += [f"{where(path, node)}: imports {name}" for name in private]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                owner = node.value
+                if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                    if not node.attr.startswith("__"):
+                        offenders.append(f"{where(path, node)}: reads {ast.unparse(node)}")
+    assert not offenders, "the HTTP side reaching inside:\n" + "\n".join(offenders)
+
+
+def layout_rows() -> list[tuple[str, str]]:
+    """(path, text) of each row of the README's Layout table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`"):
+            rows.append((cells[0].strip("`").split("`")[0], cells[1]))
+    return rows
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """Each module is named in the row of the deepest folder of the Layout table holding it."""
+    rows = layout_rows()
+    missing = []
+    for path in sources(*PRODUCT, "harness"):
+        relative = str(path.relative_to(ROOT))
+        if path.name == "__init__.py" and not parse(path).body[1:]:
+            continue  # a package with only its docstring
+        owners = [row for row in rows if relative.startswith(row[0])]
+        if not owners:
+            missing.append(f"{relative}: no row of the Layout table holds it")
+            continue
+        folder, text = max(owners, key=lambda row: len(row[0]))
+        named = relative[len(folder) :]
+        if f"`{named}`" not in text and f"`{path.name}`" not in text:
+            missing.append(f"{relative}: not named in the row of `{folder}`")
+    assert not missing, "modules the README's Layout does not name:\n" + "\n".join(missing)

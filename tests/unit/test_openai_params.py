@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from protos.v1 import common_pb2
+from queen.http.errors import from_status
 from queen.http.openai import params
-from queen.http.openai.shapes import Answer, from_status
+from queen.http.openai.shapes import Answer
 
 USER = [{"role": "user", "content": "hi"}]
 

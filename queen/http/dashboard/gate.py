@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from queen.http.openai.shapes import ApiError, from_status
+from queen.http.errors import ApiError, from_status
 
 # The gRPC door's decision for a method and the call's metadata: None, or (code, message).
 Verdict = Callable[[str, Sequence[tuple[str, Any]] | None], tuple[grpc.StatusCode, str] | None]

@@ -18,7 +18,7 @@ import grpc
 
 from apiary.errors import StatusError
 from apiary.serving import Context
-from queen.http.openai.shapes import from_status
+from queen.http.errors import from_status
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")

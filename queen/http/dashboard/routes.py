@@ -25,12 +25,12 @@ from starlette.types import Receive, Scope, Send
 
 from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import queen_pb2
+from queen.http.asgi import SSE_HEADERS, ClientGone, send_body, send_start, until_disconnect
 from queen.http.dashboard import forms, local
 from queen.http.dashboard.gate import Gate, Verdict
 from queen.http.dashboard.live import Live, Stream
 from queen.http.dashboard.series import Series
-from queen.http.openai.app import SSE_HEADERS, ClientGone, send_body, send_start, until_disconnect
-from queen.http.openai.shapes import ApiError
+from queen.http.errors import ApiError
 from queen.rpc.admin import QueenAdminService
 from queen.rpc.queen import QueenService
 

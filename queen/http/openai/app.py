@@ -11,10 +11,9 @@ its slot and worker call given back, and it is recorded as cancelled.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -24,22 +23,24 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as Path
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from apiary.errors import StatusError
 from apiary.security import TokenSet
 from apiary.serving import MAX_MESSAGE_BYTES
 from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import common_pb2
-from queen.http.openai import params
-from queen.http.openai.shapes import (
-    Answer,
-    ApiError,
-    error_event,
-    from_status,
-    model_list,
-    model_object,
+from queen.http.asgi import (
+    SSE_HEADERS,
+    ClientGone,
+    send_body,
+    send_error,
+    send_start,
+    until_disconnect,
 )
+from queen.http.errors import ApiError, from_status
+from queen.http.openai import params
+from queen.http.openai.shapes import Answer, error_event, model_list, model_object
 from queen.rpc.queen import Accepted, QueenService
 
 log = structlog.get_logger("queen.http.openai")
@@ -47,7 +48,6 @@ log = structlog.get_logger("queen.http.openai")
 REQUEST_ID = "x-request-id"
 # Requests with the same value stick to one worker (cache-aware routing), like `user`.
 SESSION_AFFINITY = "x-session-affinity"
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 class NoDeadline:
@@ -183,10 +183,6 @@ def unknown_model(name: str, served: list[str]) -> ApiError:
                     code="model_not_found", param="model")  # fmt: skip
 
 
-class ClientGone(Exception):
-    """The HTTP client disconnected."""
-
-
 class InferResponse(Response):
     """The answer to one accepted request, sent as it comes (SSE) or whole (JSON); ends the
     request at once if the client disconnects, and closes it however the call ends."""
@@ -250,49 +246,6 @@ class InferResponse(Response):
         body = json.dumps(answer.whole(), separators=(",", ":")).encode()
         await send_start(send, 200, "application/json", self.extra)
         await send_body(send, body, last=True)
-
-
-async def until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
-    """Run `work`; if the client disconnects first, cancel it and raise ClientGone. One
-    watcher per request, not per chunk: the token path stays a plain await."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await work
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        task.uncancel()
-        raise ClientGone() from None
-    finally:
-        watcher.cancel()
-
-
-async def send_start(send: Send, status: int, content_type: str, headers: dict[str, str]) -> None:
-    raw = [(b"content-type", content_type.encode())]
-    raw += [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
-    message: Message = {"type": "http.response.start", "status": status, "headers": raw}
-    await send(message)
-
-
-async def send_body(send: Send, body: bytes, last: bool = False) -> None:
-    await send({"type": "http.response.body", "body": body, "more_body": not last})
-
-
-async def send_error(send: Send, error: ApiError, extra: dict[str, str]) -> None:
-    body = json.dumps(error.body()).encode()
-    await send_start(send, error.status, "application/json", {**extra, **error.headers})
-    await send_body(send, body, last=True)
 
 
 # ---- the application --------------------------------------------------------
