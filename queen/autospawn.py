@@ -1,7 +1,7 @@
 """On-demand spawn: a request for a model nobody serves makes the queen start one worker.
 
 Concurrent requests for the model cause exactly one spawn; they wait in the
-scheduler's queue (within their own deadlines) until the worker is ready.
+desk's queue (within their own deadlines) until the worker is ready.
 """
 
 from __future__ import annotations

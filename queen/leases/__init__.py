@@ -1,0 +1,1 @@
+"""Direct leases: a slot reserved for a client that calls the worker itself."""

@@ -1,0 +1,1 @@
+"""The gRPC services the queen serves: Queen, QueenAdmin, QueenRegistry."""

@@ -2,7 +2,7 @@
 
 A request is read (queen/http/openai/params.py), taken or refused by the same admission as gRPC
 Infer (QueenService.accept: quotas, the model, validation), and routed by the same Route:
-scheduler, failover, history, events and metrics are the gRPC ones. The answer waits for the
+desk, failover, history, events and metrics are the gRPC ones. The answer waits for the
 first chunk before sending its status, so a refusal or a failure before any token is a real
 HTTP error, not an error inside a 200 stream. A client that goes away is noticed at once
 (the ASGI disconnect message), whatever the request is waiting for: the route is cancelled,
