@@ -7,7 +7,7 @@ hive with its own (queen) credential, so the admin token never leaves the queen.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -19,6 +19,17 @@ from queen.cluster import Cluster
 from queen.members import HiveEntry
 
 Reply = TypeVar("Reply")
+Handler = Callable[[Any, Any, Context], Awaitable[Any]]
+
+
+def forwarded(method: str, translate: Callable[[Any], Message]) -> Handler:
+    """A QueenAdmin handler that forwards its request, translated, to the named hive's `method`."""
+
+    async def handler(calls: HiveCalls, request: Any, context: Context) -> Any:
+        return await calls.forward(request.hive_id, context, method, translate(request))
+
+    handler.__name__ = handler.__qualname__ = f"forwarded_{method}"
+    return handler
 
 
 class HiveCalls:
@@ -64,36 +75,11 @@ class HiveCalls:
             await context.abort(exc.code(), f"hive {hive.id}: {exc.details()}")
             raise  # not reached: abort raises
 
-    async def forward(
-        self,
-        hive_id: str,
-        context: Context,
-        method: Callable[[hive_pb2_grpc.HiveAsyncStub], Callable[..., Awaitable[Reply]]],
-        request: Message,
-    ) -> Reply:
+    async def forward(self, hive_id: str, context: Context, method: str, request: Message) -> Any:
         """One unary call forwarded to the hive: its answer, or its refusal as ours."""
         hive, stub = await self.on_hive(hive_id, context)
-        return await self.relay(
-            hive, method(stub)(request, timeout=context.time_remaining()), context
-        )
-
-    async def ListCatalog(
-        self, request: queen_pb2.HiveRequest, context: Context
-    ) -> hive_pb2.ListCatalogResponse:
-        forward = hive_pb2.ListCatalogRequest()
-        return await self.forward(request.hive_id, context, lambda hive: hive.ListModels, forward)
-
-    async def GetCatalogModel(
-        self, request: queen_pb2.HiveModelRequest, context: Context
-    ) -> hive_pb2.GetCatalogModelResponse:
-        forward = hive_pb2.GetCatalogModelRequest(name=request.name)
-        return await self.forward(request.hive_id, context, lambda hive: hive.GetModel, forward)
-
-    async def DeleteCatalogModel(
-        self, request: queen_pb2.HiveModelRequest, context: Context
-    ) -> hive_pb2.DeleteCatalogModelResponse:
-        forward = hive_pb2.DeleteCatalogModelRequest(name=request.name)
-        return await self.forward(request.hive_id, context, lambda hive: hive.DeleteModel, forward)
+        call = getattr(stub, method)(request, timeout=context.time_remaining())
+        return await self.relay(hive, call, context)
 
     async def PullModel(
         self, request: queen_pb2.HivePullRequest, context: Context
@@ -108,34 +94,22 @@ class HiveCalls:
         finally:
             stream.cancel()
 
-    async def ListProcesses(
-        self, request: queen_pb2.HiveRequest, context: Context
-    ) -> hive_pb2.ListProcessesResponse:
-        forward = hive_pb2.ListProcessesRequest()
-        return await self.forward(
-            request.hive_id, context, lambda hive: hive.ListProcesses, forward
-        )
-
-    async def GetProcess(
-        self, request: queen_pb2.HiveProcessRequest, context: Context
-    ) -> hive_pb2.GetProcessResponse:
-        forward = hive_pb2.GetProcessRequest(pid=request.pid)
-        return await self.forward(request.hive_id, context, lambda hive: hive.GetProcess, forward)
-
-    async def KillProcess(
-        self, request: queen_pb2.HiveProcessRequest, context: Context
-    ) -> hive_pb2.KillProcessResponse:
-        forward = hive_pb2.KillProcessRequest(pid=request.pid)
-        return await self.forward(request.hive_id, context, lambda hive: hive.KillProcess, forward)
-
-    async def ListBackends(
-        self, request: queen_pb2.HiveRequest, context: Context
-    ) -> hive_pb2.ListBackendsResponse:
-        forward = hive_pb2.ListBackendsRequest()
-        return await self.forward(request.hive_id, context, lambda hive: hive.ListBackends, forward)
-
-    async def GetBackend(
-        self, request: queen_pb2.HiveBackendRequest, context: Context
-    ) -> hive_pb2.GetBackendResponse:
-        forward = hive_pb2.GetBackendRequest(name=request.name)
-        return await self.forward(request.hive_id, context, lambda hive: hive.GetBackend, forward)
+    # The calls that only forward one request: (the hive's method, the request it takes).
+    ListCatalog = forwarded("ListModels", lambda request: hive_pb2.ListCatalogRequest())
+    GetCatalogModel = forwarded(
+        "GetModel", lambda request: hive_pb2.GetCatalogModelRequest(name=request.name)
+    )
+    DeleteCatalogModel = forwarded(
+        "DeleteModel", lambda request: hive_pb2.DeleteCatalogModelRequest(name=request.name)
+    )
+    ListProcesses = forwarded("ListProcesses", lambda request: hive_pb2.ListProcessesRequest())
+    GetProcess = forwarded(
+        "GetProcess", lambda request: hive_pb2.GetProcessRequest(pid=request.pid)
+    )
+    KillProcess = forwarded(
+        "KillProcess", lambda request: hive_pb2.KillProcessRequest(pid=request.pid)
+    )
+    ListBackends = forwarded("ListBackends", lambda request: hive_pb2.ListBackendsRequest())
+    GetBackend = forwarded(
+        "GetBackend", lambda request: hive_pb2.GetBackendRequest(name=request.name)
+    )
