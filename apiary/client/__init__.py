@@ -16,7 +16,10 @@ processes and backends through the queen).
 - Given several queens ("10.0.0.1:7070,10.0.0.2:7070"), a call that cannot reach one goes to
   the next, and a stream moves to another queen as long as no chunk has arrived. Only
   failures that prove the request was not served move it: no connection could be made, or the
-  queen refused it because it is shutting down.
+  queen ended it because it is stopping (it says so in a trailer, `apiary-stopping`).
+- An inference stream whose queen goes away mid-stream (killed, cut off, or stopping at the
+  end of its grace) continues after the token ids already received, on another queen or the
+  same one once back (at most 3 times): nothing is missing or repeated.
 - While no queen can be reached (a restart), calls keep trying until their deadline
   (`wait_for_ready=False`: fail at once).
 - Credentials as the `apiary` CLI takes them: `token` (default $APIARY_TOKEN), `tls_ca`,

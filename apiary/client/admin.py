@@ -4,19 +4,17 @@ which the queen forwards: one address and one credential for the operator."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from apiary.client.queens import grpc_timeout, unreached
+from apiary.client.queens import unreached
+from apiary.client.transport import Transport
 from protos.v1 import common_pb2, hive_pb2, queen_pb2, queen_pb2_grpc
 
 if TYPE_CHECKING:
-    from apiary.client.aio import AsyncClient
-
     # Only in the generated .pyi: what QueenAdminStub(an aio channel) is.
     AdminStub = queen_pb2_grpc.QueenAdminAsyncStub
 
@@ -30,12 +28,12 @@ def catalog_name(source: str) -> str:
 
 
 class AsyncAdmin:
-    """The admin calls of an AsyncClient, with its queens, deadlines and failover. `hive_id`
-    may be left empty when the cluster has one hive (the queen picks it, or says which
-    exist)."""
+    """The admin calls, through a Transport (an AsyncClient's: its queens, deadlines and
+    failover). `hive_id` may be left empty when the cluster has one hive (the queen picks it,
+    or says which exist)."""
 
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
 
     async def _call(
         self,
@@ -43,7 +41,7 @@ class AsyncAdmin:
         request: Request,
         timeout: float | None,
     ) -> Reply:
-        return await self._client.unary(
+        return await self._transport.unary(
             lambda channel, left: method(queen_pb2_grpc.QueenAdminStub(channel))(
                 request, timeout=left
             ),
@@ -56,7 +54,7 @@ class AsyncAdmin:
         request: Request,
         timeout: float | None,
     ) -> AsyncIterator[Reply]:
-        return self._client.stream(
+        return self._transport.stream(
             lambda channel, left: method(queen_pb2_grpc.QueenAdminStub(channel))(
                 request, timeout=left
             ),
@@ -171,15 +169,15 @@ class AsyncAdmin:
         keeps its own: given several, every one is asked and the answers merged; a queen that
         cannot be reached is left out while another answers."""
         request = queen_pb2.ListRequestsRequest(status=status, model=model, limit=limit)
-        if len(self._client.queens) == 1:
+        if len(self._transport.queens) == 1:
             reply = await self._call(lambda stub: stub.ListRequests, request, timeout)
             return list(reply.requests)
-        left = grpc_timeout(self._client.timeout if timeout is None else timeout)
-        replies = await asyncio.gather(
-            *(queen_pb2_grpc.QueenAdminStub(self._client.channel(queen)).ListRequests(
-                request, timeout=left) for queen in self._client.queens),
-            return_exceptions=True,
-        )  # fmt: skip
+        replies = await self._transport.everywhere(
+            lambda channel, left: queen_pb2_grpc.QueenAdminStub(channel).ListRequests(
+                request, timeout=left
+            ),
+            timeout,
+        )
         return merged_history(replies, limit or 100)
 
     # ---- a hive's catalog, processes and backends, through the queen ----------------------

@@ -1,65 +1,23 @@
-"""`AsyncClient`: every call to a cluster, on asyncio. Calls go to the first queen that can
-take them, move to the next only on a failure that proves the request was never served, and
-keep trying while every queen is down (a restart), all within the call's deadline."""
+"""`AsyncClient`: every call to a cluster, on asyncio: inference streams (resumed on another
+queen when theirs goes away mid-stream), models and direct leases, and under `.admin` the
+admin calls; all of them through one Transport (queens, failover, deadlines)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Protocol, TypeVar, Unpack
+from collections.abc import AsyncIterator, Iterable
+from typing import Unpack
 
 import grpc
 
 from apiary.client.admin import AsyncAdmin
-from apiary.client.queens import (
-    DEFAULT_TIMEOUT,
-    MAX_RESUMES,
-    TOKEN_ENV,
-    Backoff,
-    Rotation,
-    deadline_passed,
-    grpc_timeout,
-    queen_lost,
-    queens_from,
-    unreached,
-)
+from apiary.client.queens import DEFAULT_TIMEOUT, MAX_RESUMES, TOKEN_ENV, queen_lost, queens_from
 from apiary.client.requests import InferOptions, Message, infer_request
+from apiary.client.transport import Transport
 from apiary.protoutil import continued
-from apiary.security import Security, TlsFiles
+from apiary.security import TlsFiles
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc, worker_pb2_grpc
-
-Reply = TypeVar("Reply")
-Item = TypeVar("Item", covariant=True)
-
-# A client's channels reconnect quickly: a queen coming back is found within a second
-# (grpc's default backoff grows to two minutes). While calls are open they ping the queen
-# every 2 s and give it 5 s to answer: a queen whose host vanished (link cut, power lost:
-# nothing says so) is given up within ~7 s and its streams resume elsewhere, not after the
-# deadline or TCP's minutes. grpc also uses the 5 s as TCP_USER_TIMEOUT (data unacknowledged
-# that long ends the connection), so it is not shorter: a lossy link must not cut streams.
-# Idle channels do not ping (a thousand idle clients cost a queen nothing); the queen accepts
-# pings at any rate (serving.SERVER_OPTIONS).
-CLIENT_KEEPALIVE_MS = 2000
-CLIENT_KEEPALIVE_TIMEOUT_MS = 5000
-CLIENT_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 0),
-    # A server stream sends nothing after its request: without this, pings stop after two.
-    ("grpc.http2.max_pings_without_data", 0),
-)
-
-
-class StreamCall(Protocol[Item]):
-    """A server-streaming call as grpc.aio returns it."""
-
-    def __aiter__(self) -> AsyncIterator[Item]: ...
-
-    def cancel(self) -> bool: ...
 
 
 class AsyncClient:
@@ -87,107 +45,32 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         wait_for_ready: bool = True,
     ) -> None:
-        self.queens = queens_from(queens)
-        self.timeout = timeout
-        self.wait_for_ready = wait_for_ready
-        self._token = os.environ.get(TOKEN_ENV, "") if token is None else token
-        self._security = Security(tls=TlsFiles(cert=tls_cert, key=tls_key, ca=tls_ca))
-        self._security.tls.channel_credentials()  # a missing or unreadable file fails here
-        self._rotation = Rotation(self.queens)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.admin = AsyncAdmin(self)
+        self._transport = Transport(
+            queens_from(queens),
+            token=os.environ.get(TOKEN_ENV, "") if token is None else token,
+            tls=TlsFiles(cert=tls_cert, key=tls_key, ca=tls_ca),
+            timeout=timeout,
+            wait_for_ready=wait_for_ready,
+        )
+        # The admin calls, through the same channels, queens and deadlines.
+        self.admin = AsyncAdmin(self._transport)
         # Streams resumed on another queen after theirs went away mid-stream (since made).
         self.resumes = 0
+
+    @property
+    def queens(self) -> tuple[str, ...]:
+        return self._transport.queens
+
+    @property
+    def timeout(self) -> float:
+        return self._transport.timeout
 
     def __repr__(self) -> str:
         return f"AsyncClient({','.join(self.queens)!r}, timeout={self.timeout:g})"
 
-    # ---- plumbing -------------------------------------------------------------------------
-
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """The channel to `address` (a queen, or a leased worker), made on first use. A
-        grpc.aio channel belongs to the loop that made it: on another loop, new ones are made."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._channels, self._loop = {}, loop
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._security.aio_channel(address, self._token, CLIENT_OPTIONS)
-            self._channels[address] = channel
-        return channel
-
-    def _seconds(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
-
-    async def unary(
-        self,
-        call: Callable[[grpc.aio.Channel, float | None], Awaitable[Reply]],
-        timeout: float | None = None,
-    ) -> Reply:
-        """`call(channel, grpc_timeout)` on the first queen that takes it, within the deadline."""
-        loop, seconds = asyncio.get_running_loop(), self._seconds(timeout)
-        deadline, backoff = loop.time() + seconds, Backoff()
-        last: grpc.aio.AioRpcError | None = None
-        while True:
-            for address in self._rotation.order():
-                if deadline - loop.time() <= 0:
-                    break
-                try:
-                    result = await call(self.channel(address), grpc_timeout(deadline - loop.time()))
-                except grpc.aio.AioRpcError as exc:
-                    if not unreached(exc):
-                        raise
-                    last = exc
-                    continue
-                self._rotation.answered(address)
-                return result
-            await self._next_round(deadline, backoff, last or deadline_passed(seconds))
-
-    async def stream(
-        self,
-        open_stream: Callable[[grpc.aio.Channel, float | None], StreamCall[Reply]],
-        timeout: float | None = None,
-    ) -> AsyncIterator[Reply]:
-        """A server stream from the first queen that takes it. It moves to another queen only
-        while nothing has arrived; after the first item, a failure is the caller's to see."""
-        loop, seconds = asyncio.get_running_loop(), self._seconds(timeout)
-        deadline, backoff = loop.time() + seconds, Backoff()
-        last: grpc.aio.AioRpcError | None = None
-        while True:
-            for address in self._rotation.order():
-                if deadline - loop.time() <= 0:
-                    break
-                call = open_stream(self.channel(address), grpc_timeout(deadline - loop.time()))
-                received = False
-                try:
-                    async for item in call:
-                        received = True
-                        yield item
-                    self._rotation.answered(address)
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if received or not unreached(exc):
-                        raise
-                    last = exc
-                finally:
-                    call.cancel()  # a no-op once it ended; stops it when the caller stops early
-            await self._next_round(deadline, backoff, last or deadline_passed(seconds))
-
-    async def _next_round(
-        self, deadline: float, backoff: Backoff, last: grpc.aio.AioRpcError
-    ) -> None:
-        """No queen could be reached: wait a little and try them all again (a queen may be
-        restarting), or, past the deadline or not waiting for ready, raise the last failure."""
-        seconds_left = deadline - asyncio.get_running_loop().time()
-        if not self.wait_for_ready or seconds_left <= 0:
-            raise last
-        await asyncio.sleep(backoff.pause(seconds_left))
-
     async def close(self) -> None:
         """Close every channel (calls still open on them end)."""
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(channel.close(None) for channel in channels), return_exceptions=True)
+        await self._transport.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -225,12 +108,12 @@ class AsyncClient:
         self, request: common_pb2.InferRequest, *, timeout: float | None = None
     ) -> AsyncIterator[common_pb2.InferChunk]:
         """Stream the completion of a whole InferRequest (see `infer_request`)."""
-        return self._resuming(request, self._seconds(timeout))
+        return self._resuming(request, self._transport.seconds(timeout))
 
     def _infer_stream(
         self, request: common_pb2.InferRequest, seconds: float
     ) -> AsyncIterator[common_pb2.InferChunk]:
-        return self.stream(
+        return self._transport.stream(
             lambda channel, left: queen_pb2_grpc.QueenStub(channel).Infer(request, timeout=left),
             seconds,
         )
@@ -268,7 +151,7 @@ class AsyncClient:
     async def list_models(self, *, timeout: float | None = None) -> list[queen_pb2.ModelInfo]:
         """The models the cluster serves, with worker counts by state and queue length."""
         request = queen_pb2.ListModelsRequest()
-        reply = await self.unary(
+        reply = await self._transport.unary(
             lambda channel, left: queen_pb2_grpc.QueenStub(channel).ListModels(
                 request, timeout=left
             ),
@@ -292,7 +175,7 @@ class AsyncClient:
         request = queen_pb2.LeaseRequest(
             model=model, required_tags=required_tags, policy=policy, ttl_seconds=ttl_seconds
         )
-        return await self.unary(
+        return await self._transport.unary(
             lambda channel, left: queen_pb2_grpc.QueenStub(channel).Lease(request, timeout=left),
             timeout,
         )
@@ -303,14 +186,14 @@ class AsyncClient:
         """Give back a lease that will not be used (a lease or its id)."""
         lease_id = lease if isinstance(lease, str) else lease.lease_id
         request = queen_pb2.ReleaseLeaseRequest(lease_id=lease_id)
-        await self.unary(
+        await self._transport.unary(
             lambda channel, left: queen_pb2_grpc.QueenStub(channel).ReleaseLease(
                 request, timeout=left
             ),
             timeout,
         )
 
-    async def infer_direct(
+    def infer_direct(
         self,
         lease: queen_pb2.LeaseResponse,
         request: common_pb2.InferRequest,
@@ -322,10 +205,8 @@ class AsyncClient:
         direct = common_pb2.InferRequest()
         direct.CopyFrom(request)
         direct.lease_id = lease.lease_id
-        stub = worker_pb2_grpc.WorkerStub(self.channel(lease.address))
-        call = stub.Infer(direct, timeout=grpc_timeout(self._seconds(timeout)))
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        return self._transport.direct(
+            lease.address,
+            lambda channel, left: worker_pb2_grpc.WorkerStub(channel).Infer(direct, timeout=left),
+            timeout,
+        )

@@ -1,21 +1,26 @@
-"""`Client`: the blocking client. Each method runs AsyncClient's on a private event loop thread
-(the loop its channels belong to) and waits: one implementation of every behaviour, with
-signatures of its own so type checkers see real types; streams become plain iterators."""
+"""`Client` and `Admin`: the blocking client. Each method is AsyncClient's (AsyncAdmin's), run
+on a private event loop thread (the loop its channels belong to) and waited for: one
+implementation of every behaviour. The methods are made from the async ones (`blocking`,
+`blocking_stream`), so type checkers see the async signatures with the results they block for;
+streams become plain iterators."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
-from typing import Any, TypeVar, Unpack
+import types
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 from apiary.client.admin import AsyncAdmin
 from apiary.client.aio import AsyncClient
 from apiary.client.queens import DEFAULT_TIMEOUT
-from apiary.client.requests import InferOptions, Message
-from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
 Result = TypeVar("Result")
+Params = ParamSpec("Params")
+Async = TypeVar("Async")
+Made = TypeVar("Made")
 
 
 class _End:
@@ -87,7 +92,63 @@ async def _close(stream: AsyncIterator[Any]) -> None:
         await close()
 
 
-class Client:
+class OnLoop(Generic[Async]):
+    """A blocking face of an `Async` object: its `blocking` methods run `Async`'s on `thread`'s
+    loop."""
+
+    def __init__(self, inner: Async, thread: LoopThread) -> None:
+        self._async, self._thread = inner, thread
+
+
+class Blocking(Generic[Async, Params, Made, Result]):
+    """A method of OnLoop[Async]: `Async.method` with the same parameters, whose result
+    (`Made`: a coroutine, a stream) `finish` turns on the loop thread into a blocking one.
+    Made by `blocking` and `blocking_stream`, in a class body."""
+
+    def __init__(
+        self,
+        method: Callable[Concatenate[Async, Params], Made],
+        finish: Callable[[LoopThread, Made], Result],
+    ) -> None:
+        self._method, self._finish = method, finish
+        self.__doc__ = method.__doc__
+
+    def __repr__(self) -> str:
+        return f"Blocking({self._method.__qualname__})"
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, instance: OnLoop[Async], owner: type[Any]) -> Callable[Params, Result]: ...
+    def __get__(
+        self, instance: OnLoop[Async] | None, owner: type[Any]
+    ) -> Self | Callable[Params, Result]:
+        if instance is None:
+            return self
+        method, finish = self._method, self._finish
+
+        @functools.wraps(method)  # its name, docstring and (help) signature
+        def call(face: OnLoop[Async], *args: Params.args, **kwargs: Params.kwargs) -> Result:
+            return finish(face._thread, method(face._async, *args, **kwargs))
+
+        return types.MethodType(call, instance)
+
+
+def blocking(
+    method: Callable[Concatenate[Async, Params], Coroutine[Any, Any, Result]],
+) -> Blocking[Async, Params, Coroutine[Any, Any, Result], Result]:
+    """`list_models = blocking(AsyncClient.list_models)`: run on the loop and waited for."""
+    return Blocking(method, LoopThread.run)
+
+
+def blocking_stream(
+    method: Callable[Concatenate[Async, Params], AsyncIterator[Result]],
+) -> Blocking[Async, Params, AsyncIterator[Result], Iterator[Result]]:
+    """`infer = blocking_stream(AsyncClient.infer)`: a plain iterator, each step on the loop."""
+    return Blocking(method, LoopThread.iterate)
+
+
+class Client(OnLoop[AsyncClient]):
     """The blocking client of a cluster: AsyncClient's options and calls, for code without an
     event loop (safe to share between threads). Close it (or use `with`).
 
@@ -106,14 +167,14 @@ class Client:
         wait_for_ready: bool = True,
     ) -> None:
         # Made here (files read, queens checked) but its channels are made on the loop.
-        self._async = AsyncClient(
+        inner = AsyncClient(
             queens, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
             timeout=timeout, wait_for_ready=wait_for_ready,
         )  # fmt: skip
-        self._thread = LoopThread()
-        self.queens = self._async.queens
-        self.timeout = timeout
-        self.admin = Admin(self._async.admin, self._thread)
+        super().__init__(inner, LoopThread())
+        self.queens = inner.queens
+        self.timeout = inner.timeout
+        self.admin = Admin(inner.admin, self._thread)
 
     def __repr__(self) -> str:
         return f"Client({','.join(self.queens)!r}, timeout={self.timeout:g})"
@@ -127,218 +188,34 @@ class Client:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def infer(
-        self,
-        model: str,
-        prompt: str,
-        *,
-        timeout: float | None = None,
-        **options: Unpack[InferOptions],
-    ) -> Iterator[common_pb2.InferChunk]:
-        """Stream a completion of `prompt` (AsyncClient.infer)."""
-        return self._thread.iterate(self._async.infer(model, prompt, timeout=timeout, **options))
-
-    def chat(
-        self,
-        model: str,
-        messages: Iterable[Message],
-        *,
-        timeout: float | None = None,
-        **options: Unpack[InferOptions],
-    ) -> Iterator[common_pb2.InferChunk]:
-        """Stream the assistant's reply to `messages` (AsyncClient.chat)."""
-        stream = self._async.chat(model, messages, timeout=timeout, **options)
-        return self._thread.iterate(stream)
-
-    def send(
-        self, request: common_pb2.InferRequest, *, timeout: float | None = None
-    ) -> Iterator[common_pb2.InferChunk]:
-        return self._thread.iterate(self._async.send(request, timeout=timeout))
-
-    def list_models(self, *, timeout: float | None = None) -> list[queen_pb2.ModelInfo]:
-        return self._thread.run(self._async.list_models(timeout=timeout))
-
-    def lease(
-        self,
-        model: str,
-        *,
-        required_tags: Iterable[str] = (),
-        policy: common_pb2.RoutingPolicy.ValueType = common_pb2.ROUTING_POLICY_UNSPECIFIED,
-        ttl_seconds: float = 0.0,
-        timeout: float | None = None,
-    ) -> queen_pb2.LeaseResponse:
-        """A slot on a worker for one infer_direct (AsyncClient.lease)."""
-        return self._thread.run(
-            self._async.lease(
-                model, required_tags=required_tags, policy=policy, ttl_seconds=ttl_seconds,
-                timeout=timeout,
-            )
-        )  # fmt: skip
-
-    def release_lease(
-        self, lease: queen_pb2.LeaseResponse | str, *, timeout: float | None = None
-    ) -> None:
-        self._thread.run(self._async.release_lease(lease, timeout=timeout))
-
-    def infer_direct(
-        self,
-        lease: queen_pb2.LeaseResponse,
-        request: common_pb2.InferRequest,
-        *,
-        timeout: float | None = None,
-    ) -> Iterator[common_pb2.InferChunk]:
-        """Stream `request` from the leased worker itself (AsyncClient.infer_direct)."""
-        return self._thread.iterate(self._async.infer_direct(lease, request, timeout=timeout))
+    infer = blocking_stream(AsyncClient.infer)
+    chat = blocking_stream(AsyncClient.chat)
+    send = blocking_stream(AsyncClient.send)
+    list_models = blocking(AsyncClient.list_models)
+    lease = blocking(AsyncClient.lease)
+    release_lease = blocking(AsyncClient.release_lease)
+    infer_direct = blocking_stream(AsyncClient.infer_direct)
 
 
-class Admin:
+class Admin(OnLoop[AsyncAdmin]):
     """`Client.admin`: AsyncAdmin's calls, blocking."""
 
-    def __init__(self, admin: AsyncAdmin, thread: LoopThread) -> None:
-        self._async, self._thread = admin, thread
-
-    def list_hives(self, *, timeout: float | None = None) -> queen_pb2.ListHivesResponse:
-        return self._thread.run(self._async.list_hives(timeout=timeout))
-
-    def get_hive(self, hive_id: str, *, timeout: float | None = None) -> queen_pb2.GetHiveResponse:
-        return self._thread.run(self._async.get_hive(hive_id, timeout=timeout))
-
-    def drain_hive(
-        self, hive_id: str, *, undrain: bool = False, timeout: float | None = None
-    ) -> queen_pb2.HiveInfo:
-        return self._thread.run(self._async.drain_hive(hive_id, undrain=undrain, timeout=timeout))
-
-    def list_workers(
-        self,
-        *,
-        hive_id: str = "",
-        model: str = "",
-        state: common_pb2.WorkerState.ValueType = common_pb2.WORKER_STATE_UNSPECIFIED,
-        tags: Iterable[str] = (),
-        hive_health: common_pb2.HiveHealth.ValueType = common_pb2.HIVE_HEALTH_UNSPECIFIED,
-        min_free_slots: int = 0,
-        timeout: float | None = None,
-    ) -> list[common_pb2.WorkerRecord]:
-        return self._thread.run(
-            self._async.list_workers(
-                hive_id=hive_id, model=model, state=state, tags=tags, hive_health=hive_health,
-                min_free_slots=min_free_slots, timeout=timeout,
-            )
-        )  # fmt: skip
-
-    def get_worker(
-        self, worker_id: str, *, timeout: float | None = None
-    ) -> common_pb2.WorkerRecord:
-        return self._thread.run(self._async.get_worker(worker_id, timeout=timeout))
-
-    def spawn_worker(
-        self,
-        model: str,
-        *,
-        hive_id: str = "",
-        backend: str = "",
-        slots: int = 1,
-        device: str = "",
-        backend_options: Mapping[str, str] | None = None,
-        wait_ready: bool = True,
-        restart_policy: common_pb2.RestartPolicy.ValueType = common_pb2.RESTART_POLICY_UNSPECIFIED,
-        tags: Iterable[str] = (),
-        timeout: float | None = None,
-    ) -> common_pb2.WorkerRecord:
-        return self._thread.run(
-            self._async.spawn_worker(
-                model, hive_id=hive_id, backend=backend, slots=slots, device=device,
-                backend_options=backend_options, wait_ready=wait_ready,
-                restart_policy=restart_policy, tags=tags, timeout=timeout,
-            )
-        )  # fmt: skip
-
-    def retire_worker(
-        self, worker_id: str, *, force: bool = False, timeout: float | None = None
-    ) -> common_pb2.WorkerRecord:
-        return self._thread.run(self._async.retire_worker(worker_id, force=force, timeout=timeout))
-
-    def drain_worker(
-        self, worker_id: str, *, undrain: bool = False, timeout: float | None = None
-    ) -> common_pb2.WorkerRecord:
-        return self._thread.run(
-            self._async.drain_worker(worker_id, undrain=undrain, timeout=timeout)
-        )
-
-    def watch_events(
-        self,
-        *,
-        kinds: Iterable[queen_pb2.EventKind.ValueType] = (),
-        timeout: float | None = None,
-    ) -> Iterator[queen_pb2.Event]:
-        return self._thread.iterate(self._async.watch_events(kinds=kinds, timeout=timeout))
-
-    def list_requests(
-        self,
-        *,
-        status: queen_pb2.RequestStatus.ValueType = queen_pb2.REQUEST_STATUS_UNSPECIFIED,
-        model: str = "",
-        limit: int = 0,
-        timeout: float | None = None,
-    ) -> list[queen_pb2.RequestRecord]:
-        return self._thread.run(
-            self._async.list_requests(status=status, model=model, limit=limit, timeout=timeout)
-        )
-
-    def list_catalog(
-        self, *, hive_id: str = "", timeout: float | None = None
-    ) -> list[hive_pb2.CatalogModel]:
-        return self._thread.run(self._async.list_catalog(hive_id=hive_id, timeout=timeout))
-
-    def get_catalog_model(
-        self, name: str, *, hive_id: str = "", timeout: float | None = None
-    ) -> hive_pb2.CatalogModel:
-        return self._thread.run(
-            self._async.get_catalog_model(name, hive_id=hive_id, timeout=timeout)
-        )
-
-    def delete_catalog_model(
-        self, name: str, *, hive_id: str = "", timeout: float | None = None
-    ) -> hive_pb2.CatalogModel:
-        return self._thread.run(
-            self._async.delete_catalog_model(name, hive_id=hive_id, timeout=timeout)
-        )
-
-    def pull_model(
-        self,
-        source: str,
-        *,
-        name: str = "",
-        sha256: str = "",
-        hive_id: str = "",
-        timeout: float | None = None,
-    ) -> Iterator[hive_pb2.PullProgress]:
-        stream = self._async.pull_model(
-            source, name=name, sha256=sha256, hive_id=hive_id, timeout=timeout
-        )
-        return self._thread.iterate(stream)
-
-    def list_processes(
-        self, *, hive_id: str = "", timeout: float | None = None
-    ) -> list[hive_pb2.WorkerProcess]:
-        return self._thread.run(self._async.list_processes(hive_id=hive_id, timeout=timeout))
-
-    def get_process(
-        self, pid: int, *, hive_id: str = "", timeout: float | None = None
-    ) -> hive_pb2.WorkerProcess:
-        return self._thread.run(self._async.get_process(pid, hive_id=hive_id, timeout=timeout))
-
-    def kill_process(
-        self, pid: int, *, hive_id: str = "", timeout: float | None = None
-    ) -> hive_pb2.WorkerProcess:
-        return self._thread.run(self._async.kill_process(pid, hive_id=hive_id, timeout=timeout))
-
-    def list_backends(
-        self, *, hive_id: str = "", timeout: float | None = None
-    ) -> list[hive_pb2.BackendInfo]:
-        return self._thread.run(self._async.list_backends(hive_id=hive_id, timeout=timeout))
-
-    def get_backend(
-        self, name: str, *, hive_id: str = "", timeout: float | None = None
-    ) -> hive_pb2.BackendInfo:
-        return self._thread.run(self._async.get_backend(name, hive_id=hive_id, timeout=timeout))
+    list_hives = blocking(AsyncAdmin.list_hives)
+    get_hive = blocking(AsyncAdmin.get_hive)
+    drain_hive = blocking(AsyncAdmin.drain_hive)
+    list_workers = blocking(AsyncAdmin.list_workers)
+    get_worker = blocking(AsyncAdmin.get_worker)
+    spawn_worker = blocking(AsyncAdmin.spawn_worker)
+    retire_worker = blocking(AsyncAdmin.retire_worker)
+    drain_worker = blocking(AsyncAdmin.drain_worker)
+    watch_events = blocking_stream(AsyncAdmin.watch_events)
+    list_requests = blocking(AsyncAdmin.list_requests)
+    list_catalog = blocking(AsyncAdmin.list_catalog)
+    get_catalog_model = blocking(AsyncAdmin.get_catalog_model)
+    delete_catalog_model = blocking(AsyncAdmin.delete_catalog_model)
+    pull_model = blocking_stream(AsyncAdmin.pull_model)
+    list_processes = blocking(AsyncAdmin.list_processes)
+    get_process = blocking(AsyncAdmin.get_process)
+    kill_process = blocking(AsyncAdmin.kill_process)
+    list_backends = blocking(AsyncAdmin.list_backends)
+    get_backend = blocking(AsyncAdmin.get_backend)

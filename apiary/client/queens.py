@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from apiary.errors import answered
+from apiary.errors import answered, stopping
 
 QUEEN_ENV = "APIARY_QUEEN"
 TOKEN_ENV = "APIARY_TOKEN"
@@ -18,11 +18,10 @@ DEFAULT_QUEEN = "127.0.0.1:7070"
 DEFAULT_TIMEOUT = 60.0
 
 # What grpc says when a call never left this machine for a queen (no connection could be
-# made: refused, unresolvable, TLS handshake failed), and what a queen says when it refuses
-# a request because it is stopping. Nothing else proves a request was not served: a reset
+# made: refused, unresolvable, TLS handshake failed). These words and a stopping queen's
+# trailer (apiary.errors.STOPPING) are all that prove a request was not served: a reset
 # connection may have carried it, and retrying a spawn elsewhere could start two workers.
 NOT_CONNECTED = ("failed to connect to all addresses", "errors resolving", "dns resolution failed")
-SHUTTING_DOWN = "queen shutting down"
 
 
 def queens_from(value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -43,18 +42,18 @@ def unreached(exc: grpc.RpcError) -> bool:
         return False
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return False
-    details = (exc.details() or "").lower()
-    if details.startswith(SHUTTING_DOWN):
-        return True
+    if stopping(exc):
+        return True  # a stopping queen ended it unserved, or cut it (a stream resumes)
     # A queen's own failure may quote a worker's "failed to connect": it was served.
+    details = (exc.details() or "").lower()
     return not answered(exc) and any(text in details for text in NOT_CONNECTED)
 
 
 # How a stream's queen going away mid-stream reads (its process killed, its host cut off): the
 # stream can resume on another queen. A worker's failure relayed by a live queen reads as the
 # queen's own message instead, and is the caller's to see.
-# A host cut off is noticed by the client's keepalive pings (aio.CLIENT_OPTIONS): grpc says
-# "Stream removed (recvmsg:Connection timed out (110))" or "keepalive watchdog timeout".
+# A host cut off is noticed by the client's keepalive pings (transport.CLIENT_OPTIONS): grpc
+# says "Stream removed (recvmsg:Connection timed out (110))" or "keepalive watchdog timeout".
 QUEEN_LOST = ("socket closed", "connection reset", "stream removed", "broken pipe",
               "connection refused", "goaway", "end of tcp stream", "keepalive",
               "connection timed out")  # fmt: skip

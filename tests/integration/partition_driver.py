@@ -116,8 +116,9 @@ async def _long_slot(client: AsyncClient, taken: bool) -> bool:
     worker itself: each queen's view counts only its own streams."""
     try:
         (worker,) = await client.admin.list_workers(model="long")
-        stub = worker_pb2_grpc.WorkerStub(client.channel(worker.address))
-        status = await stub.GetStatus(worker_pb2.GetStatusRequest(), timeout=2)
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            status = await stub.GetStatus(worker_pb2.GetStatusRequest(), timeout=2)
     except (grpc.aio.AioRpcError, ValueError):
         return False
     return (status.worker.slots_available == 0) is taken

@@ -5,16 +5,18 @@ blocking client's loop thread."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
+import threading
 import time
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-from apiary.client import AsyncClient, infer_request, queens_from
+from apiary.client import Admin, AsyncAdmin, AsyncClient, Client, infer_request, queens_from
 from apiary.client.admin import catalog_name
-from apiary.client.blocking import LoopThread
+from apiary.client.blocking import Blocking, LoopThread, OnLoop, blocking, blocking_stream
 from apiary.client.queens import (
     Backoff,
     Rotation,
@@ -23,7 +25,8 @@ from apiary.client.queens import (
     queen_lost,
     unreached,
 )
-from apiary.errors import ANSWERED
+from apiary.client.transport import Transport
+from apiary.errors import ANSWERED, STOPPING
 from protos.v1 import common_pb2
 
 # grpc's own words for a refused connection and an unresolvable name.
@@ -32,7 +35,8 @@ REFUSED = (
     "Failed to connect to remote host: Connection refused"
 )
 UNRESOLVED = "errors resolving nohost.invalid:7070: [hostname lookup error: Domain name not found]"
-STOPPING = "queen shutting down: it takes no new requests; retry on another queen"
+# What a stopping queen says, in words for people: its trailer (STOPPING) is what moves a call.
+SHUTTING_DOWN = "queen shutting down: it takes no new requests; retry on another queen"
 
 
 def rpc_error(
@@ -71,7 +75,6 @@ def test_queens_from_a_comma_list_or_a_list(monkeypatch: pytest.MonkeyPatch) -> 
         (grpc.StatusCode.UNAVAILABLE, REFUSED, True),
         (grpc.StatusCode.UNAVAILABLE, UNRESOLVED, True),
         (grpc.StatusCode.UNAVAILABLE, "DNS resolution failed for nohost:1", True),
-        (grpc.StatusCode.UNAVAILABLE, STOPPING, True),
         # The request may have reached a queen: never sent twice.
         (grpc.StatusCode.UNAVAILABLE, "Socket closed", False),
         (grpc.StatusCode.UNAVAILABLE, "Connection reset by peer", False),
@@ -86,6 +89,13 @@ def test_only_failures_that_prove_nothing_was_served_move_a_call(
     code: grpc.StatusCode, details: str, moves: bool
 ) -> None:
     assert unreached(rpc_error(code, details)) is moves
+
+
+def test_a_stopping_queens_trailer_moves_a_call_and_its_words_alone_do_not() -> None:
+    assert unreached(rpc_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, STOPPING))
+    assert unreached(rpc_error(grpc.StatusCode.UNAVAILABLE, "any words", STOPPING))
+    assert not unreached(rpc_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN))
+    assert not unreached(rpc_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, ANSWERED))
 
 
 def test_an_rpc_error_without_a_status_never_moves() -> None:
@@ -112,16 +122,15 @@ def test_a_live_queens_own_failure_is_final_whatever_it_quotes(details: str) -> 
 
 
 def test_a_stopping_queen_cut_is_resumed_although_the_queen_said_it() -> None:
-    assert queen_lost(rpc_error(grpc.StatusCode.UNAVAILABLE, STOPPING, ANSWERED))
+    assert queen_lost(rpc_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, STOPPING))
 
 
 @pytest.mark.parametrize(
     ("code", "details", "resumes"),
     [
-        # The queen's process died, or it stopped and cut the stream.
+        # The queen's process died.
         (grpc.StatusCode.UNAVAILABLE, "Socket closed", True),
         (grpc.StatusCode.UNAVAILABLE, "Connection reset by peer", True),
-        (grpc.StatusCode.UNAVAILABLE, STOPPING, True),
         # Its host vanished, seen by the client's keepalive pings (as grpc words it here).
         (grpc.StatusCode.UNAVAILABLE, "Stream removed (recvmsg:Connection timed out (110))", True),
         (grpc.StatusCode.UNAVAILABLE, "keepalive watchdog timeout", True),
@@ -204,13 +213,13 @@ def test_a_pulled_model_is_named_after_its_file() -> None:
 
 
 class Script:
-    """A client whose calls are answered per queen from lists of outcomes (an exception to
+    """A transport whose calls are answered per queen from lists of outcomes (an exception to
     raise, or a value to return; the last one repeats), recording which queen was asked."""
 
-    def __init__(self, client: AsyncClient, outcomes: dict[str, list[object]]) -> None:
-        self.client, self.outcomes = client, outcomes
+    def __init__(self, transport: Transport, outcomes: dict[str, list[object]]) -> None:
+        self.transport, self.outcomes = transport, outcomes
         # Channels are made once per address on this loop: a call's channel names its queen.
-        self.queen_of = {id(client.channel(address)): address for address in client.queens}
+        self.queen_of = {id(transport.channel(address)): address for address in transport.queens}
         self.asked: list[str] = []
 
     async def call(self, channel: grpc.aio.Channel, left: float | None) -> object:
@@ -224,33 +233,33 @@ class Script:
 
 
 def scripted(outcomes: dict[str, list[object]], timeout: float = 5.0, wait: bool = True) -> Script:
-    client = AsyncClient(list(outcomes), token="", timeout=timeout, wait_for_ready=wait)
-    return Script(client, outcomes)
+    transport = Transport(tuple(outcomes), timeout=timeout, wait_for_ready=wait)
+    return Script(transport, outcomes)
 
 
 async def test_a_call_moves_to_the_next_queen_and_stays_with_the_one_that_answered() -> None:
     script = scripted({"a:1": [rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)], "b:2": ["ok"]})
-    assert await script.client.unary(script.call) == "ok"
-    assert await script.client.unary(script.call) == "ok"
+    assert await script.transport.unary(script.call) == "ok"
+    assert await script.transport.unary(script.call) == "ok"
     assert script.asked == ["a:1", "b:2", "b:2"]  # the second call starts where one answered
-    await script.client.close()
+    await script.transport.close()
 
 
 async def test_a_failure_another_queen_would_repeat_is_raised_at_once() -> None:
     not_found = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown model 'x'")
     script = scripted({"a:1": [not_found], "b:2": ["ok"]})
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await script.client.unary(script.call)
+        await script.transport.unary(script.call)
     assert raised.value is not_found and script.asked == ["a:1"]
-    await script.client.close()
+    await script.transport.close()
 
 
 async def test_while_every_queen_is_down_a_call_waits_for_one_to_come_back() -> None:
     down = rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)
     script = scripted({"a:1": [down, down, down, "back"], "b:2": [down]})
-    assert await script.client.unary(script.call) == "back"
+    assert await script.transport.unary(script.call) == "back"
     assert script.asked == ["a:1", "b:2"] * 3 + ["a:1"]
-    await script.client.close()
+    await script.transport.close()
 
 
 async def test_waiting_for_ready_ends_at_the_deadline_with_the_last_failure() -> None:
@@ -258,27 +267,27 @@ async def test_waiting_for_ready_ends_at_the_deadline_with_the_last_failure() ->
     script = scripted({"a:1": [down]}, timeout=0.3)
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await script.client.unary(script.call)
+        await script.transport.unary(script.call)
     assert raised.value is down
     assert 0.25 <= time.monotonic() - started < 2
-    await script.client.close()
+    await script.transport.close()
 
 
 async def test_without_waiting_for_ready_every_queen_is_tried_once() -> None:
     down = rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)
     script = scripted({"a:1": [down], "b:2": [down]}, wait=False)
     with pytest.raises(grpc.aio.AioRpcError):
-        await script.client.unary(script.call)
+        await script.transport.unary(script.call)
     assert script.asked == ["a:1", "b:2"]
-    await script.client.close()
+    await script.transport.close()
 
 
 async def test_a_deadline_already_past_is_deadline_exceeded() -> None:
     script = scripted({"a:1": ["never asked"]}, timeout=0)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await script.client.unary(script.call)
+        await script.transport.unary(script.call)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and script.asked == []
-    await script.client.close()
+    await script.transport.close()
 
 
 class FakeStream:
@@ -302,33 +311,51 @@ class FakeStream:
 
 
 async def test_a_stream_moves_to_another_queen_only_before_its_first_item() -> None:
-    client = AsyncClient("a:1,b:2", token="", timeout=5)
-    stopping = rpc_error(grpc.StatusCode.UNAVAILABLE, STOPPING)
+    transport = Transport(("a:1", "b:2"), timeout=5)
+    stopping = rpc_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, STOPPING)
     streams = {"a:1": FakeStream([], stopping), "b:2": FakeStream(["x", "y"])}
-    by_channel = {id(client.channel(a)): s for a, s in streams.items()}
-    items = [item async for item in client.stream(lambda ch, left: by_channel[id(ch)])]
+    by_channel = {id(transport.channel(a)): s for a, s in streams.items()}
+    items = [item async for item in transport.stream(lambda ch, left: by_channel[id(ch)])]
     assert items == ["x", "y"] and streams["a:1"].cancelled
 
     cut = FakeStream(["x"], rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED))
     got: list[str] = []
     with pytest.raises(grpc.aio.AioRpcError):
-        async for item in client.stream(lambda ch, left: cut):
+        async for item in transport.stream(lambda ch, left: cut):
             got.append(item)
     assert got == ["x"]  # delivered, then the failure: never replayed elsewhere
-    await client.close()
+    await transport.close()
+
+
+async def test_a_call_to_every_queen_gives_each_ones_reply_or_failure_in_order() -> None:
+    down = rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED)
+    script = scripted({"a:1": ["from a"], "b:2": [down], "c:3": ["from c"]})
+    assert await script.transport.everywhere(script.call) == ["from a", down, "from c"]
+    await script.transport.close()
+
+
+async def test_a_direct_stream_never_moves_and_is_cancelled_when_left() -> None:
+    transport = Transport(("a:1",), timeout=5)
+    stream = FakeStream(["x", "y"], rpc_error(grpc.StatusCode.UNAVAILABLE, REFUSED))
+    got: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for item in transport.direct("worker:9", lambda ch, left: stream):
+            got.append(item)
+    assert got == ["x", "y"] and stream.cancelled
+    await transport.close()
 
 
 async def test_channels_belong_to_the_loop_that_made_them() -> None:
-    client = AsyncClient("a:1", token="")
-    first = client.channel("a:1")
-    assert client.channel("a:1") is first
+    transport = Transport(("a:1",))
+    first = transport.channel("a:1")
+    assert transport.channel("a:1") is first
 
     async def elsewhere() -> grpc.aio.Channel:
-        return client.channel("a:1")
+        return transport.channel("a:1")
 
     other = await asyncio.to_thread(asyncio.run, elsewhere())
     assert other is not first
-    await client.close()
+    await transport.close()
 
 
 # ---- the blocking client's loop thread ------------------------------------------------------
@@ -367,3 +394,54 @@ def test_the_loop_thread_runs_coroutines_and_streams_and_closes_streams_left_ear
     thread.stop(nothing())
     with pytest.raises(RuntimeError, match="closed"):
         thread.run(double(1))
+
+
+class Counter:
+    """An async object for a blocking face to wrap."""
+
+    async def double(self, number: int, *, plus: int = 0) -> tuple[int, str]:
+        """Twice `number`, and where it ran."""
+        return number * 2 + plus, threading.current_thread().name
+
+    async def count(self, up_to: int) -> AsyncIterator[int]:
+        for number in range(up_to):
+            yield number
+
+
+class BlockingCounter(OnLoop[Counter]):
+    double = blocking(Counter.double)
+    count = blocking_stream(Counter.count)
+
+
+def test_blocking_methods_run_the_async_ones_on_the_loop_thread() -> None:
+    thread = LoopThread()
+    counter = BlockingCounter(Counter(), thread)
+    assert counter.double(20, plus=2) == (42, "apiary-client")
+    assert list(counter.count(3)) == [0, 1, 2]
+    assert counter.double.__doc__ == Counter.double.__doc__
+    assert list(inspect.signature(counter.double).parameters) == ["number", "plus"]
+
+    async def nothing() -> None:
+        return None
+
+    thread.stop(nothing())
+
+
+def public_methods(cls: type) -> set[str]:
+    return {
+        name
+        for name, value in vars(cls).items()
+        if (inspect.isfunction(value) or isinstance(value, Blocking)) and name[0] != "_"
+    }
+
+
+def test_every_async_call_has_its_blocking_twin() -> None:
+    """A call added to AsyncClient or AsyncAdmin and not to Client or Admin fails here."""
+    with Client("a:1") as client:
+        pairs = ((client, Client, AsyncClient), (client.admin, Admin, AsyncAdmin))
+        for face, blocking_class, async_class in pairs:
+            # close is the blocking client's own: it also stops the loop thread.
+            twins = public_methods(blocking_class) - {"close"}
+            assert twins == public_methods(async_class) - {"close"}
+            for name in twins:
+                assert getattr(face, name).__wrapped__ is vars(async_class)[name]
