@@ -37,6 +37,15 @@ def tag_problem(kind: str, value: str) -> str | None:
     return None
 
 
+def grace_problem(grace_seconds: float) -> str | None:
+    """None if a stop's grace is usable (0: the server's own default), else why not. Checked
+    by the hive's StopWorker and again by the worker's Shutdown, which each take it from a
+    caller."""
+    if grace_seconds < 0:
+        return f"grace_seconds must be >= 0 (got {grace_seconds})"
+    return None
+
+
 DEFAULT_MAX_TOKENS_CAP = 4096
 # What a request without max_tokens (0) gets, as every LLM API treats it as optional.
 DEFAULT_MAX_TOKENS = 256

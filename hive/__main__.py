@@ -224,10 +224,10 @@ async def run(args: argparse.Namespace) -> int:
     for spec, count in args.spawn:
         try:
             prepared = hive.service.prepare(spec, count, among=engines, booting=booting)
-            hive.supervisor.boot.append((prepared, count))
+            hive.boot.entries.append((prepared, count))
         except StatusError as refused:
             log.error("cannot spawn", spec=str(spec), error=refused.message)
-    await hive.supervisor.keep_boot_workers()
+    await hive.boot.keep()
     await stop.wait()
     log.info("hive stopping", workers=len(hive.supervisor.workers))
     await hive.stop()

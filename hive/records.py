@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from apiary.protoutil import READY_STATES, timestamp
-from hive.supervisor import ManagedWorker, Supervisor
+from hive.managed import ManagedWorker
+from hive.supervisor import Supervisor
 from protos.v1 import common_pb2, queen_pb2
 
 

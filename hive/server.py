@@ -12,9 +12,12 @@ import structlog
 from apiary.client.queens import queens_from
 from apiary.security import OPEN, Security, method_table
 from apiary.serving import RunningServer, host_port, start_server
+from hive.adoption import adopt
+from hive.boot import BootWorkers
 from hive.catalog import Catalog
 from hive.drains import Drains
 from hive.heartbeat import HeartbeatLoop
+from hive.monitor import monitor_forever, sample_resources
 from hive.records import heartbeat_table, hive_stats
 from hive.service import HiveService
 from hive.store import WorkerStore
@@ -62,6 +65,8 @@ class Hive:
     # One loop per queen.
     heartbeats: list[HeartbeatLoop]
     tasks: list[asyncio.Task[None]]
+    # The --spawn entries, kept at their counts.
+    boot: BootWorkers
 
     async def stop(self) -> None:
         """Workers go STOPPING first (the queen stops routing to them), finish their streams,
@@ -89,6 +94,7 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
         client=WorkerClient(security, config.hive_id),
         security=security,
     )  # fmt: skip
+    boot = BootWorkers(supervisor)
     catalog = Catalog(config.models_dir or store.state_dir / "models", config.allow_symlinks)
     drains = Drains.load(store.state_dir / "drains.json")
     service = HiveService(supervisor, catalog, drains)
@@ -101,7 +107,7 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
     )
     supervisor.hive_address = host_port(config.listen, running.port)
     # Before the first heartbeat, so the queen sees re-adopted workers as the same workers.
-    await supervisor.adopt()
+    await adopt(supervisor)
     backends = available_backends()  # what this machine can run: found once, told to all
     heartbeats = [
         # One loop samples the workers' cpu and memory for all: each sample is "since the
@@ -116,10 +122,10 @@ async def create_server(config: HiveConfig, store: WorkerStore, security: Securi
 
     supervisor.on_change = poke_all
     tasks = [
-        asyncio.create_task(supervisor.monitor_forever(), name="monitor"),
+        asyncio.create_task(monitor_forever(supervisor), name="monitor"),
         *(asyncio.create_task(b.run(), name=f"heartbeat to {b.queen}") for b in heartbeats),
     ]
-    return Hive(running, supervisor, service, heartbeats, tasks)
+    return Hive(running, supervisor, service, heartbeats, tasks, boot)
 
 
 def heartbeat_loop(
@@ -133,7 +139,7 @@ def heartbeat_loop(
         lambda: heartbeat_table(supervisor),
         config.heartbeat_interval,
         stats=lambda: hive_stats(supervisor),
-        sample=supervisor.sample_resources if samples else lambda: None,
+        sample=(lambda: sample_resources(supervisor)) if samples else lambda: None,
         backends=backends,
         catalog=lambda: [
             queen_pb2.CatalogEntry(model=e.name, backend=e.backend)

@@ -17,8 +17,8 @@ from apiary.errors import StatusError
 from apiary.protoutil import naming, timestamp
 from apiary.security import bearer
 from apiary.serving import Context
-from apiary.validation import name_problem, tag_problem
-from hive import processes
+from apiary.validation import grace_problem, name_problem, tag_problem
+from hive import monitor, processes
 from hive.catalog import (
     AlreadyExists,
     Catalog,
@@ -215,7 +215,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 )
             )
         except StatusError as refused:
-            await context.abort(refused.code, refused.message)
+            await context.abort(refused.code, refused.message, refused.trailers)
         worker = await self.supervisor.spawn(spec)
         if request.wait_ready:
             remaining = context.time_remaining()
@@ -250,11 +250,9 @@ class HiveService(hive_pb2_grpc.HiveServicer):
     async def StopWorker(
         self, request: hive_pb2.StopWorkerRequest, context: Context
     ) -> hive_pb2.StopWorkerResponse:
-        if request.grace_seconds < 0:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"grace_seconds must be >= 0 (got {request.grace_seconds})",
-            )
+        problem = grace_problem(request.grace_seconds)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             # Shielded: a caller that gives up must not leave a half-stopped worker behind.
             worker = await asyncio.shield(
@@ -283,8 +281,12 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "address is required unless load_error is set"
             )
         try:
-            await self.supervisor.report_ready(
-                request.worker_id, request.address, request.pid, request.load_error
+            await monitor.report_ready(
+                self.supervisor,
+                request.worker_id,
+                request.address,
+                request.pid,
+                request.load_error,
             )
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
@@ -297,8 +299,12 @@ class HiveService(hive_pb2_grpc.HiveServicer):
     ) -> hive_pb2.ReportLoadingResponse:
         await self._check_worker(request.worker_id, context)
         try:
-            self.supervisor.report_loading(
-                request.worker_id, request.pid, request.progress, request.detail[:200]
+            monitor.report_loading(
+                self.supervisor,
+                request.worker_id,
+                request.pid,
+                request.progress,
+                request.detail[:200],
             )
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))

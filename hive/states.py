@@ -41,6 +41,10 @@ class Phase(enum.Enum):
 
 
 READY = frozenset({Phase.IDLE, Phase.BUSY})
+# Phases in which nobody waiting for a spawn has an answer yet.
+UNSETTLED = frozenset({Phase.LOADING, Phase.ADOPTING})
+# On its way out: it no longer counts towards the workers a hive keeps.
+LEAVING = frozenset({Phase.STOPPING, Phase.GONE})
 
 
 class Stage(enum.Enum):
@@ -175,6 +179,30 @@ class Lifecycle:
 
     def __post_init__(self) -> None:
         self.health = HealthTracker(self.settings.health_failures)
+
+    # ---- what the phase says ----------------------------------------------------
+
+    @property
+    def settled(self) -> bool:
+        """Ready or failed: a SpawnWorker(wait_ready) waiting on this worker has its answer."""
+        return self.phase not in UNSETTLED
+
+    @property
+    def leaving(self) -> bool:
+        """Stopping or gone: a boot count is made up without it."""
+        return self.phase in LEAVING
+
+    @property
+    def serving(self) -> bool:
+        """Ready at an address: the health monitor asks after it."""
+        return self.phase in READY and bool(self.address)
+
+    def load_progress(self, progress: float) -> float | None:
+        """A loading report's fraction, within 0..1; None for a late report (after ready or
+        failure), which has nothing to say any more."""
+        if self.phase is not Phase.LOADING:
+            return None
+        return min(max(progress, 0.0), 1.0)
 
     # ---- starting -------------------------------------------------------------
 
@@ -468,6 +496,19 @@ def adoption(saved_phase: str, alive: bool, has_address: bool) -> Adoption:
     if saved_phase == Phase.LOADING.value:
         return Adoption.ADOPT_LOADING
     return Adoption.KILL_AND_FAIL
+
+
+def recovered_phase(has_address: bool) -> Phase:
+    """The phase of a row rebuilt from a live worker process the table did not name: one that
+    published an address was serving, the others are still loading."""
+    return Phase.IDLE if has_address else Phase.LOADING
+
+
+def stored_state(phase: Phase) -> str:
+    """The state a row on disk says for `phase`. BUSY and IDLE flip often and do not matter
+    after a restart (so they cause no write); a pending restart is a FAILED row whose
+    restart_pending is set."""
+    return {Phase.BUSY: "IDLE", Phase.RESTART_PENDING: "FAILED"}.get(phase, phase.value)
 
 
 PROTO_STATES: Mapping[Phase, common_pb2.WorkerState.ValueType] = {

@@ -1,14 +1,29 @@
-"""The hive's worker table on disk: a restarted hive re-adopts its workers, never orphans them."""
+"""The hive's worker table on disk: a restarted hive re-adopts its workers, never orphans them.
+
+Also the mapping between a worker as the supervisor holds it (spec, lifecycle) and its row,
+so what a row says is decided in one place: here, and in the lifecycle's `stored_state`.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
+import structlog
+
+from apiary.errors import StatusError
 from apiary.paths import claim, replace_file
+from hive.launcher import FoundWorker
+from hive.managed import ManagedWorker
+from hive.spec import WorkerSpec
+from hive.states import recovered_phase, stored_state
+
+log = structlog.get_logger("hive.store")
 
 FORMAT_VERSION = 1
 
@@ -146,3 +161,111 @@ class WorkerStore:
         """Write-then-rename, so a crash mid-write leaves the previous table whole."""
         table = {"version": FORMAT_VERSION, "workers": [r.to_json() for r in rows]}
         replace_file(self.path, json.dumps(table))
+
+
+class SavedTable:
+    """The table as last written, so an unchanged table is not rewritten, and why the last
+    write failed ('' when it did not): heartbeats carry that, and spawns are refused on it."""
+
+    def __init__(self, store: WorkerStore) -> None:
+        self.store = store
+        self._persisted: list[WorkerRow] | None = None
+        self.error = ""
+        self._errno = 0
+
+    def save(self, rows: list[WorkerRow]) -> str:
+        """Write `rows` if they changed; returns why they could not be ('' if they could)."""
+        if rows == self._persisted:
+            return self.error
+        path = self.store.path
+        try:
+            self.store.save(rows)
+        except OSError as exc:
+            error = f"cannot save the worker table {path}: {exc.strerror or exc}"
+            if error != self.error:
+                log.error("cannot save the worker table", path=str(path), error=str(exc))
+            self.error, self._errno = error, exc.errno or 0
+            return error
+        if self.error:
+            log.info("worker table saved again", path=str(path))
+        self._persisted, self.error = rows, ""
+        return ""
+
+    def refusal(self, consequence: str) -> StatusError:
+        """The refusal of a spawn whose row could not be saved: RESOURCE_EXHAUSTED for a full
+        disk (nothing passes until space is freed), UNAVAILABLE for anything else."""
+        full = self._errno in (errno.ENOSPC, errno.EDQUOT)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE
+        return StatusError(code, f"{self.error}; {consequence}")
+
+
+# ---- a worker <-> its row ---------------------------------------------------------
+
+
+def spec_json(spec: WorkerSpec, keep: bool) -> str:
+    """What a worker process carries of its spec, for a hive that lost its table."""
+    return json.dumps(
+        {
+            "model": spec.model,
+            "backend": spec.backend,
+            "slots": spec.slots,
+            "device": spec.device,
+            "backend_options": spec.backend_options,
+            "restart_policy": int(spec.restart_policy),
+            "tags": spec.tags,
+            "keep": keep,
+        }
+    )
+
+
+def worker_row(worker: ManagedWorker) -> WorkerRow:
+    """The row that lets a restarted hive find, check and re-adopt `worker`."""
+    life, ident = worker.life, worker.identity
+    return WorkerRow(
+        id=worker.id,
+        model=worker.spec.model,
+        backend=worker.spec.backend,
+        slots=worker.spec.slots,
+        device=worker.spec.device,
+        backend_options=dict(worker.spec.backend_options),
+        restart_policy=int(life.policy),
+        tags=list(worker.spec.tags),
+        pid=ident.pid if ident else 0,
+        create_time=ident.create_time if ident else 0.0,
+        address=life.address,
+        state=stored_state(life.phase),
+        started_at=worker.started_at,
+        restart_count=life.restart_count,
+        failure_reason=life.failure_reason,
+        restart_pending=life.restart_at is not None,
+        keep=worker.keep,
+    )
+
+
+def row_spec(row: WorkerRow) -> WorkerSpec:
+    """The spec a row read back was spawned with."""
+    return WorkerSpec(
+        model=row.model,
+        backend=row.backend,
+        slots=row.slots,
+        device=row.device,
+        backend_options=row.backend_options,
+        restart_policy=row.restart_policy,  # type: ignore[arg-type]
+        tags=row.tags,
+    )
+
+
+def recovered_row(found: FoundWorker) -> WorkerRow:
+    """A row rebuilt from a live worker process the table did not name, from the spec it
+    carries (`spec_json`). Raises ValueError, as `WorkerRow.from_json` does."""
+    spec = json.loads(found.spec) if found.spec else {}
+    return WorkerRow.from_json(
+        {
+            **(spec if isinstance(spec, dict) else {}),
+            "id": found.worker_id,
+            "pid": found.identity.pid,
+            "create_time": found.identity.create_time,
+            "address": found.address,
+            "state": recovered_phase(bool(found.address)).value,
+        }
+    )

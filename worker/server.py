@@ -16,7 +16,12 @@ from apiary.leasetoken import LeaseToken, lease_id_of
 from apiary.protoutil import timestamp
 from apiary.security import OPEN, Security, TokenSet, bearer, method_table
 from apiary.serving import Context, RunningServer, start_server
-from apiary.validation import DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP, infer_request_problem
+from apiary.validation import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_TOKENS_CAP,
+    grace_problem,
+    infer_request_problem,
+)
 from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.backends import Backend, RequestRefused
 from worker.leases import LeaseDesk
@@ -196,11 +201,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Shutdown(
         self, request: worker_pb2.ShutdownRequest, context: Context
     ) -> worker_pb2.ShutdownResponse:
-        if request.grace_seconds < 0:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"grace_seconds must be >= 0 (got {request.grace_seconds})",
-            )
+        problem = grace_problem(request.grace_seconds)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.grace_seconds:
             self.stop_grace = request.grace_seconds
         in_flight = self.slots.in_flight

@@ -21,6 +21,8 @@ from hive.states import (
     Remove,
     Signal,
     adoption,
+    recovered_phase,
+    stored_state,
 )
 from protos.v1 import common_pb2
 
@@ -258,3 +260,91 @@ def test_adopted_rows_carry_on_fail_or_restart() -> None:
     kept.restore("", 0, "")
     assert kept.failed_before(0.0, restart_pending=False) == []
     assert phase_of(kept) is Phase.FAILED
+
+
+def test_a_spawn_is_answered_once_the_worker_is_ready_or_failed() -> None:
+    life = lifecycle()
+    life.start(0.0)
+    life.launched(0.0)
+    assert not life.settled  # LOADING: a SpawnWorker(wait_ready) keeps waiting
+    life.ready(1.0, "127.0.0.1:5000")
+    assert life.settled
+    failed = lifecycle()
+    failed.start(0.0)
+    failed.launch_failed(0.0, "No such file or directory")
+    assert failed.settled
+    adopting = lifecycle()
+    adopting.restore("127.0.0.1:5000", 0, "")
+    assert not adopting.settled  # its process not yet checked
+
+
+def test_load_progress_is_kept_within_bounds_and_only_while_loading() -> None:
+    life = lifecycle()
+    life.start(0.0)
+    life.launched(0.0)
+    assert life.load_progress(0.25) == 0.25
+    assert (life.load_progress(-1.0), life.load_progress(7.0)) == (0.0, 1.0)
+    life.ready(1.0, "127.0.0.1:5000")
+    assert life.load_progress(0.5) is None  # a late report after ready: nothing to say
+    failed = lifecycle()
+    failed.start(0.0)
+    failed.launched(0.0)
+    failed.load_failed(1.0, "no such model")
+    assert failed.load_progress(0.5) is None
+
+
+def test_only_ready_workers_with_an_address_are_health_checked() -> None:
+    life = lifecycle()
+    life.start(0.0)
+    life.launched(0.0)
+    assert not life.serving  # LOADING
+    life.ready(1.0, "127.0.0.1:5000")
+    assert life.serving
+    life.status(2.0, busy=True, idle_for=0.0)
+    assert phase_of(life) is Phase.BUSY and life.serving
+    adopting = lifecycle()
+    adopting.restore("", 0, "")
+    adopting.adopted(0.0, ready=True)
+    assert phase_of(adopting) is Phase.IDLE and not adopting.serving  # no address to ask
+
+
+def test_stopping_and_gone_workers_are_leaving() -> None:
+    life = ready_worker()
+    assert not life.leaving
+    life.stop(1.0)
+    assert phase_of(life) is Phase.STOPPING and life.leaving
+    life.exited(2.0, 0)
+    assert phase_of(life) is Phase.GONE and life.leaving
+    failed = ready_worker(policy=common_pb2.RESTART_POLICY_NEVER)
+    failed.exited(1.0, 1)
+    assert phase_of(failed) is Phase.FAILED and not failed.leaving  # its row still counts
+
+
+@pytest.mark.parametrize(
+    ("phase", "stored"),
+    [
+        (Phase.LOADING, "LOADING"),
+        (Phase.IDLE, "IDLE"),
+        (Phase.BUSY, "IDLE"),  # flips too often to be worth a write
+        (Phase.STOPPING, "STOPPING"),
+        (Phase.FAILED, "FAILED"),
+        (Phase.RESTART_PENDING, "FAILED"),  # with restart_pending set on the row
+    ],
+)
+def test_stored_state(phase: Phase, stored: str) -> None:
+    assert stored_state(phase) == stored
+
+
+def test_stored_states_are_read_back_by_the_adoption_decision() -> None:
+    live = {Phase.IDLE: Adoption.CHECK_HEALTH, Phase.LOADING: Adoption.ADOPT_LOADING}
+    for phase, plan in live.items():
+        assert adoption(stored_state(phase), True, phase is Phase.IDLE) is plan
+    assert adoption(stored_state(Phase.BUSY), True, True) is Adoption.CHECK_HEALTH
+    assert adoption(stored_state(Phase.RESTART_PENDING), False, False) is Adoption.RESTORE_FAILED
+
+
+def test_a_recovered_process_is_idle_if_it_published_an_address() -> None:
+    assert recovered_phase(has_address=True) is Phase.IDLE
+    assert recovered_phase(has_address=False) is Phase.LOADING
+    assert adoption(recovered_phase(True).value, True, True) is Adoption.CHECK_HEALTH
+    assert adoption(recovered_phase(False).value, True, False) is Adoption.ADOPT_LOADING

@@ -12,12 +12,16 @@ import grpc
 import pytest
 
 from apiary.errors import StatusError
+from hive.adoption import adopt
+from hive.boot import BootWorkers
 from hive.launcher import FoundWorker
+from hive.managed import ManagedWorker
+from hive.monitor import monitor_once, report_ready
 from hive.records import worker_record
 from hive.spec import WorkerSpec
 from hive.states import LifecycleSettings, Phase
-from hive.store import WorkerRow
-from hive.supervisor import ManagedWorker, Supervisor, SupervisorSettings
+from hive.store import WorkerRow, recovered_row, row_spec, spec_json, worker_row
+from hive.supervisor import Supervisor, SupervisorSettings
 from protos.v1 import common_pb2
 from tests.fakes import FakeClock, settle
 from tests.unit.hive_fakes import FakeLauncher, FakeWorkerClient, MemoryStore
@@ -33,11 +37,12 @@ class Hive:
     launcher: FakeLauncher
     client: FakeWorkerClient
     store: MemoryStore
+    boot: BootWorkers
 
     async def ready(self, spec: WorkerSpec | None = None, keep: bool = False) -> ManagedWorker:
         worker = await self.supervisor.spawn(spec or WorkerSpec("demo", "echo"), keep=keep)
         assert worker.launched is not None
-        await self.supervisor.report_ready(worker.id, ADDRESS, worker.launched.pid, "")
+        await report_ready(self.supervisor, worker.id, ADDRESS, worker.launched.pid, "")
         return worker
 
     def kill(self, worker: ManagedWorker, code: int = -9) -> None:
@@ -53,7 +58,7 @@ def make_hive(store: MemoryStore | None = None) -> Hive:
         default_policy=common_pb2.RESTART_POLICY_ON_FAILURE,
     )
     supervisor = Supervisor("h1", "127.0.0.1:7071", store, settings, launcher, client, clock)
-    return Hive(supervisor, clock, launcher, client, store)
+    return Hive(supervisor, clock, launcher, client, store, BootWorkers(supervisor))
 
 
 @pytest.fixture
@@ -108,7 +113,7 @@ async def test_failed_health_checks_kill_the_worker_and_it_restarts(hive: Hive) 
     worker = await hive.ready()
     hive.client.healthy[ADDRESS] = False
     for _ in range(3):
-        await hive.supervisor.monitor_once()
+        await monitor_once(hive.supervisor)
     await settle()
     assert hive.launcher.signals[0][1] == signal.SIGTERM
     assert worker.life.phase is Phase.RESTART_PENDING
@@ -130,10 +135,10 @@ async def test_idle_workers_are_retired_unless_kept(hive: Hive) -> None:
     idle = await hive.ready()
     kept = await hive.ready(keep=True)
     await hive.clock.run(299.0)
-    await hive.supervisor.monitor_once()
+    await monitor_once(hive.supervisor)
     assert hive.client.shutdowns == []
     await hive.clock.run(2.0)
-    await hive.supervisor.monitor_once()
+    await monitor_once(hive.supervisor)
     assert hive.client.shutdowns == [(ADDRESS, 10.0)]
     await hive.clock.run(11.5)  # the fake ignores Shutdown; SIGTERM ends it
     assert idle.id not in hive.supervisor.workers and kept.id in hive.supervisor.workers
@@ -186,7 +191,7 @@ async def test_adoption_of_live_dead_and_foreign_rows() -> None:
     stopping = launcher.add_orphan(505, "w-stopping")
     made.client.healthy["127.0.0.1:502"] = False
     try:
-        await made.supervisor.adopt()
+        await adopt(made.supervisor)
         workers = made.supervisor.workers
         assert set(workers) == {"w-live", "w-mute", "w-dead", "w-foreign", "w-failed"}
         assert workers["w-live"].life.phase is Phase.IDLE
@@ -219,7 +224,7 @@ async def test_the_table_on_disk_follows_the_lifecycle(hive: Hive) -> None:
     worker = await hive.ready()
     saves = hive.store.saves
     hive.client.busy[ADDRESS] = True
-    await hive.supervisor.monitor_once()
+    await monitor_once(hive.supervisor)
     assert worker.life.phase is Phase.BUSY
     assert hive.store.saves == saves  # BUSY/IDLE flips are not worth a write
     hive.kill(worker, code=1)
@@ -234,18 +239,18 @@ async def test_boot_workers_are_kept_from_idle_retirement_and_their_count_is_kep
     hive: Hive,
 ) -> None:
     supervisor = hive.supervisor
-    supervisor.boot = [
+    hive.boot.entries = [
         (WorkerSpec("demo", "echo"), 2),
         (WorkerSpec("spare", "echo", idle_retire=True), 1),
     ]
-    await supervisor.keep_boot_workers()
+    await hive.boot.keep()
     for worker in list(supervisor.workers.values()):
         assert worker.launched is not None
-        await supervisor.report_ready(worker.id, ADDRESS, worker.launched.pid, "")
+        await report_ready(supervisor, worker.id, ADDRESS, worker.launched.pid, "")
     kept = {w.id for w in supervisor.workers.values() if w.spec.model == "demo"}
     assert len(kept) == 2 and all(supervisor.workers[w].keep for w in kept)
     await hive.clock.run(400.0)
-    await supervisor.monitor_once()
+    await monitor_once(supervisor)
     await hive.clock.run(12.0)  # the spare one is retired (SIGTERM after its grace)
     assert {w.spec.model for w in supervisor.workers.values()} == {"demo"}
     # One fails for good: once its row expires, the hive brings the count back.
@@ -302,7 +307,7 @@ async def test_workers_missing_from_an_unreadable_table_are_found_by_their_marke
     spec = '{"model": "demo", "backend": "echo", "slots": 2, "device": "cpu", "keep": true}'
     made.launcher.found = [FoundWorker(ident, "w-kept", spec, "127.0.0.1:777")]
     try:
-        await made.supervisor.adopt()
+        await adopt(made.supervisor)
         (worker,) = made.supervisor.workers.values()
         assert (worker.id, worker.identity, worker.spec.slots) == ("w-kept", ident, 2)
         assert worker.life.phase is Phase.IDLE and worker.keep
@@ -312,6 +317,19 @@ async def test_workers_missing_from_an_unreadable_table_are_found_by_their_marke
 
 
 async def test_concurrent_reconciliations_do_not_spawn_twice(hive: Hive) -> None:
-    hive.supervisor.boot = [(WorkerSpec("demo", "echo"), 2)]
-    await asyncio.gather(*(hive.supervisor.keep_boot_workers() for _ in range(3)))
+    hive.boot.entries = [(WorkerSpec("demo", "echo"), 2)]
+    await asyncio.gather(*(hive.boot.keep() for _ in range(3)))
     assert len(hive.supervisor.workers) == 2
+
+
+async def test_a_spec_survives_the_row_and_the_process_marker(hive: Hive) -> None:
+    spec = WorkerSpec(
+        "demo", "echo", slots=3, backend_options={"token_delay": "0"}, tags=["gpu", "region=eu"]
+    )
+    worker = await hive.ready(spec, keep=True)
+    assert row_spec(worker_row(worker)) == spec
+    assert worker.identity is not None
+    found = FoundWorker(worker.identity, worker.id, spec_json(spec, keep=True), ADDRESS)
+    rebuilt = recovered_row(found)
+    assert row_spec(rebuilt) == spec and rebuilt.keep
+    assert (rebuilt.state, rebuilt.address, rebuilt.pid) == ("IDLE", ADDRESS, worker.identity.pid)
