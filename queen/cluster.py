@@ -223,7 +223,8 @@ class Cluster:
     # ---- events -------------------------------------------------------------
 
     def on_event(self, event: queen_pb2.Event) -> None:
-        """Every registry event: wakes requests on a lost hive, logs some, publishes all."""
+        """Every registry and router event: wakes requests on a lost hive, logs some, publishes
+        all."""
         if hive_lost(event):
             self.hive_watch.lost(event.hive_id)
         if event.kind in LOGGED_EVENTS:

@@ -12,7 +12,6 @@ from typing import Protocol
 
 from apiary.protoutil import READY_STATES
 from protos.v1 import common_pb2, queen_pb2
-from queen.routing.selection import SpeedScale, score
 from queen.routing.stats import WorkerStatsTracker
 
 
@@ -107,10 +106,6 @@ class Watcher(Protocol):
 
     def sampled(self, entry: WorkerEntry, sample: common_pb2.WorkerSample) -> None: ...
 
-    def score(self, entry: WorkerEntry) -> float:
-        """The worker's score as its pool judges it (for the operator view)."""
-        ...
-
 
 class Unwatched:
     """No indexes (a registry on its own, e.g. in a test of membership)."""
@@ -123,6 +118,3 @@ class Unwatched:
 
     def sampled(self, entry: WorkerEntry, sample: common_pb2.WorkerSample) -> None:
         pass
-
-    def score(self, entry: WorkerEntry) -> float:
-        return score(entry, SpeedScale())

@@ -57,7 +57,7 @@ class Registry:
         settings: RegistrySettings | None = None,
         on_event: Callable[[queen_pb2.Event], None] = lambda event: None,
     ) -> None:
-        # Called with every cluster event the registry sees (hives, workers, breakers).
+        # Called with every cluster event the registry sees (hives, workers, drains, health).
         self.on_event = on_event
         self.clock = clock
         self.settings = settings or RegistrySettings()
@@ -411,8 +411,8 @@ class Registry:
         for worker_id in hive.worker_ids if hive else ():
             yield self.workers[worker_id]
 
-    def view(self, entry: WorkerEntry) -> common_pb2.WorkerRecord:
-        """The record as operators see it: the hive's report with the queen's own knowledge."""
+    def view(self, entry: WorkerEntry, score: float = 0.0) -> common_pb2.WorkerRecord:
+        """The record as operators see it: the hive's report, the queen's knowledge, a score."""
         out = common_pb2.WorkerRecord()
         out.CopyFrom(entry.record)
         if out.state in READY_STATES:
@@ -444,7 +444,7 @@ class Registry:
                 tokens_per_second=stats.speed or 0.0,
                 success_rate=stats.success_rate,
                 consecutive_failures=stats.consecutive_failures,
-                score=self.watcher.score(entry),
+                score=score,
             )
         )
         return out

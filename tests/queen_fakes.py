@@ -16,6 +16,7 @@ from queen.cluster import Cluster
 from queen.events import EventBus
 from queen.history import History
 from queen.leases.manager import LeaseManager
+from queen.members import WorkerEntry
 from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
 from queen.routing.ask import Ask, Outcome, Slot
@@ -214,7 +215,7 @@ class Fleet:
             return getattr(self.registry, name)
         return getattr(self.router, name)
 
-    def take_slot(
+    def take(
         self,
         model: str,
         exclude: frozenset[str] | set[str] = frozenset(),
@@ -228,6 +229,9 @@ class Fleet:
 
     def give_back(self, slot: Slot, outcome: Outcome) -> None:
         self.router.give_back(slot, outcome)
+
+    def view(self, entry: WorkerEntry) -> common_pb2.WorkerRecord:
+        return self.registry.view(entry, self.router.score(entry))
 
     def sweep(self) -> list[str]:
         removed = self.registry.sweep()

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from apiary.errors import STOPPING_KEY, StatusError
+
 # gRPC status -> HTTP status, OpenAI error type, and OpenAI error code.
 STATUS: dict[str, tuple[int, str, str | None]] = {
     "INVALID_ARGUMENT": (400, "invalid_request_error", "invalid_value"),
@@ -54,3 +56,13 @@ def from_status(code_name: str, message: str) -> ApiError:
     if code_name == "NOT_FOUND" and code == "model_not_found":
         param = "model"
     return ApiError(status, message, kind, code, param, headers)
+
+
+def from_error(error: StatusError) -> ApiError:
+    """A StatusError as the HTTP front gives it; a stopping queen's answer carries the
+    `apiary-stopping` header, as its gRPC statuses carry the trailer: another queen may take
+    the request."""
+    answer = from_status(error.code.name, error.message)
+    if error.stopping:
+        answer.headers[STOPPING_KEY] = "1"
+    return answer

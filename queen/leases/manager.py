@@ -1,6 +1,6 @@
 """Direct leases (FastChat's get_worker_address, done with accounting), with no call per lease.
 
-Queen.Lease answers from the queen's own state: it takes a slot in the registry and hands the
+Queen.Lease answers from the queen's own state: it takes a slot from the desk and hands the
 client the worker's address and a lease token signed for that worker (apiary/leasetoken.py:
 the key is derived from the worker's own credential, which its hive gave it and the queen can
 derive; the worker checks a token by itself: forged, expired and reused ones are refused).

@@ -112,6 +112,17 @@ class RequestRecord:
             self.counts.delivered += 1
             self.counts.delivered_tokens += len(chunk.token_ids) or 1
 
+    def failed_over(self, failure: Failure) -> None:
+        """An attempt failed before its first chunk; the request tries another worker."""
+        if failure.code is None:
+            log.warning("hive lost before first chunk; trying another", worker_id=failure.worker_id)
+        else:
+            log.warning(
+                "worker failed before first chunk; trying another", worker_id=failure.worker_id,
+                code=failure.code.name, attempt=self.attempts,
+            )  # fmt: skip
+        self.cluster.metrics.failovers.labels(self.request.model).inc()
+
     def migrated(self, failure: Failure, tokens: int, moves: int) -> None:
         """The stream went on on another worker after `tokens` tokens: said everywhere."""
         detail = (

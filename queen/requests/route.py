@@ -164,12 +164,7 @@ class Route:
     def _note_failure(self, failure: Failure, decision: Decision) -> None:
         """The decision's side effects on this request and on the registry."""
         if decision.failover:
-            log.warning(
-                "worker failed before first chunk; trying another", worker_id=failure.worker_id,
-                code=failure.code.name if failure.code else "hive lost",
-                attempt=self.record.attempts,
-            )  # fmt: skip
-            self.cluster.metrics.failovers.labels(self.request.model).inc()
+            self.record.failed_over(failure)
         if decision.exclude:
             self.ask = self.ask.excluding(decision.exclude)
         if decision.mark_unreachable:

@@ -71,6 +71,8 @@ class Router:
         self.demand = Demand()
         self.sessions = Sessions()
         registry.watcher = self
+        for entry in registry.workers.values():  # a registry that already knows workers
+            self.changed(entry)
 
     # ---- the registry's changes (Watcher) -----------------------------------
 
@@ -106,8 +108,15 @@ class Router:
     # ---- eligibility ------------------------------------------------------------
 
     def routable(self, entry: WorkerEntry) -> bool:
-        """Everything but hive health (judged at pick time, as it changes with time alone)."""
-        return entry.free_slots > 0 and self._usable(entry)
+        """Everything but hive health (judged at pick time, as it changes with time alone).
+        Written out, not through _usable: it runs on every slot taken and given back."""
+        return (
+            entry.free_slots > 0
+            and entry.record.state in READY_STATES
+            and not entry.unreachable
+            and not entry.breaker_until
+            and not self.registry.is_drained(entry)
+        )
 
     def is_busy(self, entry: WorkerEntry) -> bool:
         """Ready and reachable, with every slot in use: worth waiting for."""

@@ -26,6 +26,10 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         self.desk = cluster.desk
         self.channels = cluster.channels
 
+    def _view(self, entry: WorkerEntry) -> common_pb2.WorkerRecord:
+        """A worker as operators see it, scored by the router."""
+        return self.registry.view(entry, self.cluster.router.score(entry))
+
     def hive_info(self, hive: HiveEntry) -> queen_pb2.HiveInfo:
         health, reason = self.registry.hive_health(hive)
         workers = list(self.registry.workers_of_hive(hive.id))
@@ -80,7 +84,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
     ) -> queen_pb2.GetHiveResponse:
         hive = await self._hive(request.hive_id, context)
         workers = sorted(
-            (self.registry.view(w) for w in self.registry.workers_of_hive(hive.id)),
+            (self._view(w) for w in self.registry.workers_of_hive(hive.id)),
             key=lambda r: r.id,
         )
         return queen_pb2.GetHiveResponse(hive=self.hive_info(hive), workers=workers)
@@ -110,7 +114,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
                 continue
             if not tags.issubset(entry.record.tags):
                 continue
-            record = self.registry.view(entry)
+            record = self._view(entry)
             if request.state and record.state != request.state:
                 continue
             if request.hive_health and record.hive_health != request.hive_health:
@@ -125,7 +129,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         self, request: queen_pb2.GetWorkerRequest, context: Context
     ) -> queen_pb2.GetWorkerResponse:
         entry = await self._worker(request.worker_id, context)
-        return queen_pb2.GetWorkerResponse(worker=self.registry.view(entry))
+        return queen_pb2.GetWorkerResponse(worker=self._view(entry))
 
     async def SpawnWorker(
         self, request: queen_pb2.QueenSpawnWorkerRequest, context: Context
@@ -196,7 +200,7 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         if not drained:
             self.desk.dispatch(entry.record.model)
         log.info("worker drain", worker_id=entry.id, drained=drained)
-        return queen_pb2.DrainWorkerResponse(worker=self.registry.view(entry))
+        return queen_pb2.DrainWorkerResponse(worker=self._view(entry))
 
     async def _kept_by_hive(
         self, hive: HiveEntry, worker_id: str, drained: bool, context: Context

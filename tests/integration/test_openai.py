@@ -277,6 +277,7 @@ async def test_a_draining_queen_refuses_new_http_requests_with_503_and_finishes_
         await client.completions.create(model="demo", prompt="x", max_tokens=2)
     assert refused.value.status_code == 503
     assert "queen shutting down" in refused.value.message
+    assert refused.value.response.headers.get("apiary-stopping") == "1"  # another queen may
     rest = [part async for part in stream]
     assert len([first, *rest]) == 40 and rest[-1].choices[0].finish_reason == "length"
 

@@ -39,6 +39,7 @@ PURE_MODULES = (
     "queen/routing/router.py",
     "queen/routing/selection.py",
     "queen/routing/stats.py",
+    "queen/routing/prefix_index.py",
     "queen/requests/retry.py",
     "queen/requests/quotas.py",
     "queen/leases/book.py",
@@ -55,9 +56,8 @@ PURE_MODULES = (
 IMPURE = frozenset({"asyncio", "psutil", "os", "grpc", "time", "socket", "subprocess", "threading"})
 # Imports a pure module may still make, and why.
 PURE_EXCEPTIONS = {
-    # grpc.StatusCode is a plain enum: the retry decision is about status codes.
-    ("queen/requests/retry.py", "grpc"),
-    # A failed attempt is judged by its status code (and built from the worker's grpc error).
+    # grpc.StatusCode is a plain enum: the retry decision is about status codes (and a failed
+    # attempt is built from the worker's grpc error).
     ("queen/requests/retry.py", "grpc"),
     # The gRPC door's verdict is a status code; the gate passes it on.
     ("queen/http/dashboard/gate.py", "grpc"),

@@ -125,11 +125,11 @@ def test_a_worker_marked_unreachable_is_vouched_for_by_its_hives_next_beat() -> 
     steady = beat(record("w1"))
     reg.apply_heartbeat(steady)
     reg.mark_unreachable("w1")
-    assert reg.take_slot("m") is None
+    assert reg.take("m") is None
     changed, _ = changed_records(steady, lambda wid: reg.known_record("h1", wid), LIMITS)
     assert changed == []  # nothing in the record changed...
     reg.apply_heartbeat(steady, changed)
-    assert reg.take_slot("m") is not None  # ...but the hive still lists it
+    assert reg.take("m") is not None  # ...but the hive still lists it
 
 
 def test_the_beat_budget_lets_bursts_through_and_slows_a_flood() -> None:
@@ -147,8 +147,8 @@ def test_a_hive_heard_again_after_going_silent_is_routed_to_with_an_unchanged_ta
     steady = beat(record("w1"))
     reg.apply_heartbeat(steady)
     clock.advance(3.5)  # silent: unhealthy, and a pick drops its worker from the index
-    assert reg.take_slot("m") is None
+    assert reg.take("m") is None
     changed, _ = changed_records(steady, lambda wid: reg.known_record("h1", wid), LIMITS)
     assert changed == []
     reg.apply_heartbeat(steady, changed)
-    assert reg.take_slot("m") is not None
+    assert reg.take("m") is not None

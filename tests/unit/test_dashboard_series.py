@@ -63,20 +63,20 @@ def test_a_series_needs_a_positive_interval_within_its_span() -> None:
 
 
 def sampler(clock: FakeClock, max_streams: int = 2) -> tuple[Live, Desk, EventBus]:
-    scheduler = Desk(Router(Registry(clock)))
+    desk = Desk(Router(Registry(clock)))
     events = EventBus()
-    return Live(Series(interval=5), events, scheduler, clock, max_streams), scheduler, events
+    return Live(Series(interval=5), events, desk, clock, max_streams), desk, events
 
 
 async def test_the_sampler_closes_an_interval_every_five_seconds_and_tells_the_streams() -> None:
     clock = FakeClock()
-    board, scheduler, _ = sampler(clock)
+    board, desk, _ = sampler(clock)
     stream = board.open()
     assert stream is not None
     board.start()
-    scheduler.queued = 4  # seen at one look, gone by the end of the interval
+    desk.queued = 4  # seen at one look, gone by the end of the interval
     await clock.run(1.0)
-    scheduler.queued = 0
+    desk.queued = 0
     await clock.run(4.0)
     assert [p.queue_depth for p in board.series.points] == [4]
     assert board.series.points[0].time == clock.time()

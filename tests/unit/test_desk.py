@@ -20,7 +20,7 @@ from tests.fakes import FakeClock
 class OneClientDesk(Desk):
     """The desk, asked for any worker of a model by one client."""
 
-    async def take_slot(self, model: str, timeout: float | None) -> Slot:
+    async def take_any(self, model: str, timeout: float | None) -> Slot:
         return await self.take("client", Ask(model), timeout)
 
 
@@ -46,38 +46,38 @@ def setup(workers: int = 1, max_queue: int = 10) -> tuple[Registry, OneClientDes
 
 
 async def test_free_slot_is_granted_at_once() -> None:
-    _, sched = setup()
-    slot = await sched.take_slot("m", timeout=0)
+    _, desk = setup()
+    slot = await desk.take_any("m", timeout=0)
     assert slot.worker_id == "w0"
 
 
 async def test_waiters_are_served_in_arrival_order() -> None:
-    _, sched = setup()
-    held = await sched.take_slot("m", None)
+    _, desk = setup()
+    held = await desk.take_any("m", None)
     order: list[int] = []
 
     async def wait(i: int) -> None:
-        slot = await sched.take_slot("m", 5)
+        slot = await desk.take_any("m", 5)
         order.append(i)
-        sched.give_back(slot, Outcome(ok=True))
+        desk.give_back(slot, Outcome(ok=True))
 
     tasks = [asyncio.create_task(wait(i)) for i in range(5)]
     await asyncio.sleep(0)
-    assert sched.queue_depth("m") == 5
-    sched.give_back(held, Outcome(ok=True))
+    assert desk.queue_depth("m") == 5
+    desk.give_back(held, Outcome(ok=True))
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
-    assert sched.queued == 0
+    assert desk.queued == 0
 
 
 async def test_new_request_does_not_overtake_waiters() -> None:
-    reg, sched = setup()
-    held = await sched.take_slot("m", None)
-    waiter = asyncio.create_task(sched.take_slot("m", 5))
+    reg, desk = setup()
+    held = await desk.take_any("m", None)
+    waiter = asyncio.create_task(desk.take_any("m", 5))
     await asyncio.sleep(0)
     # Giving it back hands the slot straight to the waiter, so a newcomer finds none free.
-    sched.give_back(held, Outcome(ok=True))
-    newcomer = asyncio.create_task(sched.take_slot("m", 0.05))
+    desk.give_back(held, Outcome(ok=True))
+    newcomer = asyncio.create_task(desk.take_any("m", 0.05))
     assert (await waiter).worker_id == "w0"
     with pytest.raises(StatusError) as timed_out:
         await newcomer
@@ -87,22 +87,22 @@ async def test_new_request_does_not_overtake_waiters() -> None:
 
 
 async def test_timeout_leaves_no_waiter_and_no_leaked_slot() -> None:
-    reg, sched = setup()
-    held = await sched.take_slot("m", None)
+    reg, desk = setup()
+    held = await desk.take_any("m", None)
     with pytest.raises(StatusError, match="before the deadline"):
-        await sched.take_slot("m", 0.01)
-    assert sched.queued == 0 and sched.queue_depth("m") == 0
-    sched.give_back(held, Outcome(ok=True))
+        await desk.take_any("m", 0.01)
+    assert desk.queued == 0 and desk.queue_depth("m") == 0
+    desk.give_back(held, Outcome(ok=True))
     assert reg.workers["w0"].in_flight == 0
 
 
 async def test_cancel_after_handoff_passes_the_slot_on() -> None:
-    reg, sched = setup()
-    held = await sched.take_slot("m", None)
-    first = asyncio.create_task(sched.take_slot("m", 5))
-    second = asyncio.create_task(sched.take_slot("m", 5))
+    reg, desk = setup()
+    held = await desk.take_any("m", None)
+    first = asyncio.create_task(desk.take_any("m", 5))
+    second = asyncio.create_task(desk.take_any("m", 5))
     await asyncio.sleep(0)
-    sched.give_back(held, Outcome(ok=True))  # hands the slot to `first`...
+    desk.give_back(held, Outcome(ok=True))  # hands the slot to `first`...
     first.cancel()  # ...which gives up before it runs
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -111,24 +111,24 @@ async def test_cancel_after_handoff_passes_the_slot_on() -> None:
 
 
 async def test_queue_is_bounded() -> None:
-    _, sched = setup(max_queue=1)
-    await sched.take_slot("m", None)
-    waiting = asyncio.create_task(sched.take_slot("m", 5))
+    _, desk = setup(max_queue=1)
+    await desk.take_any("m", None)
+    waiting = asyncio.create_task(desk.take_any("m", 5))
     await asyncio.sleep(0)
     with pytest.raises(StatusError) as full:
-        await sched.take_slot("m", 5)
+        await desk.take_any("m", 5)
     assert status_of(full) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queen queue is full: 1 requests are already queued (limit 1)" in full.value.message
     waiting.cancel()
 
 
 async def test_waiters_fail_when_every_worker_of_the_model_leaves() -> None:
-    reg, sched = setup()
-    await sched.take_slot("m", None)
-    waiting = asyncio.create_task(sched.take_slot("m", 5))
+    reg, desk = setup()
+    await desk.take_any("m", None)
+    waiting = asyncio.create_task(desk.take_any("m", 5))
     await asyncio.sleep(0)
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h"))
-    sched.dispatch_all()
+    desk.dispatch_all()
     with pytest.raises(StatusError) as gone:
         await waiting
     assert status_of(gone) == grpc.StatusCode.UNAVAILABLE
@@ -136,9 +136,9 @@ async def test_waiters_fail_when_every_worker_of_the_model_leaves() -> None:
 
 
 async def test_new_worker_in_heartbeat_serves_waiters() -> None:
-    reg, sched = setup()
-    await sched.take_slot("m", None)
-    waiting = asyncio.create_task(sched.take_slot("m", 5))
+    reg, desk = setup()
+    await desk.take_any("m", None)
+    waiting = asyncio.create_task(desk.take_any("m", 5))
     await asyncio.sleep(0)
     workers = [
         common_pb2.WorkerRecord(
@@ -152,5 +152,5 @@ async def test_new_worker_in_heartbeat_serves_waiters() -> None:
         for i in ("w0", "w1")
     ]
     reg.apply_heartbeat(queen_pb2.HiveHeartbeat(hive_id="h1", address="h", workers=workers))
-    sched.dispatch_all()
+    desk.dispatch_all()
     assert (await waiting).worker_id == "w1"

@@ -1,6 +1,6 @@
 """Cache-aware routing, pure: prompt block hashes (apiary/prefix.py), the prefix index
 (routed, reported, matched, evicted, a worker removed), demand, the pick, and the registry's
-cache-aware take_slot with a fake clock."""
+cache-aware take with a fake clock."""
 
 from __future__ import annotations
 
@@ -153,22 +153,22 @@ def test_the_registry_routes_a_tenant_back_to_its_worker() -> None:
     assert (
         reg.policy_for("m", common_pb2.ROUTING_POLICY_UNSPECIFIED) == CACHE_AWARE
     )  # llamacpp workers: cache-aware by default
-    first = reg.take_slot("m", want=want("A"))
+    first = reg.take("m", want=want("A"))
     assert first is not None and first.policy == CACHE_AWARE  # decided at the pick, once
     reg.give_back(first, outcome_ok())
-    again = reg.take_slot("m", want=want("A", "another question"))
+    again = reg.take("m", want=want("A", "another question"))
     assert again is not None and again.worker_id == first.worker_id
     # B goes elsewhere (least-loaded among the rest), then sticks there too.
-    b = reg.take_slot("m", want=want("B"))
+    b = reg.take("m", want=want("B"))
     assert b is not None and b.worker_id != first.worker_id
 
 
 def test_a_request_waits_for_its_busy_holder_until_affinity_is_off() -> None:
     reg, _ = registry("w1", "w2")
-    held = reg.take_slot("m", want=want("A"))
+    held = reg.take("m", want=want("A"))
     assert held is not None
-    assert reg.take_slot("m", want=want("A", "again")) is None  # w2 is free, but w1 holds A
-    late = reg.take_slot("m", want=want("A", "again"), affinity=False)
+    assert reg.take("m", want=want("A", "again")) is None  # w2 is free, but w1 holds A
+    late = reg.take("m", want=want("A", "again"), affinity=False)
     assert late is not None and late.worker_id != held.worker_id
 
 
@@ -177,11 +177,11 @@ def test_echo_models_stay_least_loaded_and_sessions_stick() -> None:
     unspecified = common_pb2.ROUTING_POLICY_UNSPECIFIED
     assert reg.policy_for("m", unspecified) == common_pb2.ROUTING_POLICY_LEAST_LOADED
     reg2, _ = registry("w1", "w2")
-    first = reg2.take_slot("m", want=Want(None, "chat-7"))
+    first = reg2.take("m", want=Want(None, "chat-7"))
     assert first is not None
     reg2.give_back(first, outcome_ok())
     for _ in range(3):
-        slot = reg2.take_slot("m", want=Want(None, "chat-7"))
+        slot = reg2.take("m", want=Want(None, "chat-7"))
         assert slot is not None and slot.worker_id == first.worker_id
         reg2.give_back(slot, outcome_ok())
 
@@ -194,7 +194,7 @@ def test_worker_reports_correct_the_index_and_removal_forgets() -> None:
     reg.apply_heartbeat(
         queen_pb2.HiveHeartbeat(hive_id="h1", address="h1:1", workers=workers, samples=[sample])
     )
-    slot = reg.take_slot("m", want=want("A"))
+    slot = reg.take("m", want=want("A"))
     assert slot is not None and slot.worker_id == "w2"  # it said it holds A
     reg.forget_worker("w2")
     assert reg.prefixes.match(hashes, clock.monotonic()) == {}

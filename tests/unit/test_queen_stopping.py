@@ -96,7 +96,7 @@ async def test_a_request_without_a_deadline_waits_at_most_max_wait(cluster: Clus
     held_slot(cluster)
     with pytest.raises(Aborted) as waited:
         await drain(infer(service, Context("t-shop", remaining=None), request_id="r"))
-    assert waited.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert waited.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and not waited.value.stopping
     assert waited.value.details == (
         "no free worker of model 'm' within the queen's --max-wait of 0.05 s; "
         "0 other request(s) waiting; retry later"
@@ -136,7 +136,7 @@ async def test_a_stopping_queen_refuses_new_requests_and_ends_waiting_ones(
     for task in (waiting, leasing):
         with pytest.raises(Aborted) as ended:
             await task
-        assert ended.value.code == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.code == grpc.StatusCode.UNAVAILABLE and ended.value.stopping
         assert ended.value.details == endings.ended_while_waiting()
     assert ended.value.details.startswith("queen shutting down: the request was still waiting")
     row = rows(cluster).only()
@@ -147,7 +147,7 @@ async def test_a_stopping_queen_refuses_new_requests_and_ends_waiting_ones(
     for call in (drain(infer(service, Context("t-shop"))), service.Lease(lease, Context("t-shop"))):  # type: ignore[arg-type]
         with pytest.raises(Aborted) as refused:
             await call
-        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE and refused.value.stopping
         assert refused.value.details == (
             "queen shutting down: it takes no new requests; retry against another queen, or "
             "once this one has restarted"
@@ -173,7 +173,7 @@ async def test_a_stream_running_when_the_grace_runs_out_is_cut_and_recorded_so(
     assert service.in_flight.cut(5.0) == 1
     with pytest.raises(Aborted) as cut:
         await reading
-    assert cut.value.code == grpc.StatusCode.UNAVAILABLE
+    assert cut.value.code == grpc.StatusCode.UNAVAILABLE and cut.value.stopping
     assert cut.value.details == (
         "queen shutting down: the stream was ended after 2 token chunk(s) were delivered, when "
         "the queen's --shutdown-grace of 5 s ran out; retry against another queen, or once "

@@ -45,7 +45,7 @@ def make(**settings: object) -> tuple[Fleet, FakeClock, list[queen_pb2.Event]]:
 
 
 def pick(reg: Fleet, model: str = "m", **kw: object) -> str | None:
-    slot = reg.take_slot(model, **kw)  # type: ignore[arg-type]
+    slot = reg.take(model, **kw)  # type: ignore[arg-type]
     return slot.worker_id if slot else None
 
 
@@ -87,11 +87,11 @@ def test_leaving_hive_is_forgotten_at_once() -> None:
 def test_slot_accounting_is_the_queens_own() -> None:
     reg, _, _ = make(default_policy=common_pb2.ROUTING_POLICY_LRU)
     reg.apply_heartbeat(beat("h1", record("a"), record("b"), record("c")))
-    slots = [reg.take_slot("m") for _ in range(3)]
+    slots = [reg.take("m") for _ in range(3)]
     assert [slot.worker_id for slot in slots if slot] == ["a", "b", "c"]
-    assert reg.take_slot("m") is None
+    assert reg.take("m") is None
     reg.apply_heartbeat(beat("h1", record("a"), record("b"), record("c")))
-    assert reg.take_slot("m") is None  # a heartbeat never overwrites the queen's slots
+    assert reg.take("m") is None  # a heartbeat never overwrites the queen's slots
     assert slots[1] and slots[0]
     reg.give_back(slots[1], OK)
     reg.give_back(slots[0], Outcome(ok=False))
@@ -177,7 +177,7 @@ def test_circuit_breaker_opens_after_failures_in_a_row_and_half_opens() -> None:
     reg, clock, events = make(breaker_failures=3, breaker_cooldown=5.0, interval=100.0)
     reg.apply_heartbeat(beat("h1", record("a"), record("b")))
     for _ in range(3):
-        slot = reg.take_slot("m", exclude={"h1:wb"})
+        slot = reg.take("m", exclude={"h1:wb"})
         assert slot and slot.worker_id == "a"
         reg.give_back(slot, FAULT)
     assert events[-1].kind == queen_pb2.EVENT_KIND_WORKER_CIRCUIT_OPENED
@@ -186,7 +186,7 @@ def test_circuit_breaker_opens_after_failures_in_a_row_and_half_opens() -> None:
     clock.advance(5.0)
     reg.sweep()
     assert events[-1].kind == queen_pb2.EVENT_KIND_WORKER_CIRCUIT_CLOSED
-    slot = reg.take_slot("m")
+    slot = reg.take("m")
     assert slot and slot.worker_id == "a"
     reg.give_back(slot, FAULT)  # half-open: one more failure and it is out again
     assert reg.workers["a"].breaker_until > 0
@@ -196,7 +196,7 @@ def test_failures_that_are_not_the_workers_fault_do_not_trip_the_breaker() -> No
     reg, _, _ = make(breaker_failures=2)
     reg.apply_heartbeat(beat("h1", record("a")))
     for _ in range(5):
-        slot = reg.take_slot("m")
+        slot = reg.take("m")
         assert slot
         reg.give_back(slot, Outcome(ok=False))  # e.g. the client's deadline
     assert reg.workers["a"].breaker_until == 0 and reg.workers["a"].stats.failed == 5
@@ -244,7 +244,7 @@ def test_required_tags_select_a_subset() -> None:
 def test_a_worker_that_loses_a_tag_leaves_that_tags_pool() -> None:
     reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("w", slots=4, tags=("gpu",))))
-    slot = reg.take_slot("m", tags=["gpu"])
+    slot = reg.take("m", tags=["gpu"])
     assert slot is not None and slot.worker_id == "w"
     reg.give_back(slot, Outcome(ok=True))
     reg.apply_heartbeat(beat("h1", record("w", slots=4)))  # the hive dropped the tag
@@ -284,7 +284,7 @@ def test_exclude_skips_addresses_already_tried() -> None:
 def test_restarted_worker_starts_with_free_slots() -> None:
     reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a")))
-    slot = reg.take_slot("m")
+    slot = reg.take("m")
     assert slot is not None
     failed = record("a", state=common_pb2.WORKER_STATE_FAILED)
     failed.address = ""
@@ -294,7 +294,7 @@ def test_restarted_worker_starts_with_free_slots() -> None:
     restarted.address = "h1:9"
     reg.apply_heartbeat(beat("h1", restarted))
     assert reg.workers["a"].in_flight == 0
-    slot = reg.take_slot("m")
+    slot = reg.take("m")
     assert slot and slot.address == "h1:9"
 
 
@@ -315,10 +315,10 @@ def test_stats_and_score_in_the_view() -> None:
     reg, _, _ = make()
     reg.apply_heartbeat(beat("h1", record("a", slots=2)))
     for duration in (1.0, 2.0, 3.0):
-        slot = reg.take_slot("m")
+        slot = reg.take("m")
         assert slot
         reg.give_back(slot, Outcome(ok=True, duration=duration, tokens=20))
-    slot = reg.take_slot("m")
+    slot = reg.take("m")
     assert slot
     reg.give_back(slot, FAULT)
     stats = reg.view(reg.workers["a"]).stats

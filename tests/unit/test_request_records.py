@@ -13,7 +13,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from apiary.errors import StatusError
+from apiary.errors import STOPPING_KEY, StatusError
 from apiary.security import TokenSet
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
@@ -26,10 +26,16 @@ from tests.queen_fakes import FakeCall, FakeChannels, beat, chunk, make_cluster,
 
 
 class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.trailers = tuple(trailers)
+
+    @property
+    def stopping(self) -> bool:
+        """Marked as a stopping queen's answer (the apiary-stopping trailer)."""
+        return (STOPPING_KEY, "1") in self.trailers
 
 
 class Context:
@@ -61,7 +67,7 @@ class Context:
             callback(self)
 
     async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any = ()) -> None:
-        raise Aborted(code, details)
+        raise Aborted(code, details, trailing_metadata)
 
 
 class Rows(History):

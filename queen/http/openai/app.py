@@ -38,7 +38,7 @@ from queen.http.asgi import (
     send_start,
     until_disconnect,
 )
-from queen.http.errors import ApiError, from_status
+from queen.http.errors import ApiError, from_error
 from queen.http.openai import params
 from queen.http.openai.shapes import Answer, error_event, model_list, model_object
 from queen.rpc.queen import Accepted, QueenService
@@ -123,7 +123,7 @@ class Front:
         try:
             accepted = self.service.accept(wanted.request, client, NoDeadline())
         except StatusError as refused:
-            raise from_status(refused.code.name, refused.message) from None
+            raise from_error(refused) from None
         queen_id = accepted.route.request.request_id
         answer = Answer(
             id=("chatcmpl-" if wanted.chat else "cmpl-") + queen_id,
@@ -207,7 +207,7 @@ class InferResponse(Response):
             try:
                 first = await anext(chunks, None)
             except StatusError as failed:
-                await send_error(send, from_status(failed.code.name, failed.message), self.extra)
+                await send_error(send, from_error(failed), self.extra)
                 return
             if self.stream:
                 await self.send_stream(send, first, chunks)
@@ -228,7 +228,7 @@ class InferResponse(Response):
                         await send_body(send, event)
             await send_body(send, answer.closing(), last=True)
         except StatusError as failed:
-            error = from_status(failed.code.name, failed.message)
+            error = from_error(failed)
             await send_body(send, error_event(error), last=True)
 
     async def send_whole(
@@ -241,7 +241,7 @@ class InferResponse(Response):
                 async for chunk in rest:
                     answer.take(chunk)
         except StatusError as failed:
-            await send_error(send, from_status(failed.code.name, failed.message), self.extra)
+            await send_error(send, from_error(failed), self.extra)
             return
         body = json.dumps(answer.whole(), separators=(",", ":")).encode()
         await send_start(send, 200, "application/json", self.extra)
