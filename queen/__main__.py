@@ -30,9 +30,8 @@ from queen.beats import (
     BeatLimits,
 )
 from queen.leases.manager import DEFAULT_MAX_TTL
-from queen.requests.endings import DEFAULT_MAX_WAIT
 from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
-from queen.routing.desk import DEFAULT_CACHE_WAIT
+from queen.routing.desk import DEFAULT_CACHE_WAIT, DEFAULT_MAX_WAIT
 from queen.server import DEFAULT_SHUTDOWN_GRACE, Queen, QueenConfig, create_server
 
 log = structlog.get_logger("queen")

@@ -25,10 +25,9 @@ from queen.history import History
 from queen.leases.manager import LeaseManager
 from queen.metrics import QueenMetrics
 from queen.registry import BeatResult, Registry
-from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
-from queen.requests.served import model_problem
 from queen.routing.desk import Desk
 from queen.routing.router import Router
+from queen.served import model_problem
 
 log = structlog.get_logger("queen")
 
@@ -140,6 +139,8 @@ class Cluster:
     max_prompt_bytes: int
     max_streams_per_client: int
     metrics: QueenMetrics
+    # How many times a request may move mid-stream to another worker.
+    migration_limit: int
     hive_watch: HiveWatch = field(default_factory=HiveWatch)
     # What a request without max_tokens gets.
     default_max_tokens: int = DEFAULT_MAX_TOKENS
@@ -147,8 +148,6 @@ class Cluster:
     _refusals_told: set[tuple[str, str, str]] = field(default_factory=set)
     # Require a hive's id to be a name in its client certificate (mTLS).
     hive_identity_from_cert: bool = False
-    # How many times a request may move mid-stream to another worker.
-    migration_limit: int = DEFAULT_MIGRATION_LIMIT
 
     def __post_init__(self) -> None:
         # The parts report here; the follow-ups that cross parts happen in this class only.

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from apiary.protoutil import READY_STATES
 from protos.v1 import common_pb2, queen_pb2
-from queen.routing.stats import WorkerStatsTracker
+from queen.stats import WorkerStatsTracker
 
 
 @dataclass

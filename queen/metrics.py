@@ -22,7 +22,6 @@ from protos.v1 import common_pb2, queen_pb2
 from queen.history import History
 from queen.members import live_state
 from queen.registry import Registry
-from queen.requests import endings
 from queen.routing.desk import Desk
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -42,6 +41,18 @@ class Usage:
     prompt: int = 0
     cached: int = 0
     completion: int = 0
+
+
+# How requests ended, as `apiary status` totals them: a client's cancel is not a failure,
+# and a request the queen never took was refused (its own count).
+COMPLETED, FAILED, CANCELLED, REFUSED = "completed", "failed", "cancelled", "refused"
+
+
+def outcome(code: str) -> str:
+    """A taken request's outcome by the code it ended with."""
+    if code == "OK":
+        return COMPLETED
+    return CANCELLED if code == "CANCELLED" else FAILED
 
 
 class QueenMetrics:
@@ -139,7 +150,7 @@ class QueenMetrics:
     def refused(self, model: str, code: str) -> None:
         """An Infer request the queen did not take (unknown model, bad field, full queue)."""
         self.requests.labels(self.model_label(model), code).inc()
-        self.outcomes[endings.REFUSED] += 1
+        self.outcomes[REFUSED] += 1
 
     def finished(
         self, model: str, code: str, seconds: float, ttft: float | None, usage: Usage
@@ -147,10 +158,10 @@ class QueenMetrics:
         """A request the queen took, at its end."""
         label = self.model_label(model)
         self.requests.labels(label, code).inc()
-        outcome = endings.outcome(code)
-        self.outcomes[outcome] += 1
+        ended = outcome(code)
+        self.outcomes[ended] += 1
         for listener in self.on_finished:
-            listener(outcome != endings.FAILED, ttft)
+            listener(ended != FAILED, ttft)
         self.duration.labels(label).observe(seconds)
         if ttft is not None:
             self.ttft.labels(label).observe(ttft)
@@ -170,10 +181,10 @@ class QueenMetrics:
     def status(self, into: queen_pb2.QueenStatus) -> queen_pb2.QueenStatus:
         """The request totals since the queen started, added to its status."""
         into.started_at.FromNanoseconds(int(self.started_at * 1e9))
-        into.requests_completed = self.outcomes[endings.COMPLETED]
-        into.requests_failed = self.outcomes[endings.FAILED]
-        into.requests_cancelled = self.outcomes[endings.CANCELLED]
-        into.requests_refused = self.outcomes[endings.REFUSED]
+        into.requests_completed = self.outcomes[COMPLETED]
+        into.requests_failed = self.outcomes[FAILED]
+        into.requests_cancelled = self.outcomes[CANCELLED]
+        into.requests_refused = self.outcomes[REFUSED]
         return into
 
 

@@ -31,11 +31,10 @@ from queen.http.dashboard.routes import Dashboard
 from queen.http.server import HttpFront, serve_http
 from queen.leases.manager import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
+from queen.quotas import Quotas
 from queen.registry import Registry, RegistrySettings
-from queen.requests.endings import DEFAULT_MAX_WAIT
 from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
-from queen.requests.quotas import Quotas
-from queen.routing.desk import DEFAULT_CACHE_WAIT, Desk
+from queen.routing.desk import DEFAULT_CACHE_WAIT, DEFAULT_MAX_WAIT, Desk
 from queen.routing.prefix_index import ENTRY_BYTES
 from queen.routing.router import Router, RoutingSettings
 from queen.rpc.admin import QueenAdminService

@@ -19,6 +19,7 @@ from queen.leases.manager import LeaseManager
 from queen.members import WorkerEntry
 from queen.metrics import QueenMetrics
 from queen.registry import Registry, RegistrySettings
+from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
 from queen.routing.ask import Ask, Outcome, Slot
 from queen.routing.desk import Desk
 from queen.routing.prefix_index import Want
@@ -173,6 +174,7 @@ def make_cluster(
         max_prompt_bytes=10_000,
         max_streams_per_client=0,
         metrics=QueenMetrics(registry, desk),
+        migration_limit=DEFAULT_MIGRATION_LIMIT,
     )
 
 

@@ -10,7 +10,7 @@ from apiary.protoutil import naming
 from apiary.validation import infer_request_problem, name_problem, tag_problem
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
-from queen.requests.served import model_problem, spawn_needed
+from queen.served import model_problem, spawn_needed
 
 MAX_TAGS = 16
 

@@ -3,9 +3,8 @@
 Pure: a status (or a gRPC code name, or what is known when the call ended early) in, the
 words out. A call can end before its request does: the client cancels or goes away, or its
 deadline passes (while waiting for a slot, or mid-stream). Which of the two it was is read
-from the time left on the call when it ended. A stopping queen ends requests too: those that
-arrive or still wait for a slot at once, streams still running when its grace runs out then;
-each is told so, and what to do. How long a request may wait for a slot is decided here too.
+from the time left on the call when it ended. (What a stopping queen says is
+queen/stopping.py's; how long a request may wait for a slot, the desk's.)
 """
 
 from __future__ import annotations
@@ -17,12 +16,6 @@ from protos.v1 import queen_pb2
 # a moment before our deadline would.
 DEADLINE_SLACK = 0.1
 
-# The longest a request waits for a free slot unless the queen is told otherwise (--max-wait):
-# a client without a deadline (grpcurl's default) must not wait forever.
-DEFAULT_MAX_WAIT = 300.0
-
-SHUTTING_DOWN = "queen shutting down"
-RETRY_ELSEWHERE = "retry against another queen, or once this one has restarted"
 
 LABELS: dict[queen_pb2.RequestStatus.ValueType, str] = {
     queen_pb2.REQUEST_STATUS_COMPLETED: "completed",
@@ -35,11 +28,6 @@ LABELS: dict[queen_pb2.RequestStatus.ValueType, str] = {
 def label(status: queen_pb2.RequestStatus.ValueType) -> str:
     """The status in words, as logs say it."""
     return LABELS.get(status, "failed")
-
-
-# How requests ended, as `apiary status` totals them: a client's cancel is not a failure,
-# and a request the queen never took was refused (its own count).
-COMPLETED, FAILED, CANCELLED, REFUSED = "completed", "failed", "cancelled", "refused"
 
 
 def code_of(status: queen_pb2.RequestStatus.ValueType, error: str) -> str:
@@ -60,13 +48,6 @@ CODE_NAMES = frozenset(
     PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE UNIMPLEMENTED
     INTERNAL UNAVAILABLE DATA_LOSS UNAUTHENTICATED""".split()
 )
-
-
-def outcome(code: str) -> str:
-    """A taken request's outcome by the code it ended with."""
-    if code == "OK":
-        return COMPLETED
-    return CANCELLED if code == "CANCELLED" else FAILED
 
 
 def event_kind(status: queen_pb2.RequestStatus.ValueType) -> queen_pb2.EventKind.ValueType:
@@ -101,45 +82,3 @@ def call_ended(
             f"DEADLINE_EXCEEDED: the client's deadline passed {where}",
         )
     return queen_pb2.REQUEST_STATUS_CANCELLED, f"CANCELLED: the call was cancelled {where}"
-
-
-def slot_wait(time_remaining: float | None, max_wait: float) -> tuple[float, bool]:
-    """How long a request may wait for a slot: until its deadline, never longer than the
-    queen's --max-wait; and whether --max-wait is what limits it."""
-    if time_remaining is None or time_remaining > max_wait:
-        return max_wait, True
-    return max(time_remaining, 0.0), False
-
-
-def waited_too_long(model: str, max_wait: float, others: int) -> str:
-    """DEADLINE_EXCEEDED's message when --max-wait, not the client's deadline, ended a wait."""
-    return (
-        f"no free worker of model {model!r} within the queen's --max-wait of {max_wait:g} s; "
-        f"{others} other request(s) waiting; retry later"
-    )
-
-
-def refused_while_stopping() -> str:
-    """UNAVAILABLE's message for a request that arrives while the queen is stopping."""
-    return f"{SHUTTING_DOWN}: it takes no new requests; {RETRY_ELSEWHERE}"
-
-
-def ended_while_waiting() -> str:
-    """UNAVAILABLE's message for a request still waiting for a slot when the queen stops."""
-    return (
-        f"{SHUTTING_DOWN}: the request was still waiting for a free worker and nothing was "
-        f"sent; {RETRY_ELSEWHERE}"
-    )
-
-
-def cut_by_shutdown(grace: float, attempts: int, delivered: int) -> str:
-    """UNAVAILABLE's message for a stream still running when the queen's --shutdown-grace ran
-    out, given the attempts begun and the token chunks the client was sent."""
-    if attempts:
-        where = f"after {delivered} token chunk(s) were delivered"
-    else:
-        where = "before any worker was called"
-    return (
-        f"{SHUTTING_DOWN}: the stream was ended {where}, when the queen's --shutdown-grace of "
-        f"{grace:g} s ran out; {RETRY_ELSEWHERE}"
-    )

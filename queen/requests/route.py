@@ -27,6 +27,7 @@ import structlog
 from apiary.coalesce import coalesced
 from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
+from queen import stopping
 from queen.cluster import Cluster, HiveLost
 from queen.requests import endings, retry
 from queen.requests.progress import Progress
@@ -202,7 +203,7 @@ class Route:
         """The stopping queen's grace ran out: end the request with UNAVAILABLE saying so.
         Cancelling the worker call wakes a relay waiting on it (see _read); a handler stuck
         sending to its client is ended by the server's stop, and ended() records the cut."""
-        self.cut_short = endings.cut_by_shutdown(
+        self.cut_short = stopping.cut_by_shutdown(
             grace, self.record.attempts, self.record.counts.delivered
         )
         call = self._call

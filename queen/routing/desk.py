@@ -21,13 +21,16 @@ from dataclasses import dataclass
 import grpc
 
 from apiary.errors import StatusError
-from queen.requests import endings
-from queen.requests.quotas import Quota
+from queen import stopping
+from queen.quotas import Quota
 from queen.routing.ask import Ask, Outcome, Slot
 from queen.routing.router import Router
 
 # Seconds a cache-aware request waits for a busy worker holding its prefix (--cache-wait).
 DEFAULT_CACHE_WAIT = 1.0
+# The longest a request waits for a free slot unless the queen is told otherwise (--max-wait):
+# a client without a deadline (grpcurl's default) must not wait forever.
+DEFAULT_MAX_WAIT = 300.0
 
 
 class ModelGone(Exception):
@@ -48,7 +51,7 @@ class Desk:
         router: Router,
         max_queue: int = 1024,
         cache_wait: float = DEFAULT_CACHE_WAIT,
-        max_wait: float = endings.DEFAULT_MAX_WAIT,
+        max_wait: float = DEFAULT_MAX_WAIT,
         queued: Quota | None = None,
     ) -> None:
         self.router = router
@@ -86,7 +89,7 @@ class Desk:
         refused = self.queued_quota.acquire(client)
         if refused is not None:
             raise StatusError(grpc.StatusCode[refused.code], refused.message)
-        timeout, capped = endings.slot_wait(time_remaining, self.max_wait)
+        timeout, capped = slot_wait(time_remaining, self.max_wait)
         try:
             slot = await self._wait(ask, timeout)
         except TimeoutError:
@@ -101,7 +104,7 @@ class Desk:
     def _timed_out(self, model: str, capped: bool) -> StatusError:
         others = self.queue_depth(model)
         if capped:
-            message = endings.waited_too_long(model, self.max_wait, others)
+            message = waited_too_long(model, self.max_wait, others)
         else:
             message = (
                 f"no free worker of model {model!r} before the deadline; {others} other "
@@ -208,8 +211,24 @@ class Desk:
         begins."""
         self.stopping = True
         for model in list(self._waiters):
-            self.fail(model, endings.ended_while_waiting())
+            self.fail(model, stopping.ended_while_waiting())
 
 
 def _stopped() -> StatusError:
-    return StatusError(grpc.StatusCode.UNAVAILABLE, endings.ended_while_waiting(), stopping=True)
+    return StatusError(grpc.StatusCode.UNAVAILABLE, stopping.ended_while_waiting(), stopping=True)
+
+
+def slot_wait(time_remaining: float | None, max_wait: float) -> tuple[float, bool]:
+    """How long a request may wait for a slot: until its deadline, never longer than the
+    queen's --max-wait; and whether --max-wait is what limits it."""
+    if time_remaining is None or time_remaining > max_wait:
+        return max_wait, True
+    return max(time_remaining, 0.0), False
+
+
+def waited_too_long(model: str, max_wait: float, others: int) -> str:
+    """DEADLINE_EXCEEDED's message when --max-wait, not the client's deadline, ended a wait."""
+    return (
+        f"no free worker of model {model!r} within the queen's --max-wait of {max_wait:g} s; "
+        f"{others} other request(s) waiting; retry later"
+    )

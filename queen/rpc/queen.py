@@ -1,6 +1,6 @@
 """The Queen service: admits requests, routes each Infer (queen/requests/route.py), hands out
 direct leases, and lists the models served. What each client may hold at once is counted per
-client (queen/requests/quotas.py). Once the queen is stopping it takes no new request."""
+client (queen/quotas.py). Once the queen is stopping it takes no new request."""
 
 from __future__ import annotations
 
@@ -18,18 +18,19 @@ from apiary.protoutil import timestamp
 from apiary.security import TokenSet, bearer
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
+from queen import stopping
 from queen.cluster import Cluster
 from queen.leases.book import Lease as DirectLease
 from queen.leases.manager import DEFAULT_MAX_TTL, DEFAULT_TTL
 from queen.members import live_state
+from queen.quotas import Quotas, References, Refusal, peer_host
 from queen.registry import Registry
-from queen.requests import endings
 from queen.requests.admission import admit
 from queen.requests.in_flight import InFlight
-from queen.requests.quotas import Quotas, References, Refusal, peer_host
 from queen.requests.record import Caller
 from queen.requests.route import Call, Route
 from queen.routing.ask import Ask, Slot
+from queen.routing.desk import DEFAULT_MAX_WAIT
 
 # Identities that may call the Queen service, and so have a name to be counted under.
 CALLER_ROLES = frozenset({"client", "admin"})
@@ -64,7 +65,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         tokens: TokenSet | None = None,
         quotas: Quotas | None = None,
         max_lease_ttl: float = DEFAULT_MAX_TTL,
-        max_wait: float = endings.DEFAULT_MAX_WAIT,
+        max_wait: float = DEFAULT_MAX_WAIT,
     ) -> None:
         self.cluster = cluster
         self.tokens = tokens or TokenSet()
@@ -289,4 +290,5 @@ def model_info(registry: Registry, name: str, queued: int) -> queen_pb2.ModelInf
 
 
 def _refused_while_stopping() -> StatusError:
-    return StatusError(grpc.StatusCode.UNAVAILABLE, endings.refused_while_stopping(), stopping=True)
+    message = stopping.refused_while_stopping()
+    return StatusError(grpc.StatusCode.UNAVAILABLE, message, stopping=True)

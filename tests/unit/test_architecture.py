@@ -38,10 +38,10 @@ PURE_MODULES = (
     "queen/routing/ask.py",
     "queen/routing/router.py",
     "queen/routing/selection.py",
-    "queen/routing/stats.py",
+    "queen/stats.py",
     "queen/routing/prefix_index.py",
     "queen/requests/retry.py",
-    "queen/requests/quotas.py",
+    "queen/quotas.py",
     "queen/leases/book.py",
     "queen/requests/endings.py",
     "queen/requests/progress.py",
@@ -323,3 +323,36 @@ def test_the_readme_layout_names_every_module() -> None:
         if f"`{named}`" not in text and f"`{path.name}`" not in text:
             missing.append(f"{relative}: not named in the row of `{folder}`")
     assert not missing, "modules the README's Layout does not name:\n" + "\n".join(missing)
+
+
+# The queen's floors, lowest first: a module imports only modules of its own floor or below.
+# The core (registry, members, beats, stats, quotas, served, stopping, events, history, ...)
+# is at 0; `metrics` counts the desk's queues, and a lease holds a slot from the desk; the
+# cluster wires routing, leases, metrics and the core together; a request is carried out with
+# the cluster; the services take requests; the HTTP side calls the services; the server builds
+# it all.
+QUEEN_FLOORS = (
+    ("queen.server", 7), ("queen.__main__", 7), ("queen.http", 6), ("queen.rpc", 5),
+    ("queen.requests", 4), ("queen.cluster", 3), ("queen.leases", 2), ("queen.metrics", 2),
+    ("queen.routing", 1), ("queen", 0),
+)  # fmt: skip
+
+
+def queen_floor(module: str) -> int:
+    return next(floor for prefix, floor in QUEEN_FLOORS if module == prefix
+                or module.startswith(prefix + "."))  # fmt: skip
+
+
+def test_the_queen_imports_point_down_its_floors() -> None:
+    files = module_files()
+    offenders = []
+    for name, path in files.items():
+        if not name.startswith("queen."):
+            continue
+        for target in imported_files(path, name, files):
+            if target.startswith("queen") and queen_floor(target) > queen_floor(name):
+                offenders.append(
+                    f"{path.relative_to(ROOT)}: imports {target} (floor {queen_floor(target)} "
+                    f"over its own {queen_floor(name)})"
+                )
+    assert not offenders, "queen imports pointing up:\n" + "\n".join(sorted(offenders))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from protos.v1 import queen_pb2
+from queen import metrics
 from queen.requests import endings
 
 
@@ -30,7 +31,7 @@ def test_code_and_outcome(
     status: queen_pb2.RequestStatus.ValueType, error: str, code: str, outcome: str
 ) -> None:
     assert endings.code_of(status, error) == code
-    assert endings.outcome(code) == outcome
+    assert metrics.outcome(code) == outcome
 
 
 def test_every_grpc_code_name_is_known() -> None:

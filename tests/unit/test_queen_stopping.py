@@ -13,10 +13,11 @@ import grpc
 import pytest
 
 from protos.v1 import common_pb2, queen_pb2
+from queen import stopping
 from queen.cluster import Cluster
-from queen.requests import endings
 from queen.requests.in_flight import InFlight
 from queen.routing.ask import Ask, Slot
+from queen.routing.desk import DEFAULT_MAX_WAIT, slot_wait
 from queen.rpc.queen import QueenService
 from tests.fakes import FakeClock, settle
 from tests.queen_fakes import FakeCall, FakeChannels, beat, chunk, make_cluster, record
@@ -64,7 +65,7 @@ def rows(cluster: Cluster) -> Rows:
     return cast(Rows, cluster.history)
 
 
-def service_of(cluster: Cluster, max_wait: float = endings.DEFAULT_MAX_WAIT) -> QueenService:
+def service_of(cluster: Cluster, max_wait: float = DEFAULT_MAX_WAIT) -> QueenService:
     return QueenService(cluster, TOKENS, max_wait=max_wait)
 
 
@@ -85,10 +86,10 @@ def held_slot(cluster: Cluster) -> Slot:
 
 
 def test_a_wait_lasts_until_the_deadline_but_never_beyond_max_wait() -> None:
-    assert endings.slot_wait(None, 300) == (300, True)  # no deadline (grpcurl's default)
-    assert endings.slot_wait(10, 300) == (10, False)
-    assert endings.slot_wait(500, 300) == (300, True)
-    assert endings.slot_wait(-1, 300) == (0, False)
+    assert slot_wait(None, 300) == (300, True)  # no deadline (grpcurl's default)
+    assert slot_wait(10, 300) == (10, False)
+    assert slot_wait(500, 300) == (300, True)
+    assert slot_wait(-1, 300) == (0, False)
 
 
 async def test_a_request_without_a_deadline_waits_at_most_max_wait(cluster: Cluster) -> None:
@@ -137,7 +138,7 @@ async def test_a_stopping_queen_refuses_new_requests_and_ends_waiting_ones(
         with pytest.raises(Aborted) as ended:
             await task
         assert ended.value.code == grpc.StatusCode.UNAVAILABLE and ended.value.stopping
-        assert ended.value.details == endings.ended_while_waiting()
+        assert ended.value.details == stopping.ended_while_waiting()
     assert ended.value.details.startswith("queen shutting down: the request was still waiting")
     row = rows(cluster).only()
     assert (row["status"], row["error"]) == (FAILED, f"UNAVAILABLE: {ended.value.details}")

@@ -1,4 +1,4 @@
-"""Per-client limits and request references (queen/requests/quotas.py), and how an early end is
+"""Per-client limits and request references (queen/quotas.py), and how an early end is
 named (queen/requests/endings.py): plain values in, refusals and words out."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from protos.v1 import queen_pb2
+from queen.quotas import Quota, Quotas, References, peer_host
 from queen.requests import endings
-from queen.requests.quotas import Quota, Quotas, References, peer_host
 
 
 def test_a_client_at_its_limit_is_refused_and_another_is_not() -> None:

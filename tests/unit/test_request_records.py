@@ -18,7 +18,7 @@ from apiary.security import TokenSet
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
 from queen.history import History
-from queen.requests.quotas import Quotas
+from queen.quotas import Quotas
 from queen.routing.ask import Ask, Outcome
 from queen.rpc.queen import QueenService
 from tests.fakes import FakeClock, settle
