@@ -18,7 +18,7 @@ from apiary.protoutil import timestamp
 from apiary.security import TokenSet, bearer
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen import stopping
+from queen import served, stopping
 from queen.cluster import Cluster
 from queen.leases.book import Lease as DirectLease
 from queen.leases.manager import DEFAULT_MAX_TTL, DEFAULT_TTL
@@ -81,6 +81,14 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         """The queen is stopping: new Infer and Lease calls are refused, and requests waiting
         for a slot end now (UNAVAILABLE, saying so); streams in flight go on."""
         self.desk.stop()
+
+    def routing_problem(self) -> str | None:
+        """Why the queen routes no request now (None: it does): what /health answers."""
+        return served.routing_problem(self.cluster.registry, self.desk.stopping)
+
+    def model_ready(self, model: str) -> bool:
+        """Whether a request for `model` would be served or queued now: what /ready answers."""
+        return not self.desk.stopping and served.model_ready(self.cluster.registry, model)
 
     def client_of(self, context: Context) -> str:
         """Whom a gRPC call counts against (see client_named)."""

@@ -278,6 +278,11 @@ async def test_a_draining_queen_refuses_new_http_requests_with_503_and_finishes_
     assert refused.value.status_code == 503
     assert "queen shutting down" in refused.value.message
     assert refused.value.response.headers.get("apiary-stopping") == "1"  # another queen may
+    async with httpx.AsyncClient(base_url=base.removesuffix("/v1")) as probe:
+        health = await probe.get("/health")
+    assert (health.status_code, health.json()) == (
+        503, {"status": "unavailable", "reason": "draining: the queen is shutting down"},
+    )  # fmt: skip
     rest = [part async for part in stream]
     assert len([first, *rest]) == 40 and rest[-1].choices[0].finish_reason == "length"
 
@@ -304,6 +309,9 @@ async def test_https_with_the_queens_certificate_and_client_tokens_only(
     trust = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     body = {"model": "demo", "prompt": "over tls", "max_tokens": 2}
     async with httpx.AsyncClient(verify=trust, timeout=20) as http:
+        # A load balancer's probes need no token (and the API still does: below).
+        probed = await http.get(f"https://127.0.0.1:{port}/health")
+        assert (probed.status_code, probed.json()) == (200, {"status": "ok"})
         statuses = []
         for key in (None, "wrong", tokens["hives"]["oa-h7"]):
             headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -319,3 +327,29 @@ async def test_https_with_the_queens_certificate_and_client_tokens_only(
         assert done.choices[0].text == "over tls"
     rows = (await cluster.admin_stub(queen).ListRequests(queen_pb2.ListRequestsRequest())).requests
     assert [r.client for r in rows] == ["client"]  # counted as the token's client, as gRPC is
+
+
+async def test_health_and_ready_answer_load_balancers(cluster: Cluster) -> None:
+    """No worker yet: 503 and why; a ready worker: 200; /ready per model; nothing else said."""
+    port = free_port()
+    queen = cluster.start_queen(0, "--http-listen", f"127.0.0.1:{port}")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as probe:
+        await wait_until(lambda: "OpenAI API listening" in queen.log())
+        first = await probe.get("/health")
+        assert first.status_code == 503 and first.headers["cache-control"] == "no-store"
+        assert first.json()["reason"] in (
+            "starting: the hives have not all reported yet", "no worker is registered",
+        )  # fmt: skip
+        cluster.start_hive(queen, "oa-hz", "model=demo,count=1,token_delay=0")
+
+        async def routes() -> bool:
+            return (await probe.get("/health")).status_code == 200
+
+        await wait_until(routes, timeout=30)
+        assert (await probe.get("/health")).json() == {"status": "ok"}
+        ready = await probe.get("/ready", params={"model": "demo"})
+        assert (ready.status_code, ready.json()) == (200, {"model": "demo", "ready": True})
+        unknown = await probe.get("/ready", params={"model": "nope"})
+        assert (unknown.status_code, unknown.json()) == (503, {"model": "nope", "ready": False})
+        missing = await probe.get("/ready")
+        assert missing.status_code == 400 and "?model=" in missing.json()["error"]["message"]

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from apiary.errors import StatusError
 from apiary.security import TokenSet
 from apiary.serving import MAX_MESSAGE_BYTES
-from apiary.validation import MAX_NAME_LENGTH
+from apiary.validation import MAX_NAME_LENGTH, name_problem
 from protos.v1 import common_pb2
 from queen.http.asgi import (
     SSE_HEADERS,
@@ -48,6 +48,8 @@ log = structlog.get_logger("queen.http.openai")
 REQUEST_ID = "x-request-id"
 # Requests with the same value stick to one worker (cache-aware routing), like `user`.
 SESSION_AFFINITY = "x-session-affinity"
+# A probe's failure is of the moment: no cache may keep it.
+NO_STORE = {"cache-control": "no-store"}
 
 
 class NoDeadline:
@@ -98,6 +100,25 @@ class Front:
         if name not in self.served():
             raise unknown_model(name, self.served())
         return JSONResponse(model_object(name, self.created))
+
+    async def health(self, request: Request) -> Response:
+        """For load balancers, without a token: 200 while the queen routes, else 503 and why
+        (draining, starting, no worker). Says nothing else of the cluster."""
+        problem = self.service.routing_problem()
+        if problem is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": problem}, 503, NO_STORE)
+
+    async def ready(self, request: Request) -> Response:
+        """For load balancers, without a token: 200 if a request for `?model=` would be served
+        or queued now, else 503 (an unknown model reads as not ready: nothing more is said)."""
+        model = request.query_params.get("model", "")
+        problem = name_problem("model", model) if model else "GET /ready needs ?model=NAME"
+        if problem:
+            raise ApiError(400, problem, param="model")
+        if self.service.model_ready(model):
+            return JSONResponse({"model": model, "ready": True})
+        return JSONResponse({"model": model, "ready": False}, 503, NO_STORE)
 
     def served(self) -> list[str]:
         """Models a request can be routed to: those with workers, and those autospawn
@@ -261,7 +282,8 @@ def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = (f"no such endpoint {request.url.path}; this server has GET /v1/models, "
-                   "POST /v1/chat/completions and POST /v1/completions")  # fmt: skip
+                   "POST /v1/chat/completions, POST /v1/completions, GET /health and "
+                   "GET /ready?model=NAME")  # fmt: skip
     else:
         message = f"{request.method} is not allowed on {request.url.path}"
     error = ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else
@@ -283,6 +305,8 @@ def openai_app(service: QueenService, max_body: int = MAX_MESSAGE_BYTES) -> Star
     }  # fmt: skip
     return Starlette(
         routes=[
+            Path("/health", front.health, methods=["GET"]),
+            Path("/ready", front.ready, methods=["GET"]),
             Path("/v1/models", front.models, methods=["GET"]),
             Path("/v1/models/{model:path}", front.model, methods=["GET"]),
             Path("/v1/chat/completions", front.chat, methods=["POST"]),
