@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 
 from apiary.errors import StatusError
-from apiary.protoutil import READY_STATES, naming
+from apiary.protoutil import naming
 from protos.v1 import common_pb2
 from queen.autospawn import Autospawner
 from queen.members import WorkerEntry
@@ -57,36 +57,4 @@ def model_problem(registry: Registry, autospawn: Autospawner, model: str) -> Sta
     return StatusError(
         grpc.StatusCode.NOT_FOUND,
         f"unknown model {model!r}; models served: {naming(registry.models())}{extra}",
-    )
-
-
-def routing_problem(registry: Registry, stopping: bool) -> str | None:
-    """Why the queen routes no request now (None: it does), in words a load balancer's
-    operator can act on and that tell nothing else of the cluster: draining, starting, or no
-    worker."""
-    if stopping:
-        return "draining: the queen is shutting down"
-    if any(_routable(registry, entry) for entry in registry.workers.values()):
-        return None
-    if registry.warming_up():
-        return "starting: the hives have not all reported yet"
-    if registry.workers:
-        return "no worker is ready"
-    return "no worker is registered"
-
-
-def model_ready(registry: Registry, model: str) -> bool:
-    """A request for `model` would go to a worker now or queue for a busy one: a ready worker
-    of it that is not drained, not unreachable and on a hive that is not unhealthy."""
-    return any(_routable(registry, entry) for entry in registry.workers_of_model(model))
-
-
-def _routable(registry: Registry, entry: WorkerEntry) -> bool:
-    hive = registry.hives.get(entry.hive_id)
-    return (
-        entry.record.state in READY_STATES
-        and not entry.unreachable
-        and not registry.is_drained(entry)
-        and hive is not None
-        and registry.health_of(hive) != common_pb2.HIVE_HEALTH_UNHEALTHY
     )

@@ -183,7 +183,7 @@ def build_cluster(config: QueenConfig, clock: Clock, security: Security) -> Clus
     registry = Registry(clock, config.registry_settings())
     router = Router(registry, config.routing_settings())
     channels = Channels(security)
-    desk = Desk(router, config.max_queue, config.cache_wait, config.max_wait)
+    desk = Desk(router, config.max_queue, config.cache_wait)
     history = open_history(config.state_dir)
     return Cluster(
         registry=registry,

@@ -1,10 +1,14 @@
 """What a stopping queen says of the requests it ends: those that arrive (refused), those still
 waiting for a slot (ended at once), and streams still running when its grace runs out (cut).
 Each is told so, and what to do; the statuses also carry the apiary-stopping trailer
-(apiary/errors.py), which is what clients act on. Pure.
+(apiary/errors.py, `status`), which is what clients act on.
 """
 
 from __future__ import annotations
+
+import grpc
+
+from apiary.errors import StatusError
 
 SHUTTING_DOWN = "queen shutting down"
 RETRY_ELSEWHERE = "retry against another queen, or once this one has restarted"
@@ -34,3 +38,8 @@ def cut_by_shutdown(grace: float, attempts: int, delivered: int) -> str:
         f"{SHUTTING_DOWN}: the stream was ended {where}, when the queen's --shutdown-grace of "
         f"{grace:g} s ran out; {RETRY_ELSEWHERE}"
     )
+
+
+def status(message: str) -> StatusError:
+    """UNAVAILABLE with `message`, marked as a stopping queen's (the apiary-stopping trailer)."""
+    return StatusError(grpc.StatusCode.UNAVAILABLE, message, stopping=True)

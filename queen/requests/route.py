@@ -218,7 +218,7 @@ class Route:
             task = asyncio.current_task()
             if self.cut_short is None or (task is not None and task.cancelling()):
                 raise  # not cut, or the call itself is over: the client left
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, self.cut_short, stopping=True) from None
+            raise stopping.status(self.cut_short) from None
 
     def ended(self) -> None:
         """The call ended before the request did: record how (unless the request was already

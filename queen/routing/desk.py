@@ -51,15 +51,13 @@ class Desk:
         router: Router,
         max_queue: int = 1024,
         cache_wait: float = DEFAULT_CACHE_WAIT,
-        max_wait: float = DEFAULT_MAX_WAIT,
-        queued: Quota | None = None,
     ) -> None:
         self.router = router
         self.max_queue = max_queue
         self.cache_wait = cache_wait
-        self.max_wait = max_wait
-        # Each client's waiting requests (the service sets its own quota).
-        self.queued_quota = queued or Quota("requests waiting", "", 0, "")
+        # The service's limits on waits (see limit): none until it says.
+        self.max_wait = DEFAULT_MAX_WAIT
+        self.queued_quota = Quota("requests waiting", "", 0, "")
         # Wired by the cluster: a worker of the model is on its way (waiters keep waiting);
         # why a model is not served (NOT_FOUND...), if it is not; how long a slot took.
         self.expecting: Callable[[str], bool] = lambda model: False
@@ -68,6 +66,12 @@ class Desk:
         self.stopping = False
         self._waiters: dict[str, deque[_Waiter]] = {}
         self.queued = 0
+
+    def limit(self, queued: Quota, max_wait: float) -> None:
+        """The limits on waits, set once by the service that takes the requests: each
+        client's waiting requests are counted against `queued`, and none waits over
+        `max_wait` seconds (--max-wait)."""
+        self.queued_quota, self.max_wait = queued, max_wait
 
     def queue_depth(self, model: str) -> int:
         return len(self._waiters.get(model, ()))
@@ -215,7 +219,7 @@ class Desk:
 
 
 def _stopped() -> StatusError:
-    return StatusError(grpc.StatusCode.UNAVAILABLE, stopping.ended_while_waiting(), stopping=True)
+    return stopping.status(stopping.ended_while_waiting())
 
 
 def slot_wait(time_remaining: float | None, max_wait: float) -> tuple[float, bool]:

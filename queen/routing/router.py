@@ -108,15 +108,8 @@ class Router:
     # ---- eligibility ------------------------------------------------------------
 
     def routable(self, entry: WorkerEntry) -> bool:
-        """Everything but hive health (judged at pick time, as it changes with time alone).
-        Written out, not through _usable: it runs on every slot taken and given back."""
-        return (
-            entry.free_slots > 0
-            and entry.record.state in READY_STATES
-            and not entry.unreachable
-            and not entry.breaker_until
-            and not self.registry.is_drained(entry)
-        )
+        """Everything but hive health (judged at pick time, as it changes with time alone)."""
+        return entry.free_slots > 0 and self._usable(entry)
 
     def is_busy(self, entry: WorkerEntry) -> bool:
         """Ready and reachable, with every slot in use: worth waiting for."""
@@ -313,6 +306,31 @@ class Router:
         )
 
     # ---- queries ----------------------------------------------------------------
+
+    def ready(self, entry: WorkerEntry) -> bool:
+        """The worker would take a request now or queue one for it (busy counts): usable, on a
+        hive that is not unhealthy."""
+        hive = self.registry.hives.get(entry.hive_id)
+        return (
+            self._usable(entry)
+            and hive is not None
+            and self.registry.health_of(hive) != common_pb2.HIVE_HEALTH_UNHEALTHY
+        )
+
+    def model_ready(self, model: str) -> bool:
+        """A request for `model` would be served or queued now (what /ready answers)."""
+        return any(map(self.ready, self.registry.workers_of_model(model)))
+
+    def routing_problem(self) -> str | None:
+        """Why no request is routed now (None: some are), in words a load balancer's operator
+        can act on that tell nothing else of the cluster (what /health answers, with the
+        service's own 'draining')."""
+        registry = self.registry
+        if any(map(self.ready, registry.workers.values())):
+            return None
+        if registry.warming_up():
+            return "starting: the hives have not all reported yet"
+        return "no worker is ready" if registry.workers else "no worker is registered"
 
     def has_free(self, model: str) -> bool:
         pool = self._pools.get(model, {}).get(frozenset())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -54,22 +55,10 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
         )
 
     async def _hive(self, hive_id: str, context: Context) -> HiveEntry:
-        hive = self.registry.hives.get(hive_id)
-        if hive is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown hive {hive_id!r}; hives: {naming(self.registry.hives)}",
-            )
-        return hive
+        return await _known(self.registry.hives, "hive", hive_id, context)
 
     async def _worker(self, worker_id: str, context: Context) -> WorkerEntry:
-        entry = self.registry.workers.get(worker_id)
-        if entry is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown worker {worker_id!r}; workers: {naming(self.registry.workers)}",
-            )
-        return entry
+        return await _known(self.registry.workers, "worker", worker_id, context)
 
     async def ListHives(
         self, request: queen_pb2.ListHivesRequest, context: Context
@@ -236,3 +225,17 @@ class QueenAdminService(HiveCalls, queen_pb2_grpc.QueenAdminServicer):
             self.cluster.history.query, request.status, request.model, request.limit
         )
         return queen_pb2.ListRequestsResponse(requests=records)
+
+
+Row = TypeVar("Row")
+
+
+async def _known(rows: Mapping[str, Row], kind: str, key: str, context: Context) -> Row:
+    """The row named `key`, or NOT_FOUND naming the ones there are."""
+    row = rows.get(key)
+    if row is None:
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND, f"unknown {kind} {key!r}; {kind}s: {naming(rows)}"
+        )
+        raise AssertionError("not reached: abort raises")
+    return row

@@ -18,7 +18,7 @@ from apiary.protoutil import timestamp
 from apiary.security import TokenSet, bearer
 from apiary.serving import Context
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
-from queen import served, stopping
+from queen import stopping
 from queen.cluster import Cluster
 from queen.leases.book import Lease as DirectLease
 from queen.leases.manager import DEFAULT_MAX_TTL, DEFAULT_TTL
@@ -72,9 +72,8 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         self.quotas = quotas or Quotas.of(max_streams=cluster.max_streams_per_client)
         self.references = References()
         self.max_lease_ttl = max_lease_ttl
-        # The desk counts each client's waits against the same quotas.
         self.desk = cluster.desk
-        self.desk.queued_quota, self.desk.max_wait = self.quotas.queued, max_wait
+        self.desk.limit(self.quotas.queued, max_wait)
         self.in_flight = InFlight()
 
     def stop(self) -> None:
@@ -84,11 +83,13 @@ class QueenService(queen_pb2_grpc.QueenServicer):
 
     def routing_problem(self) -> str | None:
         """Why the queen routes no request now (None: it does): what /health answers."""
-        return served.routing_problem(self.cluster.registry, self.desk.stopping)
+        if self.desk.stopping:
+            return "draining: the queen is shutting down"
+        return self.cluster.router.routing_problem()
 
     def model_ready(self, model: str) -> bool:
         """Whether a request for `model` would be served or queued now: what /ready answers."""
-        return not self.desk.stopping and served.model_ready(self.cluster.registry, model)
+        return not self.desk.stopping and self.cluster.router.model_ready(model)
 
     def client_of(self, context: Context) -> str:
         """Whom a gRPC call counts against (see client_named)."""
@@ -153,7 +154,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         """Why the request is not taken; None if it is (then its stream and reference are
         counted, until its route's closer runs)."""
         if self.desk.stopping:
-            return _refused_while_stopping()
+            return stopping.status(stopping.refused_while_stopping())
         problem = admit(self.cluster, request)
         if problem is not None:
             return problem
@@ -217,7 +218,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
 
     def _lease_problem(self, request: queen_pb2.LeaseRequest) -> StatusError | None:
         if self.desk.stopping:
-            return _refused_while_stopping()
+            return stopping.status(stopping.refused_while_stopping())
         problem = admit(self.cluster, request)
         if problem is None and not 0 <= request.ttl_seconds <= self.max_lease_ttl:
             problem = StatusError(
@@ -295,8 +296,3 @@ def model_info(registry: Registry, name: str, queued: int) -> queen_pb2.ModelInf
         elif state == common_pb2.WORKER_STATE_FAILED:
             info.failed += 1
     return info
-
-
-def _refused_while_stopping() -> StatusError:
-    message = stopping.refused_while_stopping()
-    return StatusError(grpc.StatusCode.UNAVAILABLE, message, stopping=True)

@@ -133,7 +133,10 @@ async def test_a_stopping_queen_refuses_new_requests_and_ends_waiting_ones(
     leasing = asyncio.create_task(service.Lease(lease, Context("t-search")))  # type: ignore[arg-type]
     await settle()
     assert cluster.desk.queued == 2
+    assert service.routing_problem() is None and service.model_ready("m")
     service.stop()
+    assert service.routing_problem() == "draining: the queen is shutting down"
+    assert not service.model_ready("m")
     for task in (waiting, leasing):
         with pytest.raises(Aborted) as ended:
             await task

@@ -331,7 +331,7 @@ async def test_a_cancel_while_awaiting_the_worker_gives_everything_back(cluster:
 async def test_waits_count_per_client(cluster: Cluster) -> None:
     quota = Quotas.of(max_queued=1).queued
     desk = cluster.desk
-    desk.queued_quota = quota
+    desk.limit(quota, desk.max_wait)
     taken = await desk.take("shop", Ask("m"), None)  # free: no wait, not counted
     assert quota.held("shop") == 0
     shop = asyncio.create_task(desk.take("shop", Ask("m"), None))
