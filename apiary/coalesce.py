@@ -6,8 +6,10 @@ sender that cannot keep up with its source sends what piled up meanwhile in one 
 never waits to gather: a chunk that finds the sender free goes out at once, alone, so time to
 first token and a fast receiver's inter-token latency stay as they were.
 
-A merged chunk has the text of its parts concatenated and their token ids appended in order
-(ids keep travelling with the text they decode to); finish_reason and the usage figures come
+A merged chunk has the text of its parts concatenated and their token ids (and logprobs)
+appended in order (ids keep travelling with the text they decode to). Only chunks of one
+choice merge, and a chunk with tool calls or a choice's end goes as the last of its group;
+finish_reason and the usage figures come
 from the last part that has them (only a stream's last chunk does), worker_id from the first
 (the queen sets it on the first chunk only). `index` is the position of the message in the
 stream as sent, so it stays consecutive. Used by a worker toward the queen and by the queen
@@ -36,8 +38,11 @@ def merge(chunks: Sequence[common_pb2.InferChunk]) -> common_pb2.InferChunk:
         request_id=first.request_id,
         worker_id=next((chunk.worker_id for chunk in chunks if chunk.worker_id), ""),
     )
+    out.choice = first.choice
     for chunk in chunks:
         out.token_ids.extend(chunk.token_ids)
+        out.logprobs.extend(chunk.logprobs)
+        out.tool_calls.extend(chunk.tool_calls)
     ended = next((c for c in reversed(chunks) if c.finish_reason or c.completion_tokens), last)
     out.finish_reason = ended.finish_reason
     out.prompt_tokens = ended.prompt_tokens
@@ -49,7 +54,10 @@ def merge(chunks: Sequence[common_pb2.InferChunk]) -> common_pb2.InferChunk:
 
 def size_of(chunk: common_pb2.InferChunk) -> int:
     """About what a chunk weighs on the wire (without serializing it)."""
-    return len(chunk.text) + 5 * len(chunk.token_ids) + 16
+    size = len(chunk.text) + 5 * len(chunk.token_ids) + 16
+    if chunk.logprobs:
+        size += sum(32 * (1 + len(entry.top)) for entry in chunk.logprobs)
+    return size
 
 
 class _Pump:
@@ -92,14 +100,17 @@ class _Pump:
             self._waiter = None
 
     def take(self) -> list[common_pb2.InferChunk]:
-        """The chunks waiting, oldest first, up to MAX_MERGED_BYTES (at least one)."""
+        """The chunks waiting, oldest first, up to MAX_MERGED_BYTES (at least one), of one
+        choice, up to one that ends the choice or carries tool calls."""
         buffer = self.buffer
         total, count = 0, 0
         for chunk in buffer:
             total += size_of(chunk)
-            if count and total > MAX_MERGED_BYTES:
+            if count and (total > MAX_MERGED_BYTES or chunk.choice != buffer[0].choice):
                 break
             count += 1
+            if chunk.tool_calls or chunk.finish_reason:
+                break
         taken, self.buffer = buffer[:count], buffer[count:]
         return taken
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from apiary.controls import controls_problem, embed_inputs_problem
 from protos.v1 import common_pb2
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
@@ -70,7 +71,14 @@ def infer_request_problem(
         return f"request_id is longer than {MAX_NAME_LENGTH} characters"
     if len(request.session_id) > MAX_NAME_LENGTH:
         return f"session_id is longer than {MAX_NAME_LENGTH} characters"
-    return continuation_problem(request) or sampling_problem(request)
+    return continuation_problem(request) or sampling_problem(request) or controls_problem(request)
+
+
+def embed_request_problem(
+    request: common_pb2.EmbedRequest, max_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+) -> str | None:
+    """Why an EmbedRequest is malformed, or None (the queen's check, and the worker's)."""
+    return name_problem("model", request.model) or embed_inputs_problem(request, max_bytes)
 
 
 def continuation_problem(request: common_pb2.InferRequest) -> str | None:
@@ -103,6 +111,8 @@ def input_problem(request: common_pb2.InferRequest, max_prompt_bytes: int) -> st
         if message.role not in CHAT_ROLES:
             return f"messages[{i}].role {message.role[:20]!r} is not one of {', '.join(CHAT_ROLES)}"
     size = len(request.prompt.encode()) + sum(len(m.content.encode()) for m in request.messages)
+    size += sum(len(t.parameters_json) + len(t.description) for t in request.tools)
+    size += sum(len(c.arguments) for m in request.messages for c in m.tool_calls)
     if size > max_prompt_bytes:
         what = "prompt" if request.prompt else "the messages"
         return f"{what} is {size} bytes; this server accepts at most {max_prompt_bytes}"

@@ -19,6 +19,7 @@ class BareLeases(queen_pb2_grpc.QueenServicer):
 
     Infer = queen_pb2_grpc.QueenServicer.Infer
     ListModels = queen_pb2_grpc.QueenServicer.ListModels
+    Embed = queen_pb2_grpc.QueenServicer.Embed
 
     def __init__(self, address: str) -> None:
         self.address = address

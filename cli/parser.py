@@ -233,8 +233,12 @@ def add_worker_spawn(worker: Subparsers) -> None:
         help="inference backend (default: the one the model's catalog entry names; "
         "echo, for tests and benchmarks, only by name)",
     )  # fmt: skip
-    p.add_argument("--slots", type=int, default=0,
-                   help="requests it serves at once (default: the backend's: llamacpp 8, echo 1)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="requests it serves at once (default: the backend's: llamacpp 8, echo 1)",
+    )
     p.add_argument("--device", default="", help="device for the backend, e.g. cpu")
     p.add_argument(
         "--option",

@@ -147,9 +147,7 @@ def worker_spec(args: argparse.Namespace) -> tuple[str, str]:
         path = args.gguf  # checked (and made absolute, or fetched) in cmd_up(), before the loop
         args.model = args.model or os.path.splitext(os.path.basename(path))[0]
         args.workers = args.workers or 1
-        spawn = (
-            f"model={args.model},backend=llamacpp,count={args.workers}{slots},model_path={path}"
-        )
+        spawn = f"model={args.model},backend=llamacpp,count={args.workers}{slots},model_path={path}"
         return "the llamacpp engine", spawn
     args.model = args.model or "demo"
     args.workers = args.workers or 2

@@ -39,6 +39,9 @@ class ManagedWorker:
     status_detail: str = ""
     # What the worker last said it holds of computed prompts (backends that keep them).
     prefix_cache: common_pb2.PrefixCache | None = None
+    # What its backend serves, and one request's context length (said when ready).
+    task: common_pb2.WorkerTask.ValueType = common_pb2.WORKER_TASK_UNSPECIFIED
+    context_length: int = 0
     # Set once the current process is ready or has failed: what SpawnWorker(wait_ready) waits on.
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when the row is gone (stop() waits on it).

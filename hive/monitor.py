@@ -14,7 +14,7 @@ import structlog
 from hive.managed import ManagedWorker
 from hive.states import Conflict
 from hive.supervisor import Supervisor
-from protos.v1 import common_pb2
+from protos.v1 import common_pb2, hive_pb2
 
 log = structlog.get_logger("hive.monitor")
 
@@ -32,9 +32,15 @@ def _reporter(supervisor: Supervisor, worker_id: str, pid: int) -> ManagedWorker
 
 
 async def report_ready(
-    supervisor: Supervisor, worker_id: str, address: str, pid: int, load_error: str
+    supervisor: Supervisor,
+    worker_id: str,
+    address: str,
+    pid: int,
+    load_error: str,
+    said: hive_pb2.ReportReadyRequest | None = None,
 ) -> ManagedWorker:
-    """The worker's ready callback: it serves at `address`, or could not load."""
+    """The worker's ready callback: it serves at `address` (what it serves as `said`), or
+    could not load."""
     worker = _reporter(supervisor, worker_id, pid)
     now = supervisor.clock.monotonic()
     if load_error:
@@ -42,6 +48,8 @@ async def report_ready(
     else:
         actions = worker.life.ready(now, address)
         worker.last_activity = supervisor.clock.time()
+        if said is not None:
+            worker.task, worker.context_length = said.task, said.context_length
     await supervisor.carry_out(worker, actions)
     return worker
 
@@ -99,6 +107,8 @@ async def _check(supervisor: Supervisor, worker: ManagedWorker) -> None:
         worker.requests_failed = status.requests_failed
         if status.HasField("prefix_cache"):
             worker.prefix_cache = status.prefix_cache
+        # Also here, not only when ready: a worker adopted by a restarted hive says it too.
+        worker.task, worker.context_length = status.task, status.context_length
         # Only requests count as activity: health checks and GetStatus never move it.
         worker.last_activity = max(worker.last_activity, float(status.last_activity.seconds))
         busy = status.state == common_pb2.WORKER_STATE_BUSY

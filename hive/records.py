@@ -43,6 +43,8 @@ def worker_record(supervisor: Supervisor, worker: ManagedWorker) -> common_pb2.W
         load_progress=worker.load_progress if loading else 0.0,
         status_detail=worker.status_detail if loading else "",
         prefix_cache=worker.prefix_cache if state in READY_STATES else None,
+        task=worker.task,
+        context_length=worker.context_length,
     )
 
 

@@ -287,6 +287,7 @@ class HiveService(hive_pb2_grpc.HiveServicer):
                 request.address,
                 request.pid,
                 request.load_error,
+                request,
             )
         except WorkerNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))

@@ -67,8 +67,10 @@ class WorkerEntry:
         self.renew(self.record)
 
     def renew(self, record: common_pb2.WorkerRecord) -> None:
-        """The hive's newer record of this worker."""
-        self.record, self.address, self.tags = record, record.address, frozenset(record.tags)
+        """The hive's newer record of this worker. What it serves counts as one of its tags
+        (task=generate, task=embed), so a request is only ever routed to a worker of its kind."""
+        self.record, self.address = record, record.address
+        self.tags = frozenset(record.tags) | {task_tag(record.task)}
 
     @property
     def slots_total(self) -> int:
@@ -118,3 +120,11 @@ class Unwatched:
 
     def sampled(self, entry: WorkerEntry, sample: common_pb2.WorkerSample) -> None:
         pass
+
+
+GENERATE_TAG, EMBED_TAG = "task=generate", "task=embed"
+
+
+def task_tag(task: common_pb2.WorkerTask.ValueType) -> str:
+    """The tag of a worker's task (a worker that does not say generates)."""
+    return EMBED_TAG if task == common_pb2.WORKER_TASK_EMBED else GENERATE_TAG

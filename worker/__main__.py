@@ -15,7 +15,7 @@ from apiary.options import parse_key_values
 from apiary.security import Security, TlsFiles, TokenSet
 from apiary.serving import RunningServer, host_port, set_serving, stop_event_on_signals
 from apiary.validation import DEFAULT_MAX_TOKENS_CAP
-from protos.v1 import hive_pb2, hive_pb2_grpc
+from protos.v1 import common_pb2, hive_pb2, hive_pb2_grpc
 from worker.backends import backend_names, create_backend
 from worker.orphans import stop_when_orphaned
 from worker.server import SERVICE_NAMES, WorkerIdentity, WorkerService, create_server
@@ -170,11 +170,13 @@ async def serve(
     service.load_progress, service.status_detail = 1.0, "ready"
     await set_serving(running, SERVICE_NAMES, True)
     if args.hive:
-        ok = await report_ready(
-            args.hive,
-            hive_pb2.ReportReadyRequest(worker_id=args.worker_id, address=address, pid=os.getpid()),
-            args.security,
-        )
+        backend = service.backend
+        task = common_pb2.WORKER_TASK_EMBED if backend.embeds else common_pb2.WORKER_TASK_GENERATE
+        ready = hive_pb2.ReportReadyRequest(
+            worker_id=args.worker_id, address=address, pid=os.getpid(), task=task,
+            context_length=backend.context_length,
+        )  # fmt: skip
+        ok = await report_ready(args.hive, ready, args.security)
         if not ok:
             await running.server.stop(0)
             return 4

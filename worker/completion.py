@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from protos.v1 import common_pb2
+
 
 @dataclass
 class Release:
@@ -19,6 +21,8 @@ class Release:
     token_ids: list[int] = field(default_factory=list)
     # A stop string was reached: the completion ends here.
     stopped: bool = False
+    # With logprobs: one per token id, travelling with it.
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -27,6 +31,7 @@ class _Held:
 
     length: int
     token_ids: list[int]
+    logprobs: list[common_pb2.TokenLogprob]
 
 
 class Completion:
@@ -36,14 +41,19 @@ class Completion:
         self.buffer = ""
         self._held: list[_Held] = []
 
-    def feed(self, text: str, token_ids: list[int]) -> Release:
+    def feed(
+        self,
+        text: str,
+        token_ids: list[int],
+        logprobs: list[common_pb2.TokenLogprob] | None = None,
+    ) -> Release:
         self.buffer += text
-        self._held.append(_Held(len(text), list(token_ids)))
+        self._held.append(_Held(len(text), list(token_ids), logprobs or []))
         hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
         if hits:
             # The stop string is not part of the completion; a piece that began before it is.
-            return Release(*self._release(min(hits), finishing=True), stopped=True)
-        return Release(*self._release(len(self.buffer) - self._could_start_a_stop()))
+            return self._release(min(hits), finishing=True, stopped=True)
+        return self._release(len(self.buffer) - self._could_start_a_stop())
 
     def _could_start_a_stop(self) -> int:
         """How many characters at the end of the buffer a stop string could begin with."""
@@ -55,21 +65,22 @@ class Completion:
 
     def flush(self) -> Release:
         """The end: everything held back goes out."""
-        return Release(*self._release(len(self.buffer), finishing=True))
+        return self._release(len(self.buffer), finishing=True)
 
-    def _release(self, upto: int, finishing: bool = False) -> tuple[str, list[int]]:
+    def _release(self, upto: int, finishing: bool = False, stopped: bool = False) -> Release:
         """Send buffer[:upto] and the ids of the pieces it completes (`finishing`: also of a
         piece it only begins, since nothing more of it will ever be sent)."""
         out, self.buffer = self.buffer[:upto], self.buffer[upto:]
-        ids: list[int] = []
+        release = Release(out, stopped=stopped)
         left = upto
         while self._held and (self._held[0].length <= left or (finishing and left > 0)):
             piece = self._held.pop(0)
-            ids += piece.token_ids
+            release.token_ids += piece.token_ids
+            release.logprobs += piece.logprobs
             left -= piece.length
         if self._held and left > 0:
             self._held[0].length -= left  # partly sent: its ids wait for the rest
         if finishing:
             self._held.clear()
             self.buffer = ""
-        return out, ids
+        return release

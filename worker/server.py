@@ -19,6 +19,7 @@ from apiary.serving import Context, RunningServer, start_server
 from apiary.validation import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MAX_TOKENS_CAP,
+    embed_request_problem,
     grace_problem,
     infer_request_problem,
 )
@@ -148,7 +149,53 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.backend.embeds:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {self.identity.worker_id} serves embeddings of model "
+                f"{self.identity.model!r}, not completions: call Embed",
+            )
         return lease
+
+    async def Embed(
+        self, request: common_pb2.EmbedRequest, context: Context
+    ) -> common_pb2.EmbedResponse:
+        """Embeds on one slot, as a completion would take it (the queen counts it so)."""
+        # Who may call is the method table's (METHODS: the worker credential).
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
+        problem = embed_request_problem(request)
+        if not problem and request.model != self.identity.model:
+            problem = (f"worker {self.identity.worker_id} serves model "
+                       f"{self.identity.model!r}, not {request.model!r}")  # fmt: skip
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        refusal = self.slots.start(None, self.leases.now())
+        if refusal is not None:
+            await context.abort(grpc.StatusCode[refusal.code], refusal.message)
+        try:
+            vectors, tokens = await self.backend.embed(list(request.input))
+        except RequestRefused as exc:
+            self.failed += 1
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION if not self.backend.embeds
+                                else grpc.StatusCode.INVALID_ARGUMENT, str(exc))  # fmt: skip
+        except Exception as exc:
+            self.failed += 1
+            log.exception("backend failed to embed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"backend error: {exc}")
+        finally:
+            self.slots.finish()
+            self.last_activity = time.time()
+        if request.dimensions and request.dimensions != len(vectors[0]):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"dimensions {request.dimensions} is not supported: model "
+                                f"{self.identity.model!r} embeds in {len(vectors[0])} "
+                                "dimensions only")  # fmt: skip
+        self.completed += 1
+        return common_pb2.EmbedResponse(
+            embeddings=[common_pb2.Embedding(values=v) for v in vectors],
+            prompt_tokens=tokens, request_id=request.request_id,
+        )  # fmt: skip
 
     async def _check_caller(
         self, request: common_pb2.InferRequest, context: Context
@@ -235,6 +282,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             backend_options=ident.backend_options,
             load_progress=self.load_progress,
             status_detail=self.status_detail,
+            task=common_pb2.WORKER_TASK_EMBED
+            if self.backend.embeds
+            else common_pb2.WORKER_TASK_GENERATE,
+            context_length=self.backend.context_length,
         )
         cache = self.backend.prefix_cache() if self.ready else None
         if cache is not None:

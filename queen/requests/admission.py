@@ -7,9 +7,15 @@ import grpc
 
 from apiary.errors import StatusError
 from apiary.protoutil import naming
-from apiary.validation import infer_request_problem, name_problem, tag_problem
+from apiary.validation import (
+    embed_request_problem,
+    infer_request_problem,
+    name_problem,
+    tag_problem,
+)
 from protos.v1 import common_pb2, queen_pb2
 from queen.cluster import Cluster
+from queen.members import EMBED_TAG, GENERATE_TAG
 from queen.served import model_problem, spawn_needed
 
 MAX_TAGS = 16
@@ -25,12 +31,32 @@ def tags_problem(tags: list[str]) -> str | None:
     return None
 
 
-def unmatched_tags(cluster: Cluster, model: str, tags: list[str]) -> StatusError | None:
-    """NOT_FOUND when no worker of a served model carries every tag asked for."""
+def wrong_task(cluster: Cluster, model: str, task: str) -> StatusError | None:
+    """INVALID_ARGUMENT when a served model's workers all serve the other task (a completion
+    asked of an embedding model, or embeddings of a chat model)."""
+    if not cluster.registry.has_model(model) or cluster.router.pool_size(model, frozenset([task])):
+        return None
+    if task == EMBED_TAG:
+        return StatusError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"model {model!r} serves completions, not embeddings; embeddings come from workers "
+            "spawned with --option embeddings=mean (llamacpp)",
+        )
+    return StatusError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"model {model!r} serves embeddings only (Embed, POST /v1/embeddings), not completions",
+    )
+
+
+def unmatched_tags(
+    cluster: Cluster, model: str, tags: list[str], task: str = GENERATE_TAG
+) -> StatusError | None:
+    """NOT_FOUND when no worker of a served model (of the request's task) carries every tag
+    asked for."""
     registry = cluster.registry
     if not tags or not registry.has_model(model):
         return None
-    if cluster.router.pool_size(model, frozenset(tags)):
+    if cluster.router.pool_size(model, frozenset([*tags, task])):
         return None
     present = sorted(
         {",".join(sorted(w.record.tags)) or "(none)" for w in registry.workers_of_model(model)}
@@ -43,13 +69,17 @@ def unmatched_tags(cluster: Cluster, model: str, tags: list[str]) -> StatusError
 
 
 def admit(
-    cluster: Cluster, request: common_pb2.InferRequest | queen_pb2.LeaseRequest
+    cluster: Cluster,
+    request: common_pb2.InferRequest | queen_pb2.LeaseRequest | common_pb2.EmbedRequest,
 ) -> StatusError | None:
-    """None if the queen takes the request (Infer or Lease), else why not. A model nobody
-    serves that autospawn can start is started here, so the request can wait for it."""
+    """None if the queen takes the request (Infer, Lease or Embed), else why not. A model
+    nobody serves that autospawn can start is started here, so the request can wait for it."""
     tags = list(request.required_tags)
+    task = GENERATE_TAG
     if isinstance(request, common_pb2.InferRequest):
         problem = infer_request_problem(request, cluster.max_tokens_cap, cluster.max_prompt_bytes)
+    elif isinstance(request, common_pb2.EmbedRequest):
+        problem, task = embed_request_problem(request, cluster.max_prompt_bytes), EMBED_TAG
     else:
         problem = name_problem("model", request.model)
     problem = problem or tags_problem(tags)
@@ -60,4 +90,8 @@ def admit(
     registry, autospawn, model = cluster.registry, cluster.autospawn, request.model
     if spawn_needed(registry, autospawn, model):
         autospawn.ensure(model)
-    return model_problem(registry, autospawn, model) or unmatched_tags(cluster, model, tags)
+    return (
+        model_problem(registry, autospawn, model)
+        or wrong_task(cluster, model, task)
+        or unmatched_tags(cluster, model, tags, task)
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from apiary.controls import unmovable
 from apiary.protoutil import continued
 from protos.v1 import common_pb2
 
@@ -33,10 +34,12 @@ class Progress:
     # A chunk said how the completion ended: nothing is left to generate.
     finished: bool = False
     moves: int = 0
+    # Why this request can never move exactly (a grammar, n choices); '' if it can.
+    fixed: str = ""
 
     @classmethod
     def of(cls, request: common_pb2.InferRequest) -> Progress:
-        return cls(token_ids=list(request.continuation.token_ids))
+        return cls(token_ids=list(request.continuation.token_ids), fixed=unmovable(request))
 
     def add(self, chunk: common_pb2.InferChunk) -> None:
         """A chunk the worker sent (relayed or about to be: it reaches the client either way)."""
@@ -50,6 +53,7 @@ class Progress:
         """Whether the stream can go on on another worker."""
         return (
             self.exact
+            and not self.fixed
             and not self.finished
             and self.moves < limit
             and len(self.token_ids) < max_tokens
@@ -62,6 +66,8 @@ class Progress:
 
     def why_not(self, max_tokens: int, limit: int) -> str:
         """Why a failed stream cannot go on (for its error text)."""
+        if self.fixed:
+            return self.fixed
         if not self.exact:
             return "its worker sends no token ids, so it cannot be continued elsewhere"
         if self.moves >= limit:

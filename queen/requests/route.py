@@ -29,6 +29,7 @@ from apiary.errors import StatusError
 from protos.v1 import common_pb2, queen_pb2
 from queen import stopping
 from queen.cluster import Cluster, HiveLost
+from queen.members import GENERATE_TAG
 from queen.requests import endings, retry
 from queen.requests.progress import Progress
 from queen.requests.record import Caller, RequestRecord
@@ -57,8 +58,8 @@ class Route:
         self.request = request
         self.context = context
         self.record = RequestRecord(cluster, request, caller)
-        self.ask = Ask(request.model, frozenset(request.required_tags), request.policy,
-                       Want(request, request.session_id))  # fmt: skip
+        self.ask = Ask(request.model, frozenset([*request.required_tags, GENERATE_TAG]),
+                       request.policy, Want(request, request.session_id))  # fmt: skip
         # The slot and worker call this route still holds, given back exactly once (_let_go).
         self._held: Slot | None = None
         self._call: Any = None

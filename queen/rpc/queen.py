@@ -22,10 +22,11 @@ from queen import stopping
 from queen.cluster import Cluster
 from queen.leases.book import Lease as DirectLease
 from queen.leases.manager import DEFAULT_MAX_TTL, DEFAULT_TTL
-from queen.members import live_state
+from queen.members import GENERATE_TAG, live_state
 from queen.quotas import Quotas, References, Refusal, peer_host
 from queen.registry import Registry
 from queen.requests.admission import admit
+from queen.requests.embedding import embed
 from queen.requests.in_flight import InFlight
 from queen.requests.record import Caller
 from queen.requests.route import Call, Route
@@ -190,6 +191,39 @@ class QueenService(queen_pb2_grpc.QueenServicer):
 
         return close
 
+    # ---- Embed ------------------------------------------------------------
+
+    async def Embed(
+        self, request: common_pb2.EmbedRequest, context: Context
+    ) -> common_pb2.EmbedResponse:
+        try:
+            return await self.embed(request, self.client_of(context), context)
+        except StatusError as failed:
+            await context.abort(failed.code, failed.message, failed.trailers)
+        raise AssertionError("abort raises")  # for the type checker
+
+    async def embed(
+        self, request: common_pb2.EmbedRequest, client: str, call: Call
+    ) -> common_pb2.EmbedResponse:
+        """Admission as for Infer (counted against the client's streams while it runs), then
+        the vectors of a worker of the model (queen/requests/embedding.py)."""
+        problem: StatusError | None = None
+        if self.desk.stopping:
+            problem = stopping.status(stopping.refused_while_stopping())
+        else:
+            problem = admit(self.cluster, request)
+        full = None if problem else self.quotas.streams.acquire(client)
+        problem = problem or (refused(full) if full else None)
+        if problem is not None:
+            self.cluster.metrics.refused(request.model, problem.code.name)
+            raise problem
+        try:
+            answer = await embed(self.cluster, request, client, call.time_remaining())
+        finally:
+            self.quotas.streams.release(client)
+        answer.request_id = request.request_id or answer.request_id
+        return answer
+
     # ---- Lease ------------------------------------------------------------
 
     async def Lease(
@@ -252,7 +286,7 @@ class QueenService(queen_pb2_grpc.QueenServicer):
     async def _lease_slot(
         self, request: queen_pb2.LeaseRequest, client: str, context: Context
     ) -> Slot:
-        ask = Ask(request.model, frozenset(request.required_tags), request.policy)
+        ask = Ask(request.model, frozenset([*request.required_tags, GENERATE_TAG]), request.policy)
         return await self.desk.take(client, ask, context.time_remaining())
 
     async def ReleaseLease(
@@ -285,7 +319,15 @@ def model_info(registry: Registry, name: str, queued: int) -> queen_pb2.ModelInf
     info = queen_pb2.ModelInfo(
         name=name, queued=queued, hives=sorted(h.id for h in registry.catalog_hives(name))
     )
+    lengths = []
     for entry in registry.workers_of_model(name):
+        if entry.record.task == common_pb2.WORKER_TASK_EMBED:
+            info.task = common_pb2.WORKER_TASK_EMBED
+        elif not info.task:
+            info.task = common_pb2.WORKER_TASK_GENERATE
+        if entry.record.context_length:
+            lengths.append(entry.record.context_length)
+        info.context_length = min(lengths, default=0)
         state = live_state(entry)
         if state == common_pb2.WORKER_STATE_IDLE:
             info.idle += 1

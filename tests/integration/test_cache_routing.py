@@ -90,9 +90,7 @@ async def test_a_tenant_goes_back_to_the_worker_holding_its_prefix(
     del other
 
 
-async def test_a_hot_tenant_is_spread_over_both_workers(
-    cluster: Cluster, real_model: Path
-) -> None:
+async def test_a_hot_tenant_is_spread_over_both_workers(cluster: Cluster, real_model: Path) -> None:
     queen = await two_llama_workers(cluster, real_model)
     # Both workers' first decode (buffers allocated: slow) is done before timing matters.
     await asyncio.gather(*(last_chunk(cluster, queen, ask(t, "warm")) for t in (1, 2)))

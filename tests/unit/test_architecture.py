@@ -244,9 +244,7 @@ def import_loops(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_two_modules_import_each_other_directly_or_in_a_loop() -> None:
     files = module_files()
-    graph = {
-        name: set(imported_files(path, name, files)) - {name} for name, path in files.items()
-    }
+    graph = {name: set(imported_files(path, name, files)) - {name} for name, path in files.items()}
     loops = import_loops(graph)
     assert not loops, "modules that import each other:\n" + "\n".join(
         " -> ".join(loop) for loop in loops

@@ -29,8 +29,10 @@ def test_progress_tokens_and_the_end_are_read() -> None:
     assert read_chunk({"choices": [choice(" la", (2618,))]}) == [Tokens(" la", (2618,))]
     # A character split over tokens arrives with both ids; an id may come without text yet.
     assert read_chunk({"choices": [choice("", (226, 105))]}) == [Tokens("", (226, 105))]
-    end = {"choices": [choice(reason="length")],
-           "usage": {"prompt_tokens": 37, "prompt_tokens_details": {"cached_tokens": 36}}}
+    end = {
+        "choices": [choice(reason="length")],
+        "usage": {"prompt_tokens": 37, "prompt_tokens_details": {"cached_tokens": 36}},
+    }
     assert read_chunk(end) == [Finished("length", 37, 36)]
 
 

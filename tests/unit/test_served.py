@@ -25,9 +25,7 @@ def test_a_new_queen_is_starting_until_its_hives_had_time_then_says_no_worker() 
     clock = FakeClock()
     registry = Registry(clock, RegistrySettings(interval=1.0))
     router = Router(registry)
-    assert router.routing_problem() == (
-        "starting: the hives have not all reported yet"
-    )
+    assert router.routing_problem() == ("starting: the hives have not all reported yet")
     clock.advance(60)
     assert router.routing_problem() == "no worker is registered"
     heard(registry, worker("a", common_pb2.WORKER_STATE_LOADING))

@@ -82,9 +82,7 @@ def describe_backend(name: str) -> BackendDescription:
     )
 
 
-def create_backend(
-    name: str, model: str, options: Mapping[str, str], slots: int = 1
-) -> Backend:
+def create_backend(name: str, model: str, options: Mapping[str, str], slots: int = 1) -> Backend:
     """Build (not load) a backend; raises KeyError or BackendOptionError with a readable message."""
     return backend_class(name).from_options(model, options, slots)
 

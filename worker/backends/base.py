@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from protos.v1 import common_pb2
 
@@ -14,11 +15,50 @@ Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call a model made (or made earlier in the chat): arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
-    """One turn of a chat: role (system, user, assistant, tool) and content."""
+    """One turn of a chat: role (system, user, assistant, tool) and content; a tool result
+    names the call it answers, an assistant turn the calls it made."""
 
     role: str
     content: str
+    tool_call_id: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str = ""
+    # The arguments' JSON schema as JSON text ('' = any object).
+    parameters: str = ""
+
+    def schema(self) -> Any:
+        return json.loads(self.parameters) if self.parameters else {"type": "object"}
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The tools a chat may call, and whether it must: mode auto, none, required or function
+    (then `function` names it)."""
+
+    tools: tuple[Tool, ...]
+    mode: str = "auto"
+    function: str = ""
+    parallel: bool = True
+
+
+# What a request may ask beyond a plain completion; a backend lists those it can do
+# (Backend.SUPPORTS), and a worker refuses a request asking one its backend cannot.
+FEATURES = ("tools", "response_format", "logprobs", "n", "penalties", "logit_bias")
 
 
 @dataclass(frozen=True)
@@ -40,6 +80,31 @@ class GenerationRequest:
     # A completion begun elsewhere: its token ids so far, to follow the prompt; max_tokens is
     # then what is left to generate.
     continuation: tuple[int, ...] = ()
+    tools: Tools | None = None
+    # The answer must be JSON valid against this schema (JSON text), held to it by a grammar.
+    json_schema: str = ""
+    # A grammar (the backend's own syntax) the answer must follow: set by render().
+    grammar: str = ""
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    def features(self) -> list[str]:
+        """The FEATURES this request asks for."""
+        penalties = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty)
+        asked = {
+            "tools": self.tools is not None and self.tools.mode != "none",
+            "response_format": bool(self.json_schema),
+            "logprobs": self.logprobs,
+            "n": self.n > 1,
+            "penalties": any(v is not None for v in penalties),
+            "logit_bias": bool(self.logit_bias),
+        }
+        return [name for name in FEATURES if asked[name]]
 
 
 @dataclass(frozen=True)
@@ -50,6 +115,10 @@ class Rendered:
     # Strings that end the completion (a chat template's end of turn), besides the request's.
     stops: tuple[str, ...] = ()
     special: bool = False
+    # The grammar the answer must follow ('' none), and how to read tool calls from it:
+    # 'auto' (text or calls), 'forced' (calls only), '' (no tools).
+    grammar: str = ""
+    tool_calls: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +133,12 @@ class Piece:
     # On the first piece, from engines that count the prompt as they take it: its tokens
     # (0: the worker asks prompt_tokens()).
     prompt_tokens: int = 0
+    # Which choice (n > 1) the piece belongs to; `ended`: the engine ended that choice (the
+    # last piece of a backend that generates one choice need not say it).
+    choice: int = 0
+    ended: bool = False
+    # With logprobs: one per token id.
+    logprobs: tuple[common_pb2.TokenLogprob, ...] = ()
 
 
 class RequestRefused(ValueError):
@@ -94,6 +169,12 @@ class Backend(abc.ABC):
     # Computes on CPU threads (option `threads`) that its hive hands out, so that the engines
     # of one machine never ask for more threads than it has cores.
     USES_CPU_THREADS: ClassVar[bool] = False
+    # Of FEATURES, those this backend carries out.
+    SUPPORTS: ClassVar[frozenset[str]] = frozenset()
+    # Serves embeddings instead of completions (set per instance, from its options).
+    embeds: bool = False
+    # Tokens of context one request may use (0: the backend does not say).
+    context_length: int = 0
 
     @classmethod
     def devices(cls) -> list[str]:
@@ -140,6 +221,10 @@ class Backend(abc.ABC):
         if not request.messages:
             return Rendered(request.prompt)
         return Rendered(plain_chat(request.messages))
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Each text's vector (normalized), and the tokens read; only where `embeds`."""
+        raise RequestRefused(f"backend {self.name!r} does not embed")
 
     def prefix_cache(self) -> common_pb2.PrefixCache | None:
         """What the backend holds of computed prompts (None: it keeps none)."""

@@ -64,8 +64,10 @@ def _kv_bytes(meta: dict[str, object], arch: str) -> int:
         value = meta.get(f"{arch}.{key}", default)
         return value if isinstance(value, int) and not isinstance(value, bool) else default
 
-    layers, width, heads = number("block_count"), number("embedding_length"), number(
-        "attention.head_count"
+    layers, width, heads = (
+        number("block_count"),
+        number("embedding_length"),
+        number("attention.head_count"),
     )
     if not (layers and width and heads):
         return 0

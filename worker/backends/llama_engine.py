@@ -54,6 +54,8 @@ class EngineConfig:
     cache_ram_mb: int = 0
     # A llama.cpp built-in template name (e.g. chatml), for a model whose file has none.
     chat_template: str = ""
+    # Embeddings instead of completions, pooled this way (mean, cls, last); '' = completions.
+    pooling: str = ""
 
 
 class EngineStartError(RuntimeError):
@@ -121,6 +123,13 @@ class LlamaEngine:
         params.endpoint_slots = False
         params.endpoint_metrics = True  # read in-process (handle_metrics), not over the socket
         params.n_threads_http = 2
+        if config.pooling:
+            import xllamacpp
+
+            params.embedding = True
+            params.pooling_type = getattr(
+                xllamacpp.llama_pooling_type, f"LLAMA_POOLING_TYPE_{config.pooling.upper()}"
+            )
         return params
 
     def complete(self, body: dict[str, Any], on_chunk: Callable[[Any], bool]) -> None:
@@ -132,6 +141,10 @@ class LlamaEngine:
         """The engine's own streamed chat completion, as a plain xllamacpp user would call it
         (bench/engine.py's floor; the worker sends token-exact completions instead)."""
         self._server.handle_chat_completions(body, on_chunk)
+
+    def embed(self, texts: list[str]) -> Any:
+        """The engine's embeddings answer for `texts` (blocks until computed)."""
+        return self._server.handle_embeddings({"input": texts, "encoding_format": "float"})
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         """A chat rendered by the model's own template, with the assistant's turn opened."""

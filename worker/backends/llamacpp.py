@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -38,16 +39,16 @@ from worker.backends.base import (
     RequestRefused,
     parse_int_option,
 )
+from worker.backends.engine_body import completion_body, embeddings_of
 from worker.backends.engine_chunks import Failed, Finished, PromptProgress, Tokens, read_chunk
 from worker.backends.gguf_meta import kv_bytes_per_token
 from worker.backends.llama_engine import EngineConfig, LlamaEngine
 from worker.held_prefixes import HeldPrefixes
+from worker.schemas import schema_problem
+from worker.tool_format import grammar, rendered_messages
 
 log = structlog.get_logger("worker.llamacpp")
 
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
-DEFAULT_TOP_K = 40
 DEFAULT_CONTEXT = 2048
 # The default budget of the engine's host-RAM prompt cache: a sixteenth of the machine's
 # memory, at most this.
@@ -58,6 +59,8 @@ CACHE_TOKENS_PER_MB = 20
 # llama.cpp's built-in chat templates a `chat_format` may name (for a model without its own).
 NAMED_FORMATS = ("chatml", "llama2", "llama3", "mistral-v7", "gemma", "zephyr", "phi3",
                  "deepseek3", "command-r", "vicuna", "openchat", "granite")  # fmt: skip
+# How an embedding worker pools a text's token vectors into one.
+POOLINGS = ("mean", "cls", "last")
 _DONE = object()
 
 
@@ -88,11 +91,18 @@ class LlamaCppBackend(Backend):
         "to override it): " + ", ".join(NAMED_FORMATS),
         "cache_ram_mb": "host memory for the engine's prompt cache beyond its slots (default: "
         f"1/16 of the machine's memory, at most {MAX_DEFAULT_CACHE_MB}; 0 = the slots only)",
+        "embeddings": "serve embeddings instead of completions, pooling each text's token "
+        f"vectors this way: {', '.join(POOLINGS)} (default: off)",
     }
+    SUPPORTS: ClassVar[frozenset[str]] = frozenset(
+        {"tools", "response_format", "logprobs", "n", "penalties", "logit_bias"}
+    )
 
     def __init__(self, model: str, config: EngineConfig) -> None:
         self.model = model
         self.config = config
+        self.embeds = bool(config.pooling)
+        self.context_length = config.context_size
         self.engine = LlamaEngine(config)
         self.held = HeldPrefixes(config.slots, config.cache_ram_mb * CACHE_TOKENS_PER_MB)
         # One thread per slot for completions, and one for template calls and loading.
@@ -114,6 +124,12 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' option chat_format={chat_format!r} is not one of "
                 f"{', '.join(NAMED_FORMATS)}"
             )
+        pooling = options.get("embeddings", "")
+        if pooling and pooling not in POOLINGS:
+            raise BackendOptionError(
+                f"backend 'llamacpp' option embeddings={pooling!r} is not one of "
+                f"{', '.join(POOLINGS)}"
+            )
         config = EngineConfig(
             model_path=path,
             slots=max(slots, 1),
@@ -126,6 +142,7 @@ class LlamaCppBackend(Backend):
                 cls.name, options, "cache_ram_mb", default_cache_ram_mb()
             ),
             chat_template=chat_format,
+            pooling=pooling,
         )
         return cls(model, config)
 
@@ -147,13 +164,28 @@ class LlamaCppBackend(Backend):
         return len(text.encode()) // 4
 
     async def render(self, request: GenerationRequest) -> Rendered:
+        """The prompt, and the grammar of a JSON answer or of tool calls. Tool calls go in the
+        generic format (worker/tool_format.py): the tools rendered into the system message, a
+        grammar holding the answer to calls."""
         self._check_vocabulary(request.continuation)
+        if request.json_schema:
+            problem = schema_problem(json.loads(request.json_schema), "response_format schema")
+            if problem:
+                raise ValueError(problem)
+        tools = request.tools
+        for tool in tools.tools if tools else ():
+            problem = schema_problem(tool.schema(), f"tool {tool.name!r} parameters")
+            if problem:
+                raise ValueError(problem)
         if not request.messages:
             return Rendered(request.prompt)
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = rendered_messages(request.messages, tools)
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self._calls, self.engine.apply_template, messages)
-        return Rendered(prompt, special=True)
+        if tools is None or tools.mode == "none":
+            return Rendered(prompt, special=True)
+        reading = "auto" if tools.mode == "auto" else "forced"
+        return Rendered(prompt, special=True, grammar=grammar(tools), tool_calls=reading)
 
     def _check_vocabulary(self, token_ids: tuple[int, ...]) -> None:
         vocabulary = self.engine.n_vocab
@@ -161,24 +193,6 @@ class LlamaCppBackend(Backend):
             raise ValueError(
                 f"continuation.token_ids must be below this model's vocabulary size {vocabulary}"
             )
-
-    def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        prompt: object = request.prompt
-        if request.continuation:
-            # Text then ids: the engine tokenizes the text and appends the ids as they are.
-            prompt = [request.prompt, *request.continuation]
-        return {
-            "prompt": prompt,
-            "max_tokens": request.max_tokens,
-            "stream": True,
-            "return_progress": True,
-            "logprobs": 1,
-            "cache_prompt": True,
-            "temperature": _given(request.temperature, DEFAULT_TEMPERATURE),
-            "top_p": _given(request.top_p, DEFAULT_TOP_P),
-            "top_k": _given(request.top_k, DEFAULT_TOP_K),
-            "seed": -1 if request.seed is None else request.seed & 0xFFFFFFFF,
-        }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         loop = asyncio.get_running_loop()
@@ -194,7 +208,7 @@ class LlamaCppBackend(Backend):
 
         def complete() -> None:
             try:
-                self.engine.complete(self._body(request), on_chunk)
+                self.engine.complete(completion_body(request), on_chunk)
             except BaseException as exc:  # handed to the event loop, raised there
                 hand_over(exc)
             finally:
@@ -215,10 +229,11 @@ class LlamaCppBackend(Backend):
     ) -> AsyncIterator[Piece]:
         prompt = cached = 0
         first = True
+        top = request.top_logprobs if request.logprobs else -1
         while (item := await chunks.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
-            for event in read_chunk(item):
+            for event in read_chunk(item, top):
                 if isinstance(event, Failed):
                     if 400 <= event.code < 500:
                         raise RequestRefused(event.message)
@@ -230,10 +245,21 @@ class LlamaCppBackend(Backend):
                     self.held.computed(request.blocks, prompt, cached)
                 if isinstance(event, Tokens):
                     yield Piece(event.text, len(event.ids), event.ids,
-                                cached if first else 0, prompt if first else 0)  # fmt: skip
-                elif isinstance(event, Finished) and first:
-                    yield Piece("", 0, (), event.cached_tokens, event.prompt_tokens or prompt)
+                                cached if first else 0, prompt if first else 0,
+                                choice=event.choice, logprobs=event.logprobs)  # fmt: skip
+                elif isinstance(event, Finished):
+                    yield Piece("", 0, (), event.cached_tokens if first else 0,
+                                (event.prompt_tokens or prompt) if first else 0,
+                                choice=event.choice, ended=True)  # fmt: skip
                 first = False
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if not self.embeds:
+            raise RequestRefused(f"worker of model {self.model!r} serves completions, not "
+                                 "embeddings (spawn one with option embeddings=mean)")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(self._pool, self.engine.embed, texts)
+        return embeddings_of(answer, len(texts))
 
     def prefix_cache(self) -> common_pb2.PrefixCache:
         return self.held.report()
@@ -243,10 +269,6 @@ class LlamaCppBackend(Backend):
         await loop.run_in_executor(self._calls, self.engine.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._calls.shutdown(wait=False)
-
-
-def _given(value: float | None, default: float) -> float:
-    return default if value is None else value
 
 
 def _whole(raw: str, key: str) -> int:

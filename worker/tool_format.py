@@ -1,0 +1,193 @@
+"""Tool calls for a model whose chat template has no tool support: the generic format. Pure.
+
+The format (documented in the README's API section):
+- The tools go into the system message, each as {"name", "description", "parameters"} JSON,
+  with how to call one.
+- A call is written `<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>`, one after
+  another for several calls. An assistant turn of the history that made calls is rendered
+  the same way; a tool's result is a user turn `<tool_response>{"name": ..., "content":
+  ...}</tool_response>` (consecutive results in one turn), which any template can render.
+- A grammar holds the answer to the format: `required` must be one or more calls, a named
+  function exactly that function, `auto` either calls or text (text then may not begin with
+  `<`), each call's arguments held to its tool's JSON schema. With parallel calls off, one
+  call at most.
+- The answer is read back as it streams (ToolCallReader): text as content, each call once its
+  arguments are complete. A call repeating one already made in the answer ends the answer
+  (a small model that may call again tends to repeat itself; running the same call twice in
+  one turn is never wanted).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+
+from worker.backends.base import Message, ToolCall, Tools
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+# Compact JSON inside calls: the reader's header is then a fixed string.
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def header(name: str) -> str:
+    return '{"name": "' + name + '", "arguments": '
+
+
+def call_text(call: ToolCall) -> str:
+    """A call as the model writes it."""
+    return f"{OPEN}{header(call.name)}{call.arguments or '{}'}}}{CLOSE}"
+
+
+def system_text(tools: Tools) -> str:
+    """What the system message says of the tools (nothing when the model may not call)."""
+    if tools.mode == "none":
+        return ""
+    listed = [
+        {"name": t.name, "description": t.description, "parameters": t.schema()}
+        for t in tools.tools
+        if tools.mode != "function" or t.name == tools.function
+    ]
+    lines = [
+        "You can call these functions (their arguments as JSON schemas):",
+        json.dumps(listed, ensure_ascii=False),
+        f'To call a function, answer with {OPEN}{{"name": "<function>", "arguments": '
+        f"{{<arguments>}}}}{CLOSE}"
+        + (" (one after another for several calls)." if tools.parallel else "."),
+        f"Each result comes back as {RESPONSE_OPEN}...{RESPONSE_CLOSE}.",
+    ]
+    if tools.mode == "required":
+        lines.append("You must call at least one function.")
+    elif tools.mode == "function":
+        lines.append(f"You must call the function {tools.function}.")
+    return "\n".join(lines)
+
+
+def rendered_messages(messages: tuple[Message, ...], tools: Tools | None) -> list[dict[str, str]]:
+    """The chat as a template without tool support can render it: the tools in the system
+    message, calls as text, tool results as user turns."""
+    names = {call.id: call.name for m in messages for call in m.tool_calls}
+    out: list[dict[str, str]] = []
+    for message in messages:
+        if message.role == "tool":
+            response = json.dumps({"name": names.get(message.tool_call_id, ""),
+                                   "content": message.content}, ensure_ascii=False)  # fmt: skip
+            text = f"{RESPONSE_OPEN}{response}{RESPONSE_CLOSE}"
+            if out and out[-1]["role"] == "user" and out[-1]["content"].endswith(RESPONSE_CLOSE):
+                out[-1]["content"] += "\n" + text
+            else:
+                out.append({"role": "user", "content": text})
+            continue
+        content = message.content + "".join(call_text(c) for c in message.tool_calls)
+        out.append({"role": message.role, "content": content})
+    said = system_text(tools) if tools else ""
+    if said and out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + said}
+    elif said:
+        out.insert(0, {"role": "system", "content": said})
+    return out
+
+
+def grammar(tools: Tools) -> str:
+    """The llguidance grammar that holds the answer to the format ('' for mode none)."""
+    if tools.mode == "none":
+        return ""
+    chosen = [t for t in tools.tools if tools.mode != "function" or t.name == tools.function]
+    rules = []
+    for i, tool in enumerate(chosen):
+        schema = {"x-guidance": _COMPACT, **tool.schema()}
+        rules.append(f'call_{i}: {json.dumps(header(tool.name))} args_{i} "}}"')
+        rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
+    alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
+    calls = "call+" if tools.parallel else "call"
+    start = f"start: {calls} | TEXT" if tools.mode == "auto" else f"start: {calls}"
+    lines = ["%llguidance {}", start, f"call: {json.dumps(OPEN)} ({alternatives}) "
+             f"{json.dumps(CLOSE)}", *rules]  # fmt: skip
+    if tools.mode == "auto":
+        lines.append(r"TEXT: /[^<][\s\S]*/")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Read:
+    """What a piece of the answer said: content text, calls completed, and whether the
+    answer is to end here (a repeated call)."""
+
+    text: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    stop: bool = False
+
+
+class ToolCallReader:
+    """Reads the answer in the generic format as it streams."""
+
+    def __init__(self, forced: bool) -> None:
+        # forced: the grammar allows only calls (required, a named function).
+        self.forced = forced
+        self.buffer = ""
+        self.text_mode = False
+        self.calls: list[ToolCall] = []
+        # A call repeated one made before: nothing more is read.
+        self.stopped = False
+
+    def feed(self, text: str) -> Read:
+        if self.stopped:
+            return Read()
+        if self.text_mode:
+            return Read(text=text)
+        self.buffer += text
+        read = Read()
+        while self.buffer:
+            stripped = self.buffer.lstrip()
+            if not self.calls and not self.forced and not OPEN.startswith(stripped[: len(OPEN)]):
+                self.text_mode = True  # the answer is text
+                read.text, self.buffer = self.buffer, ""
+                return read
+            end = stripped.find(CLOSE)
+            if end < 0:
+                return read  # a call still being written
+            call = self._parse(stripped[:end])
+            self.buffer = stripped[end + len(CLOSE) :]
+            if call is None:
+                continue
+            if any((c.name, c.arguments) == (call.name, call.arguments) for c in self.calls):
+                self.stopped = read.stop = True
+                self.buffer = ""
+                return read
+            self.calls.append(call)
+            read.calls.append(call)
+        return read
+
+    def flush(self) -> Read:
+        """The end of the answer: a call cut short (max_tokens) goes out with what it has."""
+        rest, self.buffer = self.buffer.strip(), ""
+        if self.stopped:
+            return Read()
+        if not rest or self.text_mode:
+            return Read(text=rest if self.text_mode else "")
+        if not rest.startswith(OPEN):
+            return Read(text=rest)
+        body = rest[len(OPEN) :]
+        name = body.partition('"name": "')[2].partition('"')[0]
+        arguments = body.partition('"arguments": ')[2]
+        call = ToolCall(new_call_id(), name, arguments)
+        self.calls.append(call)
+        return Read(calls=[call])
+
+    def _parse(self, block: str) -> ToolCall | None:
+        """One `<tool_call>...` block (without its close); None if it is not a call."""
+        if not block.startswith(OPEN):
+            return None
+        try:
+            value = json.loads(block[len(OPEN) :])
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            return None
+        arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False)
+        return ToolCall(new_call_id(), value["name"], arguments)
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
