@@ -78,3 +78,23 @@ def _children(key: str, value: Any, where: str, depth: int) -> str | None:
         return next((p for k, s in value.items() if (p := _walk(s, f"{where}.{k}", depth))),
                     None)  # fmt: skip
     return None
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object that lists its properties closed to others, unless it says
+    otherwise (additionalProperties, patternProperties): what llama.cpp's own converter does by
+    default. A small model left free to add properties tends to add them until max_tokens;
+    every answer still validates against the schema as given."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _ONE:
+            out[key] = closed(value)
+        elif key in _LIST and isinstance(value, list):
+            out[key] = [closed(item) for item in value]
+        elif key in _MAP and isinstance(value, dict):
+            out[key] = {name: closed(item) for name, item in value.items()}
+    if "properties" in out and not {"additionalProperties", "patternProperties"} & set(out):
+        out["additionalProperties"] = False
+    return out

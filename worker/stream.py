@@ -66,7 +66,7 @@ def tools_of(request: common_pb2.InferRequest) -> Tools | None:
     if not request.tools:
         return None
     tools = tuple(Tool(t.name, t.description, t.parameters_json) for t in request.tools)
-    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else False
     choice = request.tool_choice
     return Tools(tools, MODES.get(choice.mode, "auto"), choice.function, parallel)
 

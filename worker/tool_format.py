@@ -9,8 +9,9 @@ The format (documented in the README's API section):
   ...}</tool_response>` (consecutive results in one turn), which any template can render.
 - A grammar holds the answer to the format: `required` must be one or more calls, a named
   function exactly that function, `auto` either calls or text (text then may not begin with
-  `<`), each call's arguments held to its tool's JSON schema. With parallel calls off, one
-  call at most.
+  `<`), each call's arguments held to its tool's JSON schema. One call unless the request
+  allows parallel calls (as llama-server: a small model that may call again tends to go on
+  calling until max_tokens).
 - The answer is read back as it streams (ToolCallReader): text as content, each call once its
   arguments are complete. A call repeating one already made in the answer ends the answer
   (a small model that may call again tends to repeat itself; running the same call twice in
@@ -24,6 +25,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from worker.backends.base import Message, ToolCall, Tools
+from worker.schemas import closed
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
@@ -96,7 +98,7 @@ def grammar(tools: Tools) -> str:
     chosen = [t for t in tools.tools if tools.mode != "function" or t.name == tools.function]
     rules = []
     for i, tool in enumerate(chosen):
-        schema = {"x-guidance": _COMPACT, **tool.schema()}
+        schema = {"x-guidance": _COMPACT, **closed(tool.schema())}
         rules.append(f'call_{i}: {json.dumps(header(tool.name))} args_{i} "}}"')
         rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
     alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
@@ -169,8 +171,10 @@ class ToolCallReader:
         if not rest.startswith(OPEN):
             return Read(text=rest)
         body = rest[len(OPEN) :]
-        name = body.partition('"name": "')[2].partition('"')[0]
-        arguments = body.partition('"arguments": ')[2]
+        name, quoted, _ = body.partition('"name": "')[2].partition('"')
+        _, started, arguments = body.partition('"arguments": ')
+        if not (quoted and started):
+            return Read()  # cut before its arguments began: no call to speak of
         call = ToolCall(new_call_id(), name, arguments)
         self.calls.append(call)
         return Read(calls=[call])

@@ -217,11 +217,15 @@ class QueenService(queen_pb2_grpc.QueenServicer):
         if problem is not None:
             self.cluster.metrics.refused(request.model, problem.code.name)
             raise problem
+        forward = common_pb2.EmbedRequest()
+        forward.CopyFrom(request)
+        forward.request_id = uuid.uuid4().hex  # the queen's own id, as for Infer
         try:
-            answer = await embed(self.cluster, request, client, call.time_remaining())
+            answer = await embed(self.cluster, forward, client, call.time_remaining())
         finally:
             self.quotas.streams.release(client)
-        answer.request_id = request.request_id or answer.request_id
+        # The client's reference when it sent one, else the queen's id.
+        answer.request_id = request.request_id or forward.request_id
         return answer
 
     # ---- Lease ------------------------------------------------------------

@@ -53,7 +53,7 @@ class Tools:
     tools: tuple[Tool, ...]
     mode: str = "auto"
     function: str = ""
-    parallel: bool = True
+    parallel: bool = False
 
 
 # What a request may ask beyond a plain completion; a backend lists those it can do

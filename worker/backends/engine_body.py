@@ -15,6 +15,7 @@ from typing import Any
 
 from worker.backends.base import GenerationRequest, RequestRefused
 from worker.backends.engine_chunks import EngineFault
+from worker.schemas import closed
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
@@ -52,7 +53,7 @@ def completion_body(request: GenerationRequest) -> dict[str, Any]:
     if request.grammar:
         body["grammar"] = request.grammar
     elif request.json_schema:
-        body["json_schema"] = json.loads(request.json_schema)
+        body["json_schema"] = closed(json.loads(request.json_schema))
     return body
 
 

@@ -108,6 +108,10 @@ class LlamaCppBackend(Backend):
         # One thread per slot for completions, and one for template calls and loading.
         self._pool = ThreadPoolExecutor(max_workers=config.slots, thread_name_prefix="engine")
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-calls")
+        # Embeddings one text at a time: the engine's mean pooling of texts of different
+        # lengths decoded in one batch differs from each alone (measured: up to 0.24 in a
+        # component of a unit vector), so a text's vector would depend on what else is asked.
+        self._embedding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-embed")
 
     @classmethod
     def from_options(cls, model: str, options: Mapping[str, str], slots: int = 1) -> Self:
@@ -258,8 +262,13 @@ class LlamaCppBackend(Backend):
             raise RequestRefused(f"worker of model {self.model!r} serves completions, not "
                                  "embeddings (spawn one with option embeddings=mean)")  # fmt: skip
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(self._pool, self.engine.embed, texts)
-        return embeddings_of(answer, len(texts))
+        vectors, tokens = [], 0
+        for text in texts:
+            answer = await loop.run_in_executor(self._embedding, self.engine.embed, [text])
+            [vector], used = embeddings_of(answer, 1)
+            vectors.append(vector)
+            tokens += used
+        return vectors, tokens
 
     def prefix_cache(self) -> common_pb2.PrefixCache:
         return self.held.report()
@@ -269,6 +278,7 @@ class LlamaCppBackend(Backend):
         await loop.run_in_executor(self._calls, self.engine.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._calls.shutdown(wait=False)
+        self._embedding.shutdown(wait=False, cancel_futures=True)
 
 
 def _whole(raw: str, key: str) -> int:

@@ -40,8 +40,8 @@ from queen.http.asgi import (
 )
 from queen.http.errors import ApiError, from_error
 from queen.http.openai import params
-from queen.http.openai.shapes import Answer, error_event, model_list, model_object
-from queen.rpc.queen import Accepted, QueenService
+from queen.http.openai.shapes import Answer, embeddings, error_event, model_list, model_object
+from queen.rpc.queen import Accepted, QueenService, model_info
 
 log = structlog.get_logger("queen.http.openai")
 
@@ -92,14 +92,19 @@ class Front:
 
     async def models(self, request: Request) -> Response:
         self.client(request)
-        return JSONResponse(model_list(self.served(), self.created))
+        return JSONResponse(model_list([self.described(n) for n in self.served()], self.created))
 
     async def model(self, request: Request) -> Response:
         self.client(request)
         name = request.path_params["model"]
         if name not in self.served():
             raise unknown_model(name, self.served())
-        return JSONResponse(model_object(name, self.created))
+        return JSONResponse(model_object(*self.described(name), self.created))
+
+    def described(self, name: str) -> tuple[str, int, int]:
+        """A model's name, what it serves and its context length, from its workers."""
+        info = model_info(self.service.cluster.registry, name, 0)
+        return name, info.task, info.context_length
 
     async def health(self, request: Request) -> Response:
         """For load balancers, without a token: 200 while the queen routes, else 503 and why
@@ -132,6 +137,25 @@ class Front:
     async def completions(self, request: Request) -> Response:
         return await self.infer(request, params.completion_request)
 
+    async def embeddings(self, request: Request) -> Response:
+        client = self.client(request)
+        body: object = None
+        try:
+            body = await self.body(request)
+            wanted = params.embed_request(body)
+        except params.BadRequest as bad:
+            self.count_refused(body, "INVALID_ARGUMENT")
+            raise ApiError(400, bad.message, "invalid_request_error", bad.code, bad.param) from None
+        wanted.request.request_id = request.headers.get(REQUEST_ID, "")[:MAX_NAME_LENGTH]
+        try:
+            answer = await self.service.embed(wanted.request, client, NoDeadline())
+        except StatusError as refused:
+            raise from_error(refused) from None
+        shaped = embeddings(answer, wanted.request.model, wanted.encoding)
+        return JSONResponse(
+            shaped, headers={REQUEST_ID: wanted.request.request_id or answer.request_id}
+        )
+
     async def infer(self, request: Request, read: Callable[[object], params.Wanted]) -> Response:
         client = self.client(request)
         wanted = await self.wanted(request, read)
@@ -149,7 +173,7 @@ class Front:
         answer = Answer(
             id=("chatcmpl-" if wanted.chat else "cmpl-") + queen_id,
             model=wanted.request.model, created=int(time.time()), chat=wanted.chat,
-            include_usage=wanted.include_usage,
+            include_usage=wanted.include_usage, logprobs=wanted.request.logprobs,
         )  # fmt: skip
         if wanted.user:
             log.info("request from end user", request_id=queen_id, user=wanted.user[:128])
@@ -282,7 +306,8 @@ def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = (f"no such endpoint {request.url.path}; this server has GET /v1/models, "
-                   "POST /v1/chat/completions, POST /v1/completions, GET /health and "
+                   "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, "
+                   "GET /health and "
                    "GET /ready?model=NAME")  # fmt: skip
     else:
         message = f"{request.method} is not allowed on {request.url.path}"
@@ -311,6 +336,7 @@ def openai_app(service: QueenService, max_body: int = MAX_MESSAGE_BYTES) -> Star
             Path("/v1/models/{model:path}", front.model, methods=["GET"]),
             Path("/v1/chat/completions", front.chat, methods=["POST"]),
             Path("/v1/completions", front.completions, methods=["POST"]),
+            Path("/v1/embeddings", front.embeddings, methods=["POST"]),
         ],
         exception_handlers=handlers,
     )

@@ -10,6 +10,7 @@ max_tokens cap, ...) are the queen's admission's to check, the same as for gRPC.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -119,18 +120,10 @@ def refuse_unless(
 
 def check_unsupported(body: Mapping[str, Any]) -> None:
     """Parameters both endpoints define that would change the answer in ways we cannot."""
-    refuse_unless(body, "n", lambda v: v == 1, "one choice per request (n=1)")
-    refuse_unless(body, "best_of", lambda v: v == 1, "one candidate per request")
-    refuse_unless(body, "logprobs", lambda v: v is False or v == 0, "no log probabilities")
-    refuse_unless(body, "top_logprobs", lambda v: v == 0, "no log probabilities")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        refuse_unless(body, penalty, lambda v: v == 0, "no repetition penalties")
-    refuse_unless(body, "logit_bias", lambda v: v == {}, "no logit bias")
-    refuse_unless(body, "tools", lambda v: v == [], "no tool calling")
-    refuse_unless(body, "functions", lambda v: v == [], "no function calling")
-    refuse_unless(body, "tool_choice", lambda v: v == "none", "no tool calling")
-    refuse_unless(body, "function_call", lambda v: v == "none", "no function calling")
-    refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "text answers only")
+    refuse_unless(body, "best_of", lambda v: v == 1, "one candidate per choice (use n)")
+    refuse_unless(body, "functions", lambda v: v == [], "the deprecated functions; use tools")
+    refuse_unless(body, "function_call", lambda v: v == "none",
+                  "the deprecated function_call; use tool_choice")  # fmt: skip
     refuse_unless(body, "store", lambda v: v is False, "completions are not stored")
     refuse_unless(body, "service_tier", lambda v: v in ("auto", "default"), "one service tier")
     refuse_unless(body, "modalities", lambda v: v == ["text"], "text only")
@@ -141,17 +134,19 @@ def check_unsupported(body: Mapping[str, Any]) -> None:
 
 
 # Parameters that only describe the caller: taken, and used only as such (logs).
-DESCRIPTIVE = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key",
-                         "parallel_tool_calls"})  # fmt: skip
+DESCRIPTIVE = frozenset({"user", "metadata", "safety_identifier", "prompt_cache_key"})
+# repetition_penalty is llama.cpp's (and vLLM's) extension, as top_k is.
 SAMPLING = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                      "stream", "stream_options"})  # fmt: skip
+                      "stream", "stream_options", "n", "logprobs", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty", "logit_bias"})  # fmt: skip
 REFUSED_UNLESS_PLAIN = frozenset({
-    "n", "best_of", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-    "logit_bias", "tools", "functions", "tool_choice", "function_call", "response_format",
-    "store", "service_tier", "modalities", "audio", "prediction", "web_search_options",
-    "reasoning_effort", "verbosity", "echo", "suffix",
+    "best_of", "functions", "function_call", "store", "service_tier", "modalities", "audio",
+    "prediction", "web_search_options", "reasoning_effort", "verbosity", "echo", "suffix",
 })  # fmt: skip
-CHAT_PARAMS = SAMPLING | DESCRIPTIVE | REFUSED_UNLESS_PLAIN | {"messages", "max_completion_tokens"}
+CHAT_PARAMS = SAMPLING | DESCRIPTIVE | REFUSED_UNLESS_PLAIN | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "response_format",
+}  # fmt: skip
 COMPLETION_PARAMS = SAMPLING | DESCRIPTIVE | REFUSED_UNLESS_PLAIN | {"prompt"}
 
 
@@ -164,9 +159,16 @@ def check_known(body: Mapping[str, Any], known: frozenset[str]) -> None:
 
 
 def sampling(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
-    """model, temperature, top_p, top_k, seed, stop, into `request`."""
+    """model, temperature, top_p, top_k, seed, stop, n, penalties, logit_bias into `request`
+    (their ranges are the admission's to check)."""
     request.model = text(body, "model", required=True) or ""
-    for name in ("temperature", "top_p"):
+    n = integer(body, "n")
+    if n is not None:
+        if n < 1:
+            raise BadRequest(f"n must be at least 1 (got {n})", "n")
+        request.n = n
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):  # fmt: skip
         value = number(body, name)
         if value is not None:
             setattr(request, name, value)
@@ -175,6 +177,7 @@ def sampling(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
         request.top_k = top_k
     if seed is not None:
         request.seed = seed
+    logit_bias(body, request)
     stop = body.get("stop")
     if isinstance(stop, str):
         request.stop.append(stop)
@@ -182,6 +185,42 @@ def sampling(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
         request.stop.extend(stop)
     elif stop is not None:
         raise BadRequest("stop must be a string or an array of strings", "stop", "invalid_type")
+
+
+def logit_bias(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
+    """{"token id": bias}: ids as strings, as JSON object keys are."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise wrong("logit_bias", "an object of token id -> bias", bias)
+    for key, value in bias.items():
+        if not key.isdigit() or len(key) > 9:
+            raise BadRequest(f"logit_bias key {key[:20]!r} is not a token id", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong(f"logit_bias[{key}]", "a number", value)
+        request.logit_bias[int(key)] = float(value)
+
+
+def chat_logprobs(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
+    """Chat: logprobs true, and top_logprobs alternatives per token."""
+    request.logprobs = flag(body, "logprobs")
+    top = integer(body, "top_logprobs")
+    if top is not None:
+        if top < 0:
+            raise BadRequest(f"top_logprobs must be >= 0 (got {top})", "top_logprobs")
+        if top and not request.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        request.top_logprobs = top
+
+
+def completion_logprobs(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
+    """Completions: logprobs N, the alternatives per token (0: each token's own only)."""
+    top = integer(body, "logprobs")
+    if top is not None:
+        if top < 0:
+            raise BadRequest(f"logprobs must be >= 0 (got {top})", "logprobs")
+        request.logprobs, request.top_logprobs = True, top
 
 
 def streaming(body: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -249,7 +288,88 @@ def chat_request(body: object) -> Wanted:
     if not isinstance(messages, list) or not messages:
         raise wrong("messages", "a non-empty array", messages)
     request.messages.extend(chat_message(i, m) for i, m in enumerate(messages))
+    chat_logprobs(body, request)
+    tools(body, request)
+    response_format(body, request)
     return Wanted(request, True, wanted.stream, wanted.include_usage, wanted.user)
+
+
+def tools(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
+    """tools (functions only), tool_choice and parallel_tool_calls into `request`."""
+    given = body.get("tools")
+    if given is not None and not isinstance(given, list):
+        raise wrong("tools", "an array", given)
+    for i, tool in enumerate(given or []):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else type_name(tool)
+            raise unsupported(f"{where}.type", f"function tools only (got {kind!r})")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise wrong(f"{where}.function", "an object", function)
+        check_known(function, frozenset({"name", "description", "parameters", "strict"}))
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise wrong(f"{where}.function.parameters", "a JSON schema object", parameters)
+        request.tools.add(
+            name=text(function, "name", required=True) or "",
+            description=text(function, "description") or "",
+            parameters_json=json.dumps(parameters) if parameters else "",
+            strict=flag(function, "strict"),
+        )
+    tool_choice(body.get("tool_choice"), request)
+    if body.get("parallel_tool_calls") is not None:
+        request.parallel_tool_calls = flag(body, "parallel_tool_calls")
+
+
+CHOICES = {"auto": common_pb2.ToolChoice.MODE_AUTO, "none": common_pb2.ToolChoice.MODE_NONE,
+           "required": common_pb2.ToolChoice.MODE_REQUIRED}  # fmt: skip
+
+
+def tool_choice(choice: object, request: common_pb2.InferRequest) -> None:
+    if choice is None:
+        return
+    if isinstance(choice, str) and choice in CHOICES:
+        request.tool_choice.mode = CHOICES[choice]
+        return
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function"
+            and isinstance(function, dict) and isinstance(function.get("name"), str)):  # fmt: skip
+        raise BadRequest(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", '
+            '"function": {"name": ...}}', "tool_choice", "invalid_value",
+        )  # fmt: skip
+    request.tool_choice.mode = common_pb2.ToolChoice.MODE_FUNCTION
+    request.tool_choice.function = function["name"]
+
+
+def response_format(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
+    """text, json_object, or json_schema {name, schema, strict, description}."""
+    form = body.get("response_format")
+    if form is None:
+        return
+    if not isinstance(form, dict):
+        raise wrong("response_format", "an object", form)
+    kind = form.get("type")
+    out = request.response_format
+    if kind == "text" or kind == "json_object":
+        check_known(form, frozenset({"type"}))
+        out.type = (common_pb2.ResponseFormat.TYPE_TEXT if kind == "text"
+                    else common_pb2.ResponseFormat.TYPE_JSON_OBJECT)  # fmt: skip
+        return
+    if kind != "json_schema":
+        raise BadRequest(f"response_format.type must be text, json_object or json_schema "
+                         f"(got {kind!r})", "response_format.type")  # fmt: skip
+    spec = form.get("json_schema")
+    if not isinstance(spec, dict):
+        raise wrong("response_format.json_schema", "an object", spec)
+    check_known(spec, frozenset({"name", "description", "schema", "strict"}))
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise wrong("response_format.json_schema.schema", "a JSON schema object", schema)
+    out.type = common_pb2.ResponseFormat.TYPE_JSON_SCHEMA
+    out.schema_json, out.name = json.dumps(schema), text(spec, "name") or ""
+    out.strict = flag(spec, "strict")
 
 
 def chat_message(index: int, message: object) -> common_pb2.ChatMessage:
@@ -257,8 +377,8 @@ def chat_message(index: int, message: object) -> common_pb2.ChatMessage:
     if not isinstance(message, dict):
         raise BadRequest(f"{where} must be an object with role and content", where, "invalid_type")
     for name in message:
-        if name in ("tool_calls", "function_call") and message[name]:
-            raise unsupported(f"{where}.{name}", "no tool calling")
+        if name == "function_call" and message[name]:
+            raise unsupported(f"{where}.{name}", "the deprecated function_call; use tool_calls")
         if name not in ("role", "content", "tool_call_id", "tool_calls", "function_call",
                         "refusal"):  # fmt: skip
             raise unsupported(f"{where}.{name}")
@@ -266,7 +386,19 @@ def chat_message(index: int, message: object) -> common_pb2.ChatMessage:
     if role not in ROLES:
         raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)} (got {role!r})",
                          f"{where}.role")  # fmt: skip
-    return common_pb2.ChatMessage(role=ROLES[role], content=content_text(where, message))
+    out = common_pb2.ChatMessage(role=ROLES[role], content=content_text(where, message),
+                                 tool_call_id=text(message, "tool_call_id") or "")  # fmt: skip
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise wrong(f"{where}.tool_calls", "an array", calls)
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise wrong(f"{where}.tool_calls[{j}].function", "an object", function)
+        out.tool_calls.add(id=text(call, "id", required=True) or "",
+                           name=text(function, "name", required=True) or "",
+                           arguments=text(function, "arguments") or "{}")  # fmt: skip
+    return out
 
 
 def content_text(where: str, message: Mapping[str, Any]) -> str:
@@ -274,7 +406,7 @@ def content_text(where: str, message: Mapping[str, Any]) -> str:
     refused: these models read text)."""
     content = message.get("content")
     if content is None and message.get("role") == "assistant":
-        return ""
+        return ""  # a turn that only called tools
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -298,6 +430,7 @@ def completion_request(body: object) -> Wanted:
     wanted = common(body, COMPLETION_PARAMS, request)
     assert isinstance(body, dict)
     request.max_tokens = max_tokens(body, "max_tokens")
+    completion_logprobs(body, request)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -309,3 +442,39 @@ def completion_request(body: object) -> Wanted:
         raise wrong("prompt", "a string", prompt)
     request.prompt = prompt
     return Wanted(request, False, wanted.stream, wanted.include_usage, wanted.user)
+
+
+EMBED_PARAMS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+
+@dataclass(frozen=True)
+class WantedEmbeddings:
+    request: common_pb2.EmbedRequest
+    encoding: str
+    user: str = ""
+
+
+def embed_request(body: object) -> WantedEmbeddings:
+    """POST /v1/embeddings: a text or a list of texts (token ids are refused: send text)."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object (got {type_name(body)})")
+    check_known(body, EMBED_PARAMS)
+    request = common_pb2.EmbedRequest(model=text(body, "model", required=True) or "")
+    given = body.get("input")
+    if isinstance(given, str):
+        given = [given]
+    if isinstance(given, list) and given and all(isinstance(x, int | list) for x in given):
+        raise unsupported("input", "token ids as input; send text")
+    if not isinstance(given, list) or not given or not all(isinstance(x, str) for x in given):
+        raise wrong("input", "a string or a non-empty array of strings", given)
+    request.input.extend(given)
+    encoding = text(body, "encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise BadRequest(f"encoding_format must be float or base64 (got {encoding!r})",
+                         "encoding_format")  # fmt: skip
+    dimensions = integer(body, "dimensions")
+    if dimensions is not None:
+        if dimensions < 1:
+            raise BadRequest(f"dimensions must be at least 1 (got {dimensions})", "dimensions")
+        request.dimensions = dimensions
+    return WantedEmbeddings(request, encoding, text(body, "user") or "")
