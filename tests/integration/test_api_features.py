@@ -33,7 +33,7 @@ pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 CHAT, EMBED = "smollm2", "smollm2-embed"
-WEATHER = {
+WEATHER: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -132,7 +132,8 @@ async def test_a_named_function_streams_openai_shaped_tool_call_deltas(api: Api)
         model=CHAT, messages=ASK_WEATHER, tools=[WEATHER], max_tokens=80, stream=True,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0,
     )  # fmt: skip
-    deltas, finish = [], None
+    deltas: list[Any] = []
+    finish = None
     async for chunk in stream:
         for choice in chunk.choices:
             deltas.extend(choice.delta.tool_calls or [])
@@ -347,8 +348,8 @@ async def test_embeddings_of_texts_in_floats_and_base64(api: Api) -> None:
     assert vectors[0] == pytest.approx(vectors[2], abs=1e-5) and vectors[0] != vectors[1]
     assert floats.usage.prompt_tokens > 0
     async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
-        body = {"model": EMBED, "input": texts[0], "encoding_format": "base64"}
-        raw = (await http.post("/embeddings", json=body)).json()
+        asked: dict[str, Any] = {"model": EMBED, "input": texts[0], "encoding_format": "base64"}
+        raw = (await http.post("/embeddings", json=asked)).json()
         packed = base64.b64decode(raw["data"][0]["embedding"])
         decoded = struct.unpack(f"<{len(packed) // 4}f", packed)
         assert list(decoded) == pytest.approx(vectors[0], abs=1e-5)

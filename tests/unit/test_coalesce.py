@@ -91,3 +91,22 @@ async def test_a_merged_message_stays_small_and_closing_stops_the_source() -> No
     await out.aclose()
     await settle()
     assert source.closed
+
+
+async def test_only_chunks_of_one_choice_merge_and_a_choices_end_closes_its_group() -> None:
+    source = Source()
+    out = coalesced(source.chunks())
+    source.queue.put_nowait(piece("a", 1))
+    await out.__anext__()
+    logprob = common_pb2.TokenLogprob(token="b", logprob=-1.0)
+    for chunk in (
+        piece("b", 2, logprobs=[logprob]), piece("c", 3, finish_reason=STOP),
+        piece("x", 8, choice=1), piece("y", 9, choice=1), piece("z", 10, choice=2),
+    ):  # fmt: skip
+        source.queue.put_nowait(chunk)
+    source.queue.put_nowait(None)
+    await settle()
+    merged = [c async for c in out]
+    assert [(c.choice, c.text, list(c.token_ids)) for c in merged] == [
+        (0, "bc", [2, 3]), (1, "xy", [8, 9]), (2, "z", [10])]  # fmt: skip
+    assert merged[0].finish_reason == STOP and [e.token for e in merged[0].logprobs] == ["b"]

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from worker.backends.base import GenerationRequest, RequestRefused
 from worker.backends.cpu import cpu_flags, missing_features
+from worker.backends.engine_body import completion_body, embeddings_of
 from worker.backends.engine_chunks import (
     EngineFault,
     Failed,
@@ -72,3 +74,77 @@ def test_the_engine_needs_avx2_on_x86_and_says_what_is_missing() -> None:
     assert missing_features("x86_64", {"sse", "avx"}) == ["avx2", "fma", "f16c"]
     assert missing_features("aarch64", set()) == []
     assert cpu_flags("no flags here") == set()
+
+
+def test_every_choice_is_read_with_its_logprobs_when_asked() -> None:
+    entry = {
+        "id": 5,
+        "token": "Hi",
+        "bytes": [72, 105],
+        "logprob": -0.25,
+        "top_logprobs": [
+            {"id": 5, "token": "Hi", "bytes": [72, 105], "logprob": -0.25},
+            {"id": 6, "token": "Yo", "bytes": [89, 111], "logprob": -2.0},
+        ],
+    }
+    chunk = {
+        "choices": [
+            {"text": "Hi", "index": 1, "logprobs": {"content": [entry]}, "finish_reason": None},
+            {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"},
+        ]
+    }
+    tokens, finished = read_chunk(chunk, top_logprobs=1)
+    assert isinstance(tokens, Tokens) and (tokens.choice, tokens.ids) == (1, (5,))
+    (probs,) = tokens.logprobs
+    assert (probs.token, probs.logprob, probs.bytes) == ("Hi", -0.25, b"Hi")
+    assert [t.token for t in probs.top] == ["Hi"]  # cut to what was asked
+    assert finished == Finished("stop", 0, 0, 0)
+    assert read_chunk(chunk)[0] == Tokens("Hi", (5,), 1)  # not asked: no logprobs built
+    bad = dict(entry, logprob="high")
+    with pytest.raises(EngineFault, match="logprob"):
+        read_chunk({"choices": [dict(chunk["choices"][0], logprobs={"content": [bad]})]}, 1)
+    banned = dict(entry, bytes=[300])
+    with pytest.raises(EngineFault, match="bytes"):
+        read_chunk({"choices": [dict(chunk["choices"][0], logprobs={"content": [banned]})]}, 0)
+
+
+def test_the_engine_is_asked_for_what_the_request_asks() -> None:
+    request = GenerationRequest(
+        prompt="p",
+        max_tokens=8,
+        continuation=(4, 5),
+        n=3,
+        logprobs=True,
+        top_logprobs=2,
+        presence_penalty=0.5,
+        repetition_penalty=1.1,
+        logit_bias=((7, -100.0),),
+        seed=-1,
+        json_schema='{"type": "object", "properties": {"a": {}}}',
+    )
+    body = completion_body(request)
+    assert body["prompt"] == ["p", 4, 5] and body["n_cmpl"] == 3 and body["logprobs"] == 2
+    assert body["presence_penalty"] == 0.5 and body["repeat_penalty"] == 1.1
+    assert "frequency_penalty" not in body and body["logit_bias"] == [[7, -100.0]]
+    assert body["json_schema"]["additionalProperties"] is False
+    assert body["seed"] == 0xFFFFFFFF
+    plain = completion_body(GenerationRequest(prompt="p", max_tokens=8, grammar="start: x"))
+    assert plain["logprobs"] == 1 and "n_cmpl" not in plain and plain["grammar"] == "start: x"
+
+
+def test_an_embeddings_answer_is_checked_before_it_is_believed() -> None:
+    good = {
+        "data": [{"index": 1, "embedding": [0.0, 1.0]}, {"index": 0, "embedding": [1.0, 0.0]}],
+        "usage": {"prompt_tokens": 4},
+    }
+    assert embeddings_of(good, 2) == ([[1.0, 0.0], [0.0, 1.0]], 4)
+    for answer in [
+        {"data": []},
+        {"data": [{"index": 3, "embedding": [1.0]}]},
+        {"data": [{"index": 0, "embedding": [float("nan")]}]},
+        [1, 2],
+    ]:
+        with pytest.raises(EngineFault):
+            embeddings_of(answer, 1)
+    with pytest.raises(RequestRefused, match="too long"):
+        embeddings_of({"error": {"code": 400, "message": "input is too long"}}, 1)
