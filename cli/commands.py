@@ -12,6 +12,7 @@ import grpc
 from apiary.client import infer_request
 from apiary.options import parse_key_values
 from apiary.protoutil import parse_state
+from cli.asking import Choices, asking
 from cli.connect import client
 from cli.emit import Emitter
 from cli.errors import CliError
@@ -53,6 +54,7 @@ def request_from_flags(args: argparse.Namespace) -> common_pb2.InferRequest:
         required_tags=args.tag,
         request_id=args.request_id,
         stop=args.stop,
+        **asking(args),
     )
     for field in ("temperature", "top_p", "top_k", "seed"):
         if getattr(args, field) is not None:
@@ -69,13 +71,27 @@ def cmd_infer(args: argparse.Namespace, out: Emitter) -> int:
             stream = cluster.infer_direct(lease, request)
         else:
             stream = cluster.send(request)
-        last: common_pb2.InferChunk | None = None
+        # Text streams as it comes; several choices, tool calls and logprobs show at the end.
+        gathered = request.n > 1 or bool(request.tools) or request.logprobs
+        choices, last = Choices(), None
         for chunk in stream:
-            out.item(chunk, chunk.text, end="")
+            out.item(chunk, "" if gathered else chunk.text, end="")
+            choices.take(chunk)
             last = chunk
+    if gathered:
+        out.aside(choices.text(headed=request.n > 1), stdout=True)
     out.aside("", stdout=True)
     if last is not None:
         out.aside(infer_summary(last))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace, out: Emitter) -> int:
+    with client(args) as cluster:
+        vectors = cluster.embed(args.model, args.text, required_tags=args.tag)
+    lines = [f"[{i}] {len(v)} dimensions: " + " ".join(f"{x:.4f}" for x in v[:8]) + " ..."
+             for i, v in enumerate(vectors)]  # fmt: skip
+    out.result([{"index": i, "embedding": v} for i, v in enumerate(vectors)], "\n".join(lines))
     return 0
 
 

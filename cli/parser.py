@@ -160,6 +160,37 @@ def add_infer(sub: Subparsers) -> None:
     p.add_argument(
         "--direct", action="store_true", help="lease a slot and call the worker directly"
     )
+    add_asking_flags(p)
+
+
+def add_asking_flags(p: argparse.ArgumentParser) -> None:
+    """What a request may ask beyond sampling: tools, structured output, logprobs, n, ..."""
+    p.add_argument("--tool", action="append", default=[], metavar="FILE",
+                   help="a tool the model may call: a JSON file with name, description and "
+                   "parameters (a JSON schema), or a list of them (repeatable)")  # fmt: skip
+    p.add_argument("--tool-choice", default="", metavar="CHOICE",
+                   help="auto, none, required, or the name of the function to call")  # fmt: skip
+    p.add_argument("--parallel-tool-calls", action="store_true",
+                   help="let the model make several calls in one answer")  # fmt: skip
+    p.add_argument("--json-schema", default="", metavar="FILE",
+                   help="answer JSON valid against the schema in FILE ('-': stdin)")  # fmt: skip
+    p.add_argument("--json-object", action="store_true", help="answer a JSON object")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="each token's log-probability, and the N likeliest beside it")  # fmt: skip
+    p.add_argument("-n", type=int, default=1, metavar="N",
+                   help="choices to generate from one computation of the prompt")  # fmt: skip
+    p.add_argument("--presence-penalty", type=float, default=None, help="-2..2")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="-2..2")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="llama.cpp's; 1: none")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit (repeatable)")  # fmt: skip
+
+
+def add_embed(sub: Subparsers) -> None:
+    p = verb(sub, "embed", cmd.cmd_embed, "embed texts with an embedding model", timeout=60.0)
+    p.add_argument("model", help="an embedding model (its workers spawned with embeddings=mean)")
+    p.add_argument("text", nargs="+", help="texts to embed, one vector each")
+    p.add_argument("--tag", action="append", default=[], help="require a worker tag (repeatable)")
 
 
 def add_model_verbs(sub: Subparsers) -> None:
@@ -314,6 +345,7 @@ def build_parser(completing: bool = False) -> argparse.ArgumentParser:
     add_up_verb(sub)
     add_certs_verbs(sub)
     add_infer(sub)
+    add_embed(sub)
     verb(sub, "status", cmd.cmd_status, "the cluster at a glance, then hives, workers and models")
     add_model_verbs(sub)
     add_worker_verbs(sub)

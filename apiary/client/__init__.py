@@ -6,7 +6,9 @@
         for chunk in apiary.chat("demo", [{"role": "user", "content": "hello bees"}]):
             print(chunk.text, end="")
 
-Both have the same calls: `infer`, `chat`, `send` (streams of InferChunk), `list_models`,
+Both have the same calls: `infer`, `chat`, `send` (streams of InferChunk; the options take
+tools, a JSON schema, logprobs, n, penalties and logit bias: see `InferOptions`), `embed`
+(vectors of texts), `list_models`,
 `lease` / `infer_direct` / `release_lease` (call a worker yourself), and under `.admin` every
 QueenAdmin call (hives, workers, drains, events, request history, and each hive's catalog,
 processes and backends through the queen).
@@ -19,7 +21,9 @@ processes and backends through the queen).
   queen ended it because it is stopping (it says so in a trailer, `apiary-stopping`).
 - An inference stream whose queen goes away mid-stream (killed, cut off, or stopping at the
   end of its grace) continues after the token ids already received, on another queen or the
-  same one once back (at most 3 times): nothing is missing or repeated.
+  same one once back (at most 3 times): nothing is missing or repeated. A stream held to a
+  grammar (a JSON schema, tools) or of n > 1 choices cannot continue exactly and is not
+  resumed: its error is raised.
 - While no queen can be reached (a restart), calls keep trying until their deadline
   (`wait_for_ready=False`: fail at once).
 - Credentials as the `apiary` CLI takes them: `token` (default $APIARY_TOKEN), `tls_ca`,
@@ -35,7 +39,7 @@ from apiary.client.admin import AsyncAdmin
 from apiary.client.aio import AsyncClient
 from apiary.client.blocking import Admin, Client
 from apiary.client.queens import DEFAULT_QUEEN, DEFAULT_TIMEOUT, QUEEN_ENV, TOKEN_ENV, queens_from
-from apiary.client.requests import InferOptions, Message, infer_request
+from apiary.client.requests import InferOptions, Message, ToolSpec, infer_request
 
 __all__ = [
     "DEFAULT_QUEEN",
@@ -48,6 +52,7 @@ __all__ = [
     "Client",
     "InferOptions",
     "Message",
+    "ToolSpec",
     "infer_request",
     "queens_from",
 ]

@@ -15,6 +15,7 @@ from apiary.client.admin import AsyncAdmin
 from apiary.client.queens import DEFAULT_TIMEOUT, MAX_RESUMES, TOKEN_ENV, queen_lost, queens_from
 from apiary.client.requests import InferOptions, Message, infer_request
 from apiary.client.transport import Transport
+from apiary.controls import unmovable
 from apiary.protoutil import continued
 from apiary.security import TlsFiles
 from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc, worker_pb2_grpc
@@ -128,7 +129,8 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         received, index, resumes = list(request.continuation.token_ids), 0, 0
-        asked, exact = request, True
+        # A grammar-held answer or n choices cannot be continued exactly: never resumed.
+        asked, exact = request, not unmovable(request)
         while True:
             try:
                 async for chunk in self._infer_stream(asked, deadline - loop.time()):
@@ -147,6 +149,25 @@ class AsyncClient:
                 resumes += 1
                 self.resumes += 1
                 asked = continued(request, received)
+
+    async def embed(
+        self,
+        model: str,
+        texts: str | Iterable[str],
+        *,
+        required_tags: Iterable[str] = (),
+        timeout: float | None = None,
+    ) -> list[list[float]]:
+        """One unit vector per text, in order, from an embedding worker of `model`."""
+        request = common_pb2.EmbedRequest(
+            model=model, input=[texts] if isinstance(texts, str) else texts,
+            required_tags=required_tags,
+        )  # fmt: skip
+        reply = await self._transport.unary(
+            lambda channel, left: queen_pb2_grpc.QueenStub(channel).Embed(request, timeout=left),
+            timeout,
+        )
+        return [list(e.values) for e in reply.embeddings]
 
     async def list_models(self, *, timeout: float | None = None) -> list[queen_pb2.ModelInfo]:
         """The models the cluster serves, with worker counts by state and queue length."""

@@ -192,6 +192,7 @@ class Client(OnLoop[AsyncClient]):
     chat = blocking_stream(AsyncClient.chat)
     send = blocking_stream(AsyncClient.send)
     list_models = blocking(AsyncClient.list_models)
+    embed = blocking(AsyncClient.embed)
     lease = blocking(AsyncClient.lease)
     release_lease = blocking(AsyncClient.release_lease)
     infer_direct = blocking_stream(AsyncClient.infer_direct)

@@ -8,10 +8,14 @@ embedding worker of the same GGUF): each test asks it something else.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ import pydantic
 import pytest
 import pytest_asyncio
 
+from apiary.client import AsyncClient
 from harness import Cluster, Proc, wait_until
 from harness.ports import free_port
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
@@ -368,3 +373,63 @@ async def test_models_say_which_embed_and_which_chat_with_their_context(api: Api
     listed = {m.id: m.model_dump() for m in (await api.sdk.models.list()).data}
     assert listed[CHAT]["task"] == "chat" and listed[EMBED]["task"] == "embedding"
     assert listed[CHAT]["context_length"] == listed[EMBED]["context_length"] == 1024
+
+
+# ---- the Python client and the CLI ------------------------------------------
+
+
+async def test_the_python_client_asks_for_tools_schemas_logprobs_and_embeddings(api: Api) -> None:
+    async with AsyncClient(api.queen.address) as client:
+        chunks = [c async for c in client.chat(
+            CHAT, ASK_WEATHER, tools=[WEATHER], tool_choice="get_weather", temperature=0.0,
+            max_tokens=80,
+        )]  # fmt: skip
+        (call,) = [d for c in chunks for d in c.tool_calls]
+        assert call.name == "get_weather" and json.loads(call.arguments)["city"]
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+        schema = SCHEMAS[0]
+        text = "".join([c.text async for c in client.chat(
+            CHAT, [{"role": "user", "content": "A person"}], json_schema=schema, max_tokens=100,
+            logprobs=True, top_logprobs=1, temperature=0.0,
+        )])  # fmt: skip
+        jsonschema.validate(json.loads(text), schema)
+        vectors = await client.embed(EMBED, ["one", "two"])
+        assert len(vectors) == 2 and abs(_norm(vectors[0]) - 1) < 1e-3
+
+
+def _apiary(queen: Proc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "apiary"), *args], capture_output=True, text=True,
+        timeout=120, env=dict(os.environ, APIARY_QUEEN=queen.address),
+    )  # fmt: skip
+
+
+async def test_the_cli_takes_schema_and_tool_files_logprobs_n_and_embeds(
+    api: Api, tmp_path: Path
+) -> None:
+    schema_file, tool_file = tmp_path / "schema.json", tmp_path / "tool.json"
+    schema_file.write_text(json.dumps(SCHEMAS[0]))
+    tool_file.write_text(json.dumps(WEATHER["function"]))
+    shaped = await asyncio.to_thread(
+        _apiary, api.queen, "infer", CHAT, "A person", "--json-schema", str(schema_file),
+        "--temperature", "0", "--max-tokens", "100",
+    )  # fmt: skip
+    assert shaped.returncode == 0, shaped.stderr
+    jsonschema.validate(json.loads(shaped.stdout), SCHEMAS[0])
+    called = await asyncio.to_thread(
+        _apiary, api.queen, "infer", CHAT, "Weather in Paris?", "--tool", str(tool_file),
+        "--tool-choice", "required", "--temperature", "0", "--max-tokens", "80",
+    )  # fmt: skip
+    assert called.returncode == 0 and "] get_weather({" in called.stdout, called.stdout
+    many = await asyncio.to_thread(
+        _apiary, api.queen, "infer", CHAT, "Hi", "-n", "2", "--logprobs", "2", "--seed", "1",
+        "--max-tokens", "4",
+    )  # fmt: skip
+    assert many.returncode == 0 and "[choice 0" in many.stdout and "[choice 1" in many.stdout
+    embedded = await asyncio.to_thread(_apiary, api.queen, "embed", EMBED, "a", "b", "--json")
+    assert embedded.returncode == 0, embedded.stderr
+    assert [len(item["embedding"]) for item in json.loads(embedded.stdout)] == [576, 576]
+    bad = await asyncio.to_thread(
+        _apiary, api.queen, "infer", CHAT, "x", "--json-schema", str(tmp_path / "missing.json")
+    )
+    assert bad.returncode == 2 and "missing.json" in bad.stderr
