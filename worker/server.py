@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from protos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker.backends import Backend, RequestRefused
 from worker.leases import LeaseDesk
 from worker.slots import Slots
-from worker.stream import render, stream
+from worker.stream import Prepared, render, stream
 
 log = structlog.get_logger("worker.server")
 
@@ -96,6 +97,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             refusal = self.slots.start(lease, self.leases.now())
             if refusal is not None:
                 await context.abort(grpc.StatusCode[refusal.code], refusal.message)
+            prepared = self._spread(prepared)
             if lease is not None:
                 self.leases.started(lease.lease_id)
             self.last_activity = time.time()
@@ -126,6 +128,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 else:
                     self.failed += 1
                     log.info("stream ended early")
+
+    def _spread(self, prepared: Prepared) -> Prepared:
+        """n choices on the request's one slot: the others decode at once only in slots free
+        now, the rest after (waiting for n free sequences would starve it under load)."""
+        generation = prepared.generation
+        if generation.n <= 1:
+            return prepared
+        parallel = 1 + min(generation.n - 1, self.slots.free)
+        return dataclasses.replace(
+            prepared, generation=dataclasses.replace(generation, parallel=parallel)
+        )
 
     async def _check_call(
         self, request: common_pb2.InferRequest, context: Context

@@ -5,6 +5,7 @@ tokens streamed through Queen.Infer and the OpenAI front."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -315,7 +316,28 @@ async def test_the_openai_sdk_chats_through_the_models_own_template(
     await client.close()
 
 
-async def test_a_worker_serving_eight_streams_is_killed_and_every_one_moves_byte_identical(
+def eight_asks() -> tuple[list[common_pb2.InferRequest], list[str]]:
+    """Six streams that can move exactly (three with logprobs, penalties and logit bias: the
+    engine's penalties see the continued tokens), and two that cannot: one held to a JSON
+    schema (a grammar's state does not travel) and one of n=2 choices; and for each of those
+    two what its error must say."""
+    # Long enough to be going still when the victim is killed (after a second worker loads).
+    asks = [chat(f"Write a long story about a bee named {name}.", 160, temperature=0.0)
+            for name in ("Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")]  # fmt: skip
+    asks[3].logprobs, asks[3].top_logprobs = True, 2
+    asks[4].frequency_penalty, asks[4].presence_penalty, asks[4].repetition_penalty = 0.5, 0.3, 1.1
+    asks[5].logit_bias[13] = -100.0
+    held = asks[6].response_format
+    held.type = common_pb2.ResponseFormat.TYPE_JSON_SCHEMA
+    chapters = {"type": "array", "items": {"type": "string"}, "minItems": 40}
+    held.schema_json = json.dumps(
+        {"type": "object", "properties": {"chapters": chapters}, "required": ["chapters"]}
+    )
+    asks[7].n, asks[7].temperature = 2, 1.0
+    return asks, ["grammar (a JSON response_format)", "n=2 choices"]
+
+
+async def test_a_worker_serving_eight_streams_is_killed_and_every_movable_one_moves_byte_identical(
     cluster: Cluster, real_model: Path
 ) -> None:
     queen = cluster.start_queen()
@@ -324,9 +346,8 @@ async def test_a_worker_serving_eight_streams_is_killed_and_every_one_moves_byte
     await pull(cluster, hive, real_model)
     victim = await spawn(cluster, queen, 8, threads="1")
     stub = cluster.queen_stub(queen)
-    asks = [chat(f"Write a long story about a bee named {name}.", 120, temperature=0.0)
-            for name in ("Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")]  # fmt: skip
-    whole = await asyncio.gather(*(collect(stub, ask) for ask in asks))
+    asks, refusals = eight_asks()
+    whole = await asyncio.gather(*(collect(stub, ask) for ask in asks[:6]))
     calls = [stub.Infer(ask, timeout=120) for ask in asks]
     begun: list[list[Any]] = [[await call.read(), await call.read()] for call in calls]
     assert {chunks[0].worker_id for chunks in begun} == {victim.id}  # all eight on one engine
@@ -338,13 +359,23 @@ async def test_a_worker_serving_eight_streams_is_killed_and_every_one_moves_byte
             chunks.append(chunk)
         return chunks
 
-    pairs = zip(calls, begun, strict=True)
+    pairs = zip(calls[:6], begun[:6], strict=True)
     moved = await asyncio.gather(*(rest(call, chunks) for call, chunks in pairs))
     for got, expected in zip(moved, whole, strict=True):
         assert text_of(got) == text_of(expected)
         assert [i for c in got for i in c.token_ids] == [i for c in expected for i in c.token_ids]
         assert got[-1].completion_tokens == expected[-1].completion_tokens
         assert len({c.worker_id for c in got if c.worker_id}) == 2  # it did move
+        tokens = [e.token for c in got for e in c.logprobs]
+        assert tokens == [e.token for c in expected for e in c.logprobs]
+    assert len([e for c in moved[3] for e in c.logprobs]) == moved[3][-1].completion_tokens
+    for call, chunks, words in zip(calls[6:], begun[6:], refusals, strict=True):
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await rest(call, chunks)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert words in (ended.value.details() or ""), ended.value.details()
     rows = (await cluster.admin_stub(queen).ListRequests(
-        queen_pb2.ListRequestsRequest(limit=8))).requests  # fmt: skip
-    assert all(r.migrations == 1 and r.status == queen_pb2.REQUEST_STATUS_COMPLETED for r in rows)
+        queen_pb2.ListRequestsRequest(limit=14))).requests  # fmt: skip
+    moved_rows = [r for r in rows if r.migrations == 1]
+    assert len(moved_rows) == 6
+    assert all(r.status == queen_pb2.REQUEST_STATUS_COMPLETED for r in moved_rows)

@@ -88,6 +88,8 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    # Choices decoded at once (0: all n); the worker sets it to the sequences it can spare.
+    parallel: int = 0
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None

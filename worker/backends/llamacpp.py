@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -199,6 +200,19 @@ class LlamaCppBackend(Backend):
             )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
+        """n choices in waves of `request.parallel` sequences (n_cmpl: the prompt computed once
+        and copied to each; a later wave finds it in the slot's cache). Choice i samples with
+        seed + i, as the engine seeds n_cmpl's sequences, so a seed gives the same choices
+        whatever the waves were."""
+        size = request.parallel or request.n
+        for start in range(0, request.n, size):
+            seed = None if request.seed is None else request.seed + start
+            wave = dataclasses.replace(request, n=min(size, request.n - start), seed=seed)
+            async for piece in self._call(wave):
+                yield dataclasses.replace(piece, choice=piece.choice + start) if start else piece
+
+    async def _call(self, request: GenerationRequest) -> AsyncIterator[Piece]:
+        """One engine completion's pieces."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()
