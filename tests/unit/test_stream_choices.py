@@ -5,14 +5,15 @@ the answer; a backend that cannot do what is asked refuses by name."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
-from typing import ClassVar, Self
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, ClassVar, Self
 
 import pytest
 
 from protos.v1 import common_pb2
 from worker.backends.base import Backend, GenerationRequest, Piece, Progress, Rendered
 from worker.backends.echo import EchoBackend
+from worker.backends.llamacpp import LlamaCppBackend
 from worker.stream import render, stream
 
 FINISH = common_pb2.FinishReason
@@ -103,3 +104,32 @@ async def test_a_backend_refuses_what_it_cannot_do_by_name(
             setattr(request, key, value)
     with pytest.raises(ValueError, match=f"backend 'echo' does not do {named}"):
         await render(EchoBackend("m"), request)
+
+
+class FakeEngine:
+    """Answers each completion with one token per choice, and keeps the bodies it was sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    def complete(self, body: dict[str, Any], on_chunk: Callable[[Any], bool]) -> None:
+        self.bodies.append(body)
+        for index in range(body.get("n_cmpl", 1)):
+            text = f"s{body['seed']}+{index}"
+            logprobs = {"content": [{"id": 1, "logprob": -0.1}]}
+            on_chunk({"choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                   "finish_reason": "stop"}]})  # fmt: skip
+
+
+@pytest.mark.parametrize(("parallel", "calls"), [(0, 1), (3, 1), (2, 2), (1, 3)])
+async def test_waves_of_choices_keep_the_seeds_of_one_call(parallel: int, calls: int) -> None:
+    backend = LlamaCppBackend.from_options("m", {"model_path": "/nonexistent.gguf"}, slots=4)
+    engine = FakeEngine()
+    backend.engine = engine  # type: ignore[assignment]
+    request = GenerationRequest(prompt="p", max_tokens=4, n=3, seed=7, parallel=parallel)
+    pieces = [p async for p in backend.generate(request)]
+    texts = {p.choice: p.text for p in pieces if p.text}
+    # Whatever the waves, choice i is what one n_cmpl=3 call gives it: seed 7 + i.
+    assert {i: int(t[1:].split("+")[0]) + int(t.split("+")[1]) for i, t in texts.items()} == {
+        0: 7, 1: 8, 2: 9}  # fmt: skip
+    assert len(engine.bodies) == calls
