@@ -95,3 +95,15 @@ def continued(request: common_pb2.InferRequest, token_ids: list[int]) -> common_
     again.CopyFrom(request)
     again.continuation.token_ids[:] = token_ids
     return again
+
+
+def tool_calls_of(deltas: Iterable[common_pb2.ToolCallDelta]) -> list[common_pb2.ToolCall]:
+    """The calls a stream's tool-call deltas make: a call's first delta has its id and name,
+    the next ones more of its arguments (InferChunk.tool_calls)."""
+    calls: dict[int, common_pb2.ToolCall] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, common_pb2.ToolCall())
+        call.id = call.id or delta.id
+        call.name = call.name or delta.name
+        call.arguments += delta.arguments
+    return [calls[i] for i in sorted(calls)]

@@ -6,6 +6,11 @@ concurrency and stream length, in alternating rounds (the machine is shared and 
 best round of each door counts). Prints streams/s and time to first token for each, and
 HTTP's ratio against gRPC with the targets: >= 0.8x streams/s, TTFT within +1 ms at c=1.
 
+Then the grammar cells, on the real model (SmolLM2, one llamacpp worker): plain chats, chats
+held to a JSON schema, and required tool calls, through HTTP in alternating rounds, each
+request's time to first token and decode time per token, and the grammar's overhead as a
+ratio against plain chat measured in the same run (--no-engine skips them).
+
 The HTTP client here is a minimal keep-alive HTTP/1.1 + SSE reader of our own (one
 connection per concurrent client), so what is compared is the two server paths, not grpcio's
 C client against a Python HTTP library.
@@ -27,9 +32,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apiary.realmodel import model_path
 from harness import Cluster
 from harness.ports import free_port
-from protos.v1 import common_pb2, queen_pb2_grpc
+from protos.v1 import common_pb2, queen_pb2, queen_pb2_grpc
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
@@ -85,6 +91,32 @@ class HttpStream:
         if not ended:
             raise RuntimeError("the stream ended without [DONE]")
         return first
+
+    async def post(self, body: dict[str, Any]) -> tuple[float, float, int]:
+        """One streamed chat of `body`: (seconds to the first event, seconds in all, completion
+        tokens from the usage)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        data = json.dumps({**body, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()  # fmt: skip
+        began = time.perf_counter()
+        self.writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode(errors="replace"))
+        first, tokens = 0.0, 0
+        while size := int((await self.reader.readline()).strip(), 16):
+            frame = await self.reader.readexactly(size + 2)
+            first = first or time.perf_counter() - began
+            for line in frame.split(b"\n"):
+                if line.startswith(b"data: {") and b'"usage":{' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        await self.reader.readexactly(2)
+        return first, time.perf_counter() - began, tokens
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -165,6 +197,9 @@ async def main() -> None:
     p.add_argument("--max-requests", type=int, default=50_000, help="per measurement")
     p.add_argument("--concurrency", default="1,64")
     p.add_argument("--tokens", default="8,100")
+    p.add_argument("--no-engine", dest="engine", action="store_false",
+                   help="skip the grammar cells on the real model")  # fmt: skip
+    p.add_argument("--engine-requests", type=int, default=12, help="per kind and round")
     args = p.parse_args()
 
     cluster = Cluster(heartbeat_interval=1.0)
@@ -195,10 +230,83 @@ async def main() -> None:
                 summary.append(verdict(tokens, conc, results["http"], results["grpc"]))
         print("\n# HTTP against gRPC (targets: >= 0.80x streams/s; TTFT p50 within +1 ms at c=1)")
         print("\n".join(summary))
+        if args.engine:
+            await grammar_cells(cluster, queen, port, args, opened)
     finally:
         for stream in opened:
             await stream.close()
         await cluster.close()
+
+
+# ---- grammar cells on the real model ------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"},
+    "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    "required": ["name", "age", "hobbies"]}  # fmt: skip
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
+KINDS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "json": {"response_format": {"type": "json_schema",
+                                 "json_schema": {"name": "person", "schema": SCHEMA}}},
+    "tool": {"tools": [WEATHER], "tool_choice": "required"},
+}  # fmt: skip
+
+
+@dataclass
+class Timings:
+    ttft: list[float] = field(default_factory=list)
+    per_token: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def median(self, values: list[float]) -> float:
+        ordered = sorted(values) or [float("nan")]
+        return ordered[len(ordered) // 2] * 1000
+
+
+async def grammar_cells(
+    cluster: Cluster, queen: Any, port: int, args: argparse.Namespace, opened: list[HttpStream]
+) -> None:
+    path = model_path()
+    admin = queen_pb2_grpc.QueenAdminStub(cluster.channel(queen.address))
+    spawn = queen_pb2.QueenSpawnWorkerRequest(
+        model="smol", backend="llamacpp", slots=4, wait_ready=True,
+        backend_options={"model_path": str(path), "context_size": "1024"},
+    )  # fmt: skip
+    await admin.SpawnWorker(spawn, timeout=120)
+    stream = HttpStream("127.0.0.1", port)
+    opened.append(stream)
+    timings = {kind: Timings() for kind in KINDS}
+    for round_ in range(args.rounds + 1):  # the first round warms up
+        for kind, extra in KINDS.items():
+            for i in range(args.engine_requests):
+                body = {"model": "smol", "max_tokens": 48, "temperature": 0.7, "seed": i,
+                        "messages": [{"role": "user", "content": f"Tell me about person {i}."}],
+                        **extra}  # fmt: skip
+                first, total, tokens = await stream.post(body)
+                if round_ and tokens > 1:
+                    t = timings[kind]
+                    t.ttft.append(first)
+                    t.per_token.append((total - first) / (tokens - 1))
+                    t.tokens.append(tokens)
+    print(
+        f"\n# grammar cells: SmolLM2 on one llamacpp worker, streamed HTTP chats one at a "
+        f"time, {args.engine_requests} per kind and round, {args.rounds} rounds alternating"
+    )
+    print(f"{'kind':>6} {'requests':>8} {'ttft50':>8} {'ms/token':>9} {'tokens/req':>10}")
+    for kind, t in timings.items():
+        print(
+            f"{kind:>6} {len(t.ttft):>8} {t.median(t.ttft):>8.1f} "
+            f"{t.median(t.per_token):>9.2f} {sum(t.tokens) / max(len(t.tokens), 1):>10.1f}"
+        )
+    plain = timings["plain"]
+    print("\n# the grammar's overhead per request, against plain chat in this run")
+    for kind in ("json", "tool"):
+        t = timings[kind]
+        ttft = t.median(t.ttft) - plain.median(plain.ttft)
+        ratio = t.median(t.per_token) / plain.median(plain.per_token)
+        print(f"{kind:>6}   ttft p50 {ttft:+.1f} ms   per-token decode {ratio:.2f}x")
 
 
 def verdict(tokens: int, conc: int, http: Result, grpc_: Result) -> str:

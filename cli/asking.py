@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from apiary.protoutil import tool_calls_of
 from cli.errors import CliError
 from protos.v1 import common_pb2
 
@@ -76,7 +77,7 @@ def asking(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def call_line(call: common_pb2.ToolCallDelta) -> str:
+def call_line(call: common_pb2.ToolCall) -> str:
     return f"[tool call {call.id}] {call.name}({call.arguments})"
 
 
@@ -112,7 +113,7 @@ class Choices:
             reason = common_pb2.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower()
             head = [f"[choice {i}, finish={reason}]"] if headed else []
             body = "".join(self.texts[i])
-            calls = [call_line(c) for c in self.calls[i]]
+            calls = [call_line(c) for c in tool_calls_of(self.calls[i])]
             probs = [logprob_lines(self.logprobs[i])] if self.logprobs[i] else []
             parts.append("\n".join([*head, *([body] if body else []), *calls, *probs]))
         return "\n\n".join(parts)

@@ -134,9 +134,11 @@ class _Stream:
         continued = len(prepared.generation.continuation)
         self.usage.completion_tokens = continued
         forced = prepared.tool_calls == "forced"
+        tools = prepared.generation.tools
+        parallel = tools is not None and tools.parallel
         self.choices = [
             _Choice(i, Completion(list(prepared.stops)),
-                    ToolCallReader(forced) if prepared.tool_calls else None, continued)
+                    ToolCallReader(forced, parallel) if prepared.tool_calls else None, continued)
             for i in range(prepared.generation.n)
         ]  # fmt: skip
         self.index = 0
@@ -186,21 +188,20 @@ class _Stream:
     def chunk(
         self, choice: _Choice, release: Release, flushing: bool = False
     ) -> common_pb2.InferChunk:
-        text, calls = release.text, []
+        text, deltas = release.text, []
         if choice.reader is not None:
             read = choice.reader.feed(text)
             if flushing:
                 tail = choice.reader.flush()
-                read.text, read.calls = read.text + tail.text, read.calls + tail.calls
-            text, calls = read.text, read.calls
+                read.text, read.deltas = read.text + tail.text, read.deltas + tail.deltas
+            text, deltas = read.text, read.deltas
+            choice.calls = len(choice.reader.calls) + (choice.reader.current is not None)
         out = common_pb2.InferChunk(
             text=text, token_ids=release.token_ids, index=self.index,
             request_id=self.request.request_id, choice=choice.number, logprobs=release.logprobs,
         )  # fmt: skip
-        for call in calls:
-            out.tool_calls.add(index=choice.calls, id=call.id, name=call.name,
-                               arguments=call.arguments)  # fmt: skip
-            choice.calls += 1
+        for d in deltas:
+            out.tool_calls.add(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
         self.index += 1
         return out
 

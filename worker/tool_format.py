@@ -12,8 +12,9 @@ The format (documented in the README's API section):
   `<`), each call's arguments held to its tool's JSON schema. One call unless the request
   allows parallel calls (as llama-server: a small model that may call again tends to go on
   calling until max_tokens).
-- The answer is read back as it streams (ToolCallReader): text as content, each call once its
-  arguments are complete. A call repeating one already made in the answer ends the answer
+- The answer is read back as it streams (ToolCallReader): text as content; one call as it is
+  written (its name, then its arguments piece by piece, as OpenAI streams them); with
+  parallel calls, each once complete, and one repeating a call already made ends the answer
   (a small model that may call again tends to repeat itself; running the same call twice in
   one turn is never wanted).
 """
@@ -21,6 +22,7 @@ The format (documented in the README's API section):
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -111,25 +113,45 @@ def grammar(tools: Tools) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A piece of a call as OpenAI streams it: the first of a call has its id and name, the
+    next ones more of its arguments."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
 @dataclass
 class Read:
-    """What a piece of the answer said: content text, calls completed, and whether the
+    """What a piece of the answer said: content text, pieces of calls, and whether the
     answer is to end here (a repeated call)."""
 
     text: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
+    deltas: list[Delta] = field(default_factory=list)
     stop: bool = False
 
 
-class ToolCallReader:
-    """Reads the answer in the generic format as it streams."""
+_HEADER = re.compile(r'\{"name": "([A-Za-z0-9_-]{1,64})", "arguments": ')
+# What follows a call's arguments, exactly as the grammar writes it.
+_TRAILER = "}" + CLOSE
 
-    def __init__(self, forced: bool) -> None:
+
+class ToolCallReader:
+    """Reads the answer in the generic format as it streams. One call (parallel calls off) is
+    streamed as it is written: its name once known, then its arguments piece by piece. With
+    parallel calls each goes out once complete, so a repeated one can be dropped."""
+
+    def __init__(self, forced: bool, parallel: bool = False) -> None:
         # forced: the grammar allows only calls (required, a named function).
-        self.forced = forced
+        self.forced, self.parallel = forced, parallel
         self.buffer = ""
         self.text_mode = False
         self.calls: list[ToolCall] = []
+        # The call being streamed (parallel off), and its arguments so far.
+        self.current: ToolCall | None = None
         # A call repeated one made before: nothing more is read.
         self.stopped = False
 
@@ -140,15 +162,50 @@ class ToolCallReader:
             return Read(text=text)
         self.buffer += text
         read = Read()
+        if not (self.calls or self.current or self.forced or self._could_be_a_call()):
+            self.text_mode = True  # the answer is text
+            read.text, self.buffer = self.buffer, ""
+            return read
+        if self.parallel:
+            self._whole_calls(read)
+        else:
+            self._streamed_call(read)
+        return read
+
+    def _could_be_a_call(self) -> bool:
+        stripped = self.buffer.lstrip()
+        return OPEN.startswith(stripped[: len(OPEN)])
+
+    def _streamed_call(self, read: Read) -> None:
+        if self.current is None:
+            stripped = self.buffer.lstrip()
+            header = _HEADER.match(stripped, len(OPEN)) if stripped.startswith(OPEN) else None
+            if header is None:
+                return  # not yet known
+            self.current = ToolCall(new_call_id(), header.group(1), "")
+            read.deltas.append(Delta(len(self.calls), self.current.id, self.current.name))
+            self.buffer = stripped[header.end() :]
+        end = self.buffer.find(_TRAILER)
+        cut = end if end >= 0 else max(len(self.buffer) - len(_TRAILER) + 1, 0)
+        self._arguments(read, self.buffer[:cut])
+        self.buffer = self.buffer[cut:]
+        if end >= 0:
+            self.calls.append(self.current)
+            self.current, self.buffer = None, ""
+
+    def _arguments(self, read: Read, piece: str) -> None:
+        assert self.current is not None
+        if piece:
+            call = self.current
+            self.current = ToolCall(call.id, call.name, call.arguments + piece)
+            read.deltas.append(Delta(len(self.calls), arguments=piece))
+
+    def _whole_calls(self, read: Read) -> None:
         while self.buffer:
             stripped = self.buffer.lstrip()
-            if not self.calls and not self.forced and not OPEN.startswith(stripped[: len(OPEN)]):
-                self.text_mode = True  # the answer is text
-                read.text, self.buffer = self.buffer, ""
-                return read
             end = stripped.find(CLOSE)
             if end < 0:
-                return read  # a call still being written
+                return  # a call still being written
             call = self._parse(stripped[:end])
             self.buffer = stripped[end + len(CLOSE) :]
             if call is None:
@@ -156,19 +213,22 @@ class ToolCallReader:
             if any((c.name, c.arguments) == (call.name, call.arguments) for c in self.calls):
                 self.stopped = read.stop = True
                 self.buffer = ""
-                return read
+                return
+            read.deltas.append(Delta(len(self.calls), call.id, call.name, call.arguments))
             self.calls.append(call)
-            read.calls.append(call)
-        return read
 
     def flush(self) -> Read:
         """The end of the answer: a call cut short (max_tokens) goes out with what it has."""
-        rest, self.buffer = self.buffer.strip(), ""
         if self.stopped:
             return Read()
-        if not rest or self.text_mode:
-            return Read(text=rest if self.text_mode else "")
-        if not rest.startswith(OPEN):
+        read = Read()
+        if self.current is not None:
+            self._arguments(read, self.buffer)
+            self.calls.append(self.current)
+            self.current, self.buffer = None, ""
+            return read
+        rest, self.buffer = self.buffer.strip(), ""
+        if not rest or self.text_mode or not rest.startswith(OPEN):
             return Read(text=rest)
         body = rest[len(OPEN) :]
         name, quoted, _ = body.partition('"name": "')[2].partition('"')
@@ -176,8 +236,9 @@ class ToolCallReader:
         if not (quoted and started):
             return Read()  # cut before its arguments began: no call to speak of
         call = ToolCall(new_call_id(), name, arguments)
+        read.deltas.append(Delta(len(self.calls), call.id, call.name, call.arguments))
         self.calls.append(call)
-        return Read(calls=[call])
+        return read
 
     def _parse(self, block: str) -> ToolCall | None:
         """One `<tool_call>...` block (without its close); None if it is not a call."""

@@ -8,7 +8,7 @@
 
 Both have the same calls: `infer`, `chat`, `send` (streams of InferChunk; the options take
 tools, a JSON schema, logprobs, n, penalties and logit bias: see `InferOptions`), `embed`
-(vectors of texts), `list_models`,
+(vectors of texts; `tool_calls_of` puts a stream's tool-call deltas together), `list_models`,
 `lease` / `infer_direct` / `release_lease` (call a worker yourself), and under `.admin` every
 QueenAdmin call (hives, workers, drains, events, request history, and each hive's catalog,
 processes and backends through the queen).
@@ -40,6 +40,7 @@ from apiary.client.aio import AsyncClient
 from apiary.client.blocking import Admin, Client
 from apiary.client.queens import DEFAULT_QUEEN, DEFAULT_TIMEOUT, QUEEN_ENV, TOKEN_ENV, queens_from
 from apiary.client.requests import InferOptions, Message, ToolSpec, infer_request
+from apiary.protoutil import tool_calls_of
 
 __all__ = [
     "DEFAULT_QUEEN",
@@ -55,4 +56,5 @@ __all__ = [
     "ToolSpec",
     "infer_request",
     "queens_from",
+    "tool_calls_of",
 ]

@@ -30,6 +30,7 @@ import pytest
 import pytest_asyncio
 
 from apiary.client import AsyncClient
+from apiary.protoutil import tool_calls_of
 from harness import Cluster, Proc, wait_until
 from harness.ports import free_port
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
@@ -384,7 +385,7 @@ async def test_the_python_client_asks_for_tools_schemas_logprobs_and_embeddings(
             CHAT, ASK_WEATHER, tools=[WEATHER], tool_choice="get_weather", temperature=0.0,
             max_tokens=80,
         )]  # fmt: skip
-        (call,) = [d for c in chunks for d in c.tool_calls]
+        (call,) = tool_calls_of(d for c in chunks for d in c.tool_calls)
         assert call.name == "get_weather" and json.loads(call.arguments)["city"]
         assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
         schema = SCHEMAS[0]

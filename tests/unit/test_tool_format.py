@@ -9,7 +9,15 @@ import json
 import pytest
 
 from worker.backends.base import Message, Tool, ToolCall, Tools
-from worker.tool_format import CLOSE, OPEN, ToolCallReader, call_text, grammar, rendered_messages
+from worker.tool_format import (
+    CLOSE,
+    OPEN,
+    Delta,
+    ToolCallReader,
+    call_text,
+    grammar,
+    rendered_messages,
+)
 
 WEATHER = Tool(
     "get_weather",
@@ -22,13 +30,22 @@ TIME = Tool("get_time")
 
 
 def read_all(reader: ToolCallReader, text: str, size: int) -> tuple[str, list[ToolCall], bool]:
-    """Feed `text` in pieces of `size` characters, then flush."""
-    content, calls, stopped = "", list[ToolCall](), False
+    """Feed `text` in pieces of `size` characters, then flush; the calls their deltas make,
+    as a client that follows OpenAI's stream would put them together."""
+    content, deltas, stopped = "", list[Delta](), False
     for i in range(0, len(text), size):
         read = reader.feed(text[i : i + size])
-        content, calls, stopped = content + read.text, calls + read.calls, stopped or read.stop
+        content, deltas, stopped = content + read.text, deltas + read.deltas, stopped or read.stop
     tail = reader.flush()
-    return content + tail.text, calls + tail.calls, stopped
+    calls: dict[int, ToolCall] = {}
+    for d in deltas + tail.deltas:
+        if d.id:
+            assert d.index not in calls and d.name  # a call's first delta names it, once
+            calls[d.index] = ToolCall(d.id, d.name, d.arguments)
+        else:
+            call = calls[d.index]
+            calls[d.index] = ToolCall(call.id, call.name, call.arguments + d.arguments)
+    return content + tail.text, [calls[i] for i in sorted(calls)], stopped
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
@@ -37,13 +54,29 @@ def test_calls_are_read_whole_however_the_text_is_cut(size: int) -> None:
         f'{OPEN}{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}{CLOSE}'
         f'{OPEN}{{"name": "get_time", "arguments": {{}}}}{CLOSE}'
     )
-    content, calls, stopped = read_all(ToolCallReader(forced=True), text, size)
+    content, calls, stopped = read_all(ToolCallReader(forced=True, parallel=True), text, size)
     assert content == "" and not stopped
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}),
         ("get_time", {}),
     ]
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_one_call_streams_its_name_then_its_arguments_piece_by_piece(size: int) -> None:
+    text = f'{OPEN}{{"name": "get_weather", "arguments": {{"city": "Pa}}ris"}}}}{CLOSE}'
+    reader = ToolCallReader(forced=True)
+    pieces = [reader.feed(text[i : i + size]) for i in range(0, len(text), size)]
+    deltas = [d for read in pieces for d in read.deltas]
+    assert deltas[0].name == "get_weather" and deltas[0].arguments == ""
+    if size < 5:
+        assert len(deltas) > 3  # the arguments came in pieces, as they were written
+    _, (call,), _ = read_all(ToolCallReader(forced=True), text, size)
+    assert json.loads(call.arguments) == {"city": "Pa}ris"}
+    # Cut by max_tokens mid-arguments: what was written is the call's arguments.
+    _, (cut,), _ = read_all(ToolCallReader(forced=True), text[:-20], size)
+    assert cut.arguments == '{"city": "Pa}ris'[: len(text) - 20 - len(OPEN) - 37]
 
 
 @pytest.mark.parametrize("size", [1, 4, 1000])
@@ -57,18 +90,19 @@ def test_in_auto_mode_text_is_content_and_a_leading_angle_bracket_waits(size: in
 
 def test_a_repeated_call_ends_the_answer_and_is_dropped() -> None:
     once = f'{OPEN}{{"name": "get_time", "arguments": {{}}}}{CLOSE}'
-    _, calls, stopped = read_all(ToolCallReader(forced=True), once * 3, 5)
+    _, calls, stopped = read_all(ToolCallReader(forced=True, parallel=True), once * 3, 5)
     assert len(calls) == 1 and stopped
 
 
 def test_a_call_cut_by_max_tokens_keeps_what_it_has_once_its_arguments_began() -> None:
-    reader = ToolCallReader(forced=True)
-    reader.feed(f'{OPEN}{{"name": "get_weather", "arguments": {{"city": "Pa')
-    (call,) = reader.flush().calls
-    assert (call.name, call.arguments) == ("get_weather", '{"city": "Pa')
-    reader = ToolCallReader(forced=True)
-    reader.feed(f'{OPEN}{{"name": "get_we')
-    assert reader.flush().calls == []  # no arguments yet: nothing to call
+    for parallel in (False, True):
+        cut = f'{OPEN}{{"name": "get_weather", "arguments": {{"city": "Pa'
+        _, (call,), _ = read_all(ToolCallReader(forced=True, parallel=parallel), cut, 4)
+        assert (call.name, call.arguments) == ("get_weather", '{"city": "Pa')
+        # No arguments yet: nothing to call.
+        reader = ToolCallReader(forced=True, parallel=parallel)
+        reader.feed(f'{OPEN}{{"name": "get_we')
+        assert reader.flush().deltas == []
 
 
 def test_the_history_renders_for_any_template() -> None:

@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from apiary.protoutil import tool_calls_of
 from protos.v1 import common_pb2
 from queen.http.errors import ApiError
 
@@ -30,7 +31,7 @@ class Choice:
     """What one choice said so far."""
 
     texts: list[str] = field(default_factory=list)
-    calls: list[dict[str, Any]] = field(default_factory=list)
+    deltas: list[common_pb2.ToolCallDelta] = field(default_factory=list)
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     finish: str | None = None
     started: bool = False
@@ -55,7 +56,7 @@ class Answer:
         choice = self.choices.setdefault(chunk.choice, Choice())
         if chunk.text:
             choice.texts.append(chunk.text)
-        choice.calls.extend(tool_call(delta) for delta in chunk.tool_calls)
+        choice.deltas.extend(chunk.tool_calls)
         if self.logprobs:
             choice.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason:
@@ -77,7 +78,7 @@ class Answer:
             if chunk.text or not (choice.started or chunk.tool_calls):
                 delta["content"] = chunk.text
             if chunk.tool_calls:
-                delta["tool_calls"] = [{"index": d.index, **tool_call(d)} for d in chunk.tool_calls]
+                delta["tool_calls"] = [tool_call_delta(d) for d in chunk.tool_calls]
             body: dict[str, Any] = {"index": chunk.choice, "delta": delta, "logprobs": probs,
                                     "finish_reason": choice.finish}  # fmt: skip
         else:
@@ -109,9 +110,9 @@ class Answer:
         if not self.chat:
             return {"index": index, "text": text, "logprobs": probs, "finish_reason": choice.finish}
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        if choice.calls:
+        if choice.deltas:
             message["content"] = text or None
-            message["tool_calls"] = choice.calls
+            message["tool_calls"] = [tool_call(c) for c in tool_calls_of(choice.deltas)]
         return {"index": index, "message": message, "logprobs": probs,
                 "finish_reason": choice.finish}  # fmt: skip
 
@@ -130,10 +131,19 @@ class Answer:
         return body
 
 
-def tool_call(delta: common_pb2.ToolCallDelta) -> dict[str, Any]:
+def tool_call(call: common_pb2.ToolCall) -> dict[str, Any]:
     """A call as OpenAI's message.tool_calls has it."""
-    return {"id": delta.id, "type": "function",
-            "function": {"name": delta.name, "arguments": delta.arguments}}  # fmt: skip
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+
+
+def tool_call_delta(delta: common_pb2.ToolCallDelta) -> dict[str, Any]:
+    """A piece of a call as OpenAI streams it: id, type and name on its first piece only."""
+    out: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+    if delta.id:
+        out.update(id=delta.id, type="function")
+        out["function"]["name"] = delta.name
+    return out
 
 
 def chat_logprobs(entries: list[common_pb2.TokenLogprob]) -> dict[str, Any]:
