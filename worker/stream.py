@@ -14,7 +14,7 @@ from protos.v1 import common_pb2
 from worker.backends import Backend, GenerationRequest, Message, Piece
 from worker.backends.base import Tool, ToolCall, Tools
 from worker.completion import Completion, Release
-from worker.tool_format import ToolCallReader
+from worker.tool_format import GENERIC, LAYOUTS, ToolCallReader
 
 MODES = {
     common_pb2.ToolChoice.MODE_UNSPECIFIED: "auto",
@@ -92,6 +92,7 @@ class Prepared:
     generation: GenerationRequest
     stops: tuple[str, ...]
     tool_calls: str = ""
+    tool_layout: str = "generic"
 
 
 async def render(backend: Backend, request: common_pb2.InferRequest) -> Prepared:
@@ -109,7 +110,9 @@ async def render(backend: Backend, request: common_pb2.InferRequest) -> Prepared
         generation, prompt=rendered.text, special=rendered.special, blocks=blocks,
         grammar=rendered.grammar,
     )  # fmt: skip
-    return Prepared(generation, (*request.stop, *rendered.stops), rendered.tool_calls)
+    return Prepared(
+        generation, (*request.stop, *rendered.stops), rendered.tool_calls, rendered.tool_layout
+    )
 
 
 @dataclasses.dataclass
@@ -136,9 +139,11 @@ class _Stream:
         forced = prepared.tool_calls == "forced"
         tools = prepared.generation.tools
         parallel = tools is not None and tools.parallel
+        layout = LAYOUTS.get(prepared.tool_layout, GENERIC)
         self.choices = [
             _Choice(i, Completion(list(prepared.stops)),
-                    ToolCallReader(forced, parallel) if prepared.tool_calls else None, continued)
+                    ToolCallReader(forced, parallel, layout) if prepared.tool_calls else None,
+                    continued)
             for i in range(prepared.generation.n)
         ]  # fmt: skip
         self.index = 0

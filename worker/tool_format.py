@@ -25,12 +25,29 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.backends.base import Message, ToolCall, Tools
 from worker.schemas import closed
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a call is written around its JSON: the generic format's, or a model's own where
+    its template has tool support in that family (Hermes, Qwen: one call per block, newlines
+    inside it and between blocks)."""
+
+    open: str = OPEN
+    close: str = CLOSE
+    between: str = ""
+
+
+GENERIC = Layout()
+HERMES = Layout(OPEN + "\n", "\n" + CLOSE, "\n")
+LAYOUTS = {"generic": GENERIC, "hermes": HERMES}
 # Compact JSON inside calls: the reader's header is then a fixed string.
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -68,6 +85,28 @@ def system_text(tools: Tools) -> str:
     return "\n".join(lines)
 
 
+def openai_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """The chat as OpenAI has it, for a template with tool support to render itself."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+                for c in m.tool_calls
+            ]  # fmt: skip
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
+
+
+def openai_tools(tools: Tools) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": t.name, "description": t.description,
+             "parameters": t.schema()}} for t in tools.tools]  # fmt: skip
+
+
 def rendered_messages(messages: tuple[Message, ...], tools: Tools | None) -> list[dict[str, str]]:
     """The chat as a template without tool support can render it: the tools in the system
     message, calls as text, tool results as user turns."""
@@ -93,7 +132,7 @@ def rendered_messages(messages: tuple[Message, ...], tools: Tools | None) -> lis
     return out
 
 
-def grammar(tools: Tools) -> str:
+def grammar(tools: Tools, layout: Layout = GENERIC) -> str:
     """The llguidance grammar that holds the answer to the format ('' for mode none)."""
     if tools.mode == "none":
         return ""
@@ -104,10 +143,12 @@ def grammar(tools: Tools) -> str:
         rules.append(f'call_{i}: {json.dumps(header(tool.name))} args_{i} "}}"')
         rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
     alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))
-    calls = "call+" if tools.parallel else "call"
+    calls = "call"
+    if tools.parallel:
+        calls = f"call ({json.dumps(layout.between)} call)*" if layout.between else "call+"
     start = f"start: {calls} | TEXT" if tools.mode == "auto" else f"start: {calls}"
-    lines = ["%llguidance {}", start, f"call: {json.dumps(OPEN)} ({alternatives}) "
-             f"{json.dumps(CLOSE)}", *rules]  # fmt: skip
+    lines = ["%llguidance {}", start, f"call: {json.dumps(layout.open)} ({alternatives}) "
+             f"{json.dumps(layout.close)}", *rules]  # fmt: skip
     if tools.mode == "auto":
         lines.append(r"TEXT: /[^<][\s\S]*/")
     return "\n".join(lines) + "\n"
@@ -135,8 +176,6 @@ class Read:
 
 
 _HEADER = re.compile(r'\{"name": "([A-Za-z0-9_-]{1,64})", "arguments": ')
-# What follows a call's arguments, exactly as the grammar writes it.
-_TRAILER = "}" + CLOSE
 
 
 class ToolCallReader:
@@ -144,9 +183,12 @@ class ToolCallReader:
     streamed as it is written: its name once known, then its arguments piece by piece. With
     parallel calls each goes out once complete, so a repeated one can be dropped."""
 
-    def __init__(self, forced: bool, parallel: bool = False) -> None:
+    def __init__(self, forced: bool, parallel: bool = False, layout: Layout = GENERIC) -> None:
         # forced: the grammar allows only calls (required, a named function).
         self.forced, self.parallel = forced, parallel
+        self.open, self.close = layout.open, layout.close
+        # What follows a call's arguments, exactly as the grammar writes it.
+        self.trailer = "}" + layout.close
         self.buffer = ""
         self.text_mode = False
         self.calls: list[ToolCall] = []
@@ -174,19 +216,20 @@ class ToolCallReader:
 
     def _could_be_a_call(self) -> bool:
         stripped = self.buffer.lstrip()
-        return OPEN.startswith(stripped[: len(OPEN)])
+        return self.open.startswith(stripped[: len(self.open)])
 
     def _streamed_call(self, read: Read) -> None:
         if self.current is None:
             stripped = self.buffer.lstrip()
-            header = _HEADER.match(stripped, len(OPEN)) if stripped.startswith(OPEN) else None
+            opened = stripped.startswith(self.open)
+            header = _HEADER.match(stripped, len(self.open)) if opened else None
             if header is None:
                 return  # not yet known
             self.current = ToolCall(new_call_id(), header.group(1), "")
             read.deltas.append(Delta(len(self.calls), self.current.id, self.current.name))
             self.buffer = stripped[header.end() :]
-        end = self.buffer.find(_TRAILER)
-        cut = end if end >= 0 else max(len(self.buffer) - len(_TRAILER) + 1, 0)
+        end = self.buffer.find(self.trailer)
+        cut = end if end >= 0 else max(len(self.buffer) - len(self.trailer) + 1, 0)
         self._arguments(read, self.buffer[:cut])
         self.buffer = self.buffer[cut:]
         if end >= 0:
@@ -203,11 +246,11 @@ class ToolCallReader:
     def _whole_calls(self, read: Read) -> None:
         while self.buffer:
             stripped = self.buffer.lstrip()
-            end = stripped.find(CLOSE)
+            end = stripped.find(self.close)
             if end < 0:
                 return  # a call still being written
             call = self._parse(stripped[:end])
-            self.buffer = stripped[end + len(CLOSE) :]
+            self.buffer = stripped[end + len(self.close) :]
             if call is None:
                 continue
             if any((c.name, c.arguments) == (call.name, call.arguments) for c in self.calls):
@@ -228,9 +271,9 @@ class ToolCallReader:
             self.current, self.buffer = None, ""
             return read
         rest, self.buffer = self.buffer.strip(), ""
-        if not rest or self.text_mode or not rest.startswith(OPEN):
+        if not rest or self.text_mode or not rest.startswith(self.open.strip()):
             return Read(text=rest)
-        body = rest[len(OPEN) :]
+        body = rest[len(self.open.strip()) :]
         name, quoted, _ = body.partition('"name": "')[2].partition('"')
         _, started, arguments = body.partition('"arguments": ')
         if not (quoted and started):
@@ -242,10 +285,10 @@ class ToolCallReader:
 
     def _parse(self, block: str) -> ToolCall | None:
         """One `<tool_call>...` block (without its close); None if it is not a call."""
-        if not block.startswith(OPEN):
+        if not block.startswith(self.open):
             return None
         try:
-            value = json.loads(block[len(OPEN) :])
+            value = json.loads(block[len(self.open) :])
         except ValueError:
             return None
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):

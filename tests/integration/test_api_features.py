@@ -38,7 +38,10 @@ from protos.v1 import common_pb2, hive_pb2, queen_pb2
 pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHAT, EMBED = "smollm2", "smollm2-embed"
+CHAT, EMBED, NATIVE = "smollm2", "smollm2-embed", "smollm2-hermes"
+# A template with tool support (the Hermes / Qwen family) for the same model: calls go through
+# the model's own format instead of the generic one.
+HERMES_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "hermes_tools.jinja"
 WEATHER: Any = {
     "type": "function",
     "function": {
@@ -65,10 +68,12 @@ class Api:
     sdk: openai.AsyncOpenAI
 
 
-async def _spawn(cluster: Cluster, queen: Proc, model: str, **options: str) -> None:
+async def _spawn(
+    cluster: Cluster, queen: Proc, model: str, hive: str = "h1", **options: str
+) -> None:
     reply = await cluster.admin_stub(queen).SpawnWorker(
         queen_pb2.QueenSpawnWorkerRequest(
-            model=model, backend="llamacpp", slots=4, wait_ready=True,
+            hive_id=hive, model=model, backend="llamacpp", slots=4, wait_ready=True,
             backend_options={"context_size": "1024", "cache_ram_mb": "64", "threads": "1",
                              **options},
         ),
@@ -85,16 +90,21 @@ async def api(real_model: Path) -> AsyncIterator[Api]:
         port = free_port()
         queen = cluster.start_queen(0, "--http-listen", f"127.0.0.1:{port}")
         hive = cluster.start_hive(queen, "h1")
+        # A second hive for the third engine: each hive shares its machine's cores among its
+        # own engines, and this one has two (the tests ask one engine at a time).
+        cluster.start_hive(queen, "h2")
         admin = cluster.admin_stub(queen)
 
         async def known() -> bool:
-            return bool((await admin.ListHives(queen_pb2.ListHivesRequest())).hives)
+            return len((await admin.ListHives(queen_pb2.ListHivesRequest())).hives) == 2
 
         await wait_until(known, timeout=15)
         pull = hive_pb2.PullModelRequest(source=str(real_model), name=CHAT)
         assert [p async for p in cluster.hive_stub(hive).PullModel(pull)][-1].stage == "done"
         await _spawn(cluster, queen, CHAT)
         await _spawn(cluster, queen, EMBED, model_path=str(real_model), embeddings="mean")
+        await _spawn(cluster, queen, NATIVE, "h2", model_path=str(real_model),
+                     chat_template_file=str(HERMES_TEMPLATE))  # fmt: skip
         url = f"http://127.0.0.1:{port}/v1"
         sdk = openai.AsyncOpenAI(base_url=url, api_key="-", max_retries=0, timeout=60)
         yield Api(cluster, queen, url, sdk)
@@ -150,6 +160,35 @@ async def test_a_named_function_streams_openai_shaped_tool_call_deltas(api: Api)
     assert first.function is not None and first.function.name == "get_weather"
     arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
     jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+
+
+async def test_a_template_with_tool_support_is_called_through_its_own_format(api: Api) -> None:
+    """The template renders the tools and the chat's calls; the answer is held to its layout
+    (<tool_call>\n{...}\n</tool_call>) and read back as OpenAI's tool_calls."""
+    stream = await api.sdk.chat.completions.create(
+        model=NATIVE, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
+        temperature=0, max_tokens=80, stream=True,
+    )  # fmt: skip
+    deltas: list[Any] = []
+    finish = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            deltas.extend(choice.delta.tool_calls or [])
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and deltas[0].function.name == "get_weather"
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    history: list[Any] = [
+        *ASK_WEATHER,
+        {"role": "assistant", "tool_calls": [{"id": deltas[0].id, "type": "function",
+         "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": deltas[0].id, "content": '{"temperature": 21}'},
+    ]  # fmt: skip
+    final = await api.sdk.chat.completions.create(
+        model=NATIVE, messages=history, tools=[WEATHER], tool_choice="none", temperature=0,
+        max_tokens=30,
+    )  # fmt: skip
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
 
 
 async def test_tool_requests_that_cannot_be_carried_out_are_precise_400s(api: Api) -> None:
@@ -372,7 +411,8 @@ async def test_embeddings_of_texts_in_floats_and_base64(api: Api) -> None:
 
 async def test_models_say_which_embed_and_which_chat_with_their_context(api: Api) -> None:
     listed = {m.id: m.model_dump() for m in (await api.sdk.models.list()).data}
-    assert listed[CHAT]["task"] == "chat" and listed[EMBED]["task"] == "embedding"
+    assert listed[CHAT]["task"] == listed[NATIVE]["task"] == "chat"
+    assert listed[EMBED]["task"] == "embedding"
     assert listed[CHAT]["context_length"] == listed[EMBED]["context_length"] == 1024
 
 

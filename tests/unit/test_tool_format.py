@@ -9,8 +9,10 @@ import json
 import pytest
 
 from worker.backends.base import Message, Tool, ToolCall, Tools
+from worker.backends.llama_engine import tool_family
 from worker.tool_format import (
     CLOSE,
+    HERMES,
     OPEN,
     Delta,
     ToolCallReader,
@@ -138,3 +140,22 @@ def test_the_grammar_follows_the_choice() -> None:
     schema = json.loads(args.split("%json ", 1)[1])
     assert schema["properties"] == {"city": {"type": "string"}}
     assert schema["additionalProperties"] is False
+
+
+def test_the_hermes_layout_is_read_and_written_with_its_newlines() -> None:
+    text = f'{OPEN}\n{{"name": "get_time", "arguments": {{}}}}\n{CLOSE}'
+    for parallel in (False, True):
+        reader = ToolCallReader(forced=True, parallel=parallel, layout=HERMES)
+        _, (call,), _ = read_all(reader, text, 3)
+        assert (call.name, json.loads(call.arguments)) == ("get_time", {})
+    written = grammar(Tools((WEATHER,), "required", parallel=True), HERMES)
+    assert 'call: "<tool_call>\\n" (call_0) "\\n</tool_call>"' in written
+    assert 'start: call ("\\n" call)*' in written
+
+
+def test_a_template_family_is_only_used_when_it_renders_tools() -> None:
+    hermes = {"chat_template_caps": {"supports_tools": True}, "chat_template": "<tool_call>"}
+    assert tool_family(hermes) == "hermes"
+    assert tool_family({**hermes, "chat_template_caps": {"supports_tools": False}}) == ""
+    assert tool_family({**hermes, "chat_template": "[TOOL_CALLS]"}) == ""  # not read: generic
+    assert tool_family({}) == ""

@@ -118,9 +118,11 @@ class Rendered:
     stops: tuple[str, ...] = ()
     special: bool = False
     # The grammar the answer must follow ('' none), and how to read tool calls from it:
-    # 'auto' (text or calls), 'forced' (calls only), '' (no tools).
+    # 'auto' (text or calls), 'forced' (calls only), '' (no tools); in which layout
+    # (worker/tool_format.py LAYOUTS: 'generic', or the model's own family).
     grammar: str = ""
     tool_calls: str = ""
+    tool_layout: str = "generic"
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,9 @@ class LlamaEngine:
         self._private = ""
         self._key = secrets.token_urlsafe(32)
         self.n_vocab = 0
+        # The family of tool-call format the model's own template writes, where it has tool
+        # support and the family is one the worker reads ('hermes'); '' otherwise.
+        self.tool_family = ""
 
     @property
     def socket_path(self) -> str:
@@ -104,6 +107,7 @@ class LlamaEngine:
                 raise EngineStartError(_cause(lines, exc)) from None
         meta = self._call("GET", "/v1/models").get("data", [{}])[0].get("meta", {})
         self.n_vocab = int(meta.get("n_vocab", 0))
+        self.tool_family = tool_family(self._call("GET", "/props"))
 
     def _params(self, params: Any) -> Any:
         config = self.config
@@ -146,9 +150,15 @@ class LlamaEngine:
         """The engine's embeddings answer for `texts` (blocks until computed)."""
         return self._server.handle_embeddings({"input": texts, "encoding_format": "float"})
 
-    def apply_template(self, messages: list[dict[str, str]]) -> str:
-        """A chat rendered by the model's own template, with the assistant's turn opened."""
-        answer = self._call("POST", "/apply-template", {"messages": messages})
+    def apply_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """A chat rendered by the model's own template, with the assistant's turn opened (and
+        the tools, for a template with tool support)."""
+        body: dict[str, Any] = {"messages": messages}
+        if tools:
+            body["tools"] = tools
+        answer = self._call("POST", "/apply-template", body)
         prompt = answer.get("prompt")
         if not isinstance(prompt, str):
             raise ValueError(_message_of(answer) or "the chat template gave no prompt")
@@ -183,6 +193,17 @@ class LlamaEngine:
         del server  # the engine's destructor terminates its loop and joins it
         if self._private:
             shutil.rmtree(self._private, ignore_errors=True)
+
+
+def tool_family(props: dict[str, Any]) -> str:
+    """'hermes' when the engine's template renders tools and writes calls as Hermes and Qwen
+    do (<tool_call> JSON </tool_call>); '' for no tool support or another family (those go
+    through the generic format)."""
+    caps = props.get("chat_template_caps")
+    template = props.get("chat_template")
+    if not isinstance(caps, dict) or not caps.get("supports_tools"):
+        return ""
+    return "hermes" if isinstance(template, str) and "<tool_call>" in template else ""
 
 
 def _sweep_stale_dirs() -> None:

@@ -46,7 +46,13 @@ from worker.backends.gguf_meta import kv_bytes_per_token
 from worker.backends.llama_engine import EngineConfig, LlamaEngine
 from worker.held_prefixes import HeldPrefixes
 from worker.schemas import schema_problem
-from worker.tool_format import grammar, rendered_messages
+from worker.tool_format import (
+    LAYOUTS,
+    grammar,
+    openai_messages,
+    openai_tools,
+    rendered_messages,
+)
 
 log = structlog.get_logger("worker.llamacpp")
 
@@ -60,6 +66,7 @@ CACHE_TOKENS_PER_MB = 20
 # llama.cpp's built-in chat templates a `chat_format` may name (for a model without its own).
 NAMED_FORMATS = ("chatml", "llama2", "llama3", "mistral-v7", "gemma", "zephyr", "phi3",
                  "deepseek3", "command-r", "vicuna", "openchat", "granite")  # fmt: skip
+MAX_TEMPLATE_BYTES = 1 << 20
 # How an embedding worker pools a text's token vectors into one.
 POOLINGS = ("mean", "cls", "last")
 _DONE = object()
@@ -88,6 +95,8 @@ class LlamaCppBackend(Backend):
         "context_size": f"context window of each slot in tokens, prompt and completion "
         f"(default {DEFAULT_CONTEXT})",
         "gpu_layers": "layers offloaded to a GPU (default 0; -1 = all)",
+        "chat_template_file": "a Jinja chat template file (on the hive's machine) to use instead "
+        "of the model's own, e.g. one with tool support",
         "chat_format": "a llama.cpp built-in chat template for a model whose file has none (or "
         "to override it): " + ", ".join(NAMED_FORMATS),
         "cache_ram_mb": "host memory for the engine's prompt cache beyond its slots (default: "
@@ -129,6 +138,11 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' option chat_format={chat_format!r} is not one of "
                 f"{', '.join(NAMED_FORMATS)}"
             )
+        template = chat_template_text(options.get("chat_template_file", "")) or chat_format
+        if chat_format and options.get("chat_template_file"):
+            raise BackendOptionError(
+                "backend 'llamacpp' takes chat_format or chat_template_file, not both"
+            )
         pooling = options.get("embeddings", "")
         if pooling and pooling not in POOLINGS:
             raise BackendOptionError(
@@ -146,7 +160,7 @@ class LlamaCppBackend(Backend):
             cache_ram_mb=parse_int_option(
                 cls.name, options, "cache_ram_mb", default_cache_ram_mb()
             ),
-            chat_template=chat_format,
+            chat_template=template,
             pooling=pooling,
         )
         return cls(model, config)
@@ -184,13 +198,19 @@ class LlamaCppBackend(Backend):
                 raise ValueError(problem)
         if not request.messages:
             return Rendered(request.prompt)
-        messages = rendered_messages(request.messages, tools)
+        family = self.engine.tool_family if tools is not None else ""
         loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(self._calls, self.engine.apply_template, messages)
+        if family and tools is not None:  # the model's own template renders tools and calls
+            args: tuple[Any, ...] = (openai_messages(request.messages), openai_tools(tools))
+        else:
+            args = (rendered_messages(request.messages, tools),)
+        prompt = await loop.run_in_executor(self._calls, self.engine.apply_template, *args)
         if tools is None or tools.mode == "none":
             return Rendered(prompt, special=True)
+        layout = family or "generic"
         reading = "auto" if tools.mode == "auto" else "forced"
-        return Rendered(prompt, special=True, grammar=grammar(tools), tool_calls=reading)
+        return Rendered(prompt, special=True, grammar=grammar(tools, LAYOUTS[layout]),
+                        tool_calls=reading, tool_layout=layout)  # fmt: skip
 
     def _check_vocabulary(self, token_ids: tuple[int, ...]) -> None:
         vocabulary = self.engine.n_vocab
@@ -293,6 +313,25 @@ class LlamaCppBackend(Backend):
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._calls.shutdown(wait=False)
         self._embedding.shutdown(wait=False, cancel_futures=True)
+
+
+def chat_template_text(path: str) -> str:
+    """The template in `path` ('' for none), or BackendOptionError saying why it cannot be."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEMPLATE_BYTES + 1)
+    except OSError as exc:
+        raise BackendOptionError(
+            f"backend 'llamacpp' option chat_template_file={path!r}: {exc.strerror or exc}"
+        ) from None
+    if len(raw) > MAX_TEMPLATE_BYTES:
+        raise BackendOptionError(f"chat_template_file {path!r} is over {MAX_TEMPLATE_BYTES} bytes")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise BackendOptionError(f"chat_template_file {path!r} is not UTF-8 text") from None
 
 
 def _whole(raw: str, key: str) -> int:
