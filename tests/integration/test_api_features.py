@@ -143,10 +143,12 @@ async def test_a_tool_call_round_trip_with_the_sdk(api: Api) -> None:
     assert "21" in answer.message.content  # it read the tool's result
 
 
-async def test_a_named_function_streams_openai_shaped_tool_call_deltas(api: Api) -> None:
+async def streamed_call(model: str, api: Api, tool_choice: Any) -> tuple[Any, str]:
+    """A streamed chat that must call get_weather: its first delta and the arguments all its
+    deltas make, once checked that it ended with tool_calls and the arguments validate."""
     stream = await api.sdk.chat.completions.create(
-        model=CHAT, messages=ASK_WEATHER, tools=[WEATHER], max_tokens=80, stream=True,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0,
+        model=model, messages=ASK_WEATHER, tools=[WEATHER], max_tokens=80, stream=True,
+        tool_choice=tool_choice, temperature=0,
     )  # fmt: skip
     deltas: list[Any] = []
     finish = None
@@ -155,34 +157,28 @@ async def test_a_named_function_streams_openai_shaped_tool_call_deltas(api: Api)
             deltas.extend(choice.delta.tool_calls or [])
             finish = choice.finish_reason or finish
     assert finish == "tool_calls" and deltas
-    first = deltas[0]
-    assert first.index == 0 and first.id and first.type == "function"
-    assert first.function is not None and first.function.name == "get_weather"
     arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
     jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    return deltas[0], arguments
+
+
+async def test_a_named_function_streams_openai_shaped_tool_call_deltas(api: Api) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first, _ = await streamed_call(CHAT, api, named)
+    assert first.index == 0 and first.id and first.type == "function"
+    assert first.function is not None and first.function.name == "get_weather"
 
 
 async def test_a_template_with_tool_support_is_called_through_its_own_format(api: Api) -> None:
     """The template renders the tools and the chat's calls; the answer is held to its layout
     (<tool_call>\n{...}\n</tool_call>) and read back as OpenAI's tool_calls."""
-    stream = await api.sdk.chat.completions.create(
-        model=NATIVE, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
-        temperature=0, max_tokens=80, stream=True,
-    )  # fmt: skip
-    deltas: list[Any] = []
-    finish = None
-    async for chunk in stream:
-        for choice in chunk.choices:
-            deltas.extend(choice.delta.tool_calls or [])
-            finish = choice.finish_reason or finish
-    assert finish == "tool_calls" and deltas[0].function.name == "get_weather"
-    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
-    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    first, arguments = await streamed_call(NATIVE, api, "required")
+    assert first.function.name == "get_weather"
     history: list[Any] = [
         *ASK_WEATHER,
-        {"role": "assistant", "tool_calls": [{"id": deltas[0].id, "type": "function",
+        {"role": "assistant", "tool_calls": [{"id": first.id, "type": "function",
          "function": {"name": "get_weather", "arguments": arguments}}]},
-        {"role": "tool", "tool_call_id": deltas[0].id, "content": '{"temperature": 21}'},
+        {"role": "tool", "tool_call_id": first.id, "content": '{"temperature": 21}'},
     ]  # fmt: skip
     final = await api.sdk.chat.completions.create(
         model=NATIVE, messages=history, tools=[WEATHER], tool_choice="none", temperature=0,

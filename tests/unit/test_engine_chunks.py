@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from worker.backends.base import GenerationRequest, RequestRefused
+from worker.backends.base import BackendOptionError, GenerationRequest, RequestRefused
 from worker.backends.cpu import cpu_flags, missing_features
 from worker.backends.engine_body import completion_body, embeddings_of
+from worker.backends.llamacpp import LlamaCppBackend
 from worker.backends.engine_chunks import (
     EngineFault,
     Failed,
@@ -148,3 +149,23 @@ def test_an_embeddings_answer_is_checked_before_it_is_believed() -> None:
             embeddings_of(answer, 1)
     with pytest.raises(RequestRefused, match="too long"):
         embeddings_of({"error": {"code": 400, "message": "input is too long"}}, 1)
+
+
+def test_template_and_embedding_options_are_checked(tmp_path: Any) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    base = {"model_path": "/m.gguf"}
+    backend = LlamaCppBackend.from_options("m", {**base, "chat_template_file": str(template)})
+    assert backend.config.chat_template == "{{ messages }}"
+    embedder = LlamaCppBackend.from_options("m", {**base, "embeddings": "mean"})
+    assert embedder.embeds and embedder.context_length == 2048
+    binary = tmp_path / "b.jinja"
+    binary.write_bytes(b"\xff\xfe")
+    for options, words in [
+        ({"chat_template_file": str(tmp_path / "none.jinja")}, "No such file"),
+        ({"chat_template_file": str(binary)}, "not UTF-8"),
+        ({"chat_template_file": str(template), "chat_format": "chatml"}, "not both"),
+        ({"embeddings": "median"}, "not one of mean, cls, last"),
+    ]:
+        with pytest.raises(BackendOptionError, match=words):
+            LlamaCppBackend.from_options("m", {**base, **options})

@@ -132,23 +132,13 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' needs a GGUF file: pull model {model!r} into the hive's "
                 "catalog (`apiary model pull`), or pass option model_path=FILE"
             )
-        chat_format = options.get("chat_format", "")
-        if chat_format and chat_format not in NAMED_FORMATS:
-            raise BackendOptionError(
-                f"backend 'llamacpp' option chat_format={chat_format!r} is not one of "
-                f"{', '.join(NAMED_FORMATS)}"
-            )
+        chat_format = _one_of(options, "chat_format", NAMED_FORMATS)
         template = chat_template_text(options.get("chat_template_file", "")) or chat_format
         if chat_format and options.get("chat_template_file"):
             raise BackendOptionError(
                 "backend 'llamacpp' takes chat_format or chat_template_file, not both"
             )
-        pooling = options.get("embeddings", "")
-        if pooling and pooling not in POOLINGS:
-            raise BackendOptionError(
-                f"backend 'llamacpp' option embeddings={pooling!r} is not one of "
-                f"{', '.join(POOLINGS)}"
-            )
+        pooling = _one_of(options, "embeddings", POOLINGS)
         config = EngineConfig(
             model_path=path,
             slots=max(slots, 1),
@@ -313,6 +303,16 @@ class LlamaCppBackend(Backend):
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._calls.shutdown(wait=False)
         self._embedding.shutdown(wait=False, cancel_futures=True)
+
+
+def _one_of(options: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
+    """An option that names one of `allowed` ('' when not given)."""
+    value = options.get(key, "")
+    if value and value not in allowed:
+        raise BackendOptionError(
+            f"backend 'llamacpp' option {key}={value!r} is not one of {', '.join(allowed)}"
+        )
+    return value
 
 
 def chat_template_text(path: str) -> str:
