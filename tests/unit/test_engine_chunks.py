@@ -10,7 +10,6 @@ import pytest
 from worker.backends.base import BackendOptionError, GenerationRequest, RequestRefused
 from worker.backends.cpu import cpu_flags, missing_features
 from worker.backends.engine_body import completion_body, embeddings_of
-from worker.backends.llamacpp import LlamaCppBackend
 from worker.backends.engine_chunks import (
     EngineFault,
     Failed,
@@ -19,6 +18,7 @@ from worker.backends.engine_chunks import (
     Tokens,
     read_chunk,
 )
+from worker.backends.llamacpp import LlamaCppBackend
 
 
 def choice(text: str = "", ids: tuple[int, ...] = (), reason: str | None = None) -> Any:
