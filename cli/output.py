@@ -148,13 +148,30 @@ def hive_rows(hives: Sequence[queen_pb2.HiveInfo], width: int | None = None) -> 
 
 def model_rows(models: Sequence[queen_pb2.ModelInfo], width: int | None = None) -> str:
     return table(
-        ("MODEL", "IDLE", "BUSY", "LOADING", "FAILED", "QUEUED", "HIVES"),
+        ("MODEL", "TASK", "CONTEXT", "IDLE", "BUSY", "LOADING", "FAILED", "QUEUED", "HIVES"),
         [
-            (m.name, m.idle, m.busy, m.loading, m.failed, m.queued, ",".join(m.hives) or "-")
+            (
+                m.name,
+                task_label(m.task),
+                m.context_length or "-",
+                m.idle,
+                m.busy,
+                m.loading,
+                m.failed,
+                m.queued,
+                ",".join(m.hives) or "-",
+            )
             for m in models
         ],
         ("HIVES",),
         width,
+    )
+
+
+def task_label(task: common_pb2.WorkerTask.ValueType) -> str:
+    """What a model's workers serve: 'chat', 'embed', or '-' before any says."""
+    return {common_pb2.WORKER_TASK_GENERATE: "chat", common_pb2.WORKER_TASK_EMBED: "embed"}.get(
+        task, "-"
     )
 
 

@@ -70,6 +70,13 @@ class QueenMetrics:
             "apiary_leases", "Lease calls by the gRPC status code the client got",
             ["model", "code"], registry=r,
         )  # fmt: skip
+        self.embeds = Counter(
+            "apiary_embed_requests", "Embed requests by the gRPC status code the client got "
+            "(refused ones included)", ["model", "code"], registry=r,
+        )  # fmt: skip
+        self.embedded_texts = Counter(
+            "apiary_embedded_texts", "Texts embedded", ["model"], registry=r
+        )
         self.ttft = Histogram(
             "apiary_time_to_first_token_seconds",
             "From accepting a request to sending its first chunk (queueing included)",
@@ -146,6 +153,13 @@ class QueenMetrics:
         for model, (prompt, cached) in sorted(self._prompt_totals.items()):
             ratio.add_metric([model], cached / prompt if prompt else 0.0)
         yield ratio
+
+    def embedded(self, model: str, code: str, texts: int = 0) -> None:
+        """An Embed request, at its end (or refused)."""
+        label = self.model_label(model)
+        self.embeds.labels(label, code).inc()
+        if texts:
+            self.embedded_texts.labels(label).inc(texts)
 
     def refused(self, model: str, code: str) -> None:
         """An Infer request the queen did not take (unknown model, bad field, full queue)."""

@@ -214,16 +214,24 @@ class QueenService(queen_pb2_grpc.QueenServicer):
             problem = admit(self.cluster, request)
         full = None if problem else self.quotas.streams.acquire(client)
         problem = problem or (refused(full) if full else None)
+        metrics = self.cluster.metrics
         if problem is not None:
-            self.cluster.metrics.refused(request.model, problem.code.name)
+            metrics.embedded(request.model, problem.code.name)
             raise problem
         forward = common_pb2.EmbedRequest()
         forward.CopyFrom(request)
         forward.request_id = uuid.uuid4().hex  # the queen's own id, as for Infer
         try:
             answer = await embed(self.cluster, forward, client, call.time_remaining())
+        except StatusError as failed:
+            metrics.embedded(request.model, failed.code.name)
+            raise
+        except asyncio.CancelledError:
+            metrics.embedded(request.model, "CANCELLED")
+            raise
         finally:
             self.quotas.streams.release(client)
+        metrics.embedded(request.model, "OK", len(request.input))
         # The client's reference when it sent one, else the queen's id.
         answer.request_id = request.request_id or forward.request_id
         return answer

@@ -144,7 +144,9 @@ class Front:
             body = await self.body(request)
             wanted = params.embed_request(body)
         except params.BadRequest as bad:
-            self.count_refused(body, "INVALID_ARGUMENT")
+            model = body.get("model") if isinstance(body, dict) else None
+            self.service.cluster.metrics.embedded(model if isinstance(model, str) else "",
+                                                  "INVALID_ARGUMENT")  # fmt: skip
             raise ApiError(400, bad.message, "invalid_request_error", bad.code, bad.param) from None
         wanted.request.request_id = request.headers.get(REQUEST_ID, "")[:MAX_NAME_LENGTH]
         try:
