@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -445,3 +446,36 @@ def test_every_async_call_has_its_blocking_twin() -> None:
             assert twins == public_methods(async_class) - {"close"}
             for name in twins:
                 assert getattr(face, name).__wrapped__ is vars(async_class)[name]
+
+
+@pytest.mark.parametrize(
+    ("options", "resumed"),
+    [({}, True), ({"logprobs": True, "presence_penalty": 1.0}, True),
+     ({"json_object": True}, False), ({"n": 2}, False)],
+)  # fmt: skip
+async def test_a_stream_that_cannot_continue_exactly_is_not_resumed(
+    options: dict[str, Any], resumed: bool
+) -> None:
+    client = AsyncClient("a:1")
+    asked: list[common_pb2.InferRequest] = []
+
+    async def stream(request: common_pb2.InferRequest, _: float) -> AsyncIterator[Any]:
+        asked.append(request)
+        if not request.continuation.token_ids:  # a resumed stream goes on after it
+            yield common_pb2.InferChunk(text="{", token_ids=[90])
+        if len(asked) == 1:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+        yield common_pb2.InferChunk(
+            text="}", token_ids=[92], finish_reason=common_pb2.FINISH_REASON_STOP
+        )
+
+    client._infer_stream = stream  # type: ignore[method-assign, assignment]
+    request = infer_request("m", "p", max_tokens=8, **options)
+    if resumed:
+        texts = [c.text async for c in client.send(request)]
+        assert texts == ["{", "}"] and list(asked[1].continuation.token_ids) == [90]
+    else:
+        with pytest.raises(grpc.aio.AioRpcError):
+            _ = [c async for c in client.send(request)]
+        assert len(asked) == 1
+    await client.close()
