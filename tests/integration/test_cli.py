@@ -124,8 +124,9 @@ async def test_status_and_lists(live: Proc, hive: str) -> None:
 
     models = json.loads(apiary("model", "list", "--json", queen=live).stdout)
     assert models == [
-        {"name": "demo", "idle": 2, "busy": 0, "loading": 0, "failed": 0, "queued": 0, "hives": []}
-    ]
+        {"name": "demo", "idle": 2, "busy": 0, "loading": 0, "failed": 0, "queued": 0, "hives": [],
+         "task": "GENERATE", "context_length": 0}
+    ]  # fmt: skip
     assert "demo" in apiary("model", "list", queen=live).stdout
 
     workers = json.loads(apiary("worker", "list", "--json", "--hive", hive, queen=live).stdout)
