@@ -148,7 +148,7 @@ class Front:
             self.service.cluster.metrics.embedded(model if isinstance(model, str) else "",
                                                   "INVALID_ARGUMENT")  # fmt: skip
             raise ApiError(400, bad.message, "invalid_request_error", bad.code, bad.param) from None
-        wanted.request.request_id = request.headers.get(REQUEST_ID, "")[:MAX_NAME_LENGTH]
+        wanted.request.request_id = self.reference(request)
         try:
             answer = await self.service.embed(wanted.request, client, NoDeadline())
         except StatusError as refused:
@@ -161,10 +161,7 @@ class Front:
     async def infer(self, request: Request, read: Callable[[object], params.Wanted]) -> Response:
         client = self.client(request)
         wanted = await self.wanted(request, read)
-        reference = request.headers.get(REQUEST_ID, "")
-        if len(reference) > MAX_NAME_LENGTH:
-            raise ApiError(400, f"{REQUEST_ID} is longer than {MAX_NAME_LENGTH} characters")
-        wanted.request.request_id = reference
+        reference = wanted.request.request_id = self.reference(request)
         if affinity := request.headers.get(SESSION_AFFINITY, ""):
             wanted.request.session_id = params.session_key(affinity)
         try:
@@ -180,6 +177,13 @@ class Front:
         if wanted.user:
             log.info("request from end user", request_id=queen_id, user=wanted.user[:128])
         return InferResponse(accepted, answer, wanted.stream, {REQUEST_ID: reference or queen_id})
+
+    def reference(self, request: Request) -> str:
+        """The client's X-Request-Id ('' for none); one too long is a 400."""
+        reference = request.headers.get(REQUEST_ID, "")
+        if len(reference) > MAX_NAME_LENGTH:
+            raise ApiError(400, f"{REQUEST_ID} is longer than {MAX_NAME_LENGTH} characters")
+        return reference
 
     async def wanted(
         self, request: Request, read: Callable[[object], params.Wanted]
