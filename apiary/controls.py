@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 
@@ -128,7 +128,7 @@ def sampling_controls_problem(request: common_pb2.InferRequest) -> str | None:
         return "top_logprobs needs logprobs: true"
     if request.n > MAX_CHOICES:
         return f"n must be within 1..{MAX_CHOICES} (got {request.n})"
-    for name in ("presence_penalty", "frequency_penalty"):
+    for name in PENALTIES[:2]:
         if request.HasField(name) and not -2.0 <= getattr(request, name) <= 2.0:
             return f"{name} must be within -2..2 (got {getattr(request, name):g})"
     if request.HasField("repetition_penalty") and not 0 < request.repetition_penalty <= 10:
@@ -140,6 +140,36 @@ def sampling_controls_problem(request: common_pb2.InferRequest) -> str | None:
         if token < 0 or not -100.0 <= bias <= 100.0:
             return f"logit_bias {{{token}: {bias:g}}}: token ids are >= 0, biases within -100..100"
     return None
+
+
+# What a request may ask beyond a plain completion, as workers list what their backend does
+# (WorkerRecord.features); the parameter each is said by.
+FEATURES = {"tools": "tools", "response_format": "response_format", "logprobs": "logprobs",
+            "n": "n", "penalties": "presence_penalty", "logit_bias": "logit_bias"}  # fmt: skip
+PENALTIES: tuple[Literal["presence_penalty", "frequency_penalty", "repetition_penalty"], ...] = (
+    "presence_penalty", "frequency_penalty", "repetition_penalty",
+)  # fmt: skip
+
+
+def asked_features(request: common_pb2.InferRequest) -> list[str]:
+    """The FEATURES this request asks for."""
+    asked = {
+        "tools": bool(request.tools) and request.tool_choice.mode != Mode.MODE_NONE,
+        "response_format": request.response_format.type
+        in (Format.TYPE_JSON_OBJECT, Format.TYPE_JSON_SCHEMA),
+        "logprobs": request.logprobs,
+        "n": request.n > 1,
+        "penalties": any(request.HasField(name) for name in PENALTIES),
+        "logit_bias": bool(request.logit_bias),
+    }
+    return [name for name in FEATURES if asked[name]]
+
+
+def feature_param(request: common_pb2.InferRequest, feature: str) -> str:
+    """The parameter that asked for `feature` (the first penalty given, for penalties)."""
+    if feature == "penalties":
+        return next(name for name in PENALTIES if request.HasField(name))
+    return FEATURES[feature]
 
 
 def held_to_grammar(request: common_pb2.InferRequest) -> str:

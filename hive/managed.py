@@ -42,6 +42,7 @@ class ManagedWorker:
     # What its backend serves, and one request's context length (said when ready).
     task: common_pb2.WorkerTask.ValueType = common_pb2.WORKER_TASK_UNSPECIFIED
     context_length: int = 0
+    features: tuple[str, ...] = ()
     # Set once the current process is ready or has failed: what SpawnWorker(wait_ready) waits on.
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when the row is gone (stop() waits on it).

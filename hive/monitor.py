@@ -50,6 +50,7 @@ async def report_ready(
         worker.last_activity = supervisor.clock.time()
         if said is not None:
             worker.task, worker.context_length = said.task, said.context_length
+            worker.features = tuple(said.features)
     await supervisor.carry_out(worker, actions)
     return worker
 
@@ -109,6 +110,7 @@ async def _check(supervisor: Supervisor, worker: ManagedWorker) -> None:
             worker.prefix_cache = status.prefix_cache
         # Also here, not only when ready: a worker adopted by a restarted hive says it too.
         worker.task, worker.context_length = status.task, status.context_length
+        worker.features = tuple(status.features)
         # Only requests count as activity: health checks and GetStatus never move it.
         worker.last_activity = max(worker.last_activity, float(status.last_activity.seconds))
         busy = status.state == common_pb2.WORKER_STATE_BUSY

@@ -45,6 +45,7 @@ def worker_record(supervisor: Supervisor, worker: ManagedWorker) -> common_pb2.W
         prefix_cache=worker.prefix_cache if state in READY_STATES else None,
         task=worker.task,
         context_length=worker.context_length,
+        features=worker.features,
     )
 
 

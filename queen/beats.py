@@ -165,6 +165,10 @@ def record_problem(
 
 
 def _record_lists_problem(record: common_pb2.WorkerRecord, where: str) -> str | None:
+    if len(record.features) > MAX_TAGS or any(
+        tag_problem("", feature) for feature in record.features
+    ):
+        return f"{where}.features: at most {MAX_TAGS} names like tools or logprobs"
     if len(record.tags) > MAX_TAGS:
         return f"{where}.tags: at most {MAX_TAGS} are allowed"
     for tag in record.tags:

@@ -174,7 +174,7 @@ async def serve(
         task = common_pb2.WORKER_TASK_EMBED if backend.embeds else common_pb2.WORKER_TASK_GENERATE
         ready = hive_pb2.ReportReadyRequest(
             worker_id=args.worker_id, address=address, pid=os.getpid(), task=task,
-            context_length=backend.context_length,
+            context_length=backend.context_length, features=backend.features(),
         )  # fmt: skip
         ok = await report_ready(args.hive, ready, args.security)
         if not ok:

@@ -299,6 +299,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if self.backend.embeds
             else common_pb2.WORKER_TASK_GENERATE,
             context_length=self.backend.context_length,
+            features=self.backend.features(),
         )
         cache = self.backend.prefix_cache() if self.ready else None
         if cache is not None:

@@ -9,6 +9,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
+from apiary.controls import asked_features
 from apiary.prefix import request_chain
 from protos.v1 import common_pb2
 from worker.backends import Backend, GenerationRequest, Message, Piece
@@ -99,7 +100,7 @@ async def render(backend: Backend, request: common_pb2.InferRequest) -> Prepared
     """Raises ValueError if the backend cannot do what the request asks, or the model's chat
     template refuses the messages."""
     generation = generation_of(request)
-    missing = [name for name in generation.features() if name not in backend.SUPPORTS]
+    missing = [name for name in asked_features(request) if name not in backend.SUPPORTS]
     if missing:
         raise ValueError(
             f"backend {backend.name!r} does not do {', '.join(missing)} (the llamacpp backend does)"

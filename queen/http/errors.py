@@ -3,6 +3,7 @@ speaks too), and the queen's gRPC statuses as HTTP ones."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +26,13 @@ STATUS: dict[str, tuple[int, str, str | None]] = {
 SERVER_ERROR = (500, "server_error", None)
 # Seconds a client is told to wait (Retry-After) when the queen's queue or its quota is full.
 RETRY_AFTER_SECONDS = 1
-# Fields whose name opens the queen's own validation messages ("temperature must be ...").
-PARAMS = ("model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-          "seed", "request_id")  # fmt: skip
+# Fields whose name opens the queen's own validation messages ("temperature must be ...",
+# "tools[0].name ...").
+PARAMS = frozenset({
+    "model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
+    "seed", "request_id", "tools", "tool_choice", "response_format", "logprobs", "top_logprobs",
+    "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "input",
+})  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -52,7 +57,8 @@ def from_status(code_name: str, message: str) -> ApiError:
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else {}
     if code_name == "NOT_FOUND" and not message.startswith("unknown model"):
         code = "not_found"  # e.g. no worker carries the tags asked for
-    param = next((p for p in PARAMS if message.startswith(p + " ")), None)
+    first = message.split(" ", 1)[0]
+    param = first if re.split(r"[.\[]", first, maxsplit=1)[0] in PARAMS and " " in message else None
     if code_name == "NOT_FOUND" and code == "model_not_found":
         param = "model"
     return ApiError(status, message, kind, code, param, headers)

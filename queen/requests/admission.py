@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 
+from apiary.controls import asked_features, feature_param
 from apiary.errors import StatusError
 from apiary.protoutil import naming
 from apiary.validation import (
@@ -46,6 +47,24 @@ def wrong_task(cluster: Cluster, model: str, task: str) -> StatusError | None:
         grpc.StatusCode.INVALID_ARGUMENT,
         f"model {model!r} serves embeddings only (Embed, POST /v1/embeddings), not completions",
     )
+
+
+def unsupported(cluster: Cluster, request: common_pb2.InferRequest) -> StatusError | None:
+    """INVALID_ARGUMENT when the request asks what no worker of its model carries out (by
+    what the workers say; one that says nothing is not judged), naming the parameter."""
+    workers = [w.record for w in cluster.registry.workers_of_model(request.model)
+               if w.record.features and w.record.task != common_pb2.WORKER_TASK_EMBED]  # fmt: skip
+    if not workers:
+        return None
+    for feature in asked_features(request):
+        if not any(feature in w.features for w in workers):
+            backends = ", ".join(sorted({w.backend for w in workers}))
+            return StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{feature_param(request, feature)} is not supported by model "
+                f"{request.model!r}: its workers' backend ({backends}) does not do {feature}",
+            )
+    return None
 
 
 def unmatched_tags(
@@ -94,4 +113,5 @@ def admit(
         model_problem(registry, autospawn, model)
         or wrong_task(cluster, model, task)
         or unmatched_tags(cluster, model, tags, task)
+        or (unsupported(cluster, request) if isinstance(request, common_pb2.InferRequest) else None)
     )

@@ -56,11 +56,6 @@ class Tools:
     parallel: bool = False
 
 
-# What a request may ask beyond a plain completion; a backend lists those it can do
-# (Backend.SUPPORTS), and a worker refuses a request asking one its backend cannot.
-FEATURES = ("tools", "response_format", "logprobs", "n", "penalties", "logit_bias")
-
-
 @dataclass(frozen=True)
 class GenerationRequest:
     # Exactly one of prompt (raw text) and messages (a chat the backend renders).
@@ -94,19 +89,6 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
-
-    def features(self) -> list[str]:
-        """The FEATURES this request asks for."""
-        penalties = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty)
-        asked = {
-            "tools": self.tools is not None and self.tools.mode != "none",
-            "response_format": bool(self.json_schema),
-            "logprobs": self.logprobs,
-            "n": self.n > 1,
-            "penalties": any(v is not None for v in penalties),
-            "logit_bias": bool(self.logit_bias),
-        }
-        return [name for name in FEATURES if asked[name]]
 
 
 @dataclass(frozen=True)
@@ -173,12 +155,17 @@ class Backend(abc.ABC):
     # Computes on CPU threads (option `threads`) that its hive hands out, so that the engines
     # of one machine never ask for more threads than it has cores.
     USES_CPU_THREADS: ClassVar[bool] = False
-    # Of FEATURES, those this backend carries out.
+    # Of apiary.controls.FEATURES, those this backend carries out (its workers say them).
     SUPPORTS: ClassVar[frozenset[str]] = frozenset()
     # Serves embeddings instead of completions (set per instance, from its options).
     embeds: bool = False
     # Tokens of context one request may use (0: the backend does not say).
     context_length: int = 0
+
+    @classmethod
+    def features(cls) -> list[str]:
+        """What its workers say they carry out (WorkerRecord.features)."""
+        return ["text", *sorted(cls.SUPPORTS)]
 
     @classmethod
     def devices(cls) -> list[str]:
