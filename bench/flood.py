@@ -115,8 +115,8 @@ def start_senders(
                 str(ROOT / "bench" / "flood.py"),
                 "--send",
                 queen,
-                "--token",
-                tokens[hive_id],
+                # One argument: a token may begin with "-", which argparse would take for a flag.
+                f"--token={tokens[hive_id]}",
                 "--hive-id",
                 hive_id,
                 "--rate",

@@ -21,6 +21,8 @@ from protos.v1 import common_pb2, queen_pb2
 QUEEN_FAMILIES = {
     "apiary_requests": "counter",
     "apiary_leases": "counter",
+    "apiary_embed_requests": "counter",
+    "apiary_embedded_texts": "counter",
     "apiary_time_to_first_token_seconds": "histogram",
     "apiary_request_duration_seconds": "histogram",
     "apiary_queue_wait_seconds": "histogram",
