@@ -52,6 +52,7 @@ def test_each_request_goes_to_its_kind_of_worker(tmp_path: Path) -> None:
 def test_what_no_worker_does_is_refused_naming_its_parameter(tmp_path: Path) -> None:
     cluster = cluster_of(tmp_path, worker("a", "m", GENERATE, "text"),
                          worker("b", "m", GENERATE, "text", "logprobs"))  # fmt: skip
+
     def ask(**fields: Any) -> common_pb2.InferRequest:
         return common_pb2.InferRequest(model="m", prompt="p", max_tokens=4, **fields)
 
