@@ -92,9 +92,9 @@ class HttpStream:
             raise RuntimeError("the stream ended without [DONE]")
         return first
 
-    async def post(self, body: dict[str, Any]) -> tuple[float, float, int]:
-        """One streamed chat of `body`: (seconds to the first event, seconds in all, completion
-        tokens from the usage)."""
+    async def post(self, body: dict[str, Any]) -> tuple[float, float, int, int]:
+        """One streamed chat of `body`: (seconds to the first event, seconds in all, prompt and
+        completion tokens from the usage)."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -108,15 +108,16 @@ class HttpStream:
         head = await self.reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(head.decode(errors="replace"))
-        first, tokens = 0.0, 0
+        first, usage = 0.0, {"prompt_tokens": 0, "completion_tokens": 0}
         while size := int((await self.reader.readline()).strip(), 16):
             frame = await self.reader.readexactly(size + 2)
             first = first or time.perf_counter() - began
             for line in frame.split(b"\n"):
                 if line.startswith(b"data: {") and b'"usage":{' in line:
-                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                    usage = json.loads(line[6:])["usage"]
         await self.reader.readexactly(2)
-        return first, time.perf_counter() - began, tokens
+        elapsed = time.perf_counter() - began
+        return first, elapsed, usage["prompt_tokens"], usage["completion_tokens"]
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -257,7 +258,10 @@ KINDS: dict[str, dict[str, Any]] = {
 @dataclass
 class Timings:
     ttft: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+    # The request's whole time over its completion tokens (prompt and grammar included).
     per_token: list[float] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
 
     def median(self, values: list[float]) -> float:
@@ -284,29 +288,38 @@ async def grammar_cells(
                 body = {"model": "smol", "max_tokens": 48, "temperature": 0.7, "seed": i,
                         "messages": [{"role": "user", "content": f"Tell me about person {i}."}],
                         **extra}  # fmt: skip
-                first, total, tokens = await stream.post(body)
-                if round_ and tokens > 1:
+                first, total, prompt, tokens = await stream.post(body)
+                if round_ and tokens:
                     t = timings[kind]
                     t.ttft.append(first)
-                    t.per_token.append((total - first) / (tokens - 1))
+                    t.total.append(total)
+                    t.per_token.append(total / tokens)
+                    t.prompt.append(prompt)
                     t.tokens.append(tokens)
-    print(
-        f"\n# grammar cells: SmolLM2 on one llamacpp worker, streamed HTTP chats one at a "
-        f"time, {args.engine_requests} per kind and round, {args.rounds} rounds alternating"
-    )
-    print(f"{'kind':>6} {'requests':>8} {'ttft50':>8} {'ms/token':>9} {'tokens/req':>10}")
+    grammar_report(timings, args)
+
+
+def grammar_report(timings: dict[str, Timings], args: argparse.Namespace) -> None:
+    print(f"\n# grammar cells: SmolLM2 on one llamacpp worker, streamed HTTP chats one at a "
+          f"time, {args.engine_requests} per kind and round, {args.rounds} rounds alternating; "
+          "ttft: to the first event (a tool call's: its name); ms/token: the request's whole "
+          "time over its completion tokens")  # fmt: skip
+    print(f"{'kind':>6} {'requests':>8} {'prompt':>7} {'tokens':>7} {'ttft50':>8} "
+          f"{'total50':>8} {'ms/token':>9}")  # fmt: skip
     for kind, t in timings.items():
-        print(
-            f"{kind:>6} {len(t.ttft):>8} {t.median(t.ttft):>8.1f} "
-            f"{t.median(t.per_token):>9.2f} {sum(t.tokens) / max(len(t.tokens), 1):>10.1f}"
-        )
+        n = max(len(t.tokens), 1)
+        print(f"{kind:>6} {len(t.ttft):>8} {sum(t.prompt) / n:>7.0f} {sum(t.tokens) / n:>7.1f} "
+              f"{t.median(t.ttft):>8.1f} {t.median(t.total):>8.1f} "
+              f"{t.median(t.per_token):>9.2f}")  # fmt: skip
     plain = timings["plain"]
     print("\n# the grammar's overhead per request, against plain chat in this run")
     for kind in ("json", "tool"):
         t = timings[kind]
-        ttft = t.median(t.ttft) - plain.median(plain.ttft)
         ratio = t.median(t.per_token) / plain.median(plain.per_token)
-        print(f"{kind:>6}   ttft p50 {ttft:+.1f} ms   per-token decode {ratio:.2f}x")
+        prompt = (sum(t.prompt) - sum(plain.prompt)) / max(len(t.prompt), 1)
+        print(f"{kind:>6}   ms per completion token {ratio:.2f}x plain   ttft p50 "
+              f"{t.median(t.ttft) - plain.median(plain.ttft):+.1f} ms (prompt "
+              f"{prompt:+.0f} tokens)")  # fmt: skip
 
 
 def verdict(tokens: int, conc: int, http: Result, grpc_: Result) -> str:
