@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.backends.base import Message, ToolCall, Tools
-from worker.schemas import closed
+from worker.schemas import COMPACT, closed
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
@@ -48,8 +48,6 @@ class Layout:
 GENERIC = Layout()
 HERMES = Layout(OPEN + "\n", "\n" + CLOSE, "\n")
 LAYOUTS = {"generic": GENERIC, "hermes": HERMES}
-# Compact JSON inside calls: the reader's header is then a fixed string.
-_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def header(name: str) -> str:
@@ -139,7 +137,8 @@ def grammar(tools: Tools, layout: Layout = GENERIC) -> str:
     chosen = [t for t in tools.tools if tools.mode != "function" or t.name == tools.function]
     rules = []
     for i, tool in enumerate(chosen):
-        schema = {"x-guidance": _COMPACT, **closed(tool.schema())}
+        # Compact JSON inside calls: the reader's header is then a fixed string.
+        schema = {"x-guidance": COMPACT, **closed(tool.schema())}
         rules.append(f'call_{i}: {json.dumps(header(tool.name))} args_{i} "}}"')
         rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
     alternatives = " | ".join(f"call_{i}" for i in range(len(chosen)))

@@ -61,3 +61,14 @@ def test_closed_objects_say_no_more_properties_unless_the_schema_allows_them() -
     assert out["properties"]["free"]["additionalProperties"] is True
     assert "additionalProperties" not in out["properties"]  # a property named so is not a schema
     assert "additionalProperties" not in schema  # the caller's schema is left as it was
+
+
+def test_integers_without_bounds_get_llama_cpps_sixteen_digits() -> None:
+    out = closed({"type": "object", "properties": {
+        "n": {"type": "integer"}, "small": {"type": "integer", "maximum": 9},
+        "either": {"type": ["integer", "null"]}, "x": {"type": "number"}}})  # fmt: skip
+    props = out["properties"]
+    assert (props["n"]["minimum"], props["n"]["maximum"]) == (-(10**16 - 1), 10**16 - 1)
+    assert props["small"]["maximum"] == 9 and props["small"]["minimum"] == -(10**16 - 1)
+    assert props["either"]["maximum"] == 10**16 - 1
+    assert "maximum" not in props["x"]  # numbers are left as they are

@@ -15,7 +15,7 @@ from typing import Any
 
 from worker.backends.base import GenerationRequest, RequestRefused
 from worker.backends.engine_chunks import EngineFault
-from worker.schemas import closed
+from worker.schemas import COMPACT, closed
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
@@ -53,7 +53,8 @@ def completion_body(request: GenerationRequest) -> dict[str, Any]:
     if request.grammar:
         body["grammar"] = request.grammar
     elif request.json_schema:
-        body["json_schema"] = closed(json.loads(request.json_schema))
+        # Compact JSON: free whitespace is room for a small model to wander until max_tokens.
+        body["json_schema"] = {"x-guidance": COMPACT, **closed(json.loads(request.json_schema))}
     return body
 
 
