@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 import sys
 from collections.abc import Iterable, Mapping
@@ -91,6 +92,28 @@ def jsonable(value: object) -> object:
     return value
 
 
+# Control characters a terminal acts on (escape sequences, carriage returns, bells...), from
+# C0, DEL and C1: what a hive, a worker or a model said is shown, never obeyed. Tabs and
+# newlines of a whole text are kept (a model's answer has lines); a table cell or a field's
+# value escapes them too (inert_cell), so no line can be rewritten or added.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CELL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def inert(text: str) -> str:
+    """`text` with every control character but tab and newline written out (`\\x1b`)."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def inert_cell(text: str) -> str:
+    """`text` with every control character written out, tab and newline too."""
+    return _CELL_CONTROL.sub(_escaped, text)
+
+
 class Emitter:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
@@ -100,14 +123,14 @@ class Emitter:
         if self.as_json:
             print(json.dumps(jsonable(value), indent=2, sort_keys=True))
         else:
-            print(text)
+            print(inert(text))
 
     def item(self, value: Message, text: str, end: str = "\n") -> None:
         """One item of a stream, shown at once: a JSON line, or `text` and `end`."""
         if self.as_json:
             print(json.dumps(to_json(value), sort_keys=True), flush=True)
         else:
-            sys.stdout.write(text + end)
+            sys.stdout.write(inert(text) + end)
             sys.stdout.flush()
 
     def aside(self, text: str, end: str = "\n", stdout: bool = False) -> None:
@@ -115,7 +138,7 @@ class Emitter:
         --json. On stderr unless `stdout`."""
         if not self.as_json:
             stream = sys.stdout if stdout else sys.stderr
-            stream.write(text + end)
+            stream.write(inert(text) + end)
             stream.flush()
 
     def asides_live(self) -> bool:
@@ -124,4 +147,4 @@ class Emitter:
 
     def note(self, text: str) -> None:
         """A remark on stderr in both forms (stdout stays one parseable answer)."""
-        print(text, file=sys.stderr)
+        print(inert(text), file=sys.stderr)

@@ -31,7 +31,7 @@ def run_client(argv: list[str]) -> int:
     import argcomplete
     import grpc
 
-    from cli.emit import Emitter
+    from cli.emit import Emitter, inert
     from cli.errors import CliError, rpc_error_text
     from cli.parser import build_parser
 
@@ -43,10 +43,11 @@ def run_client(argv: list[str]) -> int:
         return result
     except grpc.RpcError as exc:
         tls = (getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""))
-        print(f"error: {rpc_error_text(exc, getattr(args, 'queen', ''), *tls)}", file=sys.stderr)
+        print(f"error: {inert(rpc_error_text(exc, getattr(args, 'queen', ''), *tls))}",
+              file=sys.stderr)  # fmt: skip
         return 1
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {inert(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

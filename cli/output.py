@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf.descriptor import EnumDescriptor
 
 from apiary.protoutil import READY_STATES, health_name, state_name
+from cli.emit import inert_cell
 from cli.names import enum_text
 from protos.v1 import common_pb2, hive_pb2, queen_pb2
 
@@ -59,7 +60,7 @@ def table(
     """Aligned columns. The columns named in `cut` are shortened (ending in an ellipsis) so
     rows fit `width` (default: terminal_width(); 0 = no limit); `get` and --json keep the
     whole text."""
-    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    cells = [[str(c) for c in headers], *[[inert_cell(str(c)) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     limit = terminal_width() if width is None else width
     if limit:
@@ -74,7 +75,7 @@ def table(
 
 
 def fields(pairs: Sequence[tuple[str, object]]) -> str:
-    return "\n".join(f"{key + ':':<16}{value}" for key, value in pairs)
+    return "\n".join(f"{key + ':':<16}{inert_cell(str(value))}" for key, value in pairs)
 
 
 def duration(seconds: float) -> str:
@@ -272,7 +273,7 @@ def event_line(event: queen_pb2.Event) -> str:
         parts.append(f"duration={event.duration_seconds * 1000:.1f}ms")
     if event.detail:
         parts.append(f"({event.detail})")
-    return " ".join(parts)
+    return inert_cell(" ".join(parts))  # one line, whatever a hive put in it
 
 
 def request_rows(records: Sequence[queen_pb2.RequestRecord], width: int | None = None) -> str:
@@ -460,7 +461,9 @@ def summary_text(summary: dict[str, Any]) -> list[str]:
         top = ", ".join(f"{w['id']} ({w['score']:.2f})" for w in summary["top_workers"])
         lines.append(f"top       {top}")
     lines += [
-        f"PROBLEM   {'queen' if p['hive'] is None else 'hive ' + p['hive']}: {p['problem']}"
+        inert_cell(
+            f"PROBLEM   {'queen' if p['hive'] is None else 'hive ' + p['hive']}: {p['problem']}"
+        )
         for p in summary["problems"]
     ]
     return lines

@@ -8,8 +8,16 @@ import argparse
 import grpc
 import pytest
 
+from cli.emit import inert
 from cli.errors import connection_problem, rpc_error_text
-from cli.output import PullProgressLines, fit_widths, table, terminal_width, worker_rows
+from cli.output import (
+    PullProgressLines,
+    fit_widths,
+    table,
+    terminal_width,
+    worker_details,
+    worker_rows,
+)
 from cli.up import banner, daemon_flags, metrics_ports
 from protos.v1 import common_pb2, hive_pb2
 
@@ -194,3 +202,16 @@ def test_up_passes_state_and_metrics_on() -> None:
         "--log-format", "json", "--state-dir", "/s/hive-local", "--metrics-port", "9101",
     ]  # fmt: skip
     assert daemon_flags(up_args(), "queen", 0) == []
+
+
+def test_what_a_hive_says_is_shown_never_obeyed() -> None:
+    """ESC, OSC, CR, BEL and C1 from a hive (failure_reason, status_detail) are written out,
+    in tables and `get` alike: no window title set, no line rewritten or added."""
+    evil = "boom\x1b]0;owned\x07\rOK\x1b[2K\nfake line\x9b31m"
+    worker = common_pb2.WorkerRecord(id="w1", hive_id="h1", model="m",
+                                     failure_reason=evil, status_detail=evil)  # fmt: skip
+    for shown in (worker_details(worker), worker_rows([worker], width=0)):
+        assert not any((ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in shown)
+        assert "\\x1b]0;owned\\x07\\x0dOK" in shown
+        assert "\\x0afake line" in shown  # the hive's newline did not make a line
+    assert inert("answer\n\tline\x1b[31m") == "answer\n\tline\\x1b[31m"  # a model's lines stay
