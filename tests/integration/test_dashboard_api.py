@@ -151,6 +151,13 @@ async def test_requests_the_dashboard_does_not_take_are_4xx_saying_why(
     assert "DNS rebinding" in error_of(rebound, 403)
     error_of(await client.post("/api/workers", json={"model": 5}), 400)
     error_of(await client.post("/api/workers", json=["model"]), 400)
+    # Each was a 500 with tracebacks (issue 24): a lone surrogate in a spawn field, nesting.
+    surrogate = b'{"model": "\\ud800"}'
+    assert "lone surrogate" in error_of(await client.post("/api/workers", content=surrogate,
+                                                          headers=JSON), 400)  # fmt: skip
+    deep = b'{"model": "m", "backend_options": ' + b"[" * 100 + b"]" * 100 + b"}"
+    assert "nests deeper" in error_of(await client.post("/api/workers", content=deep,
+                                                        headers=JSON), 400)  # fmt: skip
     error_of(await client.post("/api/workers/w-1/retire", json={"force": "yes"}), 400)
     error_of(await client.get("/api/requests?status=lost"), 400)
     error_of(await client.get("/api/requests?limit=100000"), 400)

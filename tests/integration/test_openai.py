@@ -126,6 +126,13 @@ def error_of(reply: httpx.Response) -> dict[str, Any]:
 # fmt: off
 BAD_BODIES: list[tuple[object, int, str | None, str]] = [
     (b"{not json", 400, None, "not valid JSON"),
+    # Each of these was a 500 with tracebacks (issue 24).
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages[0].content", "lone surrogate"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None, "nests deeper"),
+    ({"model": "demo", "messages": CHAT, "seed": 2**70}, 400, "seed", "must be within"),
+    ({"model": "demo", "messages": [{"role": ["user"], "content": "x"}]}, 400,
+     "messages[0].role", "one of"),
     ([1, 2], 400, None, "must be a JSON object"),
     # Echo (tests only) does not do n or logprobs, as its workers say (llamacpp does them).
     ({"model": "demo", "messages": CHAT, "n": 2}, 400, "n", "backend (echo) does not do n"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from typing import Any
 
@@ -439,3 +440,29 @@ def test_embeddings_read_and_answer_in_openai_shape() -> None:
     assert floats["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
     packed = base64.b64decode(embeddings(answer, "e", "base64")["data"][0]["embedding"])
     assert struct.unpack("<2f", packed) == (0.5, -0.25)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"model": "m", "messages": USER, "max_tokens": 2**31}, "max_tokens must be within"),
+        ({"model": "m", "messages": USER, "top_k": 2**40}, "top_k must be within"),
+        ({"model": "m", "messages": USER, "seed": 2**70}, "seed must be within"),
+        ({"model": "\ud800", "messages": USER}, "model is not valid Unicode"),
+        ({"model": "m", "messages": [{"role": "user", "content": "a\udfffb"}]},
+         "messages[0].content is not valid Unicode"),
+        ({"model": "m", "messages": USER, "stop": ["\ud800"]}, "stop[0] is not valid"),
+        ({"model": "m", "messages": USER, "user": "\ud800"}, "user is not valid"),
+        ({"model": "m", "messages": USER, "\ud800": 1}, "key is not valid"),
+        ({"model": "m", "messages": [{"role": ["user"], "content": "x"}]}, "role must be one of"),
+        ({"model": "m", "messages": USER, "metadata": json.loads("[" * 70 + "]" * 70)},
+         "nests deeper than 64"),
+    ],
+)  # fmt: skip
+def test_inputs_that_protobuf_or_python_cannot_take_are_400s(body: Any, words: str) -> None:
+    """Each was a 500 with tracebacks (issue 24): out-of-range integers, lone surrogates, a
+    role that is a list, nesting without bound."""
+    with pytest.raises(params.BadRequest, match=re.escape(words)):
+        params.check_body(body)
+        params.chat_request(body)
+    assert params.chat_request({"model": "m", "messages": USER, "seed": 2**62}).request.seed

@@ -31,6 +31,7 @@ from queen.http.dashboard.gate import Gate, Verdict
 from queen.http.dashboard.live import Live, Stream
 from queen.http.dashboard.series import Series
 from queen.http.errors import ApiError
+from queen.http.json_body import body_problem
 from queen.rpc.admin import QueenAdminService
 from queen.rpc.queen import QueenService
 
@@ -273,9 +274,14 @@ async def read_json(request: Request) -> object:
     if not body.strip():
         return None
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "the body is not valid JSON (or nests too deep)",
+                       code="invalid_json") from None  # fmt: skip
+    problem = body_problem(value)
+    if problem is not None:
+        raise ApiError(400, problem[0], param=problem[1])
+    return value
 
 
 def api_error(_: Request, exc: Exception) -> Response:

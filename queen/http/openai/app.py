@@ -39,6 +39,7 @@ from queen.http.asgi import (
     until_disconnect,
 )
 from queen.http.errors import ApiError, from_error
+from queen.http.json_body import MAX_DEPTH
 from queen.http.openai import params
 from queen.http.openai.shapes import Answer, embeddings, error_event, model_list, model_object
 from queen.rpc.queen import Accepted, QueenService, model_info
@@ -142,6 +143,7 @@ class Front:
         body: object = None
         try:
             body = await self.body(request)
+            params.check_body(body)
             wanted = params.embed_request(body)
         except params.BadRequest as bad:
             model = body.get("model") if isinstance(body, dict) else None
@@ -194,6 +196,7 @@ class Front:
         body: object = None
         try:
             body = await self.body(request)
+            params.check_body(body)
             return read(body)
         except params.BadRequest as bad:
             self.count_refused(body, "INVALID_ARGUMENT")
@@ -221,6 +224,9 @@ class Front:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, f"the body nests deeper than {MAX_DEPTH} levels",
+                           code="invalid_json") from None  # fmt: skip
 
 
 def too_large(limit: int) -> ApiError:

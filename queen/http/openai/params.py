@@ -17,6 +17,7 @@ from typing import Any
 
 from apiary.validation import MAX_NAME_LENGTH
 from protos.v1 import common_pb2
+from queen.http.json_body import body_problem
 
 # Chat roles as the contract has them; OpenAI's newer `developer` is the system's voice.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
@@ -49,6 +50,17 @@ def unsupported(param: str, why: str = "") -> BadRequest:
     )  # fmt: skip
 
 
+# ---- the body as a whole ----------------------------------------------------
+
+
+def check_body(body: object) -> None:
+    """A BadRequest naming where the body has text protobuf cannot carry or nests too deep
+    (queen/http/json_body.py)."""
+    problem = body_problem(body)
+    if problem is not None:
+        raise BadRequest(*problem)
+
+
 # ---- typed reads ------------------------------------------------------------
 
 
@@ -70,7 +82,8 @@ def text(body: Mapping[str, Any], name: str, required: bool = False) -> str | No
     return value
 
 
-def integer(body: Mapping[str, Any], name: str) -> int | None:
+def integer(body: Mapping[str, Any], name: str, bits: int = 32) -> int | None:
+    """An integer that fits the contract's field (int32 unless said: seed is int64)."""
     value = body.get(name)
     if value is None:
         return None
@@ -78,6 +91,9 @@ def integer(body: Mapping[str, Any], name: str) -> int | None:
         raise BadRequest(
             f"{name} must be an integer (got {type_name(value)})", name, "invalid_type"
         )
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be within {low}..{high} (got {value})", name)
     return value
 
 
@@ -172,7 +188,7 @@ def sampling(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
         value = number(body, name)
         if value is not None:
             setattr(request, name, value)
-    top_k, seed = integer(body, "top_k"), integer(body, "seed")
+    top_k, seed = integer(body, "top_k"), integer(body, "seed", bits=64)
     if top_k is not None:
         request.top_k = top_k
     if seed is not None:
@@ -383,7 +399,7 @@ def chat_message(index: int, message: object) -> common_pb2.ChatMessage:
                         "refusal"):  # fmt: skip
             raise unsupported(f"{where}.{name}")
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)} (got {role!r})",
                          f"{where}.role")  # fmt: skip
     out = common_pb2.ChatMessage(role=ROLES[role], content=content_text(where, message),
