@@ -197,7 +197,8 @@ def banner(args: argparse.Namespace, queen: str, backend: str, http: str = "") -
         f"  {apiary} worker list{at}",
         *(
             [
-                f'  curl -N {http}/v1/chat/completions -d \'{{"model": "{args.model}", '
+                f"  curl -N {http}/v1/chat/completions -H 'content-type: application/json' "
+                f'-d \'{{"model": "{args.model}", '
                 f'"messages": [{{"role": "user", "content": "Tell me about bees."}}], '
                 f'"stream": true}}\''
             ]

@@ -83,6 +83,9 @@ async def serve_http(listen: str, security: Security, app: ASGIApp) -> HttpFront
     config = uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False,
         server_header=False, timeout_graceful_shutdown=CLOSE_GRACE,
+        # The peer is the client: an X-Forwarded-For header, which anyone can send, is not
+        # believed (it let one client pass for many, past its per-client caps).
+        proxy_headers=False,
         ssl_certfile=tls.cert or None, ssl_keyfile=tls.key or None,
         ssl_ca_certs=tls.client_ca or None,
         ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE,

@@ -290,7 +290,8 @@ async def test_up_runs_a_cluster_and_stops_leaving_nothing_behind(
         url = re.search(r"OpenAI API: (http://127\.0\.0\.1:\d+)/v1", printed.text())
         assert url is not None, printed.text()
         body = '{"model": "demo", "prompt": "hello bees", "max_tokens": 2}'
-        curl = subprocess.run(["curl", "-sS", f"{url[1]}/v1/completions", "-d", body],
+        curl = subprocess.run(["curl", "-sS", f"{url[1]}/v1/completions", "-H",
+                               "content-type: application/json", "-d", body],
                               capture_output=True, text=True, timeout=30)  # fmt: skip
         assert json.loads(curl.stdout)["choices"][0]["text"] == "hello bees", curl.stderr
         assert len(cluster.marked_processes()) == 5  # up, queen, hive, 2 workers

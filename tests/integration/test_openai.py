@@ -111,7 +111,8 @@ async def test_one_code_path_request_ids_history_and_metrics(cluster: Cluster) -
 async def post(base: str, path: str, body: Any, **kw: Any) -> httpx.Response:
     async with httpx.AsyncClient(timeout=20) as http:
         if isinstance(body, bytes):
-            return await http.post(base + path, content=body, **kw)
+            headers = {"content-type": "application/json", **kw.pop("headers", {})}
+            return await http.post(base + path, content=body, headers=headers, **kw)
         return await http.post(base + path, json=body, **kw)
 
 
@@ -362,3 +363,34 @@ async def test_health_and_ready_answer_load_balancers(cluster: Cluster) -> None:
         assert (unknown.status_code, unknown.json()) == (503, {"model": "nope", "ready": False})
         missing = await probe.get("/ready")
         assert missing.status_code == 400 and "?model=" in missing.json()["error"]["message"]
+
+
+async def test_another_sites_page_cannot_use_a_queen_without_tokens(cluster: Cluster) -> None:
+    """Played as the attacks of issue 24: a cross-site form or text/plain POST (no CORS
+    preflight) is 415 before any inference; a rebound host name is 403; a forged
+    X-Forwarded-For is not believed (the history records the real peer)."""
+    queen, base = start(cluster, "oa-h5", "model=demo,count=1,token_delay=0")
+    await cluster.wait_workers(queen, "demo", 1)
+    body = json.dumps({"model": "demo", "prompt": "x", "max_tokens": 2})
+    async with httpx.AsyncClient(timeout=20) as http:
+        for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"content-type": kind} if kind else {}
+            refused = await http.post(f"{base}/completions", content=body, headers=headers)
+            assert refused.status_code == 415 and "application/json" in refused.text, kind
+        rebound = await http.get(f"{base}/models", headers={"host": "evil.example"})
+        assert rebound.status_code == 403 and "DNS rebinding" in rebound.text
+        named = await http.get(f"{base}/models", headers={"host": "localhost:1234"})
+        assert named.status_code == 200
+        forged = await http.post(f"{base}/completions", content=body, headers={
+            "content-type": "application/json", "x-forwarded-for": "6.6.6.6",
+            "x-request-id": "forged-1"})  # fmt: skip
+        assert forged.status_code == 200
+    admin = cluster.admin_stub(queen)
+
+    async def recorded() -> queen_pb2.RequestRecord | None:
+        rows = (await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests
+        return next((r for r in rows if r.client_request_id == "forged-1"), None)
+
+    row = await wait_until(recorded)
+    assert row.client == "127.0.0.1"
+    assert len((await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests) == 1

@@ -10,8 +10,9 @@ import pytest
 from apiary.security import AuthInterceptor, TokenSet
 from protos.v1 import common_pb2, queen_pb2
 from queen.http.dashboard import forms
-from queen.http.dashboard.gate import Gate, host_name, is_address_or_localhost, metadata
+from queen.http.dashboard.gate import Gate, metadata
 from queen.http.errors import ApiError
+from queen.http.hosts import host_name, is_address_or_localhost
 from queen.server import METHODS
 
 ADMIN, CLIENT = "admin-secret", "client-secret"

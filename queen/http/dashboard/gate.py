@@ -11,13 +11,13 @@ answers only to an IP address or `localhost` in the Host header).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from queen.http.errors import ApiError, from_status
+from queen.http.hosts import is_address_or_localhost
 
 # The gRPC door's decision for a method and the call's metadata: None, or (code, message).
 Verdict = Callable[[str, Sequence[tuple[str, Any]] | None], tuple[grpc.StatusCode, str] | None]
@@ -29,25 +29,6 @@ def method(name: str) -> str:
     """'/apiary.v1.QueenAdmin/ListHives' for 'ListHives'. A name the table does not list
     (the dashboard's own reads, e.g. its series) falls under the whole service's rule."""
     return ADMIN_SERVICE + name
-
-
-def host_name(host: str) -> str:
-    """'::1' for '[::1]:8080', '127.0.0.1' for '127.0.0.1:8080', 'example.org' for 'example.org'."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-def is_address_or_localhost(host: str) -> bool:
-    name = host_name(host)
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def metadata(headers: Mapping[str, str]) -> list[tuple[str, str]]:

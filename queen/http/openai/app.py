@@ -39,6 +39,7 @@ from queen.http.asgi import (
     until_disconnect,
 )
 from queen.http.errors import ApiError, from_error
+from queen.http.hosts import is_address_or_localhost
 from queen.http.json_body import MAX_DEPTH
 from queen.http.openai import params
 from queen.http.openai.shapes import Answer, embeddings, error_event, model_list, model_object
@@ -71,9 +72,27 @@ class Front:
 
     # ---- who is calling ---------------------------------------------------
 
+    def guard(self, request: Request) -> None:
+        """What another site's page could do, refused: without tokens, a Host that is not an
+        IP address or localhost (DNS rebinding) is 403; a POST body that is not
+        application/json (a form or text/plain post needs no CORS preflight) is 415."""
+        if not self.tokens.enabled and not is_address_or_localhost(request.headers.get("host", "")):
+            raise ApiError(403, "this queen has no tokens, so its API answers only to an IP "
+                           "address or localhost in the Host header (against DNS rebinding); "
+                           "call it by address", "permission_error",
+                           "host_not_allowed")  # fmt: skip
+        if request.method == "POST":
+            kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if kind != "application/json":
+                raise ApiError(415, f"the body must be JSON, sent as Content-Type: "
+                               f"application/json (got {kind or 'none'})",
+                               code="unsupported_media_type")  # fmt: skip
+
     def client(self, request: Request) -> str:
-        """The caller's name (as gRPC calls are counted), after its bearer token is checked:
-        none or an unknown one is 401, one that is not a client's is 403."""
+        """The caller's name (as gRPC calls are counted), after the request is guarded and its
+        bearer token is checked: none or an unknown one is 401, one that is not a client's is
+        403."""
+        self.guard(request)
         host = request.client.host if request.client else "unknown"
         if not self.tokens.enabled:
             return host
