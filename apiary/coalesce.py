@@ -25,6 +25,12 @@ from protos.v1 import common_pb2
 
 # A merged message stays well below the 1 MiB message limit whatever piles up.
 MAX_MERGED_BYTES = 256 * 1024
+# What may pile up for a receiver that does not keep up (or reads nothing): beyond it the
+# source is not read until the receiver takes some, so the sender's own flow control holds
+# the rest back (a worker's stream, and through it the worker) instead of this process's
+# memory. Issue 24: a client that stopped reading grew the queen by 260 MB in 2 s.
+MAX_BUFFERED_BYTES = 1024 * 1024
+MAX_BUFFERED_CHUNKS = 4096
 
 
 def merge(chunks: Sequence[common_pb2.InferChunk]) -> common_pb2.InferChunk:
@@ -66,16 +72,24 @@ class _Pump:
 
     def __init__(self, source: AsyncIterator[common_pb2.InferChunk]) -> None:
         self.buffer: list[common_pb2.InferChunk] = []
+        self.buffered = 0  # bytes (size_of) in the buffer
         self.done = False
         self.error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # Set while there is room: the reader waits on it when the buffer is full.
+        self._room = asyncio.Event()
+        self._room.set()
         self.task = asyncio.get_running_loop().create_task(self._run(source))
 
     async def _run(self, source: AsyncIterator[common_pb2.InferChunk]) -> None:
         try:
             async for chunk in source:
                 self.buffer.append(chunk)
+                self.buffered += size_of(chunk)
                 self._wake()
+                if self.buffered > MAX_BUFFERED_BYTES or len(self.buffer) >= MAX_BUFFERED_CHUNKS:
+                    self._room.clear()
+                    await self._room.wait()  # the consumer takes some, or goes away
         except asyncio.CancelledError:
             raise  # the consumer went away
         except BaseException as exc:
@@ -105,13 +119,16 @@ class _Pump:
         buffer = self.buffer
         total, count = 0, 0
         for chunk in buffer:
-            total += size_of(chunk)
-            if count and (total > MAX_MERGED_BYTES or chunk.choice != buffer[0].choice):
+            size = size_of(chunk)
+            if count and (total + size > MAX_MERGED_BYTES or chunk.choice != buffer[0].choice):
                 break
+            total += size
             count += 1
             if chunk.tool_calls or chunk.finish_reason:
                 break
         taken, self.buffer = buffer[:count], buffer[count:]
+        self.buffered -= total
+        self._room.set()
         return taken
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from apiary.coalesce import MAX_MERGED_BYTES, coalesced, merge
+from apiary.coalesce import MAX_BUFFERED_CHUNKS, MAX_MERGED_BYTES, coalesced, merge
 from protos.v1 import common_pb2
 from tests.fakes import settle
 
@@ -110,3 +110,29 @@ async def test_only_chunks_of_one_choice_merge_and_a_choices_end_closes_its_grou
     assert [(c.choice, c.text, list(c.token_ids)) for c in merged] == [
         (0, "bc", [2, 3]), (1, "xy", [8, 9]), (2, "z", [10])]  # fmt: skip
     assert merged[0].finish_reason == STOP and [e.token for e in merged[0].logprobs] == ["b"]
+
+
+async def test_a_receiver_that_reads_nothing_holds_back_the_source_not_memory() -> None:
+    """Beyond MAX_BUFFERED_* the source is not read until the receiver takes some: what piles
+    up stays bounded, and the sender's flow control holds the rest (issue 24)."""
+    read = 0
+
+    async def endless() -> AsyncIterator[common_pb2.InferChunk]:
+        nonlocal read
+        for i in range(100_000):
+            read += 1
+            yield piece("x" * 100, i)
+
+    out = coalesced(endless())
+    first = await out.__anext__()  # the receiver takes one, then reads nothing more
+    await settle()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert first.text.startswith("x" * 100)
+    assert read <= MAX_BUFFERED_CHUNKS * 2 + 2  # the source stopped being read
+    stalled = read
+    await settle()
+    assert read == stalled
+    more = await out.__anext__()  # once it reads again, the rest comes, merged
+    assert more.text and read <= MAX_BUFFERED_CHUNKS * 4 + 2
+    await out.aclose()  # type: ignore[attr-defined]
