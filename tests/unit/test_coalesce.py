@@ -135,4 +135,4 @@ async def test_a_receiver_that_reads_nothing_holds_back_the_source_not_memory() 
     assert read == stalled
     more = await out.__anext__()  # once it reads again, the rest comes, merged
     assert more.text and read <= MAX_BUFFERED_CHUNKS * 4 + 2
-    await out.aclose()  # type: ignore[attr-defined]
+    await out.aclose()
