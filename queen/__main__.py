@@ -29,6 +29,7 @@ from queen.beats import (
     DEFAULT_MAX_WORKERS_PER_HIVE,
     BeatLimits,
 )
+from queen.http.openai.app import DEFAULT_WRITE_TIMEOUT
 from queen.leases.manager import DEFAULT_MAX_TTL
 from queen.requests.progress import DEFAULT_MIGRATION_LIMIT
 from queen.routing.desk import DEFAULT_CACHE_WAIT, DEFAULT_MAX_WAIT
@@ -154,6 +155,11 @@ def build_parser(prog: str = "python -m queen") -> argparse.ArgumentParser:
     p.add_argument(
         "--http-port-file", default="", help="write the HTTP front's port here once listening"
     )
+    p.add_argument(
+        "--client-write-timeout", type=float, default=DEFAULT_WRITE_TIMEOUT, metavar="SECONDS",
+        help="an HTTP client that takes nothing of its stream for this long is cut: its worker "
+        f"stops and its slot is free (default {DEFAULT_WRITE_TIMEOUT:g}; 0 = never)",
+    )  # fmt: skip
     add_health_args(p)
     p.add_argument(
         "--policy",
@@ -221,6 +227,7 @@ def config_of(args: argparse.Namespace) -> QueenConfig:
         ),
         shutdown_grace=args.shutdown_grace,
         http_listen=args.http_listen,
+        client_write_timeout=args.client_write_timeout,
         max_wait=args.max_wait,
         migration_limit=args.migration_limit,
     )

@@ -28,6 +28,7 @@ from queen.events import EventBus
 from queen.history import History
 from queen.http.app import web_app
 from queen.http.dashboard.routes import Dashboard
+from queen.http.openai.app import DEFAULT_WRITE_TIMEOUT
 from queen.http.server import HttpFront, serve_http
 from queen.leases.manager import DEFAULT_MAX_TTL, LeaseManager
 from queen.metrics import QueenMetrics
@@ -96,6 +97,8 @@ class QueenConfig:
     max_wait: float = DEFAULT_MAX_WAIT
     # Where the OpenAI-compatible HTTP front listens ("" = no front).
     http_listen: str = ""
+    # An HTTP client that takes nothing of its stream for this long is cut (0 = never).
+    client_write_timeout: float = DEFAULT_WRITE_TIMEOUT
     # How many times a request may move mid-stream to another worker (queen/requests/progress.py).
     migration_limit: int = DEFAULT_MIGRATION_LIMIT
 
@@ -232,7 +235,8 @@ async def create_server(
         verdict = security.interceptor(METHODS).verdict
         dashboard = Dashboard(service, admin, verdict, security.tokens.enabled)
         try:
-            http = await serve_http(config.http_listen, security, web_app(service, dashboard))
+            app = web_app(service, dashboard, config.client_write_timeout)
+            http = await serve_http(config.http_listen, security, app)
         except BaseException:
             await running.stop(0)
             await cluster.close()

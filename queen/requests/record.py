@@ -141,7 +141,11 @@ class RequestRecord:
         self.cluster.metrics.migrations.labels(self.request.model).inc()
 
     def ended_early(
-        self, time_remaining: float | None, cut_short: str | None, waiting_for: str
+        self,
+        time_remaining: float | None,
+        cut_short: str | None,
+        waiting_for: str,
+        stalled: str = "",
     ) -> None:
         """The call ended before the request did (unless the request was already recorded):
         record how, without awaiting."""
@@ -151,6 +155,9 @@ class RequestRecord:
         if cut_short is not None:
             # The server's stop ended the call, after the grace ran out on this request.
             status, error = queen_pb2.REQUEST_STATUS_FAILED, f"UNAVAILABLE: {cut_short}"
+        elif stalled:
+            # The client stopped reading: its own doing, like a cancel.
+            status, error = queen_pb2.REQUEST_STATUS_CANCELLED, f"CANCELLED: {stalled}"
         # Named here: a done-callback runs outside the handler's bound log context.
         log.info(
             "call ended before the request", request_id=self.request.request_id,

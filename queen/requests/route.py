@@ -67,6 +67,8 @@ class Route:
         self.sending = False
         # Set once a stopping queen's grace ran out with this request still going: why it ends.
         self.cut_short: str | None = None
+        # Set when the client took nothing of its stream for too long: why it was cut.
+        self.stall = ""
         # The completion's token ids so far, so a failed worker's stream can go on elsewhere;
         # what the next attempt sends (the request, or its continuation after a move); the
         # failure a move is pending for (None once a worker took the continuation).
@@ -221,10 +223,16 @@ class Route:
                 raise  # not cut, or the call itself is over: the client left
             raise stopping.status(self.cut_short) from None
 
+    def stalled(self, why: str) -> None:
+        """The client took nothing of its stream for too long: it is cut, and recorded so."""
+        self.stall = why
+
     def ended(self) -> None:
         """The call ended before the request did: record how (unless the request was already
         recorded) and give back the slot and the worker call. Awaits nothing, so a done-callback
         or a generator closed with GeneratorExit can call it; calling it again does nothing."""
         waiting_for = "the client" if self.sending else "a worker or a slot"
-        self.record.ended_early(self.context.time_remaining(), self.cut_short, waiting_for)
+        self.record.ended_early(
+            self.context.time_remaining(), self.cut_short, waiting_for, self.stall
+        )
         self._let_go(Outcome(ok=None))

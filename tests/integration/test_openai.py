@@ -394,3 +394,39 @@ async def test_another_sites_page_cannot_use_a_queen_without_tokens(cluster: Clu
     row = await wait_until(recorded)
     assert row.client == "127.0.0.1"
     assert len((await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests) == 1
+
+
+async def test_a_client_that_stops_reading_is_cut_and_its_slot_freed(cluster: Cluster) -> None:
+    """Played as issue 24's attack: a stream whose client reads nothing past its headers held
+    a worker slot for as long as it liked. With --client-write-timeout it is cut: the slot is
+    free again and the history says why."""
+    queen, base = start(cluster, "oa-h6", "model=demo,count=1,slots=1,token_delay=0",
+                        "--client-write-timeout", "1")  # fmt: skip
+    await cluster.wait_workers(queen, "demo", 1)
+    # Long words make a long answer (40 MB): more than any socket buffer holds.
+    body = json.dumps({"model": "demo", "prompt": ("x" * 10000 + " ") * 5, "max_tokens": 4000,
+                       "stream": True}).encode()  # fmt: skip
+    host, port = base.removeprefix("http://").removesuffix("/v1").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: "
+                     b"application/json\r\nx-request-id: stalled-1\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(body), body))  # fmt: skip
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head + await reader.read(2000)
+        admin = cluster.admin_stub(queen)
+
+        async def recorded() -> queen_pb2.RequestRecord | None:
+            rows = (await admin.ListRequests(queen_pb2.ListRequestsRequest())).requests
+            row = next((r for r in rows if r.client_request_id == "stalled-1"), None)
+            ended = row is not None and row.status >= queen_pb2.REQUEST_STATUS_COMPLETED
+            return row if ended else None
+
+        row = await wait_until(recorded, timeout=20)
+        assert row.status == queen_pb2.REQUEST_STATUS_CANCELLED
+        assert "--client-write-timeout" in row.error
+        # The slot is free: another request is served by the one worker.
+        answer = await sdk(base).completions.create(model="demo", prompt="hi", max_tokens=2)
+        assert answer.choices[0].text
+    finally:
+        writer.close()

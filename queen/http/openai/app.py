@@ -11,6 +11,7 @@ its slot and worker call given back, and it is recorded as cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +53,9 @@ REQUEST_ID = "x-request-id"
 SESSION_AFFINITY = "x-session-affinity"
 # A probe's failure is of the moment: no cache may keep it.
 NO_STORE = {"cache-control": "no-store"}
+# A client that takes nothing of its stream for this long is cut (--client-write-timeout): a
+# client that stops reading would otherwise hold its worker's slot for as long as it likes.
+DEFAULT_WRITE_TIMEOUT = 30.0
 
 
 class NoDeadline:
@@ -64,8 +68,14 @@ class NoDeadline:
 class Front:
     """The endpoints, over the queen's service."""
 
-    def __init__(self, service: QueenService, max_body: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        service: QueenService,
+        max_body: int = MAX_MESSAGE_BYTES,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+    ) -> None:
         self.service = service
+        self.write_timeout = write_timeout
         self.tokens: TokenSet = service.tokens
         self.max_body = max_body
         self.created = int(time.time())
@@ -197,7 +207,8 @@ class Front:
         )  # fmt: skip
         if wanted.user:
             log.info("request from end user", request_id=queen_id, user=wanted.user[:128])
-        return InferResponse(accepted, answer, wanted.stream, {REQUEST_ID: reference or queen_id})
+        return InferResponse(accepted, answer, wanted.stream, {REQUEST_ID: reference or queen_id},
+                             self.write_timeout)  # fmt: skip
 
     def reference(self, request: Request) -> str:
         """The client's X-Request-Id ('' for none); one too long is a 400."""
@@ -264,10 +275,16 @@ class InferResponse(Response):
     request at once if the client disconnects, and closes it however the call ends."""
 
     def __init__(
-        self, accepted: Accepted, answer: Answer, stream: bool, headers: dict[str, str]
+        self,
+        accepted: Accepted,
+        answer: Answer,
+        stream: bool,
+        headers: dict[str, str],
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     ) -> None:
         self.accepted, self.answer, self.stream = accepted, answer, stream
         self.extra = headers
+        self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self.accepted.logged():
@@ -297,15 +314,29 @@ class InferResponse(Response):
         await send_start(send, 200, "text/event-stream", {**SSE_HEADERS, **self.extra})
         try:
             if first is not None:
-                await send_body(send, answer.event(first))
+                await self.send_body(send, answer.event(first))
                 async for chunk in rest:
                     event = answer.event(chunk)
                     if event:
-                        await send_body(send, event)
-            await send_body(send, answer.closing(), last=True)
+                        await self.send_body(send, event)
+            await self.send_body(send, answer.closing(), last=True)
         except StatusError as failed:
             error = from_error(failed)
             await send_body(send, error_event(error), last=True)
+
+    async def send_body(self, send: Send, body: bytes, last: bool = False) -> None:
+        """A piece of the stream, or ClientGone once the client has taken nothing of it for
+        write_timeout seconds (the route then ends, and its record says why)."""
+        if not self.write_timeout:
+            await send_body(send, body, last)
+            return
+        try:
+            await asyncio.wait_for(send_body(send, body, last), self.write_timeout)
+        except TimeoutError:
+            why = (f"the client took nothing of its stream for {self.write_timeout:g} s "
+                   "(--client-write-timeout)")  # fmt: skip
+            self.accepted.route.stalled(why)
+            raise ClientGone(why) from None
 
     async def send_whole(
         self, send: Send, first: common_pb2.InferChunk | None, rest: AsyncIterator[Any]
@@ -354,8 +385,12 @@ def server_error(request: Request, exc: Exception) -> Response:
                                        "server_error"))  # fmt: skip
 
 
-def openai_app(service: QueenService, max_body: int = MAX_MESSAGE_BYTES) -> Starlette:
-    front = Front(service, max_body)
+def openai_app(
+    service: QueenService,
+    max_body: int = MAX_MESSAGE_BYTES,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+) -> Starlette:
+    front = Front(service, max_body, write_timeout)
     handlers: dict[Any, Callable[[Request, Exception], Response]] = {
         ApiError: api_error, HTTPException: http_error, Exception: server_error,
     }  # fmt: skip
