@@ -124,8 +124,13 @@ class _Choice:
     completion: Completion
     reader: ToolCallReader | None
     tokens: int = 0
-    calls: int = 0
     done: bool = False
+
+    @property
+    def calls(self) -> int:
+        """Tool calls begun in the answer so far."""
+        reader = self.reader
+        return 0 if reader is None else len(reader.calls) + (reader.current is not None)
 
 
 class _Stream:
@@ -201,7 +206,6 @@ class _Stream:
                 tail = choice.reader.flush()
                 read.text, read.deltas = read.text + tail.text, read.deltas + tail.deltas
             text, deltas = read.text, read.deltas
-            choice.calls = len(choice.reader.calls) + (choice.reader.current is not None)
         out = common_pb2.InferChunk(
             text=text, token_ids=release.token_ids, index=self.index,
             request_id=self.request.request_id, choice=choice.number, logprobs=release.logprobs,

@@ -339,7 +339,6 @@ def model_info(registry: Registry, name: str, queued: int) -> queen_pb2.ModelInf
             info.task = common_pb2.WORKER_TASK_GENERATE
         if entry.record.context_length:
             lengths.append(entry.record.context_length)
-        info.context_length = min(lengths, default=0)
         state = live_state(entry)
         if state == common_pb2.WORKER_STATE_IDLE:
             info.idle += 1
@@ -349,4 +348,5 @@ def model_info(registry: Registry, name: str, queued: int) -> queen_pb2.ModelInf
             info.loading += 1
         elif state == common_pb2.WORKER_STATE_FAILED:
             info.failed += 1
+    info.context_length = min(lengths, default=0)
     return info

@@ -106,6 +106,16 @@ def number(body: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
+def mapping(body: Mapping[str, Any], name: str, expected: str) -> Mapping[str, Any]:
+    """An optional object parameter ({} when absent)."""
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise wrong(name, expected, value)
+    return value
+
+
 def flag(body: Mapping[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is None:
@@ -205,11 +215,7 @@ def sampling(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
 
 def logit_bias(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
     """{"token id": bias}: ids as strings, as JSON object keys are."""
-    bias = body.get("logit_bias")
-    if bias is None:
-        return
-    if not isinstance(bias, dict):
-        raise wrong("logit_bias", "an object of token id -> bias", bias)
+    bias = mapping(body, "logit_bias", "an object of token id -> bias")
     for key, value in bias.items():
         if not key.isdigit() or len(key) > 9:
             raise BadRequest(f"logit_bias key {key[:20]!r} is not a token id", "logit_bias")
@@ -361,11 +367,9 @@ def tool_choice(choice: object, request: common_pb2.InferRequest) -> None:
 
 def response_format(body: Mapping[str, Any], request: common_pb2.InferRequest) -> None:
     """text, json_object, or json_schema {name, schema, strict, description}."""
-    form = body.get("response_format")
-    if form is None:
+    form = mapping(body, "response_format", "an object")
+    if body.get("response_format") is None:
         return
-    if not isinstance(form, dict):
-        raise wrong("response_format", "an object", form)
     kind = form.get("type")
     out = request.response_format
     if kind == "text" or kind == "json_object":
